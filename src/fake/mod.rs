@@ -1,0 +1,321 @@
+//! A fake of the ElevateAI REST API, for integration tests, the `callferry
+//! demo` command and benchmarks. It is test infrastructure, not a product
+//! component: nothing in the daemon's upload path depends on it.
+//!
+//! The fake owns:
+//! - the audio-interaction part of ElevateAI's `/v1` API: declare, multipart
+//!   upload, status, phrase-by-phrase and punctuated transcripts, CX AI
+//!   results and delete, all behind the `X-API-Token` header;
+//! - a record of every interaction and upload attempt (size and SHA-256 of
+//!   the audio, computed while streaming: uploads are never held in memory)
+//!   and request counters;
+//! - fault injection: scripted faults per endpoint, seeded random faults,
+//!   latency, upload throttling, forced statuses, connection resets and a
+//!   whole-server outage (`go_down` / `come_up`);
+//! - `/_fake/...` control routes (no auth) so a process other than the one
+//!   that started the fake (a benchmark against `callferry fake-api`) can
+//!   drive and inspect it.
+//!
+//! Behaviour choices where ElevateAI's docs are silent:
+//! - Results asked for before the interaction is `processed` get `404`
+//!   (the docs list only 200/401/404 for those endpoints).
+//! - Status goes `declared` → `fileUploaded` (first half of
+//!   `processing_time` after the upload) → `processing` → `processed`.
+//! - Error bodies are `{"message": "..."}`.
+//! - Only HTTP/1.1 is served, so that dropping a connection affects exactly
+//!   one request.
+//!
+//! Control routes (JSON bodies, `Content-Type: application/json`):
+//! `GET /_fake/interactions`, `GET /_fake/counters`,
+//! `POST /_fake/faults` ([`RandomFaults`]),
+//! `POST /_fake/fault` (`{"endpoint":"Upload","fault":"ResetBeforeStore"}`,
+//! `{"endpoint":"Declare","fault":{"Status":503}}`,
+//! `{"endpoint":"Status","fault":{"Stall":{"secs":2,"nanos":0}}}`),
+//! `POST /_fake/latency` (`{"ms":n}`), `POST /_fake/token` (`{"token":"..."}`),
+//! `POST /_fake/processing_time` (`{"ms":n}`),
+//! `POST /_fake/upload_rate` (`{"bytes_per_sec":n}` or `null`),
+//! `POST /_fake/status` (`{"id":"...","status":"...","error_message":null}`).
+
+mod handlers;
+mod results;
+mod server;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use serde::{Deserialize, Serialize};
+
+use state::Shared;
+
+/// Start-up settings; all but `max_upload_bytes` can be changed later
+/// through [`FakeApi`].
+#[derive(Clone, Debug)]
+pub struct FakeOptions {
+    /// The only `X-API-Token` accepted.
+    pub token: String,
+    /// Time from a stored upload to status `processed`.
+    pub processing_time: Duration,
+    /// Delay added before every `/v1` answer.
+    pub latency: Duration,
+    /// Uploads whose file part is larger get `413`.
+    pub max_upload_bytes: Option<u64>,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        FakeOptions {
+            token: "fake-token".to_owned(),
+            processing_time: Duration::ZERO,
+            latency: Duration::ZERO,
+            max_upload_bytes: None,
+        }
+    }
+}
+
+/// The API operation a fault is aimed at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Endpoint {
+    /// `POST /v1/interactions`
+    Declare,
+    /// `POST /v1/interactions/{id}/upload`
+    Upload,
+    /// `GET /v1/interactions/{id}/status`
+    Status,
+    /// `GET .../transcript`, `.../transcripts/punctuated` and `.../ai`
+    Results,
+}
+
+/// One misbehaviour, consumed by one request.
+///
+/// Faults that spoil only the answer (`ResetAfterStore`, `GarbageJson`,
+/// `MissingId`, `WrongSuccess`) let the operation take effect first, as a
+/// real server failing at that point would; if the operation itself fails
+/// (unknown id, bad body) its normal error is answered and the fault is
+/// still used up. On `Status` and `Results`, `ResetAfterStore` behaves like
+/// `ResetBeforeStore`, `MissingId` answers `{}` and `WrongSuccess` answers
+/// 201 instead of 200.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Fault {
+    /// This status with the JSON body `{"message": "injected <code>"}`.
+    Status(u16),
+    /// 429 with `Retry-After` when given.
+    TooManyRequests { retry_after_secs: Option<u64> },
+    /// Reads some of the request (up to 64 KiB of an upload), then drops the
+    /// connection without answering; nothing is stored.
+    ResetBeforeStore,
+    /// Stores the audio (declare: creates the interaction), then drops the
+    /// connection without answering.
+    ResetAfterStore,
+    /// Says nothing for this long, then handles the request normally.
+    Stall(Duration),
+    /// 502 with an HTML page, as a proxy in front of the API would send.
+    HtmlError,
+    /// The normal success status with a body that does not parse as JSON.
+    GarbageJson,
+    /// Declare: 201 with `{}` (the interaction is still created).
+    MissingId,
+    /// 200 instead of 201 (declare: with a valid id; upload: stores the audio).
+    WrongSuccess,
+}
+
+/// Seeded random faults for `Declare` and `Upload`, drawn when no scripted
+/// fault is queued. Each request draws once: `p_5xx` gives one of
+/// 500/502/503/504, `p_429` a 429 without `Retry-After`, then the resets
+/// (`p_reset_after_store` applies to uploads only). The same seed and the
+/// same request order give the same faults.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RandomFaults {
+    pub seed: u64,
+    pub p_5xx: f64,
+    pub p_429: f64,
+    pub p_reset_before_store: f64,
+    pub p_reset_after_store: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InteractionRecord {
+    pub id: String,
+    /// The declare request body as received.
+    pub declare_body: serde_json::Value,
+    /// Every upload request that got past authentication, in arrival order.
+    pub uploads: Vec<UploadRecord>,
+    /// The status `GET /status` would report now.
+    pub status: String,
+}
+
+/// One upload request. Describes the first multipart part (empty name and
+/// size 0 if there was none).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UploadRecord {
+    pub field_name: String,
+    pub filename: Option<String>,
+    pub content_type: Option<String>,
+    /// Bytes of the part that were read; for `ResetBeforeStore` only the
+    /// part read before hanging up.
+    pub size: u64,
+    /// Hex SHA-256 of those bytes.
+    pub sha256: String,
+    /// Status answered, or 0 when the connection was dropped instead.
+    pub answered: u16,
+    /// Whether this request is the one that stored the interaction's audio.
+    #[serde(default)]
+    pub stored: bool,
+}
+
+/// Counts since start-up.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Counters {
+    /// Every `/v1` request, whatever its outcome.
+    pub requests: u64,
+    /// Authenticated declare requests (including faulted and invalid ones).
+    pub declares: u64,
+    pub uploads_stored: u64,
+    /// Uploads answered 409 because the audio was already there.
+    pub uploads_conflict: u64,
+    /// Uploads answered 400, 404 or 413 (injected faults are not counted).
+    pub uploads_rejected: u64,
+    /// Authenticated status requests.
+    pub status_polls: u64,
+    /// Authenticated transcript, punctuated-transcript and AI requests.
+    pub result_fetches: u64,
+    pub unauthorized: u64,
+    pub faults_injected: u64,
+    /// Raw upload request body bytes read (multipart framing included).
+    pub bytes_received: u64,
+}
+
+/// Handle to a running fake. Clones share the same server; it stops when
+/// the last clone is dropped or on [`FakeApi::shutdown`].
+#[derive(Clone)]
+pub struct FakeApi {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    router: Router,
+    /// `None` while down.
+    running: tokio::sync::Mutex<Option<server::Running>>,
+}
+
+impl FakeApi {
+    /// Starts on an ephemeral port of 127.0.0.1.
+    pub async fn start(opts: FakeOptions) -> std::io::Result<FakeApi> {
+        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), opts).await
+    }
+
+    pub async fn start_on(addr: SocketAddr, opts: FakeOptions) -> std::io::Result<FakeApi> {
+        let listener = server::bind(addr)?;
+        // Port 0 resolved once, so `come_up` returns to the same port.
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(opts));
+        let router = handlers::router(shared.clone());
+        let running = server::spawn(listener, router.clone());
+        tracing::debug!(%addr, "fake ElevateAI API listening");
+        Ok(FakeApi {
+            inner: Arc::new(Inner {
+                addr,
+                shared,
+                router,
+                running: tokio::sync::Mutex::new(Some(running)),
+            }),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// `http://HOST:PORT/v1`, without a trailing slash.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.inner.addr)
+    }
+
+    pub fn set_token(&self, token: &str) {
+        self.inner.shared.lock().token = token.to_owned();
+    }
+
+    /// Delay added before every `/v1` answer (not the control routes).
+    pub fn set_latency(&self, d: Duration) {
+        self.inner.shared.lock().latency = d;
+    }
+
+    /// Caps how fast upload bodies are read; applies to uploads starting
+    /// after the call.
+    pub fn set_upload_rate(&self, bytes_per_sec: Option<u64>) {
+        self.inner.shared.lock().upload_rate = bytes_per_sec;
+    }
+
+    /// Also re-times interactions already uploaded: their status is derived
+    /// from the upload instant and the current processing time.
+    pub fn set_processing_time(&self, d: Duration) {
+        self.inner.shared.lock().processing_time = d;
+    }
+
+    pub fn push_fault(&self, endpoint: Endpoint, fault: Fault) {
+        self.inner.shared.push_fault(endpoint, fault);
+    }
+
+    /// Replaces the random-fault settings and reseeds the generator.
+    pub fn set_random_faults(&self, f: RandomFaults) {
+        self.inner.shared.set_random_faults(f);
+    }
+
+    /// Pins the reported status (e.g. `"processingFailed"`) regardless of
+    /// timing; `"processed"` also makes the results available. Unknown ids
+    /// are ignored.
+    pub fn force_status(&self, id: &str, status: &str, error_message: Option<&str>) {
+        self.inner
+            .shared
+            .force_status(id, status, error_message);
+    }
+
+    /// Stops listening and kills open connections; returns once the port
+    /// refuses connections. A no-op when already down.
+    pub async fn go_down(&self) {
+        if let Some(running) = self.inner.running.lock().await.take() {
+            running.stop().await;
+        }
+    }
+
+    /// Listens again on the same port with all state kept. A no-op when up.
+    pub async fn come_up(&self) -> std::io::Result<()> {
+        let mut running = self.inner.running.lock().await;
+        if running.is_none() {
+            let listener = server::bind(self.inner.addr)?;
+            *running = Some(server::spawn(listener, self.inner.router.clone()));
+        }
+        Ok(())
+    }
+
+    /// Every interaction still known (deleted ones are gone), in declare order.
+    pub fn interactions(&self) -> Vec<InteractionRecord> {
+        self.inner.shared.interactions()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.inner.shared.counters()
+    }
+
+    /// Stops the server and waits for its connections to close, even if
+    /// other clones of this handle are still alive.
+    pub async fn shutdown(self) {
+        self.go_down().await;
+    }
+}
+
+/// Serves the fake on `addr` until the process ends, for the
+/// `callferry fake-api` command. Returns only if binding fails. Prints
+/// nothing; drive and inspect it through the `/_fake` control routes.
+pub async fn serve_forever(addr: SocketAddr, opts: FakeOptions) -> std::io::Result<()> {
+    let _api = FakeApi::start_on(addr, opts).await?;
+    std::future::pending::<()>().await;
+    Ok(())
+}

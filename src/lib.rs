@@ -1,0 +1,11 @@
+//! callferry: ferries call recordings from a recorder's disk into ElevateAI speech analytics.
+//!
+//! The daemon is [`app::run`]; `main.rs` only parses the command line. See ARCHITECTURE.md for the
+//! flow (watcher → queue → workers → API → queue) and its invariants.
+
+pub mod clock;
+pub mod config;
+pub mod queue;
+pub mod retry;
+pub mod secret;
+pub mod stability;

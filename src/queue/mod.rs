@@ -1,0 +1,723 @@
+//! Owns the durable job queue: the SQLite database, its schema (`migrations/`), and every state
+//! transition a job can make.
+//!
+//! Each transition is one SQL statement guarded by the state it leaves (`WHERE id = ? AND state = ?`),
+//! so two workers can never take the same job and a crash between any two statements leaves a state
+//! that [`Queue::recover`] understands. No transaction is ever held across a network call: callers
+//! record intent before a call and the outcome after it. Channels elsewhere are only wake-up hints;
+//! this database is the truth.
+
+mod state;
+
+use std::fs::OpenOptions;
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
+
+pub use state::State;
+
+/// Written into the database header so a foreign SQLite file is never mistaken for ours.
+pub const APPLICATION_ID: i32 = 0x4346_4552; // "CFER"
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("{path}: {message}")]
+    Unusable { path: PathBuf, message: String },
+    #[error("queue database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("queue database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl QueueError {
+    /// SQLITE_FULL (13): the disk is full. The caller pauses rather than failing jobs.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            QueueError::Db(sqlx::Error::Database(e)) => {
+                e.code().as_deref() == Some("13") || e.message().contains("full")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One job, as a worker or a listing sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Job {
+    pub id: i64,
+    pub path: String,
+    pub root: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub dev: u64,
+    pub ino: u64,
+    #[serde(serialize_with = "state::serialize_public")]
+    pub state: State,
+    pub attempts: u32,
+    pub next_attempt_at: i64,
+    pub interaction_id: Option<String>,
+    pub upload_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+const JOB_COLUMNS: &str = "id, path, root, size, mtime_ns, dev, ino, state, attempts, \
+    next_attempt_at, interaction_id, upload_status, last_error, created_at, updated_at";
+
+fn job_from_row(r: &SqliteRow) -> Result<Job, sqlx::Error> {
+    let state: String = r.try_get("state")?;
+    Ok(Job {
+        id: r.try_get("id")?,
+        path: r.try_get("path")?,
+        root: r.try_get("root")?,
+        size: r.try_get::<i64, _>("size")? as u64,
+        mtime_ns: r.try_get("mtime_ns")?,
+        dev: r.try_get::<i64, _>("dev")? as u64,
+        ino: r.try_get::<i64, _>("ino")? as u64,
+        state: State::from_str(&state).map_err(|e| sqlx::Error::Decode(e.into()))?,
+        attempts: r.try_get::<i64, _>("attempts")? as u32,
+        next_attempt_at: r.try_get("next_attempt_at")?,
+        interaction_id: r.try_get("interaction_id")?,
+        upload_status: r
+            .try_get::<Option<i64>, _>("upload_status")?
+            .map(|s| s as u16),
+        last_error: r.try_get("last_error")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+/// A file version to queue.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub path: PathBuf,
+    pub root: PathBuf,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    /// A new job; `supersedes` names an earlier job for the same path (the file changed).
+    New { id: i64, supersedes: Option<i64> },
+    /// This exact version is already queued or done.
+    Known,
+}
+
+/// Queue counts by user-facing state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub pending: u64,
+    pub declared: u64,
+    pub uploading: u64,
+    pub uploaded: u64,
+    pub processed: u64,
+    pub failed: u64,
+}
+
+impl Counts {
+    pub fn waiting(&self) -> u64 {
+        self.pending + self.declared + self.uploading
+    }
+    pub fn total(&self) -> u64 {
+        self.waiting() + self.uploaded + self.processed + self.failed
+    }
+}
+
+#[derive(Clone)]
+pub struct Queue {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").field("path", &self.path).finish()
+    }
+}
+
+/// How to open the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Create it (0600, in a 0700 folder) if missing; run migrations. For the daemon and writers.
+    Create,
+    /// It must exist already. For `status`/`list`, which must not create an empty database by
+    /// mistake somewhere else.
+    Existing,
+}
+
+impl Queue {
+    pub async fn open(path: &Path, mode: OpenMode) -> Result<Queue, QueueError> {
+        let unusable = |message: String| QueueError::Unusable {
+            path: path.to_path_buf(),
+            message,
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => return Err(unusable("is not a regular file".into())),
+            Ok(m) if m.len() > 0 => check_sqlite_magic(path).map_err(unusable)?,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match mode {
+                OpenMode::Existing => {
+                    return Err(unusable(
+                        "no queue database here yet; has `callferry run` been started with this \
+                         config (queue.database)?"
+                            .into(),
+                    ));
+                }
+                OpenMode::Create => create_private(path).map_err(unusable)?,
+            },
+            Err(e) => return Err(unusable(format!("cannot access: {e}"))),
+        }
+
+        // Look before touching: a read-only probe, so a foreign database is not even switched to
+        // WAL mode before we refuse it.
+        check_ownership(path).await.map_err(unusable)?;
+
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(false)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit survives power loss too. NORMAL could lose the commit that recorded an
+            // interaction id, and the file would then be declared twice; see ARCHITECTURE.md.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await
+            .map_err(|e| unusable(format!("cannot open as a SQLite database: {e}")))?;
+        if mode == OpenMode::Create {
+            MIGRATOR.run(&pool).await?;
+            sqlx::query(AssertSqlSafe(format!(
+                "PRAGMA application_id = {APPLICATION_ID}"
+            )))
+            .execute(&pool)
+            .await?;
+        }
+        Ok(Queue {
+            pool,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Queues file versions in one transaction. A version already known (any state) is not queued
+    /// again.
+    pub async fn enqueue(&self, jobs: &[NewJob], now: i64) -> Result<Vec<Enqueued>, QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            let path = j.path.to_string_lossy();
+            let id: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO jobs (path, root, size, mtime_ns, dev, ino, state, next_attempt_at, \
+                 created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?) \
+                 ON CONFLICT (path, size, mtime_ns) DO NOTHING RETURNING id",
+            )
+            .bind(path.as_ref())
+            .bind(j.root.to_string_lossy().as_ref())
+            .bind(j.size as i64)
+            .bind(j.mtime_ns)
+            .bind(j.dev as i64)
+            .bind(j.ino as i64)
+            .bind(now)
+            .bind(now)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            match id {
+                None => out.push(Enqueued::Known),
+                Some(id) => {
+                    let supersedes: Option<i64> = sqlx::query_scalar(
+                        "SELECT id FROM jobs WHERE path = ? AND id <> ? ORDER BY id DESC LIMIT 1",
+                    )
+                    .bind(path.as_ref())
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    event(&mut tx, id, now, "queued", None).await?;
+                    out.push(Enqueued::New { id, supersedes });
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Takes the next due job for a worker, atomically: `pending` becomes `declaring`, `declared`
+    /// becomes `uploading`. The daemon holds the database's lock file, so no other process claims.
+    pub async fn claim(&self, now: i64) -> Result<Option<Job>, QueueError> {
+        let sql = format!(
+            "UPDATE jobs SET state = CASE state WHEN 'pending' THEN 'declaring' ELSE 'uploading' END, \
+             updated_at = ?1 \
+             WHERE id = (SELECT id FROM jobs WHERE state IN ('pending', 'declared') \
+                         AND next_attempt_at <= ?1 ORDER BY next_attempt_at, id LIMIT 1) \
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(job_from_row).transpose()?)
+    }
+
+    /// When the next job falls due, if any job waits at all.
+    pub async fn next_due(&self) -> Result<Option<i64>, QueueError> {
+        let v: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM jobs WHERE state IN ('pending', 'declared')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(v)
+    }
+
+    /// Records the interaction id *before* the upload starts: from here on the job is never
+    /// declared again. `declaring` → `uploading`.
+    pub async fn mark_declared(
+        &self,
+        id: i64,
+        interaction_id: &str,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'uploading', interaction_id = ?, updated_at = ?, last_error = NULL \
+             WHERE id = ? AND state = 'declaring'",
+        )
+        .bind(interaction_id)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, id, "declaring")?;
+        event(&mut tx, id, now, "declared", Some(interaction_id)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// `uploading` → `uploaded`, with the status that proved it (201, or 409).
+    pub async fn mark_uploaded(&self, id: i64, status: u16, now: i64) -> Result<(), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'uploaded', upload_status = ?, updated_at = ?, last_error = NULL \
+             WHERE id = ? AND state = 'uploading'",
+        )
+        .bind(status as i64)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, id, "uploading")?;
+        event(&mut tx, id, now, "uploaded", Some(&status.to_string())).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Puts a claimed job back to wait until `next_at`: `declaring` → `pending`, `uploading` →
+    /// `declared`. `count_attempt` is false when the failure was not the job's (auth pause, outage,
+    /// shutdown).
+    pub async fn reschedule(
+        &self,
+        job: &Job,
+        error: Option<&str>,
+        next_at: i64,
+        count_attempt: bool,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        let (from, to) = match job.state {
+            State::Declaring => ("declaring", "pending"),
+            State::Uploading => ("uploading", "declared"),
+            other => {
+                return Err(QueueError::Db(sqlx::Error::Protocol(format!(
+                    "job {} cannot be rescheduled from state {other}",
+                    job.id
+                ))));
+            }
+        };
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = ?, attempts = attempts + ?, next_attempt_at = ?, \
+             last_error = COALESCE(?, last_error), updated_at = ? WHERE id = ? AND state = ?",
+        )
+        .bind(to)
+        .bind(i64::from(count_attempt))
+        .bind(next_at)
+        .bind(error)
+        .bind(now)
+        .bind(job.id)
+        .bind(from)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, job.id, from)?;
+        if let Some(e) = error {
+            event(&mut tx, job.id, now, "retry", Some(e)).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A claimed job needs an operator: → `failed`, keeping the reason.
+    pub async fn fail(&self, job: &Job, error: &str, now: i64) -> Result<(), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'failed', last_error = ?, updated_at = ?, \
+             attempts = attempts + 1 WHERE id = ? AND state = ?",
+        )
+        .bind(error)
+        .bind(now)
+        .bind(job.id)
+        .bind(job.state.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, job.id, job.state.as_str())?;
+        event(&mut tx, job.id, now, "failed", Some(error)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// After a crash or a restart: jobs a worker held are put back. With the daemon's exclusive lock
+    /// no other process can be working on them. An `uploading` job keeps its interaction id and is
+    /// uploaded again on it (a 409 then proves the earlier attempt got through).
+    pub async fn recover(&self, now: i64) -> Result<(u64, u64), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let a = sqlx::query(
+            "UPDATE jobs SET state = 'pending', updated_at = ? WHERE state = 'declaring'",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let b = sqlx::query(
+            "UPDATE jobs SET state = 'declared', updated_at = ? WHERE state = 'uploading'",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok((a, b))
+    }
+
+    /// `retry`: failed jobs go back to the queue, due now, with fresh attempts. A job that already
+    /// has an interaction id is uploaded again on it, never declared again.
+    pub async fn retry(&self, ids: Option<&[i64]>, now: i64) -> Result<u64, QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let base = "UPDATE jobs SET state = CASE WHEN interaction_id IS NULL THEN 'pending' ELSE 'declared' END, \
+                    attempts = 0, next_attempt_at = ?, created_at = ?, updated_at = ? WHERE state = 'failed'";
+        let mut n = 0;
+        match ids {
+            None => {
+                n += sqlx::query(base)
+                    .bind(now)
+                    .bind(now)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            Some(ids) => {
+                for id in ids {
+                    let k = sqlx::query(AssertSqlSafe(format!("{base} AND id = ?")))
+                        .bind(now)
+                        .bind(now)
+                        .bind(now)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if k > 0 {
+                        event(&mut tx, *id, now, "retry-requested", None).await?;
+                    }
+                    n += k;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(job_from_row).transpose()?)
+    }
+
+    /// Jobs, newest first, optionally of one user-facing state.
+    pub async fn list(&self, state: Option<State>, limit: u32) -> Result<Vec<Job>, QueueError> {
+        let rows = match state {
+            Some(s) => {
+                let internal: Vec<&str> = s.internal_states().to_vec();
+                let placeholders = vec!["?"; internal.len()].join(", ");
+                let sql = format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({placeholders}) ORDER BY id DESC LIMIT ?"
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for st in internal {
+                    q = q.bind(st);
+                }
+                q.bind(limit as i64).fetch_all(&self.pool).await?
+            }
+            None => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?"
+                )))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn counts(&self) -> Result<Counts, QueueError> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut c = Counts::default();
+        for r in rows {
+            let s: String = r.try_get("state")?;
+            let n = r.try_get::<i64, _>("n")? as u64;
+            match State::from_str(&s).map(State::public) {
+                Ok(State::Pending) => c.pending += n,
+                Ok(State::Declared) => c.declared += n,
+                Ok(State::Uploading) => c.uploading += n,
+                Ok(State::Uploaded) => c.uploaded += n,
+                Ok(State::Processed) => c.processed += n,
+                Ok(State::Failed) => c.failed += n,
+                _ => {}
+            }
+        }
+        Ok(c)
+    }
+
+    /// Creation time of the oldest job not yet uploaded.
+    pub async fn oldest_waiting(&self) -> Result<Option<i64>, QueueError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(created_at) FROM jobs WHERE state IN ('pending', 'declaring', 'declared', 'uploading')",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// The most recent errors, newest first: (job id, path, error, when).
+    pub async fn last_errors(&self, n: u32) -> Result<Vec<(i64, String, String, i64)>, QueueError> {
+        let rows = sqlx::query(
+            "SELECT e.job_id, j.path, e.detail, e.at FROM job_events e JOIN jobs j ON j.id = e.job_id \
+             WHERE e.event IN ('retry', 'failed') ORDER BY e.id DESC LIMIT ?",
+        )
+        .bind(n as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("job_id")?,
+                    r.try_get("path")?,
+                    r.try_get::<Option<String>, _>("detail")?
+                        .unwrap_or_default(),
+                    r.try_get("at")?,
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    /// Uploaded jobs whose after-upload action (move/delete) is not yet done.
+    pub async fn undisposed(&self) -> Result<Vec<Job>, QueueError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('uploaded', 'processed') AND disposed = 0"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn mark_disposed(&self, id: i64, what: &str, now: i64) -> Result<(), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE jobs SET disposed = 1, updated_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        event(&mut tx, id, now, "after-upload", Some(what)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn set_daemon_state(
+        &self,
+        key: &str,
+        value: Option<&str>,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        match value {
+            Some(v) => {
+                sqlx::query(
+                    "INSERT INTO daemon_state (key, value, updated_at) VALUES (?, ?, ?) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                )
+                .bind(key)
+                .bind(v)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM daemon_state WHERE key = ?")
+                    .bind(key)
+                    .execute(&self.pool)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn daemon_state(&self, key: &str) -> Result<Option<(String, i64)>, QueueError> {
+        let row = sqlx::query("SELECT value, updated_at FROM daemon_state WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(r) => Some((r.try_get("value")?, r.try_get("updated_at")?)),
+            None => None,
+        })
+    }
+
+    /// Every event of one job, oldest first: (at, event, detail).
+    pub async fn events(&self, id: i64) -> Result<Vec<(i64, String, Option<String>)>, QueueError> {
+        let rows =
+            sqlx::query("SELECT at, event, detail FROM job_events WHERE job_id = ? ORDER BY id")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("at")?, r.try_get("event")?, r.try_get("detail")?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+}
+
+async fn event(
+    tx: &mut Transaction<'_, Sqlite>,
+    job_id: i64,
+    at: i64,
+    event: &str,
+    detail: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO job_events (job_id, at, event, detail) VALUES (?, ?, ?, ?)")
+        .bind(job_id)
+        .bind(at)
+        .bind(event)
+        .bind(detail)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn expect_one(n: u64, id: i64, from: &str) -> Result<(), QueueError> {
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(QueueError::Db(sqlx::Error::Protocol(format!(
+            "job {id} was not in state {from} (lost a race, or the row was changed by hand)"
+        ))))
+    }
+}
+
+async fn check_ownership(path: &Path) -> Result<(), String> {
+    use sqlx::Connection;
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .busy_timeout(Duration::from_secs(10));
+    let mut conn = sqlx::SqliteConnection::connect_with(&opts)
+        .await
+        .map_err(|e| format!("cannot open as a SQLite database: {e}"))?;
+    let app_id: i32 = sqlx::query_scalar("PRAGMA application_id")
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|e| format!("cannot read the database (corrupt?): {e}"))?;
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name <> '_sqlx_migrations'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .map_err(|e| format!("cannot read the database (corrupt?): {e}"))?;
+    let _ = conn.close().await;
+    if app_id != APPLICATION_ID && (app_id != 0 || tables > 0) {
+        return Err(
+            "is a SQLite database that callferry did not create; refusing to touch it \
+                    (point queue.database at a new path)"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+fn check_sqlite_magic(path: &Path) -> Result<(), String> {
+    let mut head = [0u8; 16];
+    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let n = f.read(&mut head).map_err(|e| format!("cannot read: {e}"))?;
+    if n < 16 || &head != b"SQLite format 3\0" {
+        return Err(
+            "is not a SQLite database (corrupt, or some other file); refusing to overwrite it. \
+             Move it aside or point queue.database at another path"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Creates the database file 0600 in a 0700 folder before SQLite does, so recordings' paths and
+/// interaction ids are never world-readable, whatever the umask.
+fn create_private(path: &Path) -> Result<(), String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create folder {}: {e}", dir.display()))?;
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("cannot create: {e}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot set permissions: {e}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,172 @@
+use super::*;
+
+async fn fresh() -> (tempfile::TempDir, Queue) {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(&dir.path().join("state/queue.db"), OpenMode::Create)
+        .await
+        .unwrap();
+    (dir, q)
+}
+
+fn nj(path: &str, size: u64, mtime_ns: i64) -> NewJob {
+    NewJob {
+        path: PathBuf::from(path),
+        root: PathBuf::from("/rec"),
+        size,
+        mtime_ns,
+        dev: 1,
+        ino: 2,
+    }
+}
+
+#[tokio::test]
+async fn database_is_private() {
+    let (dir, _q) = fresh().await;
+    let db = dir.path().join("state/queue.db");
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let dmode = std::fs::metadata(dir.path().join("state"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(dmode, 0o700);
+}
+
+#[tokio::test]
+async fn a_version_is_queued_once_and_a_new_version_supersedes() {
+    let (_d, q) = fresh().await;
+    let r = q
+        .enqueue(&[nj("/rec/a.wav", 10, 1), nj("/rec/a.wav", 10, 1)], 100)
+        .await
+        .unwrap();
+    assert!(matches!(
+        r[0],
+        Enqueued::New {
+            supersedes: None,
+            ..
+        }
+    ));
+    assert_eq!(r[1], Enqueued::Known);
+    let Enqueued::New { id: first, .. } = r[0] else {
+        unreachable!()
+    };
+    let r = q.enqueue(&[nj("/rec/a.wav", 20, 2)], 101).await.unwrap();
+    assert!(matches!(r[0], Enqueued::New { supersedes: Some(s), .. } if s == first));
+}
+
+#[tokio::test]
+async fn claim_walks_the_states_and_never_hands_out_a_job_twice() {
+    let (_d, q) = fresh().await;
+    q.enqueue(&[nj("/rec/a.wav", 10, 1)], 100).await.unwrap();
+    let j = q.claim(100).await.unwrap().unwrap();
+    assert_eq!(j.state, State::Declaring);
+    assert!(q.claim(100).await.unwrap().is_none(), "claimed twice");
+    q.mark_declared(j.id, "iid-1", 101).await.unwrap();
+    let j = q.get(j.id).await.unwrap().unwrap();
+    assert_eq!(j.state, State::Uploading);
+    assert_eq!(j.interaction_id.as_deref(), Some("iid-1"));
+    // a transient upload failure: back to declared, later
+    q.reschedule(&j, Some("503"), 500, true, 102).await.unwrap();
+    assert!(q.claim(499).await.unwrap().is_none());
+    let j = q.claim(500).await.unwrap().unwrap();
+    assert_eq!(j.state, State::Uploading);
+    assert_eq!(j.attempts, 1);
+    q.mark_uploaded(j.id, 409, 501).await.unwrap();
+    let j = q.get(j.id).await.unwrap().unwrap();
+    assert_eq!(j.state, State::Uploaded);
+    assert_eq!(j.upload_status, Some(409));
+    let ev: Vec<String> = q
+        .events(j.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(ev, ["queued", "declared", "retry", "uploaded"]);
+}
+
+#[tokio::test]
+async fn recover_returns_held_jobs_without_losing_the_interaction_id() {
+    let (_d, q) = fresh().await;
+    q.enqueue(&[nj("/rec/a.wav", 10, 1), nj("/rec/b.wav", 10, 1)], 100)
+        .await
+        .unwrap();
+    let a = q.claim(100).await.unwrap().unwrap();
+    q.mark_declared(a.id, "iid-a", 100).await.unwrap();
+    let _b = q.claim(100).await.unwrap().unwrap();
+    assert_eq!(q.recover(200).await.unwrap(), (1, 1));
+    let a = q.get(a.id).await.unwrap().unwrap();
+    assert_eq!(a.state, State::Declared);
+    assert_eq!(a.interaction_id.as_deref(), Some("iid-a"));
+    let c = q.counts().await.unwrap();
+    assert_eq!((c.pending, c.declared), (1, 1));
+}
+
+#[tokio::test]
+async fn retry_brings_failed_jobs_back_to_the_right_state() {
+    let (_d, q) = fresh().await;
+    q.enqueue(&[nj("/rec/a.wav", 10, 1), nj("/rec/b.wav", 10, 1)], 100)
+        .await
+        .unwrap();
+    let a = q.claim(100).await.unwrap().unwrap();
+    q.fail(&a, "400 bad file", 101).await.unwrap();
+    let b = q.claim(100).await.unwrap().unwrap();
+    q.mark_declared(b.id, "iid-b", 101).await.unwrap();
+    let b = q.get(b.id).await.unwrap().unwrap();
+    q.fail(&b, "413", 102).await.unwrap();
+    assert_eq!(q.counts().await.unwrap().failed, 2);
+    assert_eq!(
+        q.get(a.id).await.unwrap().unwrap().last_error.as_deref(),
+        Some("400 bad file")
+    );
+    assert_eq!(q.retry(None, 200).await.unwrap(), 2);
+    assert_eq!(q.get(a.id).await.unwrap().unwrap().state, State::Pending);
+    assert_eq!(q.get(b.id).await.unwrap().unwrap().state, State::Declared);
+}
+
+#[tokio::test]
+async fn a_foreign_sqlite_file_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("other.db");
+    {
+        let opts = SqliteConnectOptions::new()
+            .filename(&p)
+            .create_if_missing(true);
+        let pool = SqlitePool::connect_with(opts).await.unwrap();
+        sqlx::query("CREATE TABLE t (x)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+    let before = std::fs::read(&p).unwrap();
+    let err = Queue::open(&p, OpenMode::Create).await.unwrap_err();
+    assert!(err.to_string().contains("did not create"), "{err}");
+    assert!(
+        std::fs::read(&p).unwrap() == before,
+        "the foreign file was modified"
+    );
+}
+
+#[tokio::test]
+async fn a_garbage_file_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("queue.db");
+    std::fs::write(&p, b"this is not a database at all, it is a text file").unwrap();
+    let err = Queue::open(&p, OpenMode::Create).await.unwrap_err();
+    assert!(err.to_string().contains("not a SQLite database"), "{err}");
+    assert_eq!(
+        std::fs::read(&p).unwrap(),
+        b"this is not a database at all, it is a text file"
+    );
+}
+
+#[tokio::test]
+async fn existing_mode_does_not_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("nope.db");
+    let err = Queue::open(&p, OpenMode::Existing).await.unwrap_err();
+    assert!(err.to_string().contains("no queue database"), "{err}");
+    assert!(!p.exists());
+}
