@@ -1,3 +1,5 @@
+//! The `callferry` binary: everything lives in the library; this only hands over the exit code.
+
 fn main() {
-    println!("Hello, world!");
+    std::process::exit(callferry::cli::main());
 }

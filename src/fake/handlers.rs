@@ -35,10 +35,7 @@ pub(super) fn router(shared: Sh) -> Router {
         .route("/interactions/{id}/upload", post(upload))
         .route("/interactions/{id}/status", get(status))
         .route("/interactions/{id}/transcript", get(transcript))
-        .route(
-            "/interactions/{id}/transcripts/punctuated",
-            get(punctuated),
-        )
+        .route("/interactions/{id}/transcripts/punctuated", get(punctuated))
         .route("/interactions/{id}/ai", get(ai_results))
         .fallback(unknown_route)
         .layer(middleware::from_fn_with_state(shared.clone(), api_prelude));
@@ -88,17 +85,29 @@ async fn api_prelude(State(sh): State<Sh>, req: Request, next: Next) -> Response
     next.run(req).await
 }
 
+/// A request without the right token.
+struct Unauthorized(&'static str);
+
+impl IntoResponse for Unauthorized {
+    fn into_response(self) -> Response {
+        json_error(StatusCode::UNAUTHORIZED, self.0)
+    }
+}
+
 /// Authenticates, counts, and picks the fault (if any) for this request.
-fn gate(sh: &Shared, headers: &HeaderMap, endpoint: Option<Endpoint>) -> Result<Option<Fault>, Response> {
+fn gate(
+    sh: &Shared,
+    headers: &HeaderMap,
+    endpoint: Option<Endpoint>,
+) -> Result<Option<Fault>, Unauthorized> {
     let presented = headers.get("x-api-token").and_then(|v| v.to_str().ok());
     let mut st = sh.lock();
     if !st.token_ok(presented) {
         st.counters.unauthorized += 1;
-        let message = match presented {
+        return Err(Unauthorized(match presented {
             None => "missing X-API-Token header",
             Some(_) => "invalid API token",
-        };
-        return Err(json_error(StatusCode::UNAUTHORIZED, message));
+        }));
     }
     match endpoint {
         Some(Endpoint::Declare) => st.counters.declares += 1,
@@ -187,8 +196,6 @@ fn answer(code: StatusCode, body: Option<Value>, fault: Option<&Fault>) -> Respo
     }
 }
 
-// ---------------------------------------------------------------- declare
-
 fn parse_declare(body: &[u8]) -> Result<(Value, bool), String> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| format!("request body is not valid JSON: {e}"))?;
@@ -224,7 +231,7 @@ fn parse_declare(body: &[u8]) -> Result<(Value, bool), String> {
 async fn declare(State(sh): State<Sh>, headers: HeaderMap, body: Bytes) -> Response {
     let fault = match gate(&sh, &headers, Some(Endpoint::Declare)) {
         Ok(f) => sit_out_stall(f).await,
-        Err(r) => return r,
+        Err(denied) => return denied.into_response(),
     };
     if let Some(r) = refusal(fault.as_ref()) {
         return r;
@@ -242,8 +249,6 @@ async fn declare(State(sh): State<Sh>, headers: HeaderMap, body: Bytes) -> Respo
         fault.as_ref(),
     )
 }
-
-// ---------------------------------------------------------------- upload
 
 /// Request body stream that counts bytes and, if asked, paces itself to
 /// `upload_rate`; TCP flow control then slows the client down.
@@ -324,7 +329,12 @@ impl Received {
         let p = match self.parts.as_slice() {
             [] => return bad("the upload has no file part".into()),
             [p] => p,
-            more => return bad(format!("expected exactly one file part, got {}", more.len())),
+            more => {
+                return bad(format!(
+                    "expected exactly one file part, got {}",
+                    more.len()
+                ));
+            }
         };
         if p.field_name.is_empty() || p.filename.as_deref() != Some(p.field_name.as_str()) {
             return bad(format!(
@@ -424,9 +434,9 @@ async fn upload(State(sh): State<Sh>, Path(id): Path<String>, req: Request) -> R
     let (parts, body) = req.into_parts();
     let fault = match gate(&sh, &parts.headers, Some(Endpoint::Upload)) {
         Ok(f) => sit_out_stall(f).await,
-        Err(r) => {
+        Err(denied) => {
             drain(&sh, body).await;
-            return r;
+            return denied.into_response();
         }
     };
     let stop_after = matches!(fault, Some(Fault::ResetBeforeStore)).then_some(RESET_READ_BYTES);
@@ -453,7 +463,9 @@ async fn upload(State(sh): State<Sh>, Path(id): Path<String>, req: Request) -> R
         return r;
     }
     if let Err((code, message)) = received.validate(max_upload_bytes) {
-        interaction.uploads.push(received.record(code.as_u16(), false));
+        interaction
+            .uploads
+            .push(received.record(code.as_u16(), false));
         st.counters.uploads_rejected += 1;
         return json_error(code, message);
     }
@@ -475,8 +487,6 @@ async fn upload(State(sh): State<Sh>, Path(id): Path<String>, req: Request) -> R
     answer(StatusCode::CREATED, None, fault.as_ref())
 }
 
-// ---------------------------------------------------------------- status & results
-
 fn status_document(i: &Interaction, processing_time: Duration) -> Value {
     let v = i.view(processing_time);
     json!({
@@ -493,7 +503,7 @@ fn status_document(i: &Interaction, processing_time: Duration) -> Value {
 async fn status(State(sh): State<Sh>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     let fault = match gate(&sh, &headers, Some(Endpoint::Status)) {
         Ok(f) => sit_out_stall(f).await,
-        Err(r) => return r,
+        Err(denied) => return denied.into_response(),
     };
     if let Some(r) = refusal(fault.as_ref()) {
         return r;
@@ -529,10 +539,15 @@ async fn ai_results(sh: State<Sh>, id: Path<String>, headers: HeaderMap) -> Resp
     results(sh, id, headers, Kind::Ai).await
 }
 
-async fn results(State(sh): State<Sh>, Path(id): Path<String>, headers: HeaderMap, kind: Kind) -> Response {
+async fn results(
+    State(sh): State<Sh>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    kind: Kind,
+) -> Response {
     let fault = match gate(&sh, &headers, Some(Endpoint::Results)) {
         Ok(f) => sit_out_stall(f).await,
-        Err(r) => return r,
+        Err(denied) => return denied.into_response(),
     };
     if let Some(r) = refusal(fault.as_ref()) {
         return r;
@@ -569,8 +584,8 @@ async fn results(State(sh): State<Sh>, Path(id): Path<String>, headers: HeaderMa
 }
 
 async fn remove(State(sh): State<Sh>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(r) = gate(&sh, &headers, None) {
-        return r;
+    if let Err(denied) = gate(&sh, &headers, None) {
+        return denied.into_response();
     }
     if sh.lock().interactions.remove(&id).is_some() {
         StatusCode::NO_CONTENT.into_response()
@@ -578,8 +593,6 @@ async fn remove(State(sh): State<Sh>, Path(id): Path<String>, headers: HeaderMap
         unknown_interaction(&id)
     }
 }
-
-// ---------------------------------------------------------------- control
 
 async fn ctl_interactions(State(sh): State<Sh>) -> Json<Vec<InteractionRecord>> {
     Json(sh.interactions())

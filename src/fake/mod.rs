@@ -272,9 +272,7 @@ impl FakeApi {
     /// timing; `"processed"` also makes the results available. Unknown ids
     /// are ignored.
     pub fn force_status(&self, id: &str, status: &str, error_message: Option<&str>) {
-        self.inner
-            .shared
-            .force_status(id, status, error_message);
+        self.inner.shared.force_status(id, status, error_message);
     }
 
     /// Stops listening and kills open connections; returns once the port

@@ -90,7 +90,7 @@ fn timeline() -> Timeline {
             // Longer words take longer to say; a little per-word jitter keeps
             // the offsets from looking machine-made.
             let len = WORD_MS + 12 * plain.len() as u64 + ((turn_no * 7 + i * 13) % 5) as u64 * 9;
-            let score = 0.81 + ((turn_no * 31 + i * 17) % 19) as f64 / 100.0;
+            let score = round(0.81 + ((turn_no * 31 + i * 17) % 19) as f64 / 100.0, 2);
             words.push(Word {
                 participant,
                 plain,
@@ -157,7 +157,9 @@ pub(super) static PUNCTUATED: LazyLock<Value> = LazyLock::new(|| {
     let words = &TIMELINE.words;
     for (i, w) in words.iter().enumerate() {
         sentence.push(w);
-        let turn_ends = words.get(i + 1).is_none_or(|n| n.participant != w.participant);
+        let turn_ends = words
+            .get(i + 1)
+            .is_none_or(|n| n.participant != w.participant);
         if w.raw.ends_with(['.', '?', '!']) || turn_ends {
             let score = sentence.iter().map(|w| w.score).sum::<f64>() / sentence.len() as f64;
             let text: Vec<&str> = sentence.iter().map(|w| w.raw).collect();
@@ -229,13 +231,19 @@ fn voice_activity(keep: impl Fn(&Turn) -> bool) -> Value {
     let mut t = 0;
     for turn in TIMELINE.turns.iter().filter(|t| keep(t)) {
         if turn.start > t {
-            segments.push(json!({"startTimeOffset": t, "endTimeOffset": turn.start, "result": "silence"}));
+            segments.push(
+                json!({"startTimeOffset": t, "endTimeOffset": turn.start, "result": "silence"}),
+            );
         }
-        segments.push(json!({"startTimeOffset": turn.start, "endTimeOffset": turn.end, "result": "voice"}));
+        segments.push(
+            json!({"startTimeOffset": turn.start, "endTimeOffset": turn.end, "result": "voice"}),
+        );
         t = turn.end;
     }
     if TIMELINE.duration > t {
-        segments.push(json!({"startTimeOffset": t, "endTimeOffset": TIMELINE.duration, "result": "silence"}));
+        segments.push(
+            json!({"startTimeOffset": t, "endTimeOffset": TIMELINE.duration, "result": "silence"}),
+        );
     }
     Value::Array(segments)
 }

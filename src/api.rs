@@ -1,0 +1,569 @@
+//! Owns the conversation with ElevateAI: the HTTP client, the declare / upload / status / results
+//! calls, the stall guard, the shared bandwidth limit, and the classification of every failure into
+//! what to do next ([`ErrorClass`]).
+//!
+//! It decides nothing about jobs: the worker maps an [`ApiError`]'s class onto a queue transition.
+//! The token is read from a shared slot on every request (so a fixed token file takes effect without
+//! a restart) and is marked sensitive on the wire; it is never part of an error.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::StreamExt;
+use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::{StatusCode, Url};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+
+use crate::config::Config;
+use crate::ratelimit::RateLimiter;
+use crate::secret::Secret;
+
+const TOKEN_HEADER: &str = "X-API-Token";
+/// Largest error body we read to build a message; a server that sends megabytes of HTML does not
+/// get them into our memory or logs.
+const MAX_ERROR_BODY: usize = 16 * 1024;
+const UPLOAD_CHUNK: usize = 256 * 1024;
+
+/// What the caller should do about a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Retry this job later, with backoff; counts as an attempt.
+    Transient,
+    /// The service asks us to slow down; wait at least this long. Not the job's fault.
+    RateLimited(Option<Duration>),
+    /// The service refuses this file; retrying will not help. The job fails.
+    Rejected,
+    /// The token is wrong for every file: pause all work.
+    Auth,
+    /// The service cannot be reached at all (refused, DNS, connect timeout): an outage, not the
+    /// job's fault.
+    Unreachable,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("HTTP {status}: {message}")]
+    Status {
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("cannot reach the API: {0}")]
+    Unreachable(String),
+    #[error("connection failed mid-request: {0}")]
+    Transport(String),
+    #[error("no progress for {0:?} (api.stall_timeout); request aborted")]
+    Stalled(Duration),
+    #[error("unexpected answer from the API: {0}")]
+    Protocol(String),
+    #[error("cannot read the recording: {0}")]
+    Local(String),
+}
+
+impl ApiError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ApiError::Status { status, retry_after, .. } => match *status {
+                401 | 403 => ErrorClass::Auth,
+                429 => ErrorClass::RateLimited(*retry_after),
+                400 | 404 | 405 | 413 | 415 | 422 => ErrorClass::Rejected,
+                _ => ErrorClass::Transient,
+            },
+            ApiError::Unreachable(_) => ErrorClass::Unreachable,
+            ApiError::Transport(_) | ApiError::Stalled(_) | ApiError::Protocol(_) => {
+                ErrorClass::Transient
+            }
+            ApiError::Local(_) => ErrorClass::Transient,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ApiError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+fn from_reqwest(e: reqwest::Error) -> ApiError {
+    // reqwest's Display includes the URL, which is fine (no secrets in our URLs); the source chain
+    // carries the useful part ("connection refused", "dns error").
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(&e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    if e.is_connect() {
+        ApiError::Unreachable(msg)
+    } else {
+        ApiError::Transport(msg)
+    }
+}
+
+/// The declare request body, as the public API documents it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeclareRequest {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub language_tag: String,
+    pub vertical: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audio_transcription_mode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub include_ai_results: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_identifier: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadOutcome {
+    /// 201: stored now.
+    Stored,
+    /// 409: the interaction already has its audio (an earlier attempt got through).
+    AlreadyThere,
+}
+
+impl UploadOutcome {
+    pub fn status(self) -> u16 {
+        match self {
+            UploadOutcome::Stored => 201,
+            UploadOutcome::AlreadyThere => 409,
+        }
+    }
+}
+
+/// `GET /interactions/{id}/status`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InteractionStatus {
+    #[serde(default)]
+    pub identifier: Option<String>,
+    pub status: String,
+    #[serde(default)]
+    pub error_message: Option<String>,
+}
+
+/// A clock of "last progress", shared between a request's body stream and its stall guard.
+struct Progress {
+    origin: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Arc<Self> {
+        Arc::new(Progress {
+            origin: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+    fn touch(&self) {
+        self.last_ms
+            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn last(&self) -> Instant {
+        self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+#[derive(Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: Url,
+    token: Arc<RwLock<Secret>>,
+    stall: Duration,
+    limiter: Option<Arc<RateLimiter>>,
+    /// Bytes of audio sent, for metrics and benchmarks.
+    pub bytes_sent: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("base", &self.base.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiClient {
+    pub fn new(cfg: &Config, token: Secret) -> Result<ApiClient, ApiError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("callferry/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(cfg.api.connect_timeout)
+            // A response that stops arriving is a stall too; the guard below covers the rest.
+            .read_timeout(cfg.api.stall_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| ApiError::Protocol(format!("cannot build the HTTP client: {e}")))?;
+        let limiter = match cfg.upload.max_bytes_per_sec {
+            0 => None,
+            n => Some(Arc::new(RateLimiter::new(n))),
+        };
+        Ok(ApiClient {
+            http,
+            base: cfg.api.base_url.clone(),
+            token: Arc::new(RwLock::new(token)),
+            stall: cfg.api.stall_timeout,
+            limiter,
+            bytes_sent: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Replaces the token (after the operator fixed the token file).
+    pub fn set_token(&self, token: Secret) {
+        *self.token.write().unwrap_or_else(|p| p.into_inner()) = token;
+    }
+
+    fn url(&self, tail: &str) -> Url {
+        let mut u = self.base.clone();
+        let path = format!("{}/{}", u.path().trim_end_matches('/'), tail);
+        u.set_path(&path);
+        u
+    }
+
+    fn auth_headers(&self) -> HeaderMap {
+        let token = self.token.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut h = HeaderMap::new();
+        // A token with bytes that cannot be a header value is sent as nothing, which the service
+        // answers with 401: the operator then sees "token rejected", not a crash.
+        if let Ok(mut v) = HeaderValue::from_str(token.expose()) {
+            v.set_sensitive(true);
+            h.insert(TOKEN_HEADER, v);
+        }
+        h
+    }
+
+    /// Runs a request future, aborting it when `progress` has not moved for `stall_timeout`.
+    async fn guarded<T>(
+        &self,
+        progress: &Progress,
+        fut: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        tokio::pin!(fut);
+        loop {
+            let deadline = progress.last() + self.stall;
+            tokio::select! {
+                r = &mut fut => return r,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    if progress.last() + self.stall <= Instant::now() {
+                        return Err(ApiError::Stalled(self.stall));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `POST /interactions`. Returns the interaction id.
+    pub async fn declare(&self, req: &DeclareRequest) -> Result<String, ApiError> {
+        let progress = Progress::new();
+        progress.touch();
+        let url = self.url("interactions");
+        self.guarded(&progress, async {
+            let resp = self
+                .http
+                .post(url)
+                .headers(self.auth_headers())
+                .json(req)
+                .send()
+                .await
+                .map_err(from_reqwest)?;
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(error_from_response(resp).await);
+            }
+            let body = read_limited(resp).await?;
+            #[derive(Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Declared {
+                interaction_identifier: Option<String>,
+            }
+            let parsed: Declared = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::Protocol(format!(
+                    "declare answered {status} with a body that is not the expected JSON ({e}): {}",
+                    snippet(&body)
+                ))
+            })?;
+            match parsed.interaction_identifier {
+                Some(id) if valid_id(&id) => {
+                    if status != StatusCode::CREATED {
+                        tracing::warn!(%status, "declare answered {status} instead of 201 Created; using the interaction id it returned");
+                    }
+                    Ok(id)
+                }
+                Some(id) => Err(ApiError::Protocol(format!(
+                    "declare answered {status} with an unusable interaction id {:?}",
+                    id.chars().take(80).collect::<String>()
+                ))),
+                None => Err(ApiError::Protocol(format!(
+                    "declare answered {status} without an interactionIdentifier: {}",
+                    snippet(&body)
+                ))),
+            }
+        })
+        .await
+    }
+
+    /// `POST /interactions/{id}/upload`: streams exactly `size` bytes of `path` as the single
+    /// multipart part, whose field name and filename are the file's base name. Memory use does not
+    /// depend on the file's size.
+    pub async fn upload(&self, id: &str, path: &Path, size: u64) -> Result<UploadOutcome, ApiError> {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| ApiError::Local(format!("{} has no usable file name", path.display())))?
+            .to_string();
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| ApiError::Local(format!("{}: {e}", path.display())))?;
+        let progress = Progress::new();
+        progress.touch();
+        let prog = progress.clone();
+        let limiter = self.limiter.clone();
+        let sent = self.bytes_sent.clone();
+        // `take(size)` sends exactly the version that was found complete, even if the recorder has
+        // since appended to it; a shorter file fails the request (length mismatch) instead.
+        let reader = tokio_util::io::ReaderStream::with_capacity(file.take(size), UPLOAD_CHUNK);
+        let stream = reader.then(move |chunk| {
+            let prog = prog.clone();
+            let limiter = limiter.clone();
+            let sent = sent.clone();
+            async move {
+                let chunk = chunk?;
+                if let Some(l) = &limiter {
+                    l.acquire(chunk.len() as u64).await;
+                }
+                prog.touch();
+                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                Ok::<_, std::io::Error>(chunk)
+            }
+        });
+        let part = reqwest::multipart::Part::stream_with_length(
+            reqwest::Body::wrap_stream(stream),
+            size,
+        )
+        .file_name(name.clone())
+        .mime_str("application/octet-stream")
+        .map_err(|e| ApiError::Protocol(e.to_string()))?;
+        let form = reqwest::multipart::Form::new().part(name, part);
+        let url = self.url(&format!("interactions/{id}/upload"));
+        self.guarded(&progress, async {
+            let resp = self
+                .http
+                .post(url)
+                .headers(self.auth_headers())
+                .multipart(form)
+                .send()
+                .await
+                .map_err(|e| {
+                    // A failure to read the file surfaces as a body error: say it is local.
+                    if e.is_body() || e.is_request() {
+                        let s = format!("{e:?}");
+                        if s.contains("Os {") {
+                            return ApiError::Local(format!("{}: {e}", path.display()));
+                        }
+                    }
+                    from_reqwest(e)
+                })?;
+            let status = resp.status();
+            match status {
+                StatusCode::CREATED => Ok(UploadOutcome::Stored),
+                StatusCode::CONFLICT => Ok(UploadOutcome::AlreadyThere),
+                s if s.is_success() => Err(ApiError::Protocol(format!(
+                    "upload answered {s} instead of 201 Created; retrying to confirm (a 409 will prove it stored)"
+                ))),
+                _ => Err(error_from_response(resp).await),
+            }
+        })
+        .await
+    }
+
+    /// `GET /interactions/{id}/status`.
+    pub async fn status(&self, id: &str) -> Result<InteractionStatus, ApiError> {
+        let body = self.get_json(&format!("interactions/{id}/status")).await?;
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::Protocol(format!("status answer is not the expected JSON ({e}): {}", snippet(&body)))
+        })
+    }
+
+    /// A GET returning a JSON body (bounded in time by the stall guard, not in size).
+    pub async fn get_json(&self, tail: &str) -> Result<bytes::Bytes, ApiError> {
+        let progress = Progress::new();
+        progress.touch();
+        let url = self.url(tail);
+        self.guarded(&progress, async {
+            let resp = self
+                .http
+                .get(url)
+                .headers(self.auth_headers())
+                .send()
+                .await
+                .map_err(from_reqwest)?;
+            if !resp.status().is_success() {
+                return Err(error_from_response(resp).await);
+            }
+            let body = resp.bytes().await.map_err(from_reqwest)?;
+            if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+                return Err(ApiError::Protocol(format!(
+                    "{tail} answered with a body that is not JSON: {}",
+                    snippet(&body)
+                )));
+            }
+            Ok(body)
+        })
+        .await
+    }
+
+    /// A cheap authenticated call to learn whether the token is accepted now: the status of an
+    /// interaction that cannot exist. 401/403 means no; any other answer means the token passed.
+    pub async fn probe_auth(&self) -> Result<(), ApiError> {
+        match self
+            .status("00000000-0000-0000-0000-000000000000")
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.class() == ErrorClass::Auth => Err(e),
+            Err(e @ (ApiError::Unreachable(_) | ApiError::Transport(_) | ApiError::Stalled(_))) => {
+                Err(e)
+            }
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, ApiError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(from_reqwest)? {
+        let room = MAX_ERROR_BODY.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= MAX_ERROR_BODY {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Builds an error from a non-success answer: the service's own `message` if it sent JSON, the
+/// title of an HTML error page (a proxy's), or the start of whatever else it sent.
+async fn error_from_response(resp: reqwest::Response) -> ApiError {
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| crate::retry::parse_retry_after(v, SystemTime::now()));
+    let is_html = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("html"));
+    let body = match read_limited(resp).await {
+        Ok(b) => b,
+        Err(e) => return e,
+    };
+    let reason = status.canonical_reason().unwrap_or("");
+    let detail = describe_body(&body, is_html);
+    ApiError::Status {
+        status: status.as_u16(),
+        message: if detail.is_empty() {
+            reason.to_string()
+        } else {
+            format!("{reason}: {detail}")
+        },
+        retry_after,
+    }
+}
+
+fn describe_body(body: &[u8], is_html: bool) -> String {
+    if body.is_empty() {
+        return String::new();
+    }
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
+        for key in ["message", "errorMessage", "error", "title", "detail"] {
+            if let Some(s) = v.get(key).and_then(|m| m.as_str()) {
+                return s.chars().take(300).collect();
+            }
+        }
+        return snippet(body);
+    }
+    let text = String::from_utf8_lossy(body);
+    if is_html || text.trim_start().starts_with('<') {
+        let lower = text.to_ascii_lowercase();
+        if let (Some(a), Some(b)) = (lower.find("<title>"), lower.find("</title>"))
+            && b > a + 7
+        {
+            return format!("HTML error page \"{}\"", text[a + 7..b].trim());
+        }
+        return format!("HTML error page ({} bytes)", body.len());
+    }
+    snippet(body)
+}
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let s: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
+    if s.is_empty() {
+        format!("({} bytes)", body.len())
+    } else {
+        format!("{s:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        let st = |s| ApiError::Status {
+            status: s,
+            message: String::new(),
+            retry_after: None,
+        };
+        assert_eq!(st(401).class(), ErrorClass::Auth);
+        assert_eq!(st(400).class(), ErrorClass::Rejected);
+        assert_eq!(st(413).class(), ErrorClass::Rejected);
+        assert_eq!(st(503).class(), ErrorClass::Transient);
+        assert_eq!(st(429).class(), ErrorClass::RateLimited(None));
+        assert_eq!(
+            ApiError::Unreachable("refused".into()).class(),
+            ErrorClass::Unreachable
+        );
+        assert_eq!(ApiError::Transport("reset".into()).class(), ErrorClass::Transient);
+    }
+
+    #[test]
+    fn bodies_are_described_for_people() {
+        assert_eq!(describe_body(br#"{"message":"File too large"}"#, false), "File too large");
+        assert_eq!(
+            describe_body(b"<html><head><title>502 Bad Gateway</title></head></html>", true),
+            "HTML error page \"502 Bad Gateway\""
+        );
+        assert_eq!(describe_body(b"", false), "");
+        assert!(describe_body(b"oops\x00\x01", false).contains("oops"));
+    }
+
+    #[test]
+    fn ids_are_checked() {
+        assert!(valid_id("4b1b2f5e-0000-4000-8000-000000000001"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("../../etc/passwd"));
+        assert!(!valid_id("a b"));
+    }
+}

@@ -1,0 +1,268 @@
+//! Owns the daemon's life: startup (database, lock, crash recovery, token), the supervision of every
+//! task (watcher, workers, auth re-check, pause bookkeeping), and the graceful stop.
+//!
+//! [`run`] is a library function so tests start the daemon in-process exactly as production does;
+//! one [`CancellationToken`] stops it.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::api::ApiClient;
+use crate::clock::now_ms;
+use crate::config::{AfterUploadAction, Config, ConfigError};
+use crate::gate::Gate;
+use crate::queue::{OpenMode, Queue, QueueError};
+use crate::retry::Backoff;
+use crate::systemd;
+use crate::worker::Pipeline;
+
+pub const PAUSE_KEY: &str = "pause";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Queue(#[from] QueueError),
+    #[error(
+        "another callferry daemon is already running on {0} (its lock is held); stop it first"
+    )]
+    Locked(PathBuf),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl AppError {
+    /// The process exit code: 78 for anything the operator must fix in the configuration.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            AppError::Config(_) => 78,
+            AppError::Queue(QueueError::Unusable { .. }) => 78,
+            _ => 1,
+        }
+    }
+}
+
+/// The exclusive lock that makes this process the database's only worker. Released by the kernel
+/// when the process dies, however it dies.
+pub struct DaemonLock {
+    _file: File,
+}
+
+pub fn lock_path(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
+}
+
+impl DaemonLock {
+    pub fn acquire(db: &Path) -> Result<DaemonLock, AppError> {
+        let path = lock_path(db);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| AppError::Other(format!("cannot open lock file {}: {e}", path.display())))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            return Err(AppError::Locked(db.to_path_buf()));
+        }
+        Ok(DaemonLock { _file: file })
+    }
+
+    /// Whether a daemon holds the lock right now (for `status`). None if we cannot tell.
+    pub fn is_held(db: &Path) -> Option<bool> {
+        let file = File::open(lock_path(db)).ok()?;
+        // SAFETY: as above.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        if rc == 0 {
+            // SAFETY: as above.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+            Some(false)
+        } else {
+            Some(true)
+        }
+    }
+}
+
+/// Observers for tests and `demo`: a handle on the running daemon's parts.
+#[derive(Clone)]
+pub struct Handle {
+    pub queue: Queue,
+    pub gate: Arc<Gate>,
+    pub api: ApiClient,
+}
+
+/// Runs the daemon until `shutdown` fires, then stops gracefully. `started` (if given) receives a
+/// handle once the first scan is queued and the workers run.
+pub async fn run(
+    cfg: Config,
+    shutdown: CancellationToken,
+    started: Option<oneshot::Sender<Handle>>,
+) -> Result<(), AppError> {
+    let cfg = Arc::new(cfg);
+    let token = cfg.api.token.load()?;
+
+    let queue = Queue::open(&cfg.queue.database, OpenMode::Create).await?;
+    let _lock = DaemonLock::acquire(&cfg.queue.database)?;
+    let (declaring, uploading) = queue.recover(now_ms()).await?;
+    if declaring + uploading > 0 {
+        info!(
+            declaring,
+            uploading,
+            "recovered jobs that were in flight when the daemon last stopped; uploads resume on their existing interaction ids"
+        );
+    }
+    queue.set_daemon_state(PAUSE_KEY, None, now_ms()).await?;
+
+    let api = ApiClient::new(&cfg, token).map_err(|e| AppError::Other(e.to_string()))?;
+    let gate = Arc::new(Gate::new(Backoff {
+        initial: cfg.upload.backoff_initial,
+        max: cfg.upload.backoff_max,
+    }));
+    let wake = Arc::new(Notify::new());
+    let pipeline = Arc::new(Pipeline {
+        cfg: cfg.clone(),
+        queue: queue.clone(),
+        api: api.clone(),
+        gate: gate.clone(),
+        wake: wake.clone(),
+        stop_claiming: CancellationToken::new(),
+        abort: CancellationToken::new(),
+    });
+
+    // Tidy-up that a crash interrupted: uploaded files whose move/delete did not happen yet.
+    if cfg.after_upload.action != AfterUploadAction::Keep {
+        for job in queue.undisposed().await? {
+            pipeline.after_upload(&job).await;
+        }
+    }
+
+    let background = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(persist_pause(gate.clone(), queue.clone(), background.clone()));
+    tasks.spawn(auth_recheck(cfg.clone(), api.clone(), gate.clone(), background.clone()));
+    let (ready_tx, ready_rx) = oneshot::channel();
+    {
+        let (cfg, queue, wake, cancel) = (cfg.clone(), queue.clone(), wake.clone(), background.clone());
+        tasks.spawn(async move {
+            if let Err(e) = crate::watcher::run(cfg, queue, wake, cancel, ready_tx).await {
+                error!(error = %e, "the folder watcher stopped; files are no longer discovered until restart");
+            }
+        });
+    }
+    let mut workers = JoinSet::new();
+    for n in 0..cfg.upload.workers {
+        workers.spawn(pipeline.clone().run_worker(n));
+    }
+
+    tokio::select! {
+        _ = ready_rx => {}
+        _ = shutdown.cancelled() => {}
+    }
+    info!(
+        workers = cfg.upload.workers,
+        database = %cfg.queue.database.display(),
+        api = %cfg.api.base_url,
+        "callferry running"
+    );
+    systemd::ready();
+    if let Some(tx) = started {
+        let _ = tx.send(Handle {
+            queue: queue.clone(),
+            gate: gate.clone(),
+            api: api.clone(),
+        });
+    }
+
+    shutdown.cancelled().await;
+    systemd::stopping();
+    let grace = cfg.upload.shutdown_grace;
+    info!(grace = ?grace, "stopping: no new uploads; in-flight uploads may finish within the grace period");
+    pipeline.stop_claiming.cancel();
+    let drained = tokio::time::timeout(grace, async {
+        while workers.join_next().await.is_some() {}
+    })
+    .await
+    .is_ok();
+    if !drained {
+        warn!("shutdown grace over; abandoning in-flight uploads (they resume at the next start)");
+        pipeline.abort.cancel();
+        while workers.join_next().await.is_some() {}
+    }
+    background.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    let _ = queue.set_daemon_state(PAUSE_KEY, None, now_ms()).await;
+    queue.close().await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Keeps the pause state in the database, where `status` (another process) reads it.
+async fn persist_pause(gate: Arc<Gate>, queue: Queue, cancel: CancellationToken) {
+    let mut rx = gate.subscribe();
+    let mut last: Option<String> = None;
+    loop {
+        let reason = rx.borrow_and_update().pause.as_ref().map(|p| p.reason());
+        if reason != last {
+            if let Err(e) = queue.set_daemon_state(PAUSE_KEY, reason.as_deref(), now_ms()).await {
+                warn!(error = %e, "cannot record the pause state for `status`");
+            }
+            last = reason;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// While paused by a 401: re-read the token (the operator may have fixed the file) and try one cheap
+/// authenticated call every `api.pause_recheck`; resume on success.
+async fn auth_recheck(cfg: Arc<Config>, api: ApiClient, gate: Arc<Gate>, cancel: CancellationToken) {
+    let mut rx = gate.subscribe();
+    loop {
+        let paused = matches!(rx.borrow_and_update().pause, Some(crate::gate::Pause::Auth(_)));
+        if paused {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(cfg.api.pause_recheck) => {}
+            }
+            match cfg.api.token.load() {
+                Ok(t) => api.set_token(t),
+                Err(e) => {
+                    warn!(error = %e, "still paused: cannot read the token");
+                    continue;
+                }
+            }
+            match api.probe_auth().await {
+                Ok(()) => {
+                    if gate.success().is_some() {
+                        info!("the API accepts the token again; uploads resume");
+                    }
+                }
+                Err(e) => info!(error = %e, "still paused: the API rejects the token"),
+            }
+        } else {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+        }
+    }
+}

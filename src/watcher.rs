@@ -1,0 +1,551 @@
+//! Owns finding recordings: the `notify` watches on every `[watch] path`, the bridge of their events
+//! into tokio, the startup / periodic / overflow rescans, and the set of files we are waiting on
+//! until [`crate::stability`] says they are complete. Complete versions are queued in batches.
+//!
+//! The bridge is a bounded channel filled with `try_send`: when an event storm fills it, events are
+//! dropped and a full rescan is flagged instead, so memory stays bounded and nothing is missed.
+//! The watcher never uploads or changes files; it only reads metadata.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::clock::{ms, now_ms};
+use crate::config::{Config, WatchConfig};
+use crate::queue::{Enqueued, NewJob, Queue};
+use crate::stability::{Decision, NameRules, Observed, Stat, decide, observe};
+
+const EVENT_CHANNEL: usize = 8192;
+const ENQUEUE_BATCH: usize = 2000;
+/// How often missing watched folders are looked for, and watched ones checked for removal.
+const ROOT_CHECK: Duration = Duration::from_secs(5);
+/// Rescan period for a folder that could not get an inotify watch (limit reached).
+const FALLBACK_POLL: Duration = Duration::from_secs(10);
+/// An observation older than this is refreshed before a file is declared complete.
+const RESTAT_AFTER_MS: i64 = 200;
+
+/// A file we are waiting on.
+#[derive(Debug, Clone)]
+struct Candidate {
+    root: PathBuf,
+    obs: Observed,
+    observed_at_ms: i64,
+    next_check_ms: i64,
+}
+
+pub fn stat_of(meta: &std::fs::Metadata) -> Stat {
+    Stat {
+        size: meta.len(),
+        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    }
+}
+
+/// The watched folder a path belongs to, if any (the longest matching one).
+pub fn root_of<'a>(roots: &'a [PathBuf], path: &Path, recursive: bool) -> Option<&'a PathBuf> {
+    roots
+        .iter()
+        .filter(|r| {
+            if recursive {
+                path.starts_with(r) && path != r.as_path()
+            } else {
+                path.parent() == Some(r.as_path())
+            }
+        })
+        .max_by_key(|r| r.as_os_str().len())
+}
+
+pub fn name_rules(w: &WatchConfig) -> NameRules<'_> {
+    NameRules {
+        extensions: &w.extensions,
+        ignore: &w.ignore_set,
+    }
+}
+
+struct State {
+    cfg: Arc<Config>,
+    queue: Queue,
+    wake: Arc<Notify>,
+    candidates: HashMap<PathBuf, Candidate>,
+    /// Roots with a live watch.
+    watched: Vec<PathBuf>,
+    /// Roots that do not exist (yet).
+    missing: Vec<PathBuf>,
+    /// Roots that exist but could not be watched (inotify limit): polled.
+    polled: Vec<PathBuf>,
+    cancel: CancellationToken,
+}
+
+pub async fn run(
+    cfg: Arc<Config>,
+    queue: Queue,
+    wake: Arc<Notify>,
+    cancel: CancellationToken,
+    ready: oneshot::Sender<()>,
+) -> anyhow::Result<()> {
+    let (tx, mut rx) = mpsc::channel::<notify::Result<notify::Event>>(EVENT_CHANNEL);
+    let overflow = Arc::new(AtomicBool::new(false));
+    let overflow_wake = Arc::new(Notify::new());
+    let mut watcher = {
+        let overflow = overflow.clone();
+        let overflow_wake = overflow_wake.clone();
+        notify::recommended_watcher(move |res| {
+            if tx.try_send(res).is_err() {
+                overflow.store(true, Ordering::Relaxed);
+                overflow_wake.notify_one();
+            }
+        })?
+    };
+
+    let mut st = State {
+        cfg: cfg.clone(),
+        queue,
+        wake,
+        candidates: HashMap::new(),
+        watched: Vec::new(),
+        missing: Vec::new(),
+        polled: Vec::new(),
+        cancel: cancel.clone(),
+    };
+    for root in &cfg.watch.paths {
+        st.add_root(&mut watcher, root.clone());
+    }
+    st.rescan_all().await;
+    st.evaluate().await;
+    let _ = ready.send(());
+
+    let rescan_every = nonzero(cfg.watch.rescan_interval);
+    let poll_every = nonzero(cfg.watch.poll_interval);
+    let mut next_rescan = rescan_every.map(|d| tokio::time::Instant::now() + d);
+    let mut next_poll = poll_every.map(|d| tokio::time::Instant::now() + d);
+    let mut next_root_check = tokio::time::Instant::now() + ROOT_CHECK;
+    let mut next_fallback_poll = tokio::time::Instant::now() + FALLBACK_POLL;
+
+    loop {
+        let next_eval = st
+            .candidates
+            .values()
+            .map(|c| c.next_check_ms)
+            .min()
+            .map(|t| {
+                tokio::time::Instant::now()
+                    + Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64)
+            });
+        let mut wake_at = next_root_check;
+        for t in [next_eval, next_rescan, next_poll].into_iter().flatten() {
+            wake_at = wake_at.min(t);
+        }
+        if !st.polled.is_empty() {
+            wake_at = wake_at.min(next_fallback_poll);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                st.on_event(ev).await;
+                // Drain what is already there before evaluating: one batch per burst.
+                while let Ok(ev) = rx.try_recv() {
+                    st.on_event(ev).await;
+                }
+            }
+            _ = overflow_wake.notified() => {}
+            _ = tokio::time::sleep_until(wake_at) => {}
+        }
+        if overflow.swap(false, Ordering::Relaxed) {
+            warn!("file event queue overflowed (a burst of files); rescanning every watched folder so nothing is missed");
+            // Events still queued are stale now; the rescan sees the current truth.
+            while rx.try_recv().is_ok() {}
+            st.rescan_all().await;
+        }
+        let now = tokio::time::Instant::now();
+        if next_rescan.is_some_and(|t| t <= now) {
+            debug!("periodic rescan (watch.rescan_interval)");
+            st.rescan_all().await;
+            next_rescan = rescan_every.map(|d| now + d);
+        }
+        if next_poll.is_some_and(|t| t <= now) {
+            st.rescan_all().await;
+            next_poll = poll_every.map(|d| now + d);
+        }
+        if !st.polled.is_empty() && next_fallback_poll <= now {
+            for root in st.polled.clone() {
+                st.rescan(&root).await;
+            }
+            next_fallback_poll = now + FALLBACK_POLL;
+        }
+        if next_root_check <= now {
+            st.check_roots(&mut watcher).await;
+            next_root_check = now + ROOT_CHECK;
+        }
+        st.evaluate().await;
+    }
+    Ok(())
+}
+
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+impl State {
+    fn roots(&self) -> Vec<PathBuf> {
+        self.watched.iter().chain(&self.polled).cloned().collect()
+    }
+
+    fn add_root(&mut self, watcher: &mut notify::RecommendedWatcher, root: PathBuf) {
+        if !root.is_dir() {
+            warn!(path = %root.display(), "watched folder does not exist (yet) or is not a folder; waiting for it (checked every {}s)", ROOT_CHECK.as_secs());
+            self.missing.push(root);
+            return;
+        }
+        let mode = if self.cfg.watch.recursive {
+            RecursiveMode::Recursive
+        } else {
+            RecursiveMode::NonRecursive
+        };
+        match watcher.watch(&root, mode) {
+            Ok(()) => {
+                info!(path = %root.display(), "watching");
+                self.watched.push(root);
+            }
+            Err(e) => {
+                if matches!(e.kind, notify::ErrorKind::MaxFilesWatch)
+                    || e.to_string().contains("No space left")
+                {
+                    error!(path = %root.display(), "out of inotify watches: raise the limit, e.g. `sysctl fs.inotify.max_user_watches=524288` (and persist it in /etc/sysctl.d/). Until then this folder is polled every {}s", FALLBACK_POLL.as_secs());
+                } else {
+                    error!(path = %root.display(), error = %e, "cannot watch folder; polling it every {}s instead", FALLBACK_POLL.as_secs());
+                }
+                let _ = watcher.unwatch(&root);
+                self.polled.push(root);
+            }
+        }
+    }
+
+    async fn check_roots(&mut self, watcher: &mut notify::RecommendedWatcher) {
+        // Folders that vanished: stop watching, wait for them to return.
+        let mut gone = Vec::new();
+        self.watched.retain(|r| {
+            let ok = r.is_dir();
+            if !ok {
+                gone.push(r.clone());
+            }
+            ok
+        });
+        self.polled.retain(|r| {
+            let ok = r.is_dir();
+            if !ok {
+                gone.push(r.clone());
+            }
+            ok
+        });
+        for r in gone {
+            warn!(path = %r.display(), "watched folder disappeared; waiting for it to come back");
+            let _ = watcher.unwatch(&r);
+            self.candidates.retain(|p, _| !p.starts_with(&r));
+            self.missing.push(r);
+        }
+        let missing = std::mem::take(&mut self.missing);
+        for r in missing {
+            if r.is_dir() {
+                info!(path = %r.display(), "watched folder is there now");
+                self.add_root(watcher, r.clone());
+                if !self.missing.contains(&r) {
+                    self.rescan(&r).await;
+                }
+            } else {
+                self.missing.push(r);
+            }
+        }
+    }
+
+    async fn rescan_all(&mut self) {
+        for root in self.roots() {
+            self.rescan(&root).await;
+        }
+    }
+
+    /// Walks a folder (off the async threads) and observes every recording in it.
+    async fn rescan(&mut self, dir: &Path) {
+        let Some(root) = root_of(&self.roots(), dir, self.cfg.watch.recursive)
+            .cloned()
+            .or_else(|| self.roots().into_iter().find(|r| r == dir))
+        else {
+            return;
+        };
+        let recursive = self.cfg.watch.recursive;
+        let cfg = self.cfg.clone();
+        let dir = dir.to_path_buf();
+        let root2 = root.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let rules = name_rules(&cfg.watch);
+            let mut out = Vec::new();
+            let walk = walkdir::WalkDir::new(&dir)
+                .follow_links(false)
+                .max_depth(if recursive { usize::MAX } else { 1 });
+            for entry in walk.into_iter().filter_entry(|e| {
+                // Skip ignored folders (rsync's hidden temp dirs) without descending into them.
+                e.depth() == 0
+                    || !e.file_type().is_dir()
+                    || e
+                        .path()
+                        .strip_prefix(&root2)
+                        .map(|rel| !rules.ignore.is_match(rel.file_name().unwrap_or_default()))
+                        .unwrap_or(true)
+            }) {
+                let entry = match entry {
+                    Ok(e) => e,
+                    Err(e) => {
+                        debug!(error = %e, "scan: skipping an entry");
+                        continue;
+                    }
+                };
+                if !entry.file_type().is_file() {
+                    continue;
+                }
+                let Ok(rel) = entry.path().strip_prefix(&root2) else { continue };
+                if rules.check(rel).is_err() {
+                    continue;
+                }
+                if let Ok(meta) = entry.metadata() {
+                    out.push((entry.path().to_path_buf(), stat_of(&meta)));
+                }
+            }
+            out
+        })
+        .await
+        .unwrap_or_default();
+        let now = now_ms();
+        for (path, stat) in found {
+            self.observe(path, root.clone(), stat, now);
+        }
+    }
+
+    fn observe(&mut self, path: PathBuf, root: PathBuf, stat: Stat, now: i64) {
+        let prev = self.candidates.get(&path).map(|c| c.obs);
+        let obs = observe(prev.as_ref(), stat, now);
+        if prev.is_some_and(|p| p.stat != stat) {
+            debug!(path = %path.display(), size = stat.size, "still being written");
+        }
+        self.candidates.insert(
+            path,
+            Candidate {
+                root,
+                obs,
+                observed_at_ms: now,
+                next_check_ms: now,
+            },
+        );
+    }
+
+    async fn on_event(&mut self, ev: notify::Result<notify::Event>) {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                warn!(error = %e, "file watch error; rescanning");
+                self.rescan_all().await;
+                return;
+            }
+        };
+        if ev.need_rescan() {
+            warn!("the kernel dropped file events; rescanning every watched folder");
+            self.rescan_all().await;
+            return;
+        }
+        if matches!(ev.kind, EventKind::Access(notify::event::AccessKind::Open(_))) {
+            return;
+        }
+        let roots = self.roots();
+        let recursive = self.cfg.watch.recursive;
+        for path in ev.paths {
+            let Some(root) = root_of(&roots, &path, recursive).cloned() else {
+                continue;
+            };
+            match std::fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_dir() => {
+                    if recursive {
+                        // A new folder (e.g. today's date folder): files may have landed in it
+                        // before its watch existed, so look inside now.
+                        self.rescan(&path).await;
+                    }
+                }
+                Ok(meta) if meta.is_file() => {
+                    let Ok(rel) = path.strip_prefix(&root) else { continue };
+                    if name_rules(&self.cfg.watch).check(rel).is_err() {
+                        continue;
+                    }
+                    self.observe(path, root, stat_of(&meta), now_ms());
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    // Gone (renamed away, deleted): forget it and anything below it.
+                    if self.candidates.remove(&path).is_none() {
+                        self.candidates.retain(|p, _| !p.starts_with(&path));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides every candidate that is due, and queues the complete ones.
+    async fn evaluate(&mut self) {
+        let now = now_ms();
+        let settle = self.cfg.watch.settle;
+        let mut complete: Vec<NewJob> = Vec::new();
+        let due: Vec<PathBuf> = self
+            .candidates
+            .iter()
+            .filter(|(_, c)| c.next_check_ms <= now)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in due {
+            let Some(mut c) = self.candidates.get(&path).cloned() else { continue };
+            if decide(&c.obs, now, settle) == Decision::Complete
+                && now - c.observed_at_ms > RESTAT_AFTER_MS
+            {
+                // Confirm with a fresh look before declaring it complete.
+                match std::fs::symlink_metadata(&path) {
+                    Ok(meta) if meta.is_file() => {
+                        c.obs = observe(Some(&c.obs), stat_of(&meta), now);
+                        c.observed_at_ms = now;
+                    }
+                    _ => {
+                        self.candidates.remove(&path);
+                        continue;
+                    }
+                }
+            }
+            match decide(&c.obs, now, settle) {
+                Decision::Complete => {
+                    self.candidates.remove(&path);
+                    complete.push(NewJob {
+                        path,
+                        root: c.root,
+                        size: c.obs.stat.size,
+                        mtime_ns: c.obs.stat.mtime_ns,
+                        dev: c.obs.stat.dev,
+                        ino: c.obs.stat.ino,
+                    });
+                }
+                Decision::NotYet(d) => {
+                    c.next_check_ms = now + ms(d).max(1);
+                    self.candidates.insert(path, c);
+                }
+                Decision::Reject(why) => {
+                    debug!(path = %path.display(), reason = %why, "not queued");
+                    self.candidates.remove(&path);
+                }
+            }
+        }
+        for chunk in complete.chunks(ENQUEUE_BATCH) {
+            self.enqueue(chunk).await;
+        }
+    }
+
+    async fn enqueue(&mut self, jobs: &[NewJob]) {
+        loop {
+            match self.queue.enqueue(jobs, now_ms()).await {
+                Ok(results) => {
+                    let mut new = 0;
+                    for (j, r) in jobs.iter().zip(results) {
+                        if let Enqueued::New { id, supersedes } = r {
+                            new += 1;
+                            match supersedes {
+                                Some(old) => info!(job_id = id, path = %j.path.display(), size = j.size, previous_job = old,
+                                    "file changed since it was last queued: queued as a new version"),
+                                None => info!(job_id = id, path = %j.path.display(), size = j.size, "queued"),
+                            }
+                        }
+                    }
+                    if new > 0 {
+                        self.wake.notify_waiters();
+                    }
+                    return;
+                }
+                Err(e) => {
+                    // Keep the batch: a full disk must not lose the discovery. Retry until it works.
+                    error!(error = %e, files = jobs.len(), "cannot queue complete files; retrying in 1s");
+                    tokio::select! {
+                        // Not lost on shutdown: the startup scan finds them again.
+                        _ = self.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_of_picks_the_longest_match() {
+        let roots = vec![PathBuf::from("/a"), PathBuf::from("/a/b")];
+        assert_eq!(root_of(&roots, Path::new("/a/b/c.wav"), true), Some(&roots[1]));
+        assert_eq!(root_of(&roots, Path::new("/a/x/c.wav"), true), Some(&roots[0]));
+        assert_eq!(root_of(&roots, Path::new("/z/c.wav"), true), None);
+        assert_eq!(root_of(&roots, Path::new("/a"), true), None);
+        assert_eq!(root_of(&roots, Path::new("/a/x/c.wav"), false), None);
+        assert_eq!(root_of(&roots, Path::new("/a/c.wav"), false), Some(&roots[0]));
+    }
+}
+
+/// The checks a watched file gets, for a file named by hand (`callferry enqueue`).
+pub fn check_file(cfg: &Config, path: &Path, now: i64) -> Result<NewJob, String> {
+    let abs = std::fs::canonicalize(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "does not exist".to_string(),
+        _ => format!("cannot access: {e}"),
+    })?;
+    let meta = std::fs::metadata(&abs).map_err(|e| format!("cannot access: {e}"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let root = root_of(&cfg.watch.paths, &abs, cfg.watch.recursive)
+        .cloned()
+        .or_else(|| abs.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let rel = abs.strip_prefix(&root).unwrap_or(&abs);
+    match name_rules(&cfg.watch).check(rel) {
+        Ok(()) => {}
+        Err(crate::stability::NameSkip::Extension) => {
+            return Err(format!(
+                "its extension is not one of watch.extensions ({})",
+                cfg.watch.extensions.join(", ")
+            ));
+        }
+        Err(crate::stability::NameSkip::Ignored) => {
+            return Err(format!(
+                "it matches a watch.ignore pattern ({})",
+                cfg.watch.ignore.join(", ")
+            ));
+        }
+    }
+    std::fs::File::open(&abs).map_err(|e| format!("cannot be read: {e}"))?;
+    let stat = stat_of(&meta);
+    let obs = observe(None, stat, now);
+    match decide(&obs, now, cfg.watch.settle) {
+        Decision::Complete => Ok(NewJob {
+            path: abs,
+            root,
+            size: stat.size,
+            mtime_ns: stat.mtime_ns,
+            dev: stat.dev,
+            ino: stat.ino,
+        }),
+        Decision::NotYet(_) => Err(format!(
+            "it is still being written (modified less than watch.settle = {} ago); try again later",
+            humantime::format_duration(cfg.watch.settle)
+        )),
+        Decision::Reject(why) => Err(why),
+    }
+}

@@ -1,0 +1,392 @@
+//! Owns a worker's loop: claim a due job, declare it (once), upload it, record the outcome, and
+//! carry out the after-upload action. Maps every API failure's class onto a queue transition.
+//!
+//! Ordering is the whole point here: the interaction id is committed before the upload starts, the
+//! uploaded state is committed before the file is moved or deleted, and nothing is held in a
+//! transaction while the network is in use.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::api::{ApiClient, ApiError, DeclareRequest, ErrorClass};
+use crate::clock::{ms, now_ms};
+use crate::config::{AfterUploadAction, Config};
+use crate::gate::Gate;
+use crate::queue::{Job, Queue, QueueError, State};
+use crate::retry::{Backoff, give_up};
+
+/// How long an idle worker sleeps at most before looking at the queue again, so jobs another
+/// process made due (`callferry retry`, `enqueue`) are picked up without a restart.
+pub const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// Everything the workers share.
+pub struct Pipeline {
+    pub cfg: Arc<Config>,
+    pub queue: Queue,
+    pub api: ApiClient,
+    pub gate: Arc<Gate>,
+    /// Wakes idle workers when new work was queued in-process.
+    pub wake: Arc<Notify>,
+    /// Fired on SIGTERM: stop claiming new jobs.
+    pub stop_claiming: CancellationToken,
+    /// Fired when the shutdown grace is over: abandon in-flight requests (jobs go back to waiting).
+    pub abort: CancellationToken,
+}
+
+impl Pipeline {
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            initial: self.cfg.upload.backoff_initial,
+            max: self.cfg.upload.backoff_max,
+        }
+    }
+
+    pub async fn run_worker(self: Arc<Self>, n: usize) {
+        debug!(worker = n, "worker started");
+        loop {
+            if self.stop_claiming.is_cancelled() || !self.gate.wait_open(&self.stop_claiming).await
+            {
+                break;
+            }
+            match self.queue.claim(now_ms()).await {
+                Ok(Some(job)) => {
+                    self.storage_recovered().await;
+                    let id = job.id;
+                    let span = info_span!("job", job_id = job.id, path = %job.path,
+                        interaction_id = job.interaction_id.as_deref().unwrap_or(""),
+                        attempt = job.attempts + 1);
+                    tokio::select! {
+                        _ = self.process(job).instrument(span.clone()) => {}
+                        _ = self.abort.cancelled() => {
+                            self.put_back(id).instrument(span).await;
+                        }
+                    }
+                }
+                Ok(None) => self.idle().await,
+                Err(e) => self.storage_error(&e).await,
+            }
+        }
+        debug!(worker = n, "worker stopped");
+    }
+
+    async fn idle(&self) {
+        let wait = match self.queue.next_due().await {
+            Ok(Some(due)) => Duration::from_millis((due - now_ms()).clamp(0, ms(IDLE_POLL)) as u64),
+            _ => IDLE_POLL,
+        };
+        tokio::select! {
+            _ = self.stop_claiming.cancelled() => {}
+            _ = self.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+
+    async fn storage_error(&self, e: &QueueError) {
+        if e.is_disk_full() {
+            if self.gate.pause_storage(e.to_string()) {
+                error!(error = %e, "queue database cannot be written: disk full? Uploads pause; every job is kept and work resumes by itself when space is freed");
+            }
+        } else {
+            error!(error = %e, "queue database error; retrying in 1s");
+        }
+        tokio::select! {
+            _ = self.stop_claiming.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+
+    async fn storage_recovered(&self) {
+        if self.gate.storage_ok() {
+            info!("queue database writable again; uploads resume");
+        }
+    }
+
+    /// After an abort mid-request: the job goes back to waiting, without counting an attempt.
+    async fn put_back(&self, id: i64) {
+        match self.queue.get(id).await {
+            Ok(Some(job)) if matches!(job.state, State::Declaring | State::Uploading) => {
+                if let Err(e) = self.queue.reschedule(&job, None, now_ms(), false, now_ms()).await {
+                    warn!(error = %e, "could not put the job back; it will be recovered at the next start");
+                } else {
+                    info!("shutdown grace over: in-flight upload abandoned, job kept for the next start");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn process(&self, mut job: Job) {
+        let path = PathBuf::from(&job.path);
+
+        // The version we queued must still be the one on disk.
+        match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let msg = "file vanished before upload (deleted or moved away)";
+                warn!("{msg}");
+                self.record(self.queue.fail(&job, msg, now_ms()).await);
+                return;
+            }
+            Err(e) => {
+                let err = ApiError::Local(format!("cannot read {}: {e}", path.display()));
+                self.on_error(&job, err).await;
+                return;
+            }
+            Ok(meta) => {
+                use std::os::unix::fs::MetadataExt;
+                let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
+                if meta.len() != job.size || mtime_ns != job.mtime_ns {
+                    let msg = format!(
+                        "file changed after it was queued (size {} -> {}); this version is gone, \
+                         the new version is queued on its own",
+                        job.size,
+                        meta.len()
+                    );
+                    warn!("{msg}");
+                    self.record(self.queue.fail(&job, &msg, now_ms()).await);
+                    return;
+                }
+            }
+        }
+
+        if job.state == State::Declaring {
+            let req = self.declare_request(&job, &path);
+            match self.api.declare(&req).await {
+                Ok(iid) => {
+                    self.api_ok();
+                    // Committed before the upload starts: a crash from here on never declares again.
+                    if let Err(e) = self.queue.mark_declared(job.id, &iid, now_ms()).await {
+                        // The interaction exists but we could not record it; the job stays
+                        // `declaring` and is declared again after recovery. Say so loudly.
+                        error!(interaction_id = %iid, error = %e, "declared but could not record the interaction id");
+                        self.storage_error(&e).await;
+                        return;
+                    }
+                    tracing::Span::current().record("interaction_id", iid.as_str());
+                    info!(interaction_id = %iid, "declared");
+                    job.interaction_id = Some(iid);
+                    job.state = State::Uploading;
+                }
+                Err(e) => {
+                    self.on_error(&job, e).await;
+                    return;
+                }
+            }
+        }
+
+        let Some(iid) = job.interaction_id.clone() else {
+            // Cannot happen with the queue's CHECKs and transitions; fail loudly rather than guess.
+            self.record(
+                self.queue
+                    .fail(&job, "internal: uploading job without an interaction id", now_ms())
+                    .await,
+            );
+            return;
+        };
+        let started = std::time::Instant::now();
+        match self.api.upload(&iid, &path, job.size).await {
+            Ok(outcome) => {
+                self.api_ok();
+                let status = outcome.status();
+                if status == 409 {
+                    info!(interaction_id = %iid, "upload answered 409: the service already has this audio (an earlier attempt got through); counted as uploaded");
+                } else {
+                    let secs = started.elapsed().as_secs_f64();
+                    info!(interaction_id = %iid, bytes = job.size, seconds = secs, "uploaded");
+                }
+                match self.queue.mark_uploaded(job.id, status, now_ms()).await {
+                    Ok(()) => {
+                        job.state = State::Uploaded;
+                        self.after_upload(&job).await;
+                    }
+                    Err(e) => self.storage_error(&e).await,
+                }
+            }
+            Err(e) => self.on_error(&job, e).await,
+        }
+    }
+
+    fn declare_request(&self, job: &Job, path: &Path) -> DeclareRequest {
+        let d = &self.cfg.declare;
+        DeclareRequest {
+            kind: "audio".into(),
+            language_tag: d.language_tag.clone(),
+            vertical: d.vertical.clone(),
+            audio_transcription_mode: d.transcription_mode.clone(),
+            model: d.model.clone(),
+            include_ai_results: d.include_ai_results,
+            original_filename: path.file_name().map(|n| n.to_string_lossy().into_owned()),
+            external_identifier: Some(format!("callferry-{}-{}", job.id, job.mtime_ns)),
+        }
+    }
+
+    fn api_ok(&self) {
+        if let Some(p) = self.gate.success() {
+            info!(was = %p.reason(), "API reachable and token accepted again; uploads resume");
+        }
+    }
+
+    /// Maps a failure onto the job's next state.
+    async fn on_error(&self, job: &Job, err: ApiError) {
+        let now = now_ms();
+        let unit: f64 = rand::random();
+        let msg = err.to_string();
+        match err.class() {
+            ErrorClass::Auth => {
+                if self.gate.pause_auth(msg.clone()) {
+                    error!(error = %msg, "the API rejected the token: ALL uploads are paused and every job is kept. Fix api.token_file (it is re-read) — work resumes by itself, no restart needed");
+                }
+                self.record(self.queue.reschedule(job, Some(&msg), now, false, now).await);
+            }
+            ErrorClass::Unreachable => {
+                if let Some(d) = self.gate.outage(msg.clone(), unit) {
+                    warn!(error = %msg, retry_in = ?d, "API unreachable; all workers hold back (attempts are not counted during an outage)");
+                }
+                self.record(self.queue.reschedule(job, Some(&msg), now, false, now).await);
+            }
+            ErrorClass::RateLimited(retry_after) => {
+                let d = self.backoff().next_delay(1, unit, retry_after);
+                warn!(error = %msg, wait = ?d, "API asks us to slow down; all workers hold back");
+                self.gate.hold(d);
+                self.record(
+                    self.queue
+                        .reschedule(job, Some(&msg), now + ms(d), false, now)
+                        .await,
+                );
+            }
+            ErrorClass::Rejected => {
+                warn!(error = %msg, "the API refused this file; job failed (`callferry retry {}` after fixing it)", job.id);
+                self.record(self.queue.fail(job, &msg, now).await);
+            }
+            ErrorClass::Transient => {
+                let attempts = job.attempts + 1;
+                let age = Duration::from_millis((now - job.created_at).max(0) as u64);
+                if let Some(why) = give_up(
+                    attempts,
+                    self.cfg.upload.max_attempts,
+                    age,
+                    self.cfg.upload.max_age,
+                ) {
+                    let full = format!("{msg}; {why}");
+                    error!(error = %full, "job failed");
+                    self.record(self.queue.fail(job, &full, now).await);
+                } else {
+                    let d = self.backoff().delay(attempts, unit);
+                    warn!(error = %msg, attempt = attempts, retry_in = ?d, "will retry");
+                    self.record(
+                        self.queue
+                            .reschedule(job, Some(&msg), now + ms(d), true, now)
+                            .await,
+                    );
+                }
+            }
+        }
+    }
+
+    fn record(&self, r: Result<(), QueueError>) {
+        if let Err(e) = r {
+            // The job stays in its in-flight state and is recovered at the next start.
+            error!(error = %e, "could not record the job's outcome in the queue");
+        }
+    }
+
+    /// Moves or deletes the recording once its upload is committed. Idempotent: safe to run again
+    /// after a crash between the commit and the file operation.
+    pub async fn after_upload(&self, job: &Job) {
+        let action = self.cfg.after_upload.action;
+        if action == AfterUploadAction::Keep {
+            return;
+        }
+        let path = PathBuf::from(&job.path);
+        let result = match action {
+            AfterUploadAction::Delete => dispose_delete(&path, job),
+            AfterUploadAction::Move => {
+                let dest_root = self.cfg.after_upload.move_to.clone().unwrap_or_default();
+                let rel = path.strip_prefix(&job.root).unwrap_or(Path::new(
+                    path.file_name().unwrap_or_default(),
+                ));
+                let dest = dest_root.join(rel);
+                let (p, j) = (path.clone(), job.clone());
+                tokio::task::spawn_blocking(move || dispose_move(&p, &dest, &j))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("move task failed: {e}")))
+            }
+            AfterUploadAction::Keep => unreachable!(),
+        };
+        match result {
+            Ok(what) => {
+                info!(action = %what, "after-upload action done");
+                self.record(self.queue.mark_disposed(job.id, &what, now_ms()).await);
+            }
+            Err(e) => {
+                // The job is uploaded; only the tidy-up failed. It is tried again at the next start.
+                warn!(error = %e, "after-upload action failed; the recording stays where it is");
+            }
+        }
+    }
+}
+
+fn same_version(meta: &std::fs::Metadata, job: &Job) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    meta.len() == job.size && meta.mtime() * 1_000_000_000 + meta.mtime_nsec() == job.mtime_ns
+}
+
+fn dispose_delete(path: &Path, job: &Job) -> Result<String, String> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("deleted (already gone)".into()),
+        Err(e) => Err(format!("cannot stat {}: {e}", path.display())),
+        Ok(m) if !same_version(&m, job) => {
+            Ok("kept: the file changed after upload (a new version)".into())
+        }
+        Ok(_) => std::fs::remove_file(path)
+            .map(|_| "deleted".to_string())
+            .map_err(|e| format!("cannot delete {}: {e}", path.display())),
+    }
+}
+
+fn dispose_move(src: &Path, dest: &Path, job: &Job) -> Result<String, String> {
+    let done = format!("moved to {}", dest.display());
+    match std::fs::metadata(src) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return if dest.exists() {
+                Ok(done)
+            } else {
+                Err(format!(
+                    "{} is gone and {} does not exist",
+                    src.display(),
+                    dest.display()
+                ))
+            };
+        }
+        Err(e) => return Err(format!("cannot stat {}: {e}", src.display())),
+        Ok(m) if !same_version(&m, job) => {
+            return Ok("kept: the file changed after upload (a new version)".into());
+        }
+        Ok(_) => {}
+    }
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    match std::fs::rename(src, dest) {
+        Ok(()) => return Ok(done),
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+        Err(e) => return Err(format!("cannot move {} to {}: {e}", src.display(), dest.display())),
+    }
+    // Across filesystems: copy to a temporary name beside the destination, flush, rename into
+    // place, then remove the source. A crash at any point leaves the source intact.
+    let dir = dest.parent().unwrap_or(Path::new("/"));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".callferry-move-")
+        .tempfile_in(dir)
+        .map_err(|e| format!("cannot create a temporary file in {}: {e}", dir.display()))?;
+    let mut input = std::fs::File::open(src).map_err(|e| format!("cannot open {}: {e}", src.display()))?;
+    std::io::copy(&mut input, tmp.as_file_mut()).map_err(|e| format!("copy failed: {e}"))?;
+    tmp.as_file().sync_all().map_err(|e| format!("fsync failed: {e}"))?;
+    tmp.persist(dest).map_err(|e| format!("cannot rename into place: {e}"))?;
+    std::fs::remove_file(src).map_err(|e| format!("copied, but cannot remove {}: {e}", src.display()))?;
+    Ok(done)
+}
