@@ -66,7 +66,11 @@ pub enum ApiError {
 impl ApiError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            ApiError::Status { status, retry_after, .. } => match *status {
+            ApiError::Status {
+                status,
+                retry_after,
+                ..
+            } => match *status {
                 401 | 403 => ErrorClass::Auth,
                 429 => ErrorClass::RateLimited(*retry_after),
                 400 | 404 | 405 | 413 | 415 | 422 => ErrorClass::Rejected,
@@ -315,7 +319,12 @@ impl ApiClient {
     /// `POST /interactions/{id}/upload`: streams exactly `size` bytes of `path` as the single
     /// multipart part, whose field name and filename are the file's base name. Memory use does not
     /// depend on the file's size.
-    pub async fn upload(&self, id: &str, path: &Path, size: u64) -> Result<UploadOutcome, ApiError> {
+    pub async fn upload(
+        &self,
+        id: &str,
+        path: &Path,
+        size: u64,
+    ) -> Result<UploadOutcome, ApiError> {
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -346,13 +355,11 @@ impl ApiClient {
                 Ok::<_, std::io::Error>(chunk)
             }
         });
-        let part = reqwest::multipart::Part::stream_with_length(
-            reqwest::Body::wrap_stream(stream),
-            size,
-        )
-        .file_name(name.clone())
-        .mime_str("application/octet-stream")
-        .map_err(|e| ApiError::Protocol(e.to_string()))?;
+        let part =
+            reqwest::multipart::Part::stream_with_length(reqwest::Body::wrap_stream(stream), size)
+                .file_name(name.clone())
+                .mime_str("application/octet-stream")
+                .map_err(|e| ApiError::Protocol(e.to_string()))?;
         let form = reqwest::multipart::Form::new().part(name, part);
         let url = self.url(&format!("interactions/{id}/upload"));
         self.guarded(&progress, async {
@@ -390,7 +397,10 @@ impl ApiClient {
     pub async fn status(&self, id: &str) -> Result<InteractionStatus, ApiError> {
         let body = self.get_json(&format!("interactions/{id}/status")).await?;
         serde_json::from_slice(&body).map_err(|e| {
-            ApiError::Protocol(format!("status answer is not the expected JSON ({e}): {}", snippet(&body)))
+            ApiError::Protocol(format!(
+                "status answer is not the expected JSON ({e}): {}",
+                snippet(&body)
+            ))
         })
     }
 
@@ -425,10 +435,7 @@ impl ApiClient {
     /// A cheap authenticated call to learn whether the token is accepted now: the status of an
     /// interaction that cannot exist. 401/403 means no; any other answer means the token passed.
     pub async fn probe_auth(&self) -> Result<(), ApiError> {
-        match self
-            .status("00000000-0000-0000-0000-000000000000")
-            .await
-        {
+        match self.status("00000000-0000-0000-0000-000000000000").await {
             Ok(_) => Ok(()),
             Err(e) if e.class() == ErrorClass::Auth => Err(e),
             Err(e @ (ApiError::Unreachable(_) | ApiError::Transport(_) | ApiError::Stalled(_))) => {
@@ -545,14 +552,23 @@ mod tests {
             ApiError::Unreachable("refused".into()).class(),
             ErrorClass::Unreachable
         );
-        assert_eq!(ApiError::Transport("reset".into()).class(), ErrorClass::Transient);
+        assert_eq!(
+            ApiError::Transport("reset".into()).class(),
+            ErrorClass::Transient
+        );
     }
 
     #[test]
     fn bodies_are_described_for_people() {
-        assert_eq!(describe_body(br#"{"message":"File too large"}"#, false), "File too large");
         assert_eq!(
-            describe_body(b"<html><head><title>502 Bad Gateway</title></head></html>", true),
+            describe_body(br#"{"message":"File too large"}"#, false),
+            "File too large"
+        );
+        assert_eq!(
+            describe_body(
+                b"<html><head><title>502 Bad Gateway</title></head></html>",
+                true
+            ),
             "HTML error page \"502 Bad Gateway\""
         );
         assert_eq!(describe_body(b"", false), "");

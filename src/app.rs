@@ -33,9 +33,7 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Queue(#[from] QueueError),
-    #[error(
-        "another callferry daemon is already running on {0} (its lock is held); stop it first"
-    )]
+    #[error("another callferry daemon is already running on {0} (its lock is held); stop it first")]
     Locked(PathBuf),
     #[error("{0}")]
     Other(String),
@@ -73,7 +71,9 @@ impl DaemonLock {
             .write(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| AppError::Other(format!("cannot open lock file {}: {e}", path.display())))?;
+            .map_err(|e| {
+                AppError::Other(format!("cannot open lock file {}: {e}", path.display()))
+            })?;
         // SAFETY: flock on a file descriptor we own; no memory is involved.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
@@ -152,11 +152,21 @@ pub async fn run(
 
     let background = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    tasks.spawn(persist_pause(gate.clone(), queue.clone(), background.clone()));
-    tasks.spawn(auth_recheck(cfg.clone(), api.clone(), gate.clone(), background.clone()));
+    tasks.spawn(persist_pause(
+        gate.clone(),
+        queue.clone(),
+        background.clone(),
+    ));
+    tasks.spawn(auth_recheck(
+        cfg.clone(),
+        api.clone(),
+        gate.clone(),
+        background.clone(),
+    ));
     let (ready_tx, ready_rx) = oneshot::channel();
     {
-        let (cfg, queue, wake, cancel) = (cfg.clone(), queue.clone(), wake.clone(), background.clone());
+        let (cfg, queue, wake, cancel) =
+            (cfg.clone(), queue.clone(), wake.clone(), background.clone());
         tasks.spawn(async move {
             if let Err(e) = crate::watcher::run(cfg, queue, wake, cancel, ready_tx).await {
                 error!(error = %e, "the folder watcher stopped; files are no longer discovered until restart");
@@ -220,7 +230,10 @@ async fn persist_pause(gate: Arc<Gate>, queue: Queue, cancel: CancellationToken)
     loop {
         let reason = rx.borrow_and_update().pause.as_ref().map(|p| p.reason());
         if reason != last {
-            if let Err(e) = queue.set_daemon_state(PAUSE_KEY, reason.as_deref(), now_ms()).await {
+            if let Err(e) = queue
+                .set_daemon_state(PAUSE_KEY, reason.as_deref(), now_ms())
+                .await
+            {
                 warn!(error = %e, "cannot record the pause state for `status`");
             }
             last = reason;
@@ -234,10 +247,18 @@ async fn persist_pause(gate: Arc<Gate>, queue: Queue, cancel: CancellationToken)
 
 /// While paused by a 401: re-read the token (the operator may have fixed the file) and try one cheap
 /// authenticated call every `api.pause_recheck`; resume on success.
-async fn auth_recheck(cfg: Arc<Config>, api: ApiClient, gate: Arc<Gate>, cancel: CancellationToken) {
+async fn auth_recheck(
+    cfg: Arc<Config>,
+    api: ApiClient,
+    gate: Arc<Gate>,
+    cancel: CancellationToken,
+) {
     let mut rx = gate.subscribe();
     loop {
-        let paused = matches!(rx.borrow_and_update().pause, Some(crate::gate::Pause::Auth(_)));
+        let paused = matches!(
+            rx.borrow_and_update().pause,
+            Some(crate::gate::Pause::Auth(_))
+        );
         if paused {
             tokio::select! {
                 _ = cancel.cancelled() => return,

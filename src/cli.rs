@@ -229,7 +229,10 @@ async fn run_tool(command: Command, cfg: Config) -> Result<i32, AppError> {
             let q = Queue::open(&db, OpenMode::Existing).await?;
             let report = status::gather(&q, &db).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
             } else {
                 print!("{}", status::render_text(&report));
             }
@@ -285,7 +288,10 @@ async fn enqueue(cfg: &Config, files: &[PathBuf]) -> Result<i32, AppError> {
         match crate::watcher::check_file(cfg, f, now_ms()) {
             Ok(job) => match q.enqueue(std::slice::from_ref(&job), now_ms()).await?[0] {
                 Enqueued::New { id, .. } => println!("queued   #{id} {}", job.path.display()),
-                Enqueued::Known => println!("known    {} (this version is already queued)", job.path.display()),
+                Enqueued::Known => println!(
+                    "known    {} (this version is already queued)",
+                    job.path.display()
+                ),
             },
             Err(why) => {
                 eprintln!("skipped  {}: {why}", f.display());
@@ -325,7 +331,10 @@ async fn check_config(cfg: &Config, online: bool) -> Result<i32, AppError> {
             Ok(_) => say(Some(true), format!("watch path {} readable", p.display())),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => say(
                 None,
-                format!("watch path {} does not exist (yet); the daemon waits for it", p.display()),
+                format!(
+                    "watch path {} does not exist (yet); the daemon waits for it",
+                    p.display()
+                ),
             ),
             Err(e) => say(Some(false), format!("watch path {}: {e}", p.display())),
         }
@@ -334,7 +343,10 @@ async fn check_config(cfg: &Config, online: bool) -> Result<i32, AppError> {
     if db.exists() {
         match Queue::open(db, OpenMode::Existing).await {
             Ok(q) => {
-                say(Some(true), format!("queue database {} usable", db.display()));
+                say(
+                    Some(true),
+                    format!("queue database {} usable", db.display()),
+                );
                 q.close().await;
             }
             Err(e) => say(Some(false), e.to_string()),
@@ -342,39 +354,59 @@ async fn check_config(cfg: &Config, online: bool) -> Result<i32, AppError> {
     } else {
         let dir = existing_ancestor(db);
         if is_writable_dir(&dir) {
-            say(Some(true), format!("queue database {} will be created", db.display()));
+            say(
+                Some(true),
+                format!("queue database {} will be created", db.display()),
+            );
         } else {
             say(
                 Some(false),
-                format!("queue database {}: cannot create it ({} is not writable)", db.display(), dir.display()),
+                format!(
+                    "queue database {}: cannot create it ({} is not writable)",
+                    db.display(),
+                    dir.display()
+                ),
             );
         }
     }
     if let Some(dest) = &cfg.after_upload.move_to {
         let dir = existing_ancestor(dest);
         if is_writable_dir(&dir) {
-            say(Some(true), format!("after_upload.move_to {} writable", dest.display()));
+            say(
+                Some(true),
+                format!("after_upload.move_to {} writable", dest.display()),
+            );
         } else {
-            say(Some(false), format!("after_upload.move_to {}: {} is not writable", dest.display(), dir.display()));
+            say(
+                Some(false),
+                format!(
+                    "after_upload.move_to {}: {} is not writable",
+                    dest.display(),
+                    dir.display()
+                ),
+            );
         }
     }
-    if online {
-        match cfg.api.token.load() {
-            Ok(token) => match crate::api::ApiClient::new(cfg, token) {
-                Ok(api) => match api.probe_auth().await {
-                    Ok(()) => say(Some(true), format!("API {} accepts the token", cfg.api.base_url)),
-                    Err(e) => say(Some(false), format!("API {}: {e}", cfg.api.base_url)),
-                },
-                Err(e) => say(Some(false), e.to_string()),
+    if online && let Ok(token) = cfg.api.token.load() {
+        match crate::api::ApiClient::new(cfg, token) {
+            Ok(api) => match api.probe_auth().await {
+                Ok(()) => say(
+                    Some(true),
+                    format!("API {} accepts the token", cfg.api.base_url),
+                ),
+                Err(e) => say(Some(false), format!("API {}: {e}", cfg.api.base_url)),
             },
-            Err(_) => {}
+            Err(e) => say(Some(false), e.to_string()),
         }
     }
     Ok(if errors > 0 { EXIT_CONFIG } else { EXIT_OK })
 }
 
 fn existing_ancestor(p: &Path) -> PathBuf {
-    let mut cur = p.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    let mut cur = p
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"));
     while !cur.exists() {
         match cur.parent() {
             Some(parent) => cur = parent.to_path_buf(),

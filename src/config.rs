@@ -1089,6 +1089,33 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid_and_spells_out_the_defaults() {
+        let text = include_str!("../config/callferry.toml");
+        let c = from_toml_str(text, &env(&[]), "config/callferry.toml").unwrap();
+        let d = from_toml_str(MINIMAL, &env(&[]), "t").unwrap();
+        assert_eq!(c.watch.settle, d.watch.settle);
+        assert_eq!(c.upload.workers, d.upload.workers);
+        assert_eq!(c.watch.extensions, d.watch.extensions);
+        assert_eq!(c.watch.ignore, d.watch.ignore);
+        assert_eq!(c.results.kinds, d.results.kinds);
+        assert_eq!(c.queue.database, d.queue.database);
+        assert!(matches!(c.api.token, TokenSource::File(_)));
+        // Every known key appears in the example.
+        for (section, keys) in KNOWN_KEYS {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "[{section}] missing from the example"
+            );
+            for k in *keys {
+                assert!(
+                    text.contains(&format!("{k} =")),
+                    "{section}.{k} missing from the example"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn empty_token_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("token");

@@ -86,7 +86,10 @@ pub async fn run() -> Result<i32, AppError> {
     .map_err(|e| AppError::Other(format!("cannot start the fake API: {e}")))?;
     // One upload is answered by a dropped connection after the service stored it: the retry then
     // gets 409, which callferry counts as uploaded.
-    fake.push_fault(crate::fake::Endpoint::Upload, crate::fake::Fault::ResetAfterStore);
+    fake.push_fault(
+        crate::fake::Endpoint::Upload,
+        crate::fake::Fault::ResetAfterStore,
+    );
 
     println!("callferry demo");
     println!("  fake ElevateAI  {}", fake.base_url());
@@ -109,7 +112,12 @@ pub async fn run() -> Result<i32, AppError> {
 
     // Four finished recordings arrive the way rsync/scp deliver them (temporary name, then
     // rename); a fifth is recorded live, in place, over ~3 seconds.
-    let names = ["sales-0001.wav", "support-0002.wav", "billing-0003.wav", "support-0004.wav"];
+    let names = [
+        "sales-0001.wav",
+        "support-0002.wav",
+        "billing-0003.wav",
+        "support-0004.wav",
+    ];
     for (i, name) in names.iter().enumerate() {
         let tmp = rec.join(format!(".{name}.part"));
         std::fs::write(&tmp, wav_bytes(2.0 + i as f64, 440.0 + 110.0 * i as f64))
@@ -164,7 +172,9 @@ pub async fn run() -> Result<i32, AppError> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let how = match (j.state, j.upload_status) {
-            (State::Uploaded, Some(409)) => "uploaded (409: the dropped answer's upload had got through)",
+            (State::Uploaded, Some(409)) => {
+                "uploaded (409: the dropped answer's upload had got through)"
+            }
             (State::Uploaded, _) => "uploaded",
             (s, _) => s.as_str(),
         };

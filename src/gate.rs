@@ -192,13 +192,21 @@ mod tests {
     async fn auth_pause_blocks_until_success() {
         let g = std::sync::Arc::new(gate());
         assert!(g.pause_auth("401".into()));
-        assert!(!g.pause_auth("401 again".into()), "second pause must not log again");
+        assert!(
+            !g.pause_auth("401 again".into()),
+            "second pause must not log again"
+        );
         let g2 = g.clone();
         let waiter = tokio::spawn(async move { g2.wait_open(&CancellationToken::new()).await });
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
         assert!(matches!(g.success(), Some(Pause::Auth(_))));
-        assert!(tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap());
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .unwrap()
+                .unwrap()
+        );
     }
 
     #[tokio::test]

@@ -3,20 +3,20 @@
 //! The daemon is [`app::run`]; `main.rs` only parses the command line. See ARCHITECTURE.md for the
 //! flow (watcher → queue → workers → API → queue) and its invariants.
 
+pub mod api;
+pub mod app;
+pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod demo;
+pub mod fake;
+pub mod gate;
 pub mod queue;
+pub mod ratelimit;
 pub mod retry;
 pub mod secret;
 pub mod stability;
-pub mod api;
-pub mod app;
-pub mod gate;
-pub mod ratelimit;
+pub mod status;
 pub mod systemd;
 pub mod watcher;
 pub mod worker;
-pub mod cli;
-pub mod demo;
-pub mod fake;
-pub mod status;

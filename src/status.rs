@@ -150,7 +150,10 @@ pub fn list_text(jobs: &[Job]) -> String {
             if j.next_attempt_at <= now {
                 "now".to_string()
             } else {
-                format!("in {}", human_age((j.next_attempt_at - now) as f64 / 1000.0))
+                format!(
+                    "in {}",
+                    human_age((j.next_attempt_at - now) as f64 / 1000.0)
+                )
             }
         } else {
             "-".into()

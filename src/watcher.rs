@@ -161,7 +161,9 @@ pub async fn run(
             _ = tokio::time::sleep_until(wake_at) => {}
         }
         if overflow.swap(false, Ordering::Relaxed) {
-            warn!("file event queue overflowed (a burst of files); rescanning every watched folder so nothing is missed");
+            warn!(
+                "file event queue overflowed (a burst of files); rescanning every watched folder so nothing is missed"
+            );
             // Events still queued are stale now; the rescan sees the current truth.
             while rx.try_recv().is_ok() {}
             st.rescan_all().await;
@@ -295,8 +297,7 @@ impl State {
                 // Skip ignored folders (rsync's hidden temp dirs) without descending into them.
                 e.depth() == 0
                     || !e.file_type().is_dir()
-                    || e
-                        .path()
+                    || e.path()
                         .strip_prefix(&root2)
                         .map(|rel| !rules.ignore.is_match(rel.file_name().unwrap_or_default()))
                         .unwrap_or(true)
@@ -311,7 +312,9 @@ impl State {
                 if !entry.file_type().is_file() {
                     continue;
                 }
-                let Ok(rel) = entry.path().strip_prefix(&root2) else { continue };
+                let Ok(rel) = entry.path().strip_prefix(&root2) else {
+                    continue;
+                };
                 if rules.check(rel).is_err() {
                     continue;
                 }
@@ -360,7 +363,10 @@ impl State {
             self.rescan_all().await;
             return;
         }
-        if matches!(ev.kind, EventKind::Access(notify::event::AccessKind::Open(_))) {
+        if matches!(
+            ev.kind,
+            EventKind::Access(notify::event::AccessKind::Open(_))
+        ) {
             return;
         }
         let roots = self.roots();
@@ -378,7 +384,9 @@ impl State {
                     }
                 }
                 Ok(meta) if meta.is_file() => {
-                    let Ok(rel) = path.strip_prefix(&root) else { continue };
+                    let Ok(rel) = path.strip_prefix(&root) else {
+                        continue;
+                    };
                     if name_rules(&self.cfg.watch).check(rel).is_err() {
                         continue;
                     }
@@ -407,7 +415,9 @@ impl State {
             .map(|(p, _)| p.clone())
             .collect();
         for path in due {
-            let Some(mut c) = self.candidates.get(&path).cloned() else { continue };
+            let Some(mut c) = self.candidates.get(&path).cloned() else {
+                continue;
+            };
             if decide(&c.obs, now, settle) == Decision::Complete
                 && now - c.observed_at_ms > RESTAT_AFTER_MS
             {
@@ -459,9 +469,13 @@ impl State {
                         if let Enqueued::New { id, supersedes } = r {
                             new += 1;
                             match supersedes {
-                                Some(old) => info!(job_id = id, path = %j.path.display(), size = j.size, previous_job = old,
-                                    "file changed since it was last queued: queued as a new version"),
-                                None => info!(job_id = id, path = %j.path.display(), size = j.size, "queued"),
+                                Some(old) => {
+                                    info!(job_id = id, path = %j.path.display(), size = j.size, previous_job = old,
+                                    "file changed since it was last queued: queued as a new version")
+                                }
+                                None => {
+                                    info!(job_id = id, path = %j.path.display(), size = j.size, "queued")
+                                }
                             }
                         }
                     }
@@ -481,22 +495,6 @@ impl State {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn root_of_picks_the_longest_match() {
-        let roots = vec![PathBuf::from("/a"), PathBuf::from("/a/b")];
-        assert_eq!(root_of(&roots, Path::new("/a/b/c.wav"), true), Some(&roots[1]));
-        assert_eq!(root_of(&roots, Path::new("/a/x/c.wav"), true), Some(&roots[0]));
-        assert_eq!(root_of(&roots, Path::new("/z/c.wav"), true), None);
-        assert_eq!(root_of(&roots, Path::new("/a"), true), None);
-        assert_eq!(root_of(&roots, Path::new("/a/x/c.wav"), false), None);
-        assert_eq!(root_of(&roots, Path::new("/a/c.wav"), false), Some(&roots[0]));
     }
 }
 
@@ -547,5 +545,30 @@ pub fn check_file(cfg: &Config, path: &Path, now: i64) -> Result<NewJob, String>
             humantime::format_duration(cfg.watch.settle)
         )),
         Decision::Reject(why) => Err(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn root_of_picks_the_longest_match() {
+        let roots = vec![PathBuf::from("/a"), PathBuf::from("/a/b")];
+        assert_eq!(
+            root_of(&roots, Path::new("/a/b/c.wav"), true),
+            Some(&roots[1])
+        );
+        assert_eq!(
+            root_of(&roots, Path::new("/a/x/c.wav"), true),
+            Some(&roots[0])
+        );
+        assert_eq!(root_of(&roots, Path::new("/z/c.wav"), true), None);
+        assert_eq!(root_of(&roots, Path::new("/a"), true), None);
+        assert_eq!(root_of(&roots, Path::new("/a/x/c.wav"), false), None);
+        assert_eq!(
+            root_of(&roots, Path::new("/a/c.wav"), false),
+            Some(&roots[0])
+        );
     }
 }

@@ -110,10 +110,16 @@ impl Pipeline {
     async fn put_back(&self, id: i64) {
         match self.queue.get(id).await {
             Ok(Some(job)) if matches!(job.state, State::Declaring | State::Uploading) => {
-                if let Err(e) = self.queue.reschedule(&job, None, now_ms(), false, now_ms()).await {
+                if let Err(e) = self
+                    .queue
+                    .reschedule(&job, None, now_ms(), false, now_ms())
+                    .await
+                {
                     warn!(error = %e, "could not put the job back; it will be recovered at the next start");
                 } else {
-                    info!("shutdown grace over: in-flight upload abandoned, job kept for the next start");
+                    info!(
+                        "shutdown grace over: in-flight upload abandoned, job kept for the next start"
+                    );
                 }
             }
             _ => {}
@@ -182,7 +188,11 @@ impl Pipeline {
             // Cannot happen with the queue's CHECKs and transitions; fail loudly rather than guess.
             self.record(
                 self.queue
-                    .fail(&job, "internal: uploading job without an interaction id", now_ms())
+                    .fail(
+                        &job,
+                        "internal: uploading job without an interaction id",
+                        now_ms(),
+                    )
                     .await,
             );
             return;
@@ -240,13 +250,21 @@ impl Pipeline {
                 if self.gate.pause_auth(msg.clone()) {
                     error!(error = %msg, "the API rejected the token: ALL uploads are paused and every job is kept. Fix api.token_file (it is re-read) — work resumes by itself, no restart needed");
                 }
-                self.record(self.queue.reschedule(job, Some(&msg), now, false, now).await);
+                self.record(
+                    self.queue
+                        .reschedule(job, Some(&msg), now, false, now)
+                        .await,
+                );
             }
             ErrorClass::Unreachable => {
                 if let Some(d) = self.gate.outage(msg.clone(), unit) {
                     warn!(error = %msg, retry_in = ?d, "API unreachable; all workers hold back (attempts are not counted during an outage)");
                 }
-                self.record(self.queue.reschedule(job, Some(&msg), now, false, now).await);
+                self.record(
+                    self.queue
+                        .reschedule(job, Some(&msg), now, false, now)
+                        .await,
+                );
             }
             ErrorClass::RateLimited(retry_after) => {
                 let d = self.backoff().next_delay(1, unit, retry_after);
@@ -306,9 +324,9 @@ impl Pipeline {
             AfterUploadAction::Delete => dispose_delete(&path, job),
             AfterUploadAction::Move => {
                 let dest_root = self.cfg.after_upload.move_to.clone().unwrap_or_default();
-                let rel = path.strip_prefix(&job.root).unwrap_or(Path::new(
-                    path.file_name().unwrap_or_default(),
-                ));
+                let rel = path
+                    .strip_prefix(&job.root)
+                    .unwrap_or(Path::new(path.file_name().unwrap_or_default()));
                 let dest = dest_root.join(rel);
                 let (p, j) = (path.clone(), job.clone());
                 tokio::task::spawn_blocking(move || dispose_move(&p, &dest, &j))
@@ -369,12 +387,19 @@ fn dispose_move(src: &Path, dest: &Path, job: &Job) -> Result<String, String> {
         Ok(_) => {}
     }
     if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
     match std::fs::rename(src, dest) {
         Ok(()) => return Ok(done),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
-        Err(e) => return Err(format!("cannot move {} to {}: {e}", src.display(), dest.display())),
+        Err(e) => {
+            return Err(format!(
+                "cannot move {} to {}: {e}",
+                src.display(),
+                dest.display()
+            ));
+        }
     }
     // Across filesystems: copy to a temporary name beside the destination, flush, rename into
     // place, then remove the source. A crash at any point leaves the source intact.
@@ -383,10 +408,15 @@ fn dispose_move(src: &Path, dest: &Path, job: &Job) -> Result<String, String> {
         .prefix(".callferry-move-")
         .tempfile_in(dir)
         .map_err(|e| format!("cannot create a temporary file in {}: {e}", dir.display()))?;
-    let mut input = std::fs::File::open(src).map_err(|e| format!("cannot open {}: {e}", src.display()))?;
+    let mut input =
+        std::fs::File::open(src).map_err(|e| format!("cannot open {}: {e}", src.display()))?;
     std::io::copy(&mut input, tmp.as_file_mut()).map_err(|e| format!("copy failed: {e}"))?;
-    tmp.as_file().sync_all().map_err(|e| format!("fsync failed: {e}"))?;
-    tmp.persist(dest).map_err(|e| format!("cannot rename into place: {e}"))?;
-    std::fs::remove_file(src).map_err(|e| format!("copied, but cannot remove {}: {e}", src.display()))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| format!("fsync failed: {e}"))?;
+    tmp.persist(dest)
+        .map_err(|e| format!("cannot rename into place: {e}"))?;
+    std::fs::remove_file(src)
+        .map_err(|e| format!("copied, but cannot remove {}: {e}", src.display()))?;
     Ok(done)
 }

@@ -1,0 +1,6 @@
+//! One integration-test binary: the daemon runs in-process against the project's fake ElevateAI,
+//! on temp dirs; the CLI tests run the built binary.
+
+mod cli;
+mod helpers;
+mod pipeline;
