@@ -147,6 +147,12 @@ pub struct InteractionRecord {
     pub uploads: Vec<UploadRecord>,
     /// The status `GET /status` would report now.
     pub status: String,
+    /// When the declare was handled (unix ms), for benchmarks' latency figures.
+    #[serde(default)]
+    pub declared_at_ms: u64,
+    /// When the audio was stored (unix ms), if it was.
+    #[serde(default)]
+    pub stored_at_ms: Option<u64>,
 }
 
 /// One upload request. Describes the first multipart part (empty name and

@@ -147,6 +147,8 @@ impl Shared {
                 declare_body: i.declare_body.clone(),
                 uploads: i.uploads.clone(),
                 status: i.view(st.processing_time).status,
+                declared_at_ms: unix_ms(i.declared_at),
+                stored_at_ms: i.uploaded_at.map(|(wall, _)| unix_ms(wall)),
             })
             .collect()
     }
@@ -242,6 +244,10 @@ impl State {
         );
         id
     }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
 /// RFC 3339 / ISO 8601 UTC with microseconds, the precision ElevateAI uses.
