@@ -23,6 +23,10 @@ use crate::retry::{Backoff, give_up};
 /// How long an idle worker sleeps at most before looking at the queue again, so jobs another
 /// process made due (`callferry retry`, `enqueue`) are picked up without a restart.
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
+/// An idle worker's look every [`IDLE_POLL`] is a `stat` of the database and its WAL, not a query:
+/// it queries again only when they changed (a commit, by this process or another) or a job fell
+/// due, and at the latest after this long (a change that left size and coarse mtime alike).
+const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
 /// Everything the workers share.
 pub struct Pipeline {
@@ -75,14 +79,25 @@ impl Pipeline {
     }
 
     async fn idle(&self) {
-        let wait = match self.queue.next_due().await {
-            Ok(Some(due)) => Duration::from_millis((due - now_ms()).clamp(0, ms(IDLE_POLL)) as u64),
-            _ => IDLE_POLL,
-        };
-        tokio::select! {
-            _ = self.stop_claiming.cancelled() => {}
-            _ = self.wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
+        let due = self.queue.next_due().await.ok().flatten();
+        let stamp = db_stamp(self.queue.path());
+        let since = std::time::Instant::now();
+        loop {
+            let wait = match due {
+                Some(due) => Duration::from_millis((due - now_ms()).clamp(0, ms(IDLE_POLL)) as u64),
+                None => IDLE_POLL,
+            };
+            tokio::select! {
+                _ = self.stop_claiming.cancelled() => return,
+                _ = self.wake.notified() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if due.is_some_and(|d| d <= now_ms())
+                || db_stamp(self.queue.path()) != stamp
+                || since.elapsed() >= IDLE_RECHECK
+            {
+                return;
+            }
         }
     }
 
@@ -346,6 +361,20 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Size and mtime of the database file and its WAL: a commit changes them.
+type DbStamp = [Option<(u64, Option<std::time::SystemTime>)>; 2];
+
+fn db_stamp(db: &Path) -> DbStamp {
+    let look = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    [look(db), look(Path::new(&wal))]
 }
 
 fn same_version(meta: &std::fs::Metadata, job: &Job) -> bool {
