@@ -170,3 +170,30 @@ async fn existing_mode_does_not_create() {
     assert!(err.to_string().contains("no queue database"), "{err}");
     assert!(!p.exists());
 }
+
+#[tokio::test]
+async fn counts_kept_by_triggers_follow_every_transition() {
+    let (_d, q) = fresh().await;
+    q.enqueue(
+        &[
+            nj("/rec/a.wav", 1, 1),
+            nj("/rec/b.wav", 1, 1),
+            nj("/rec/c.wav", 1, 1),
+        ],
+        100,
+    )
+    .await
+    .unwrap();
+    let j = q.claim(200).await.unwrap().unwrap();
+    q.mark_declared(j.id, "4b1b2f5e-0000-4000-8000-000000000001", 201)
+        .await
+        .unwrap();
+    q.mark_uploaded(j.id, 201, 202).await.unwrap();
+    let k = q.claim(203).await.unwrap().unwrap();
+    q.fail(&k, "gone", 204).await.unwrap();
+    let c = q.counts().await.unwrap();
+    assert_eq!((c.pending, c.uploaded, c.failed, c.total()), (1, 1, 1, 3));
+    q.retry(None, 205).await.unwrap();
+    let c = q.counts().await.unwrap();
+    assert_eq!((c.pending, c.uploaded, c.failed, c.total()), (2, 1, 0, 3));
+}
