@@ -757,7 +757,10 @@ pub async fn idle(ctx: &Ctx, rep: &mut Report) -> Result<()> {
             "idle, {n} uploaded files in the watched tree: CPU per 60 s (measured over {} s)",
             window.as_secs()
         ),
-        format!("{per60:.4} s CPU, {wakeups:.1} wake-ups/s, 0 API requests"),
+        format!(
+            "{per60:.4} s CPU ({:.1} ms), {wakeups:.1} wake-ups/s, 0 API requests",
+            per60 * 1000.0
+        ),
         "< 0.01 s",
         Some(per60 < 0.01),
     );
