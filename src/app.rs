@@ -114,6 +114,7 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
     let token = cfg.api.token.load()?;
+    crate::writers::ignore_lease_breaks();
 
     let queue = Queue::open(&cfg.queue.database, OpenMode::Create).await?;
     let _lock = DaemonLock::acquire(&cfg.queue.database)?;

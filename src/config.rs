@@ -116,6 +116,9 @@ pub struct WatchConfig {
     pub ignore: Vec<String>,
     pub ignore_set: GlobSet,
     pub settle: Duration,
+    /// A file whose header never becomes consistent, with no writer, is uploaded anyway after
+    /// this long (a recorder that died). Extension.
+    pub orphan_grace: Duration,
     pub poll_interval: Duration,
     pub rescan_interval: Duration,
 }
@@ -252,6 +255,7 @@ struct RawWatch {
     extensions: Vec<String>,
     ignore: Vec<String>,
     settle: String,
+    orphan_grace: String,
     poll_interval: String,
     rescan_interval: String,
 }
@@ -272,6 +276,7 @@ impl Default for RawWatch {
                 .map(|s| s.to_string())
                 .collect(),
             settle: "5s".into(),
+            orphan_grace: "10m".into(),
             poll_interval: "0s".into(),
             rescan_interval: "10m".into(),
         }
@@ -523,6 +528,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "extensions",
             "ignore",
             "settle",
+            "orphan_grace",
             "poll_interval",
             "rescan_interval",
         ],
@@ -786,6 +792,7 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
         ignore: raw.watch.ignore,
         ignore_set,
         settle: parse_duration("watch.settle", &raw.watch.settle)?,
+        orphan_grace: parse_duration("watch.orphan_grace", &raw.watch.orphan_grace)?,
         poll_interval: parse_duration("watch.poll_interval", &raw.watch.poll_interval)?,
         rescan_interval: parse_duration("watch.rescan_interval", &raw.watch.rescan_interval)?,
     };

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod app;
+pub mod audio;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -20,3 +21,4 @@ pub mod status;
 pub mod systemd;
 pub mod watcher;
 pub mod worker;
+pub mod writers;

@@ -132,9 +132,16 @@ impl Pipeline {
         // The version we queued must still be the one on disk.
         match std::fs::metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let msg = "file vanished before upload (deleted or moved away)";
-                warn!("{msg}");
-                self.record(self.queue.fail(&job, msg, now_ms()).await);
+                if job.interaction_id.is_none() {
+                    warn!(
+                        "file vanished before upload (deleted or moved away); dropped from the queue"
+                    );
+                    self.record(self.queue.drop_undeclared(&job).await);
+                } else {
+                    let msg = "file vanished before upload (deleted or moved away) after its interaction was declared";
+                    warn!("{msg}");
+                    self.record(self.queue.fail(&job, msg, now_ms()).await);
+                }
                 return;
             }
             Err(e) => {

@@ -115,6 +115,9 @@ pub enum Enqueued {
     New { id: i64, supersedes: Option<i64> },
     /// This exact version is already queued or done.
     Known,
+    /// The same file (same device, inode, size and mtime) is already queued under another path:
+    /// a hard link, or a move within the watched folders. Not uploaded again.
+    SameFile { existing: i64, path: String },
 }
 
 /// Queue counts by user-facing state.
@@ -229,6 +232,23 @@ impl Queue {
         let mut out = Vec::with_capacity(jobs.len());
         for j in jobs {
             let path = j.path.to_string_lossy();
+            if j.ino != 0 {
+                let same: Option<(i64, String)> = sqlx::query_as(
+                    "SELECT id, path FROM jobs WHERE ino = ? AND dev = ? AND size = ? AND mtime_ns = ? \
+                     AND path <> ? LIMIT 1",
+                )
+                .bind(j.ino as i64)
+                .bind(j.dev as i64)
+                .bind(j.size as i64)
+                .bind(j.mtime_ns)
+                .bind(path.as_ref())
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some((existing, path)) = same {
+                    out.push(Enqueued::SameFile { existing, path });
+                    continue;
+                }
+            }
             let id: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO jobs (path, root, size, mtime_ns, dev, ino, state, next_attempt_at, \
                  created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?) \
@@ -377,6 +397,19 @@ impl Queue {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// A claimed job that was never declared, whose file vanished: removed from the queue (there is
+    /// nothing to upload and nothing at the service to account for).
+    pub async fn drop_undeclared(&self, job: &Job) -> Result<(), QueueError> {
+        let n =
+            sqlx::query("DELETE FROM jobs WHERE id = ? AND state = ? AND interaction_id IS NULL")
+                .bind(job.id)
+                .bind(job.state.as_str())
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        expect_one(n, job.id, job.state.as_str())
     }
 
     /// A claimed job needs an operator: → `failed`, keeping the reason.
