@@ -65,6 +65,39 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// `cargo test --release --lib writer_check_cost -- --ignored --nocapture`: the cost of one
+    /// check with 1,000 other processes on the host (the lease does not depend on them).
+    #[test]
+    #[ignore]
+    fn writer_check_cost() {
+        let mut kids: Vec<_> = (0..1000)
+            .map(|_| std::process::Command::new("sleep").arg("60").spawn().unwrap())
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.wav");
+        std::fs::write(&p, b"RIFF....WAVE").unwrap();
+        let n = 20_000;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            assert_eq!(check_path(&p).unwrap(), Writers::None);
+        }
+        let per = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let f = std::fs::File::open(&p).unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            assert_eq!(check(&f), Writers::None);
+        }
+        let per_fd = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+        for k in &mut kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        println!(
+            "open-writer check with {} processes: {per:.2} µs per check including open/close, {per_fd:.2} µs on an open descriptor",
+            kids.len()
+        );
+    }
+
     #[test]
     fn sees_a_writer_and_its_absence() {
         ignore_lease_breaks();
