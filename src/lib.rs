@@ -14,6 +14,7 @@ pub mod fake;
 pub mod gate;
 pub mod queue;
 pub mod ratelimit;
+pub mod results;
 pub mod retry;
 pub mod secret;
 pub mod stability;

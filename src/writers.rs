@@ -71,7 +71,12 @@ mod tests {
     #[ignore]
     fn writer_check_cost() {
         let mut kids: Vec<_> = (0..1000)
-            .map(|_| std::process::Command::new("sleep").arg("60").spawn().unwrap())
+            .map(|_| {
+                std::process::Command::new("sleep")
+                    .arg("60")
+                    .spawn()
+                    .unwrap()
+            })
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.wav");

@@ -70,10 +70,19 @@ pub struct Job {
     pub last_error: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    pub uploaded_at: Option<i64>,
+    /// Next status poll while following (results enabled); None when not followed.
+    pub follow_at: Option<i64>,
+    pub follow_attempts: u32,
+    /// Last status the service reported.
+    pub service_status: Option<String>,
+    /// Result kinds already written to disk.
+    pub results_written: Vec<String>,
 }
 
 const JOB_COLUMNS: &str = "id, path, root, size, mtime_ns, dev, ino, state, attempts, \
-    next_attempt_at, interaction_id, upload_status, last_error, created_at, updated_at";
+    next_attempt_at, interaction_id, upload_status, last_error, created_at, updated_at, \
+    uploaded_at, follow_at, follow_attempts, service_status, results_written";
 
 fn job_from_row(r: &SqliteRow) -> Result<Job, sqlx::Error> {
     let state: String = r.try_get("state")?;
@@ -95,6 +104,16 @@ fn job_from_row(r: &SqliteRow) -> Result<Job, sqlx::Error> {
         last_error: r.try_get("last_error")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
+        uploaded_at: r.try_get("uploaded_at")?,
+        follow_at: r.try_get("follow_at")?,
+        follow_attempts: r.try_get::<i64, _>("follow_attempts")? as u32,
+        service_status: r.try_get("service_status")?,
+        results_written: r
+            .try_get::<String, _>("results_written")?
+            .split(',')
+            .filter(|k| !k.is_empty())
+            .map(str::to_string)
+            .collect(),
     })
 }
 
@@ -351,15 +370,25 @@ impl Queue {
         result
     }
 
-    /// `uploading` → `uploaded`, with the status that proved it (201, or 409).
-    pub async fn mark_uploaded(&self, id: i64, status: u16, now: i64) -> Result<(), QueueError> {
+    /// `uploading` → `uploaded`, with the status that proved it (201, or 409). `follow_at`: when
+    /// to first ask for its processing status (results enabled), or None.
+    pub async fn mark_uploaded(
+        &self,
+        id: i64,
+        status: u16,
+        follow_at: Option<i64>,
+        now: i64,
+    ) -> Result<(), QueueError> {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
-            "UPDATE jobs SET state = 'uploaded', upload_status = ?, updated_at = ?, last_error = NULL \
+            "UPDATE jobs SET state = 'uploaded', upload_status = ?, updated_at = ?, last_error = NULL, \
+             uploaded_at = ?, follow_at = ?, follow_attempts = 0 \
              WHERE id = ? AND state = 'uploading'",
         )
         .bind(status as i64)
         .bind(now)
+        .bind(now)
+        .bind(follow_at)
         .bind(id)
         .execute(&mut *tx)
         .await?
@@ -474,14 +503,17 @@ impl Queue {
     /// has an interaction id is uploaded again on it, never declared again.
     pub async fn retry(&self, ids: Option<&[i64]>, now: i64) -> Result<u64, QueueError> {
         let mut tx = self.pool.begin().await?;
-        let base = "UPDATE jobs SET state = CASE WHEN interaction_id IS NULL THEN 'pending' ELSE 'declared' END, \
-                    attempts = 0, next_attempt_at = ?, created_at = ?, updated_at = ? WHERE state = 'failed'";
+        // No id: declare again. Uploaded (the service has the file): follow it again. Otherwise
+        // (never uploaded, or the service lost the file): upload again on the same id.
+        let base = "UPDATE jobs SET state = CASE WHEN interaction_id IS NULL THEN 'pending' \
+                    WHEN upload_status IS NOT NULL THEN 'uploaded' ELSE 'declared' END, \
+                    follow_at = CASE WHEN interaction_id IS NOT NULL AND upload_status IS NOT NULL \
+                    THEN ?1 ELSE NULL END, follow_attempts = 0, \
+                    attempts = 0, next_attempt_at = ?1, created_at = ?1, updated_at = ?1 WHERE state = 'failed'";
         let mut n = 0;
         match ids {
             None => {
                 n += sqlx::query(base)
-                    .bind(now)
-                    .bind(now)
                     .bind(now)
                     .execute(&mut *tx)
                     .await?
@@ -489,9 +521,7 @@ impl Queue {
             }
             Some(ids) => {
                 for id in ids {
-                    let k = sqlx::query(AssertSqlSafe(format!("{base} AND id = ?")))
-                        .bind(now)
-                        .bind(now)
+                    let k = sqlx::query(AssertSqlSafe(format!("{base} AND id = ?2")))
                         .bind(now)
                         .bind(id)
                         .execute(&mut *tx)
@@ -506,6 +536,117 @@ impl Queue {
         }
         tx.commit().await?;
         Ok(n)
+    }
+
+    /// Uploaded jobs whose next status poll is due, soonest first.
+    pub async fn due_followups(&self, now: i64, limit: u32) -> Result<Vec<Job>, QueueError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE follow_at IS NOT NULL AND follow_at <= ? \
+             AND state = 'uploaded' ORDER BY follow_at LIMIT ?"
+        )))
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// When the next status poll falls due, if any job is followed.
+    pub async fn next_followup(&self) -> Result<Option<i64>, QueueError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(follow_at) FROM jobs WHERE follow_at IS NOT NULL AND state = 'uploaded'",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Still processing (or a transient failure): ask again at `next_at`.
+    pub async fn follow_later(
+        &self,
+        id: i64,
+        next_at: i64,
+        service_status: Option<&str>,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        sqlx::query(
+            "UPDATE jobs SET follow_at = ?, service_status = COALESCE(?, service_status), \
+             follow_attempts = CASE WHEN ? IS NULL THEN 0 ELSE follow_attempts + 1 END, \
+             last_error = COALESCE(?, last_error), updated_at = ? WHERE id = ? AND state = 'uploaded'",
+        )
+        .bind(next_at)
+        .bind(service_status)
+        .bind(error)
+        .bind(error)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// One result kind is on disk (so a restart does not fetch it again).
+    pub async fn result_written(&self, job: &Job, kind: &str, now: i64) -> Result<(), QueueError> {
+        let mut kinds = job.results_written.clone();
+        if !kinds.iter().any(|k| k == kind) {
+            kinds.push(kind.to_string());
+        }
+        sqlx::query("UPDATE jobs SET results_written = ?, updated_at = ? WHERE id = ?")
+            .bind(kinds.join(","))
+            .bind(now)
+            .bind(job.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every result is written: `uploaded` → `processed`.
+    pub async fn mark_processed(&self, id: i64, now: i64) -> Result<(), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'processed', follow_at = NULL, service_status = 'processed', \
+             last_error = NULL, updated_at = ? WHERE id = ? AND state = 'uploaded'",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, id, "uploaded")?;
+        event(&mut tx, id, now, "processed", None).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Following ended in a failure the service reported (or `max_wait`). `lost_file`: the service
+    /// no longer has the audio, so `retry` uploads it again (on the same id).
+    pub async fn fail_following(
+        &self,
+        id: i64,
+        error: &str,
+        service_status: Option<&str>,
+        lost_file: bool,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'failed', follow_at = NULL, last_error = ?, \
+             service_status = COALESCE(?, service_status), \
+             upload_status = CASE WHEN ? THEN NULL ELSE upload_status END, updated_at = ? \
+             WHERE id = ? AND state = 'uploaded'",
+        )
+        .bind(error)
+        .bind(service_status)
+        .bind(lost_file)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, id, "uploaded")?;
+        event(&mut tx, id, now, "failed", Some(error)).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
@@ -598,10 +739,12 @@ impl Queue {
             .map_err(Into::into)
     }
 
-    /// Uploaded jobs whose after-upload action (move/delete) is not yet done.
-    pub async fn undisposed(&self) -> Result<Vec<Job>, QueueError> {
+    /// Jobs in `states` whose after-upload action (move/delete) is not yet done.
+    pub async fn undisposed(&self, states: &[State]) -> Result<Vec<Job>, QueueError> {
+        let list: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('uploaded', 'processed') AND disposed = 0"
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({}) AND disposed = 0",
+            list.join(", ")
         )))
         .fetch_all(&self.pool)
         .await?;

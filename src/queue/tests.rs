@@ -98,7 +98,7 @@ async fn claim_walks_the_states_and_never_hands_out_a_job_twice() {
     let j = q.claim(500).await.unwrap().unwrap();
     assert_eq!(j.state, State::Uploading);
     assert_eq!(j.attempts, 1);
-    q.mark_uploaded(j.id, 409, 501).await.unwrap();
+    q.mark_uploaded(j.id, 409, None, 501).await.unwrap();
     let j = q.get(j.id).await.unwrap().unwrap();
     assert_eq!(j.state, State::Uploaded);
     assert_eq!(j.upload_status, Some(409));

@@ -5,3 +5,4 @@ mod cli;
 mod helpers;
 mod pipeline;
 mod recorders;
+mod results;
