@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::api::ApiClient;
 use crate::clock::now_ms;
-use crate::config::{AfterUploadAction, Config, ConfigError};
+use crate::config::{AfterUploadAction, AfterUploadWhen, Config, ConfigError};
 use crate::gate::Gate;
 use crate::queue::{OpenMode, Queue, QueueError};
 use crate::retry::Backoff;
@@ -114,6 +114,7 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
     let token = cfg.api.token.load()?;
+    crate::writers::ignore_lease_breaks();
 
     let queue = Queue::open(&cfg.queue.database, OpenMode::Create).await?;
     let _lock = DaemonLock::acquire(&cfg.queue.database)?;
@@ -133,19 +134,28 @@ pub async fn run(
         max: cfg.upload.backoff_max,
     }));
     let wake = Arc::new(Notify::new());
+    let follow_wake = Arc::new(Notify::new());
     let pipeline = Arc::new(Pipeline {
         cfg: cfg.clone(),
         queue: queue.clone(),
         api: api.clone(),
         gate: gate.clone(),
         wake: wake.clone(),
+        follow_wake: follow_wake.clone(),
         stop_claiming: CancellationToken::new(),
         abort: CancellationToken::new(),
     });
 
     // Tidy-up that a crash interrupted: uploaded files whose move/delete did not happen yet.
     if cfg.after_upload.action != AfterUploadAction::Keep {
-        for job in queue.undisposed().await? {
+        let states: &[crate::queue::State] = match cfg.after_upload.when {
+            AfterUploadWhen::Uploaded => &[
+                crate::queue::State::Uploaded,
+                crate::queue::State::Processed,
+            ],
+            AfterUploadWhen::Processed => &[crate::queue::State::Processed],
+        };
+        for job in queue.undisposed(states).await? {
             pipeline.after_upload(&job).await;
         }
     }
@@ -172,6 +182,9 @@ pub async fn run(
                 error!(error = %e, "the folder watcher stopped; files are no longer discovered until restart");
             }
         });
+    }
+    if cfg.results.enabled {
+        tasks.spawn(crate::results::Follower::new(pipeline.clone()).run(background.clone()));
     }
     let mut workers = JoinSet::new();
     for n in 0..cfg.upload.workers {

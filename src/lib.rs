@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod app;
+pub mod audio;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod fake;
 pub mod gate;
 pub mod queue;
 pub mod ratelimit;
+pub mod results;
 pub mod retry;
 pub mod secret;
 pub mod stability;
@@ -20,3 +22,4 @@ pub mod status;
 pub mod systemd;
 pub mod watcher;
 pub mod worker;
+pub mod writers;

@@ -5,3 +5,5 @@ mod bench_smoke;
 mod cli;
 mod helpers;
 mod pipeline;
+mod recorders;
+mod results;
