@@ -103,7 +103,19 @@ pub async fn run(
     let mut watcher = {
         let overflow = overflow.clone();
         let overflow_wake = overflow_wake.clone();
-        notify::recommended_watcher(move |res| {
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            // Opens say nothing about a file's content, and most are our own (header checks,
+            // lease probes, uploads). Dropped here, before the bounded channel: otherwise reading
+            // ~10k files fills it, the overflow triggers a rescan, the rescan reads every file
+            // again, and the daemon loops at 100 % CPU (found by callferry-bench's idle run).
+            if res.as_ref().is_ok_and(|ev| {
+                matches!(
+                    ev.kind,
+                    EventKind::Access(notify::event::AccessKind::Open(_))
+                )
+            }) {
+                return;
+            }
             if tx.try_send(res).is_err() {
                 overflow.store(true, Ordering::Relaxed);
                 overflow_wake.notify_one();
