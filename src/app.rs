@@ -144,6 +144,7 @@ pub async fn run(
         follow_wake: follow_wake.clone(),
         stop_claiming: CancellationToken::new(),
         abort: CancellationToken::new(),
+        idle_watch: Default::default(),
     });
 
     // Tidy-up that a crash interrupted: uploaded files whose move/delete did not happen yet.

@@ -42,6 +42,8 @@ pub struct Pipeline {
     pub stop_claiming: CancellationToken,
     /// Fired when the shutdown grace is over: abandon in-flight requests (jobs go back to waiting).
     pub abort: CancellationToken,
+    /// Held by the one idle worker that watches the database for changes (see `idle`).
+    pub idle_watch: std::sync::atomic::AtomicBool,
 }
 
 impl Pipeline {
@@ -80,24 +82,40 @@ impl Pipeline {
         debug!(worker = n, "worker stopped");
     }
 
+    /// Waits until there may be work. One idle worker at a time watches the database: every
+    /// [`IDLE_POLL`] it looks at the files' size and mtime (a `stat`, not a query) and wakes the
+    /// others when they changed. The others sleep until a job falls due, a wake-up, or
+    /// [`IDLE_RECHECK`]. So an idle daemon wakes about once a second, not once per worker.
     async fn idle(&self) {
+        use std::sync::atomic::Ordering;
+        struct Role<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Role<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
         let due = self.queue.next_due().await.ok().flatten();
         let stamp = db_stamp(self.queue.path());
         let since = std::time::Instant::now();
+        let watching = !self.idle_watch.swap(true, Ordering::AcqRel);
+        let _role = watching.then(|| Role(&self.idle_watch));
+        let every = if watching { IDLE_POLL } else { IDLE_RECHECK };
         loop {
             let wait = match due {
-                Some(due) => Duration::from_millis((due - now_ms()).clamp(0, ms(IDLE_POLL)) as u64),
-                None => IDLE_POLL,
+                Some(due) => Duration::from_millis((due - now_ms()).clamp(0, ms(every)) as u64),
+                None => every,
             };
             tokio::select! {
                 _ = self.stop_claiming.cancelled() => return,
                 _ = self.wake.notified() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
-            if due.is_some_and(|d| d <= now_ms())
-                || db_stamp(self.queue.path()) != stamp
-                || since.elapsed() >= IDLE_RECHECK
-            {
+            if due.is_some_and(|d| d <= now_ms()) || since.elapsed() >= IDLE_RECHECK {
+                return;
+            }
+            if watching && db_stamp(self.queue.path()) != stamp {
+                // A commit, by this daemon or another process (retry, enqueue): everyone looks.
+                self.wake.notify_waiters();
                 return;
             }
         }
