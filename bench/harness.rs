@@ -322,19 +322,30 @@ pub fn vm_hwm_kib(pid: u32) -> Result<u64> {
         .ok_or_else(|| anyhow!("no VmHWM for {pid}"))
 }
 
-/// CPU time of a live process: the nanosecond counters of its live threads (schedstat), and the
-/// tick-based total that also counts threads that have exited. Plus the number of times its
-/// threads were scheduled in (wake-ups).
-#[derive(Clone, Copy, Debug)]
+/// CPU time of a live process, per thread (schedstat: nanoseconds on CPU, times scheduled in).
+#[derive(Clone, Debug, Default)]
 pub struct Cpu {
-    pub threads_ns: u64,
-    pub ticks_ns: u64,
-    pub switches: u64,
+    pub threads: std::collections::HashMap<String, (u64, u64)>,
+}
+
+impl Cpu {
+    /// CPU nanoseconds and wake-ups between `self` (earlier) and `later`, over the threads alive at
+    /// `later` (a thread that exited in between had finished its work before; one that started
+    /// counts whole).
+    pub fn since(&self, later: &Cpu) -> (u64, u64) {
+        let mut ns = 0;
+        let mut switches = 0;
+        for (tid, (n, s)) in &later.threads {
+            let (n0, s0) = self.threads.get(tid).copied().unwrap_or((0, 0));
+            ns += n.saturating_sub(n0);
+            switches += s.saturating_sub(s0);
+        }
+        (ns, switches)
+    }
 }
 
 pub fn cpu(pid: u32) -> Result<Cpu> {
-    let mut threads_ns = 0;
-    let mut switches = 0;
+    let mut threads = std::collections::HashMap::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let t = t?;
         if let Ok(s) = std::fs::read_to_string(t.path().join("schedstat")) {
@@ -342,24 +353,16 @@ pub fn cpu(pid: u32) -> Result<Cpu> {
                 .split_whitespace()
                 .filter_map(|x| x.parse().ok())
                 .collect();
-            threads_ns += f.first().copied().unwrap_or(0);
-            switches += f.get(2).copied().unwrap_or(0);
+            threads.insert(
+                t.file_name().to_string_lossy().to_string(),
+                (
+                    f.first().copied().unwrap_or(0),
+                    f.get(2).copied().unwrap_or(0),
+                ),
+            );
         }
     }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, i.e. 12 and 13 after ")" (1-based 3).
-    let ticks: u64 = f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
-        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Ok(Cpu {
-        threads_ns,
-        ticks_ns: ticks * 1_000_000_000 / hz,
-        switches,
-    })
+    Ok(Cpu { threads })
 }
 
 /// A pseudo-random block (xorshift), so nothing on the path can compress it.
@@ -408,14 +411,29 @@ pub fn make_files(
     Ok(out)
 }
 
-/// `size` bytes: an 8-byte serial (so every file differs), then the block repeated.
+/// A canonical 44-byte WAV header (8 kHz, 16-bit mono PCM) whose sizes agree with a file of
+/// `size` bytes, as a recorder leaves it once the call is over.
+fn wav_header(size: usize) -> Vec<u8> {
+    let mut h = Vec::with_capacity(44);
+    h.extend_from_slice(b"RIFF");
+    h.extend_from_slice(&(size as u32 - 8).to_le_bytes());
+    h.extend_from_slice(b"WAVEfmt ");
+    h.extend_from_slice(&16u32.to_le_bytes());
+    h.extend_from_slice(&[1, 0, 1, 0, 0x40, 0x1F, 0, 0, 0x80, 0x3E, 0, 0, 2, 0, 16, 0]);
+    h.extend_from_slice(b"data");
+    h.extend_from_slice(&(size as u32 - 44).to_le_bytes());
+    h
+}
+
+/// A complete WAV of `size` bytes: header, an 8-byte serial (so every file differs), then the block
+/// repeated as "audio".
 pub fn write_file(path: &Path, size: usize, block: &[u8], serial: u64) -> Result<()> {
     let mut f = std::io::BufWriter::with_capacity(1 << 20, File::create(path)?);
-    let mut left = size;
-    let head = serial.to_le_bytes();
-    let h = head.len().min(left);
-    f.write_all(&head[..h])?;
-    left -= h;
+    let mut head = wav_header(size.max(52));
+    head.extend_from_slice(&serial.to_le_bytes());
+    let mut left = size.max(52);
+    f.write_all(&head)?;
+    left -= head.len();
     while left > 0 {
         let k = left.min(block.len());
         f.write_all(&block[..k])?;

@@ -748,9 +748,9 @@ pub async fn idle(ctx: &Ctx, rep: &mut Report) -> Result<()> {
     {
         bail!("idle daemon's queue changed: {st}");
     }
-    let ns = (b.threads_ns.saturating_sub(a.threads_ns)).max(b.ticks_ns.saturating_sub(a.ticks_ns));
+    let (ns, switches) = a.since(&b);
     let per60 = ns as f64 / 1e9 * 60.0 / window.as_secs_f64();
-    let wakeups = (b.switches.saturating_sub(a.switches)) as f64 / window.as_secs_f64();
+    let wakeups = switches as f64 / window.as_secs_f64();
     rep.row(
         "5",
         format!(
