@@ -255,6 +255,10 @@ impl Queue {
     pub async fn enqueue(&self, jobs: &[NewJob], now: i64) -> Result<Vec<Enqueued>, QueueError> {
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::with_capacity(jobs.len());
+        // Statements, not rows, are what costs here (each is a round trip to SQLite's thread):
+        // the earlier version of a path comes back with the insert, and the "queued" events of
+        // the batch go in with one statement. 100,000 files at start: 12.6 s -> see README.
+        let mut queued: Vec<i64> = Vec::new();
         for j in jobs {
             let path = j.path.to_string_lossy();
             if j.ino != 0 {
@@ -274,10 +278,11 @@ impl Queue {
                     continue;
                 }
             }
-            let id: Option<i64> = sqlx::query_scalar(
+            let row: Option<(i64, Option<i64>)> = sqlx::query_as(
                 "INSERT INTO jobs (path, root, size, mtime_ns, dev, ino, state, next_attempt_at, \
                  created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?) \
-                 ON CONFLICT (path, size, mtime_ns) DO NOTHING RETURNING id",
+                 ON CONFLICT (path, size, mtime_ns) DO NOTHING \
+                 RETURNING id, (SELECT MAX(o.id) FROM jobs o WHERE o.path = jobs.path AND o.id <> jobs.id)",
             )
             .bind(path.as_ref())
             .bind(j.root.to_string_lossy().as_ref())
@@ -290,20 +295,23 @@ impl Queue {
             .bind(now)
             .fetch_optional(&mut *tx)
             .await?;
-            match id {
+            match row {
                 None => out.push(Enqueued::Known),
-                Some(id) => {
-                    let supersedes: Option<i64> = sqlx::query_scalar(
-                        "SELECT id FROM jobs WHERE path = ? AND id <> ? ORDER BY id DESC LIMIT 1",
-                    )
-                    .bind(path.as_ref())
-                    .bind(id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    event(&mut tx, id, now, "queued", None).await?;
+                Some((id, supersedes)) => {
+                    queued.push(id);
                     out.push(Enqueued::New { id, supersedes });
                 }
             }
+        }
+        if !queued.is_empty() {
+            let ids = serde_json::to_string(&queued).unwrap_or_else(|_| "[]".into());
+            sqlx::query(
+                "INSERT INTO job_events (job_id, at, event) SELECT value, ?, 'queued' FROM json_each(?)",
+            )
+            .bind(now)
+            .bind(ids)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(out)
