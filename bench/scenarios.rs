@@ -322,7 +322,7 @@ pub async fn many_small(ctx: &Ctx, rep: &mut Report) -> Result<()> {
                 callferry_run(ctx, "cf-0ms-default-tmpfs", &files, &watch, None, 0, shm).await?;
             rep.row(
                 tag,
-                format!("callferry, default workers, queue on tmpfs (fsync free: the cost of `synchronous = FULL`) ({setting})"),
+                format!("callferry, default workers, queue on tmpfs (fsync free: what the one FULL commit per file, the interaction id, costs) ({setting})"),
                 format!("{:.0} files/s, {}", r.files_per_s, mbps(r.bytes_per_s)),
                 "",
                 None,
