@@ -83,6 +83,7 @@ struct State {
     /// Roots that exist but could not be watched (inotify limit): polled.
     polled: Vec<PathBuf>,
     cancel: CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub async fn run(
@@ -91,6 +92,7 @@ pub async fn run(
     wake: Arc<Notify>,
     cancel: CancellationToken,
     ready: oneshot::Sender<()>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<notify::Result<notify::Event>>(EVENT_CHANNEL);
     let overflow = Arc::new(AtomicBool::new(false));
@@ -115,6 +117,7 @@ pub async fn run(
         missing: Vec::new(),
         polled: Vec::new(),
         cancel: cancel.clone(),
+        metrics,
     };
     for root in &cfg.watch.paths {
         st.add_root(&mut watcher, root.clone());
@@ -161,6 +164,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(wake_at) => {}
         }
         if overflow.swap(false, Ordering::Relaxed) {
+            st.metrics.watcher_overflow();
             warn!(
                 "file event queue overflowed (a burst of files); rescanning every watched folder so nothing is missed"
             );
@@ -270,6 +274,7 @@ impl State {
     }
 
     async fn rescan_all(&mut self) {
+        self.metrics.watcher_rescan();
         for root in self.roots() {
             self.rescan(&root).await;
         }
@@ -359,6 +364,7 @@ impl State {
             }
         };
         if ev.need_rescan() {
+            self.metrics.watcher_overflow();
             warn!("the kernel dropped file events; rescanning every watched folder");
             self.rescan_all().await;
             return;
@@ -480,6 +486,7 @@ impl State {
                         }
                     }
                     if new > 0 {
+                        self.metrics.files_discovered(new);
                         self.wake.notify_waiters();
                     }
                     return;

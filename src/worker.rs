@@ -36,6 +36,7 @@ pub struct Pipeline {
     pub stop_claiming: CancellationToken,
     /// Fired when the shutdown grace is over: abandon in-flight requests (jobs go back to waiting).
     pub abort: CancellationToken,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Pipeline {
@@ -84,6 +85,7 @@ impl Pipeline {
             _ = self.wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
+        self.metrics.idle_turn();
     }
 
     async fn storage_error(&self, e: &QueueError) {
@@ -202,6 +204,7 @@ impl Pipeline {
             Ok(outcome) => {
                 self.api_ok();
                 let status = outcome.status();
+                self.metrics.uploaded(status, job.size, started.elapsed());
                 if status == 409 {
                     info!(interaction_id = %iid, "upload answered 409: the service already has this audio (an earlier attempt got through); counted as uploaded");
                 } else {
@@ -245,6 +248,7 @@ impl Pipeline {
         let now = now_ms();
         let unit: f64 = rand::random();
         let msg = err.to_string();
+        self.metrics.attempt_failed(&err);
         match err.class() {
             ErrorClass::Auth => {
                 if self.gate.pause_auth(msg.clone()) {
@@ -306,6 +310,7 @@ impl Pipeline {
     }
 
     fn record(&self, r: Result<(), QueueError>) {
+        self.metrics.outcome_recorded();
         if let Err(e) = r {
             // The job stays in its in-flight state and is recovered at the next start.
             error!(error = %e, "could not record the job's outcome in the queue");

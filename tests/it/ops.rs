@@ -1,0 +1,171 @@
+//! Running it as a service: `/metrics` agrees with what the fake ElevateAI saw, `/healthz` follows
+//! the pipeline's health, `status` reads well.
+
+use std::time::Duration;
+
+use callferry::fake::{Endpoint, Fault};
+
+use crate::helpers::*;
+
+const METRICS: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+
+async fn get(app: &TestApp, path: &str) -> (u16, String) {
+    let addr = app.handle.metrics_addr.expect("metrics are served");
+    let resp = reqwest::Client::new()
+        .get(format!("http://{addr}{path}"))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+/// The value of one series in a Prometheus text exposition, e.g. `callferry_jobs{state="failed"}`.
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_scraped_during_a_run_match_the_fakes_own_counts() {
+    let mut app = TestApp::start(METRICS).await;
+    // One declare answered 503 (retried), one upload stored but its answer lost (retried, then 409).
+    app.fake.push_fault(Endpoint::Declare, Fault::Status(503));
+    app.fake
+        .push_fault(Endpoint::Upload, Fault::ResetAfterStore);
+    let files = [wav(1.0), wav(1.5), wav(2.0)];
+    let paths: Vec<_> = files
+        .iter()
+        .enumerate()
+        .map(|(i, b)| app.drop_file(&format!("day/call-{i}.wav"), b))
+        .collect();
+    for p in &paths {
+        app.wait_state(p, "uploaded").await;
+    }
+
+    let (status, text) = get(&app, "/metrics").await;
+    assert_eq!(status, 200);
+    let fake = app.fake.counters();
+    let uploads: Vec<_> = app
+        .fake
+        .interactions()
+        .into_iter()
+        .flat_map(|i| i.uploads)
+        .collect();
+    let answered = |code: u16| uploads.iter().filter(|u| u.answered == code).count() as f64;
+
+    assert_eq!(value(&text, "callferry_files_discovered_total"), 3.0);
+    assert_eq!(
+        value(&text, "callferry_uploads_total{outcome=\"created\"}"),
+        answered(201)
+    );
+    assert_eq!(answered(201), 2.0);
+    assert_eq!(
+        value(&text, "callferry_uploads_total{outcome=\"conflict\"}"),
+        fake.uploads_conflict as f64
+    );
+    assert_eq!(fake.uploads_conflict, 1);
+    assert_eq!(
+        value(&text, "callferry_uploads_total{outcome=\"retry\"}"),
+        fake.faults_injected as f64,
+        "each injected fault cost one retried attempt"
+    );
+    assert_eq!(
+        value(&text, "callferry_uploads_total{outcome=\"rejected\"}"),
+        fake.uploads_rejected as f64
+    );
+    assert_eq!(
+        value(&text, "callferry_uploads_total{outcome=\"unauthorized\"}"),
+        fake.unauthorized as f64
+    );
+    let bytes_201: u64 = uploads
+        .iter()
+        .filter(|u| u.answered == 201)
+        .map(|u| u.size)
+        .sum();
+    assert_eq!(
+        value(&text, "callferry_uploaded_bytes_total"),
+        bytes_201 as f64
+    );
+    assert_eq!(
+        value(&text, "callferry_upload_duration_seconds_count"),
+        answered(201)
+    );
+    assert_eq!(value(&text, "callferry_jobs{state=\"uploaded\"}"), 3.0);
+    assert_eq!(value(&text, "callferry_jobs{state=\"pending\"}"), 0.0);
+    assert_eq!(value(&text, "callferry_jobs{state=\"failed\"}"), 0.0);
+    assert_eq!(
+        value(&text, "callferry_oldest_pending_job_age_seconds"),
+        0.0
+    );
+    assert_eq!(value(&text, "callferry_api_paused"), 0.0);
+    assert!(value(&text, "callferry_watcher_rescans_total") >= 1.0);
+    assert_eq!(value(&text, "callferry_watcher_overflows_total"), 0.0);
+    assert!(
+        !text.contains(TOKEN),
+        "the token never appears in the metrics"
+    );
+
+    let (status, body) = get(&app, "/healthz").await;
+    assert_eq!((status, body.trim()), (200, "ok"));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_turns_503_on_a_rejected_token_and_back_when_it_is_accepted() {
+    let mut app = TestApp::start(METRICS).await;
+    assert_eq!(get(&app, "/healthz").await.0, 200);
+
+    app.fake.set_token("a-rotated-token");
+    let a = wav(1.0);
+    let pa = app.drop_file("a.wav", &a);
+    let body = poll_for("/healthz to answer 503", || async {
+        let (status, body) = get(&app, "/healthz").await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(body.contains("token rejected"), "{body}");
+    assert!(!body.contains(TOKEN) && !body.contains("a-rotated-token"));
+    let (_, text) = get(&app, "/metrics").await;
+    assert_eq!(value(&text, "callferry_api_paused"), 1.0);
+    assert!(value(&text, "callferry_uploads_total{outcome=\"unauthorized\"}") >= 1.0);
+
+    // The operator fixes it (here: the service accepts our token again); no restart.
+    app.fake.set_token(TOKEN);
+    let job = app.wait_state(&pa, "uploaded").await;
+    app.assert_uploaded_once(&job, &a);
+    eventually("/healthz to answer 200 again", || async {
+        get(&app, "/healthz").await.0 == 200
+    })
+    .await;
+    let (_, text) = get(&app, "/metrics").await;
+    assert_eq!(value(&text, "callferry_api_paused"), 0.0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_reports_waiting_work_that_makes_no_progress() {
+    let mut app = TestApp::start(&format!("{METRICS}unhealthy_after = \"1s\"\n")).await;
+    app.fake.go_down().await;
+    let a = wav(1.0);
+    let pa = app.drop_file("a.wav", &a);
+    let body = poll_for("/healthz to report the stall", || async {
+        let (status, body) = get(&app, "/healthz").await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(body.contains("no progress"), "{body}");
+    assert!(body.contains("1 job(s) waiting"), "{body}");
+
+    app.fake.come_up().await.unwrap();
+    app.wait_state(&pa, "uploaded").await;
+    eventually("/healthz to answer 200 again", || async {
+        get(&app, "/healthz").await.0 == 200
+    })
+    .await;
+    app.stop().await;
+}
