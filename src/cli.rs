@@ -191,6 +191,22 @@ pub fn init_logging(format: LogFormat, level: &str, env: &BTreeMap<String, Strin
             tracing_subscriber::EnvFilter::try_new(level)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
         });
+    if format == LogFormat::Text && journal_is_stderr(env) {
+        // Under systemd: structured entries, so `journalctl -u callferry INTERACTION_ID=...` and
+        // `JOB_ID=...` find a job's lines. Fields keep their names (no `F_` prefix).
+        if let Ok(layer) = tracing_journald::layer() {
+            use tracing_subscriber::layer::SubscriberExt;
+            use tracing_subscriber::util::SubscriberInitExt;
+            let layer = layer
+                .with_field_prefix(None)
+                .with_syslog_identifier("callferry".into());
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(layer)
+                .try_init();
+            return;
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -199,6 +215,24 @@ pub fn init_logging(format: LogFormat, level: &str, env: &BTreeMap<String, Strin
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Whether stderr is the journal: systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the stream it
+/// connected; it is only ours if stderr is still that stream (not redirected by a wrapper).
+fn journal_is_stderr(env: &BTreeMap<String, String>) -> bool {
+    let Some((dev, ino)) = env
+        .get("JOURNAL_STREAM")
+        .and_then(|v| v.split_once(':'))
+        .and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)))
+    else {
+        return false;
+    };
+    // SAFETY: fstat on fd 2 into a zeroed struct we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(2, &mut st) } != 0 {
+        return false;
+    }
+    st.st_dev as u64 == dev && st.st_ino as u64 == ino
 }
 
 async fn run_daemon(cfg: Config) -> Result<i32, AppError> {
@@ -424,4 +458,22 @@ fn is_writable_dir(p: &Path) -> bool {
     };
     // SAFETY: a valid NUL-terminated path; access(2) only reads it.
     unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_journal_is_used_only_when_stderr_is_the_stream_systemd_connected() {
+        let env = |v: &str| BTreeMap::from([("JOURNAL_STREAM".to_string(), v.to_string())]);
+        assert!(!journal_is_stderr(&BTreeMap::new()));
+        assert!(!journal_is_stderr(&env("garbage")));
+        // SAFETY: fstat on fd 2 into a zeroed struct we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstat(2, &mut st) }, 0);
+        let (dev, ino) = (st.st_dev as u64, st.st_ino as u64);
+        assert!(journal_is_stderr(&env(&format!("{dev}:{ino}"))));
+        assert!(!journal_is_stderr(&env(&format!("{dev}:{}", ino + 1))));
+    }
 }
