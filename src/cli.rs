@@ -268,7 +268,10 @@ async fn run_tool(command: Command, cfg: Config) -> Result<i32, AppError> {
                     serde_json::to_string_pretty(&report).unwrap_or_default()
                 );
             } else {
-                print!("{}", status::render_text(&report));
+                print!(
+                    "{}",
+                    status::render_text(&report, status::Style::for_stdout())
+                );
             }
             Ok(EXIT_OK)
         }
