@@ -18,6 +18,50 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
 pub const EXIT_CONFIG: i32 = 78;
 
+/// The rest of the manual, shown by `callferry --help` (there is no separate man page).
+const MANUAL: &str = "\
+FILES:
+  /etc/callferry/callferry.toml   the configuration (every key, commented: config/callferry.toml)
+  /etc/callferry/token            the ElevateAI API token (mode 600); under systemd it is passed
+                                  as a credential ($CREDENTIALS_DIRECTORY/token)
+  /var/lib/callferry/queue.db     the queue (SQLite); <database>.lock is held by the daemon
+  /lib/systemd/system/callferry.service   the hardened unit (Type=notify, watchdog)
+  /usr/lib/sysctl.d/60-callferry.conf     raises fs.inotify.max_user_watches
+
+ENVIRONMENT:
+  CALLFERRY_CONFIG                 the config file, instead of /etc/callferry/callferry.toml
+  CALLFERRY_<SECTION>__<KEY>       overrides one key, e.g. CALLFERRY_API__TOKEN,
+                                   CALLFERRY_WATCH__PATHS=/a,/b (lists are comma-separated)
+  RUST_LOG                         log filter, instead of [log] level
+  CREDENTIALS_DIRECTORY            set by systemd; its `token` is used when no token is configured
+  NOTIFY_SOCKET, WATCHDOG_USEC     set by systemd: READY/STOPPING/STATUS and watchdog messages
+  JOURNAL_STREAM                   set by systemd: logs go to the journal with fields JOB_ID,
+                                   PATH, INTERACTION_ID, ATTEMPT (journalctl INTERACTION_ID=...)
+  NO_COLOR                         no colour in `status`, even on a terminal
+
+SIGNALS:
+  SIGTERM, SIGINT   stop taking work, let in-flight uploads finish within
+                    [upload] shutdown_grace, exit 0; the rest resumes at the next start
+
+EXIT STATUS:
+  0 ok    1 runtime failure (e.g. another daemon holds the database)    2 usage error
+  78 bad or unusable configuration (systemd does not restart on it: RestartPreventExitStatus=78)
+
+MONITORING:
+  With [metrics] listen = \"127.0.0.1:9184\": GET /metrics (Prometheus text) and GET /healthz
+  (200 \"ok\", or 503 and the reason: token rejected, database not writable, no progress for
+  [metrics] unhealthy_after while work waits).
+
+EXAMPLES:
+  callferry check-config --online          validate the config and the token
+  callferry status                         how the queue is doing
+  callferry list --state failed            what needs an operator, with the reason
+  callferry retry --failed                 put failed jobs back in the queue
+  callferry enqueue /old/recordings/*.wav  backfill
+  journalctl -u callferry INTERACTION_ID=<id>   one job's story
+  callferry demo                           the whole flow on this machine, nothing to set up
+";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "callferry",
@@ -28,7 +72,8 @@ pub const EXIT_CONFIG: i32 = 78;
                   restarts, crashes and outages. Its queue lives in SQLite.\n\n\
                   Configuration: /etc/callferry/callferry.toml, or --config PATH, or \
                   CALLFERRY_CONFIG; every key can be overridden as CALLFERRY_<SECTION>__<KEY>.\n\n\
-                  Exit codes: 0 ok, 1 runtime failure, 2 usage error, 78 bad configuration."
+                  Exit codes: 0 ok, 1 runtime failure, 2 usage error, 78 bad configuration.",
+    after_long_help = MANUAL
 )]
 pub struct Cli {
     /// Config file (default /etc/callferry/callferry.toml, or $CALLFERRY_CONFIG).
