@@ -25,7 +25,7 @@ FILES:
   /etc/callferry/token            the ElevateAI API token (mode 600); under systemd it is passed
                                   as a credential ($CREDENTIALS_DIRECTORY/token)
   /var/lib/callferry/queue.db     the queue (SQLite); <database>.lock is held by the daemon
-  /lib/systemd/system/callferry.service   the hardened unit (Type=notify, watchdog)
+  /usr/lib/systemd/system/callferry.service   the hardened unit (Type=notify, watchdog)
   /usr/lib/sysctl.d/60-callferry.conf     raises fs.inotify.max_user_watches
 
 ENVIRONMENT:
