@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 
 use crate::api::ApiClient;
 use crate::clock::now_ms;
-use crate::config::{AfterUploadAction, Config, ConfigError};
+use crate::config::{AfterUploadAction, AfterUploadWhen, Config, ConfigError};
 use crate::gate::Gate;
 use crate::metrics::Metrics;
 use crate::monitor::{self, Monitor};
@@ -121,6 +121,7 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
     let token = cfg.api.token.load()?;
+    crate::writers::ignore_lease_breaks();
 
     let queue = Queue::open(&cfg.queue.database, OpenMode::Create).await?;
     let _lock = DaemonLock::acquire(&cfg.queue.database)?;
@@ -172,12 +173,14 @@ pub async fn run(
         info!(address = %metrics_addr.map(|a| a.to_string()).unwrap_or_default(), "serving /metrics and /healthz");
         tasks.spawn(monitor::serve(listener, monitor, background.clone()));
     }
+    let follow_wake = Arc::new(Notify::new());
     let pipeline = Arc::new(Pipeline {
         cfg: cfg.clone(),
         queue: queue.clone(),
         api: api.clone(),
         gate: gate.clone(),
         wake: wake.clone(),
+        follow_wake: follow_wake.clone(),
         stop_claiming: CancellationToken::new(),
         abort: CancellationToken::new(),
         metrics: metrics.clone(),
@@ -185,7 +188,14 @@ pub async fn run(
 
     // Tidy-up that a crash interrupted: uploaded files whose move/delete did not happen yet.
     if cfg.after_upload.action != AfterUploadAction::Keep {
-        for job in queue.undisposed().await? {
+        let states: &[crate::queue::State] = match cfg.after_upload.when {
+            AfterUploadWhen::Uploaded => &[
+                crate::queue::State::Uploaded,
+                crate::queue::State::Processed,
+            ],
+            AfterUploadWhen::Processed => &[crate::queue::State::Processed],
+        };
+        for job in queue.undisposed(states).await? {
             pipeline.after_upload(&job).await;
         }
     }
@@ -215,6 +225,9 @@ pub async fn run(
                 error!(error = %e, "the folder watcher stopped; files are no longer discovered until restart");
             }
         });
+    }
+    if cfg.results.enabled {
+        tasks.spawn(crate::results::Follower::new(pipeline.clone()).run(background.clone()));
     }
     let mut workers = JoinSet::new();
     for n in 0..cfg.upload.workers {

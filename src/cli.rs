@@ -368,8 +368,12 @@ async fn enqueue(cfg: &Config, files: &[PathBuf]) -> Result<i32, AppError> {
     let mut code = EXIT_OK;
     for f in files {
         match crate::watcher::check_file(cfg, f, now_ms()) {
-            Ok(job) => match q.enqueue(std::slice::from_ref(&job), now_ms()).await?[0] {
+            Ok(job) => match &q.enqueue(std::slice::from_ref(&job), now_ms()).await?[0] {
                 Enqueued::New { id, .. } => println!("queued   #{id} {}", job.path.display()),
+                Enqueued::SameFile { existing, path } => println!(
+                    "known    {} (same file as job #{existing}, {path})",
+                    job.path.display()
+                ),
                 Enqueued::Known => println!(
                     "known    {} (this version is already queued)",
                     job.path.display()

@@ -120,6 +120,9 @@ pub struct WatchConfig {
     pub ignore: Vec<String>,
     pub ignore_set: GlobSet,
     pub settle: Duration,
+    /// A file whose header never becomes consistent, with no writer, is uploaded anyway after
+    /// this long (a recorder that died). Extension.
+    pub orphan_grace: Duration,
     pub poll_interval: Duration,
     pub rescan_interval: Duration,
 }
@@ -148,10 +151,28 @@ pub enum AfterUploadAction {
     Delete,
 }
 
+/// When the after-upload action happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterUploadWhen {
+    /// As soon as the service has the audio.
+    Uploaded,
+    /// Only once the results are written (needs `[results] enabled`).
+    Processed,
+}
+
 #[derive(Debug, Clone)]
 pub struct AfterUploadConfig {
     pub action: AfterUploadAction,
     pub move_to: Option<PathBuf>,
+    pub when: AfterUploadWhen,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultsFormat {
+    /// The JSON documents only.
+    Json,
+    /// Also a plain-text transcript (`.txt`), one line per speaker turn.
+    Text,
 }
 
 #[derive(Debug, Clone)]
@@ -161,6 +182,9 @@ pub struct ResultsConfig {
     pub kinds: Vec<String>,
     pub poll_interval: Duration,
     pub max_wait: Duration,
+    /// Cap on status polls and result fetches, all jobs together. Extension.
+    pub max_requests_per_sec: f64,
+    pub format: ResultsFormat,
 }
 
 #[derive(Debug, Clone)]
@@ -258,6 +282,7 @@ struct RawWatch {
     extensions: Vec<String>,
     ignore: Vec<String>,
     settle: String,
+    orphan_grace: String,
     poll_interval: String,
     rescan_interval: String,
 }
@@ -278,6 +303,7 @@ impl Default for RawWatch {
                 .map(|s| s.to_string())
                 .collect(),
             settle: "5s".into(),
+            orphan_grace: "10m".into(),
             poll_interval: "0s".into(),
             rescan_interval: "10m".into(),
         }
@@ -332,6 +358,7 @@ impl Default for RawUpload {
 struct RawAfterUpload {
     action: String,
     move_to: String,
+    when: Option<String>,
 }
 
 impl Default for RawAfterUpload {
@@ -339,6 +366,7 @@ impl Default for RawAfterUpload {
         RawAfterUpload {
             action: "keep".into(),
             move_to: String::new(),
+            when: None,
         }
     }
 }
@@ -352,6 +380,9 @@ struct RawResults {
     kinds: Vec<String>,
     poll_interval: String,
     max_wait: String,
+    #[serde(deserialize_with = "lenient")]
+    max_requests_per_sec: f64,
+    format: String,
 }
 
 impl Default for RawResults {
@@ -362,6 +393,8 @@ impl Default for RawResults {
             kinds: vec!["transcript".into(), "punctuated".into(), "ai".into()],
             poll_interval: "30s".into(),
             max_wait: "24h".into(),
+            max_requests_per_sec: 10.0,
+            format: "json".into(),
         }
     }
 }
@@ -552,6 +585,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "extensions",
             "ignore",
             "settle",
+            "orphan_grace",
             "poll_interval",
             "rescan_interval",
         ],
@@ -569,7 +603,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "shutdown_grace",
         ],
     ),
-    ("after_upload", &["action", "move_to"]),
+    ("after_upload", &["action", "move_to", "when"]),
     (
         "results",
         &[
@@ -578,6 +612,8 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "kinds",
             "poll_interval",
             "max_wait",
+            "max_requests_per_sec",
+            "format",
         ],
     ),
     ("metrics", &["listen", "unhealthy_after"]),
@@ -815,6 +851,7 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
         ignore: raw.watch.ignore,
         ignore_set,
         settle: parse_duration("watch.settle", &raw.watch.settle)?,
+        orphan_grace: parse_duration("watch.orphan_grace", &raw.watch.orphan_grace)?,
         poll_interval: parse_duration("watch.poll_interval", &raw.watch.poll_interval)?,
         rescan_interval: parse_duration("watch.rescan_interval", &raw.watch.rescan_interval)?,
     };
@@ -907,7 +944,34 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
             ));
         }
     }
-    let after_upload = AfterUploadConfig { action, move_to };
+    let when = match raw.after_upload.when.as_deref().map(str::trim) {
+        None | Some("") => {
+            if raw.results.enabled {
+                AfterUploadWhen::Processed
+            } else {
+                AfterUploadWhen::Uploaded
+            }
+        }
+        Some("uploaded") => AfterUploadWhen::Uploaded,
+        Some("processed") if raw.results.enabled => AfterUploadWhen::Processed,
+        Some("processed") => {
+            return Err(ConfigError::new(
+                "after_upload.when",
+                "\"processed\" needs results.enabled = true (nothing is processed otherwise)",
+            ));
+        }
+        Some(other) => {
+            return Err(ConfigError::new(
+                "after_upload.when",
+                format!("{other:?} is not one of uploaded, processed"),
+            ));
+        }
+    };
+    let after_upload = AfterUploadConfig {
+        action,
+        move_to,
+        when,
+    };
 
     // [results]
     let known_kinds = ["transcript", "punctuated", "ai"];
@@ -919,13 +983,37 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
             ));
         }
     }
+    if !(raw.results.max_requests_per_sec > 0.0 && raw.results.max_requests_per_sec.is_finite()) {
+        return Err(ConfigError::new(
+            "results.max_requests_per_sec",
+            "must be a number greater than 0",
+        ));
+    }
+    let format = match raw.results.format.trim() {
+        "json" => ResultsFormat::Json,
+        "text" => ResultsFormat::Text,
+        other => {
+            return Err(ConfigError::new(
+                "results.format",
+                format!("{other:?} is not one of json, text"),
+            ));
+        }
+    };
     let results = ResultsConfig {
         enabled: raw.results.enabled,
         output_dir: non_empty_path("results.output_dir", &raw.results.output_dir)?,
         kinds: raw.results.kinds,
         poll_interval: parse_duration("results.poll_interval", &raw.results.poll_interval)?,
         max_wait: parse_duration("results.max_wait", &raw.results.max_wait)?,
+        max_requests_per_sec: raw.results.max_requests_per_sec,
+        format,
     };
+    if results.enabled && results.poll_interval.is_zero() {
+        return Err(ConfigError::new(
+            "results.poll_interval",
+            "must be greater than 0",
+        ));
+    }
 
     // [metrics]
     let listen = match raw.metrics.listen.trim() {

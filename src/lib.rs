@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod app;
+pub mod audio;
 pub mod cli;
 pub mod clock;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod queue;
 pub mod ratelimit;
+pub mod results;
 pub mod retry;
 pub mod secret;
 pub mod stability;
@@ -23,3 +25,4 @@ pub mod status;
 pub mod systemd;
 pub mod watcher;
 pub mod worker;
+pub mod writers;

@@ -72,7 +72,7 @@ mod help {
         "Full rescans of the watched folders (startup, periodic, polling, after an overflow)";
     pub const WATCHER_OVERFLOWS: &str =
         "File event bursts that overflowed the event queue or the kernel's; each causes a rescan";
-    pub const RESULTS_FETCHED: &str = "Results files fetched from the API and written, by kind";
+    pub const RESULTS_FETCHED: &str = "Results files written, by kind (transcript, punctuated, ai fetched from the API; text made from punctuated)";
     pub const BUILD_INFO: &str = "Always 1; the version label says which callferry runs";
 }
 

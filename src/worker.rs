@@ -15,7 +15,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::api::{ApiClient, ApiError, DeclareRequest, ErrorClass};
 use crate::clock::{ms, now_ms};
-use crate::config::{AfterUploadAction, Config};
+use crate::config::{AfterUploadAction, AfterUploadWhen, Config};
 use crate::gate::Gate;
 use crate::queue::{Job, Queue, QueueError, State};
 use crate::retry::{Backoff, give_up};
@@ -32,6 +32,8 @@ pub struct Pipeline {
     pub gate: Arc<Gate>,
     /// Wakes idle workers when new work was queued in-process.
     pub wake: Arc<Notify>,
+    /// Wakes the results follower when a job starts being followed.
+    pub follow_wake: Arc<Notify>,
     /// Fired on SIGTERM: stop claiming new jobs.
     pub stop_claiming: CancellationToken,
     /// Fired when the shutdown grace is over: abandon in-flight requests (jobs go back to waiting).
@@ -134,9 +136,16 @@ impl Pipeline {
         // The version we queued must still be the one on disk.
         match std::fs::metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let msg = "file vanished before upload (deleted or moved away)";
-                warn!("{msg}");
-                self.record(self.queue.fail(&job, msg, now_ms()).await);
+                if job.interaction_id.is_none() {
+                    warn!(
+                        "file vanished before upload (deleted or moved away); dropped from the queue"
+                    );
+                    self.record(self.queue.drop_undeclared(&job).await);
+                } else {
+                    let msg = "file vanished before upload (deleted or moved away) after its interaction was declared";
+                    warn!("{msg}");
+                    self.record(self.queue.fail(&job, msg, now_ms()).await);
+                }
                 return;
             }
             Err(e) => {
@@ -211,10 +220,25 @@ impl Pipeline {
                     let secs = started.elapsed().as_secs_f64();
                     info!(interaction_id = %iid, bytes = job.size, seconds = secs, "uploaded");
                 }
-                match self.queue.mark_uploaded(job.id, status, now_ms()).await {
+                let now = now_ms();
+                let follow_at = self
+                    .cfg
+                    .results
+                    .enabled
+                    .then(|| now + ms(self.cfg.results.poll_interval));
+                match self
+                    .queue
+                    .mark_uploaded(job.id, status, follow_at, now)
+                    .await
+                {
                     Ok(()) => {
                         job.state = State::Uploaded;
-                        self.after_upload(&job).await;
+                        if follow_at.is_some() {
+                            self.follow_wake.notify_one();
+                        }
+                        if self.cfg.after_upload.when == AfterUploadWhen::Uploaded {
+                            self.after_upload(&job).await;
+                        }
                     }
                     Err(e) => self.storage_error(&e).await,
                 }

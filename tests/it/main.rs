@@ -5,3 +5,5 @@ mod cli;
 mod helpers;
 mod ops;
 mod pipeline;
+mod recorders;
+mod results;

@@ -32,7 +32,12 @@ fn value(text: &str, series: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_scraped_during_a_run_match_the_fakes_own_counts() {
-    let mut app = TestApp::start(METRICS).await;
+    let out = tempfile::tempdir().unwrap();
+    let mut app = TestApp::start(&format!(
+        "{METRICS}[results]\nenabled = true\noutput_dir = \"{}\"\npoll_interval = \"200ms\"\n",
+        out.path().display()
+    ))
+    .await;
     // One declare answered 503 (retried), one upload stored but its answer lost (retried, then 409).
     app.fake.push_fault(Endpoint::Declare, Fault::Status(503));
     app.fake
@@ -44,7 +49,7 @@ async fn metrics_scraped_during_a_run_match_the_fakes_own_counts() {
         .map(|(i, b)| app.drop_file(&format!("day/call-{i}.wav"), b))
         .collect();
     for p in &paths {
-        app.wait_state(p, "uploaded").await;
+        app.wait_state(p, "processed").await;
     }
 
     let (status, text) = get(&app, "/metrics").await;
@@ -95,7 +100,19 @@ async fn metrics_scraped_during_a_run_match_the_fakes_own_counts() {
         value(&text, "callferry_upload_duration_seconds_count"),
         answered(201)
     );
-    assert_eq!(value(&text, "callferry_jobs{state=\"uploaded\"}"), 3.0);
+    assert_eq!(value(&text, "callferry_jobs{state=\"processed\"}"), 3.0);
+    assert_eq!(value(&text, "callferry_jobs{state=\"uploaded\"}"), 0.0);
+    let fetched: f64 = ["transcript", "punctuated", "ai"]
+        .iter()
+        .map(|k| {
+            value(
+                &text,
+                &format!("callferry_results_fetched_total{{kind=\"{k}\"}}"),
+            )
+        })
+        .sum();
+    assert_eq!(fetched, fake.result_fetches as f64);
+    assert!(fetched >= 3.0, "at least one kind per recording");
     assert_eq!(value(&text, "callferry_jobs{state=\"pending\"}"), 0.0);
     assert_eq!(value(&text, "callferry_jobs{state=\"failed\"}"), 0.0);
     assert_eq!(
