@@ -186,3 +186,84 @@ async fn healthz_reports_waiting_work_that_makes_no_progress() {
     .await;
     app.stop().await;
 }
+
+/// The daemon as systemd runs it: a separate process with `NOTIFY_SOCKET` and `WATCHDOG_USEC`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_systemd_it_says_ready_status_feeds_the_watchdog_and_says_stopping() {
+    use std::os::unix::net::UnixDatagram;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rec")).unwrap();
+    let fake = callferry::fake::FakeApi::start(callferry::fake::FakeOptions {
+        token: TOKEN.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cfg = dir.path().join("callferry.toml");
+    std::fs::write(&cfg, config_text(&fake.base_url(), dir.path(), "")).unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_callferry"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("CALLFERRY_CONFIG")
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // Collects notifications until `done` says enough, or the deadline passes.
+    let recv_until = |sock: UnixDatagram, done: fn(&[String]) -> bool| {
+        tokio::task::spawn_blocking(move || {
+            let start = std::time::Instant::now();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while start.elapsed() < DEADLINE && !done(&got) {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    got.extend(
+                        String::from_utf8_lossy(&buf[..n])
+                            .lines()
+                            .map(str::to_string),
+                    );
+                }
+            }
+            (sock, got)
+        })
+    };
+    let (sock, got) = recv_until(sock, |got| {
+        got.iter().any(|l| l == "READY=1")
+            && got.iter().any(|l| l.starts_with("STATUS="))
+            && got.iter().filter(|l| *l == "WATCHDOG=1").count() >= 3
+    })
+    .await
+    .unwrap();
+    assert!(got.iter().any(|l| l == "READY=1"), "{got:?}");
+    let status = got.iter().find(|l| l.starts_with("STATUS=")).unwrap();
+    assert!(
+        status.contains("0 pending") && status.contains("0 failed"),
+        "{status}"
+    );
+    assert!(
+        got.iter().filter(|l| *l == "WATCHDOG=1").count() >= 3,
+        "an idle, healthy daemon keeps feeding the watchdog: {got:?}"
+    );
+
+    // SAFETY: signalling the child we started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let (_sock, got) = recv_until(sock, |got| got.iter().any(|l| l == "STOPPING=1"))
+        .await
+        .unwrap();
+    assert!(got.iter().any(|l| l == "STOPPING=1"), "{got:?}");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
