@@ -166,9 +166,9 @@ pub fn render_text(r: &StatusReport, style: Style) -> String {
         for e in &r.recent_errors {
             let ago = human_age(((now_ms() - e.at).max(0) as f64) / 1000.0);
             out.push_str(&format!(
-                "#{:<7} {:>7} ago  {}\n{:17}{}\n",
-                e.job_id,
-                ago,
+                "{:<8}{:<11}{}\n{:19}{}\n",
+                format!("#{}", e.job_id),
+                format!("{ago} ago"),
                 e.path,
                 "",
                 style.yellow(&e.error)
@@ -306,7 +306,9 @@ mod tests {
         assert!(t.contains("uploaded        1203"), "{t}");
         assert!(t.contains("failed             1"), "{t}");
         assert!(
-            t.contains("#17        3m00s ago  /var/spool/asterisk/monitor/a.wav"),
+            t.contains(
+                "#17     3m00s ago  /var/spool/asterisk/monitor/a.wav\n                   HTTP 503"
+            ),
             "{t}"
         );
         let json = serde_json::to_value(report()).unwrap();
