@@ -22,6 +22,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/callferry/callferry.toml";
 /// Environment variable that overrides the config file's location.
 pub const CONFIG_ENV: &str = "CALLFERRY_CONFIG";
 const ENV_PREFIX: &str = "CALLFERRY_";
+/// Set by systemd for a unit with `LoadCredential=`: the folder holding the credentials.
+pub const CREDENTIALS_ENV: &str = "CREDENTIALS_DIRECTORY";
+/// The credential's name: `LoadCredential=token:/etc/callferry/token`.
+pub const TOKEN_CREDENTIAL: &str = "token";
 
 /// A configuration problem, always tied to the key (or file) it is about.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +190,8 @@ pub struct ResultsConfig {
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
+    /// `/healthz` turns 503 when work waits and nothing progressed for this long. Extension.
+    pub unhealthy_after: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,10 +399,20 @@ impl Default for RawResults {
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct RawMetrics {
     listen: String,
+    unhealthy_after: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            listen: String::new(),
+            unhealthy_after: "10m".into(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -518,10 +534,23 @@ pub fn from_toml_str(
     }
 
     check_known_keys(&value)?;
-    let raw: Raw = serde_path_to_error::deserialize(&value).map_err(|e| {
+    let mut raw: Raw = serde_path_to_error::deserialize(&value).map_err(|e| {
         let key = e.path().to_string();
         ConfigError::new(key, e.into_inner().to_string())
     })?;
+    // Under systemd the token may come as a credential (`LoadCredential=token:...`): used when the
+    // configuration names no token of its own.
+    let unset = |o: &Option<String>| o.as_deref().is_none_or(|s| s.trim().is_empty());
+    if unset(&raw.api.token)
+        && unset(&raw.api.token_file)
+        && let Some(dir) = env.get(CREDENTIALS_ENV).filter(|d| !d.is_empty())
+    {
+        let cred = Path::new(dir).join(TOKEN_CREDENTIAL);
+        if cred.is_file() {
+            raw.api.token = None;
+            raw.api.token_file = Some(cred.to_string_lossy().into_owned());
+        }
+    }
     validate(raw)
 }
 
@@ -587,7 +616,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "format",
         ],
     ),
-    ("metrics", &["listen"]),
+    ("metrics", &["listen", "unhealthy_after"]),
     ("log", &["format", "level"]),
 ];
 
@@ -1024,7 +1053,13 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
         upload,
         after_upload,
         results,
-        metrics: MetricsConfig { listen },
+        metrics: MetricsConfig {
+            listen,
+            unhealthy_after: parse_duration(
+                "metrics.unhealthy_after",
+                &raw.metrics.unhealthy_after,
+            )?,
+        },
         log: LogConfig {
             format,
             level: raw.log.level,
@@ -1201,6 +1236,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_systemd_credential_is_the_token_when_none_is_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "from-credential\n").unwrap();
+        let creds = dir.path().to_string_lossy().into_owned();
+        let only_paths = "[watch]\npaths=[\"/x\"]\n";
+        let c = from_toml_str(only_paths, &env(&[("CREDENTIALS_DIRECTORY", &creds)]), "t").unwrap();
+        match &c.api.token {
+            TokenSource::File(p) => assert_eq!(p, &dir.path().join("token")),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(c.api.token.load().unwrap().expose(), "from-credential");
+        // A token the configuration names wins.
+        let c = from_toml_str(MINIMAL, &env(&[("CREDENTIALS_DIRECTORY", &creds)]), "t").unwrap();
+        assert!(matches!(c.api.token, TokenSource::Inline(_)));
+        // No credential file there: still the usual error naming api.token.
+        let empty = tempfile::tempdir().unwrap();
+        let e = from_toml_str(
+            only_paths,
+            &env(&[("CREDENTIALS_DIRECTORY", &empty.path().to_string_lossy())]),
+            "t",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "api.token");
     }
 
     #[test]

@@ -320,6 +320,7 @@ impl Follower {
                 return;
             }
             debug!(kind, path = %path.display(), "result written");
+            self.p.metrics.result_fetched(kind);
             self.record(self.p.queue.result_written(&job, kind, now_ms()).await);
             job.results_written.push(kind.to_string());
         }

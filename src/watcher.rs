@@ -86,6 +86,7 @@ struct State {
     /// Roots that exist but could not be watched (inotify limit): polled.
     polled: Vec<PathBuf>,
     cancel: CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
     /// The open-writer check could not run; said once.
     writer_check_warned: bool,
 }
@@ -96,6 +97,7 @@ pub async fn run(
     wake: Arc<Notify>,
     cancel: CancellationToken,
     ready: oneshot::Sender<()>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<notify::Result<notify::Event>>(EVENT_CHANNEL);
     let overflow = Arc::new(AtomicBool::new(false));
@@ -132,6 +134,7 @@ pub async fn run(
         missing: Vec::new(),
         polled: Vec::new(),
         cancel: cancel.clone(),
+        metrics,
         writer_check_warned: false,
     };
     for root in &cfg.watch.paths {
@@ -179,6 +182,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(wake_at) => {}
         }
         if overflow.swap(false, Ordering::Relaxed) {
+            st.metrics.watcher_overflow();
             warn!(
                 "file event queue overflowed (a burst of files); rescanning every watched folder so nothing is missed"
             );
@@ -289,6 +293,7 @@ impl State {
     }
 
     async fn rescan_all(&mut self) {
+        self.metrics.watcher_rescan();
         for root in self.roots() {
             self.rescan(&root).await;
         }
@@ -380,6 +385,7 @@ impl State {
             }
         };
         if ev.need_rescan() {
+            self.metrics.watcher_overflow();
             warn!("the kernel dropped file events; rescanning every watched folder");
             self.rescan_all().await;
             return;
@@ -551,6 +557,7 @@ impl State {
                         }
                     }
                     if new > 0 {
+                        self.metrics.files_discovered(new);
                         self.wake.notify_waiters();
                     }
                     return;

@@ -44,6 +44,7 @@ pub struct Pipeline {
     pub abort: CancellationToken,
     /// Held by the one idle worker that watches the database for changes (see `idle`).
     pub idle_watch: std::sync::atomic::AtomicBool,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Pipeline {
@@ -110,6 +111,8 @@ impl Pipeline {
                 _ = self.wake.notified() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
+            // A sign of life for the watchdog: at least every IDLE_RECHECK from every idle worker.
+            self.metrics.idle_turn();
             if due.is_some_and(|d| d <= now_ms()) || since.elapsed() >= IDLE_RECHECK {
                 return;
             }
@@ -244,6 +247,7 @@ impl Pipeline {
             Ok(outcome) => {
                 self.api_ok();
                 let status = outcome.status();
+                self.metrics.uploaded(status, job.size, started.elapsed());
                 if status == 409 {
                     info!(interaction_id = %iid, "upload answered 409: the service already has this audio (an earlier attempt got through); counted as uploaded");
                 } else {
@@ -302,6 +306,7 @@ impl Pipeline {
         let now = now_ms();
         let unit: f64 = rand::random();
         let msg = err.to_string();
+        self.metrics.attempt_failed(&err);
         match err.class() {
             ErrorClass::Auth => {
                 if self.gate.pause_auth(msg.clone()) {
@@ -363,6 +368,7 @@ impl Pipeline {
     }
 
     fn record(&self, r: Result<(), QueueError>) {
+        self.metrics.outcome_recorded();
         if let Err(e) = r {
             // The job stays in its in-flight state and is recovered at the next start.
             error!(error = %e, "could not record the job's outcome in the queue");

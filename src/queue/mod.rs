@@ -8,6 +8,7 @@
 //! this database is the truth.
 
 mod state;
+mod stats;
 
 use std::fs::OpenOptions;
 use std::io::Read;

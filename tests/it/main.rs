@@ -4,6 +4,7 @@
 mod bench_smoke;
 mod cli;
 mod helpers;
+mod ops;
 mod pipeline;
 mod recorders;
 mod results;

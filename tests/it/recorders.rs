@@ -431,3 +431,129 @@ async fn a_burst_of_ten_thousand_files_overflows_the_event_queue_and_none_is_mis
     assert_eq!(names.len() as u64, n, "no file missed, none twice");
     app.stop().await;
 }
+
+/// An 8-hour call (8 kHz 16-bit mono: 460 MB), recorded in place at compressed speed with an
+/// Asterisk placeholder header, by a `callferry run` process: uploaded once, complete, with flat
+/// memory. `cargo test --release --test it long_call -- --ignored --nocapture`;
+/// CALLFERRY_BENCH_CALL_BYTES=1073741824 for a 1 GiB file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn long_call_is_uploaded_once_with_flat_memory() {
+    use sha2::{Digest, Sha256};
+    let audio_len: u64 = std::env::var("CALLFERRY_BENCH_CALL_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8 * 3600 * 8000 * 2);
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    let fake = callferry::fake::FakeApi::start(callferry::fake::FakeOptions {
+        token: TOKEN.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let text = config_text(
+        &fake.base_url(),
+        dir.path(),
+        "[watch]\nsettle = \"1s\"\n[log]\nlevel = \"warn\"\n",
+    );
+    let cfg_path = dir.path().join("callferry.toml");
+    std::fs::write(&cfg_path, &text).unwrap();
+    let mut child = crate::results::ChildGuard(
+        std::process::Command::new(env!("CARGO_BIN_EXE_callferry"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id();
+    let hwm = move || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let path = rec.join("eight-hours.wav");
+    let t = Instant::now();
+    let (digest, hwm_while_recording) = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut f = std::fs::File::create(&path).unwrap();
+            let header = placeholder_header(Placeholder::Asterisk);
+            f.write_all(&header).unwrap();
+            let chunk: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+            let mut written = 0u64;
+            let mut n = 0u64;
+            let mut hwm_max = 0;
+            while written < audio_len {
+                let k = chunk.len().min((audio_len - written) as usize);
+                f.write_all(&chunk[..k]).unwrap();
+                written += k as u64;
+                n += 1;
+                if n % 32 == 0 {
+                    // A recorder writes steadily; now and then a pause longer than settle.
+                    std::thread::sleep(Duration::from_millis(if n % 256 == 0 { 1500 } else { 20 }));
+                    hwm_max = hwm_max.max(hwm());
+                }
+            }
+            f.seek(SeekFrom::Start(0)).unwrap();
+            f.write_all(&wav_header(audio_len as u32)).unwrap();
+            f.sync_all().unwrap();
+            drop(f);
+            let mut h = Sha256::new();
+            let mut r = std::fs::File::open(&path).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let k = std::io::Read::read(&mut r, &mut buf).unwrap();
+                if k == 0 {
+                    break;
+                }
+                h.update(&buf[..k]);
+            }
+            (hex::encode(h.finalize()), hwm_max)
+        })
+        .await
+        .unwrap()
+    };
+    let recorded_in = t.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while fake.counters().uploads_stored < 1 {
+        assert!(Instant::now() < deadline, "not uploaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recs = fake.interactions();
+    let stored: Vec<_> = recs
+        .iter()
+        .flat_map(|r| r.uploads.iter().filter(|u| u.stored))
+        .collect();
+    assert_eq!(stored.len(), 1, "uploaded once");
+    assert_eq!(stored[0].size, audio_len + 44);
+    assert_eq!(
+        stored[0].sha256, digest,
+        "the final bytes, not a partial recording"
+    );
+    let hwm_end = hwm();
+    println!(
+        "{:.0} MB call recorded in {:.1}s; daemon VmHWM while recording {:.1} MiB, after upload {:.1} MiB; declares {}",
+        (audio_len + 44) as f64 / 1e6,
+        recorded_in.as_secs_f64(),
+        hwm_while_recording as f64 / 1024.0,
+        hwm_end as f64 / 1024.0,
+        fake.counters().declares
+    );
+    assert_eq!(fake.counters().declares, 1);
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    assert!(child.0.wait().unwrap().success());
+    assert!(hwm_end < 64 * 1024);
+}

@@ -310,3 +310,176 @@ async fn a_thousand_followed_jobs_respect_the_global_request_rate() {
 }
 
 use futures_util::StreamExt;
+
+fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Kills the child process when dropped, so a failing benchmark leaves nothing behind.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct FollowRun {
+    fake: callferry::fake::FakeApi,
+    ids: Vec<String>,
+    out: PathBuf,
+    child: ChildGuard,
+    _dir: tempfile::TempDir,
+}
+
+/// A `callferry run` process following `n` seeded interactions (each polled every `poll` s, at most
+/// `cap` requests/s), all due within the first poll interval.
+async fn follow_run(n: usize, poll: u64, cap: f64) -> FollowRun {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec");
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&rec).unwrap();
+    let fake = callferry::fake::FakeApi::start(fake_processing(3_600_000))
+        .await
+        .unwrap();
+    let ids = fake.seed_uploaded(n);
+    let text = config_text(
+        &fake.base_url(),
+        dir.path(),
+        &format!(
+            "[results]\nenabled = true\noutput_dir = \"{}\"\npoll_interval = \"{poll}s\"\nmax_requests_per_sec = {cap}\n[log]\nlevel = \"warn\"\n",
+            out.display()
+        ),
+    );
+    let cfg_path = dir.path().join("callferry.toml");
+    std::fs::write(&cfg_path, &text).unwrap();
+    let cfg = load_config(&text);
+    Queue::open(&cfg.queue.database, OpenMode::Create)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let mut conn =
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", cfg.queue.database.display()))
+            .await
+            .unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let now = now_ms();
+    for (i, id) in ids.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO jobs (path, root, size, mtime_ns, state, next_attempt_at, interaction_id, \
+             upload_status, uploaded_at, follow_at, created_at, updated_at) \
+             VALUES (?, ?, 1, ?, 'uploaded', 0, ?, 201, ?, ?, ?, ?)",
+        )
+        .bind(rec.join(format!("f{i}.wav")).to_string_lossy().into_owned())
+        .bind(rec.to_string_lossy().into_owned())
+        .bind(i as i64)
+        .bind(id)
+        .bind(now)
+        .bind(now + (i as i64 % (poll as i64 * 1000)))
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    conn.close().await.unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_callferry"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    FollowRun {
+        fake,
+        ids,
+        out,
+        child: ChildGuard(child),
+        _dir: dir,
+    }
+}
+
+/// Benchmark (compressed time): memory and request rate of the `callferry run` process while it
+/// follows 100,000 interactions, and the delay from `processed` to the result files on disk.
+/// `cargo test --release --test it bench_following -- --ignored --nocapture`
+/// (CALLFERRY_BENCH_FOLLOW_N=… to change the number of jobs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bench_following_many_jobs() {
+    let n: usize = std::env::var("CALLFERRY_BENCH_FOLLOW_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    // 1. Many jobs, more polling wanted than the cap allows: the cap holds, memory stays flat.
+    let (poll, cap) = (10u64, 1000.0);
+    let run = follow_run(n, poll, cap).await;
+    let pid = run.child.0.id();
+    eventually("the first status polls", || async {
+        run.fake.counters().status_polls > 0
+    })
+    .await;
+    let start_polls = run.fake.counters().status_polls;
+    let t0 = Instant::now();
+    let mut rss_max = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        rss_max = rss_max.max(proc_status_kib(pid, "VmRSS:"));
+    }
+    let rate = (run.fake.counters().status_polls - start_polls) as f64 / t0.elapsed().as_secs_f64();
+    let hwm = proc_status_kib(pid, "VmHWM:");
+    println!(
+        "following {n} jobs: {rate:.0} status polls/s (cap {cap}/s; every {poll}s each would want {:.0}/s), VmRSS max {:.1} MiB, VmHWM {:.1} MiB",
+        n as f64 / poll as f64,
+        rss_max as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    assert!(rate <= cap * 1.05, "cap held");
+    assert!(hwm < 64 * 1024, "memory stays small");
+    drop(run);
+
+    // 2. Delay from `processed` to the results on disk, with demand under the cap.
+    let (m, poll) = (300usize, 2u64);
+    let run = follow_run(m, poll, 1000.0).await;
+    eventually("the first status polls", || async {
+        run.fake.counters().status_polls > 0
+    })
+    .await;
+    let processed_at = std::time::SystemTime::now();
+    for id in &run.ids {
+        run.fake.force_status(id, "processed", None);
+    }
+    let mut delays = Vec::new();
+    for i in 0..m {
+        // `punctuated` is the last kind written (ai is off).
+        let p = run.out.join(format!("f{i}.wav.punctuated.json"));
+        let m = poll_for("results on disk", || async {
+            std::fs::metadata(&p).ok().and_then(|m| m.modified().ok())
+        })
+        .await;
+        delays.push(
+            m.duration_since(processed_at)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+    }
+    delays.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |q: f64| delays[((delays.len() - 1) as f64 * q) as usize];
+    println!(
+        "processed -> results on disk ({m} jobs, poll_interval {poll}s): p50 {:.2}s  p99 {:.2}s  max {:.2}s",
+        pct(0.5),
+        pct(0.99),
+        delays[delays.len() - 1]
+    );
+    assert!(pct(0.99) <= poll as f64 + 1.0);
+}
