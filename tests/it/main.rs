@@ -2,5 +2,6 @@
 //! on temp dirs; the CLI tests run the built binary.
 
 mod cli;
+mod hardening;
 mod helpers;
 mod pipeline;

@@ -1,0 +1,94 @@
+//! The daemon as a separate process: `callferry run` with a generated config, its log in a file,
+//! stopped by SIGTERM or killed by SIGKILL.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+pub fn callferry() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_callferry"));
+    c.env_remove("CALLFERRY_CONFIG")
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .kill_on_drop(true);
+    c
+}
+
+pub struct Daemon {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `callferry --config CFG run`, appending its stderr (the log) to `log`.
+    pub fn spawn(cfg: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut cmd = callferry();
+        cmd.arg("--config")
+            .arg(cfg)
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Daemon {
+            child: cmd.spawn().expect("spawn callferry run"),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("still running") as i32
+    }
+
+    /// Whether it has exited on its own (it never should while a test expects it to run).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// `kill -9`: no chance to clean up anything.
+    pub async fn kill9(&mut self) {
+        if let Some(st) = self.exited() {
+            panic!(
+                "the daemon had already exited ({st}) before the kill:\n{}",
+                self.log_text()
+            );
+        }
+        self.child.kill().await.unwrap();
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
+    }
+
+    pub async fn wait(&mut self, limit: Duration) -> ExitStatus {
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(st) => st.unwrap(),
+            Err(_) => panic!(
+                "the daemon did not exit within {limit:?}:\n{}",
+                self.log_text()
+            ),
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Writes a config file for the binary (see `helpers::config_text`) and returns its path.
+pub fn write_config(dir: &Path, base_url: &str, extra: &str) -> PathBuf {
+    let p = dir.join("callferry.toml");
+    std::fs::write(&p, crate::helpers::config_text(base_url, dir, extra)).unwrap();
+    p
+}
