@@ -611,6 +611,29 @@ impl Queue {
         })
     }
 
+    /// Test hook (the disk-full tests): with `full`, caps the database at its current size on
+    /// every pooled connection (SQLite's `max_page_count`), so a write that needs a new page fails
+    /// with SQLITE_FULL exactly as on a full disk; `false` lifts the cap. Connections the pool
+    /// opens later are not capped.
+    #[doc(hidden)]
+    pub async fn simulate_disk_full(&self, full: bool) -> Result<(), QueueError> {
+        // Hold every connection at once so each one gets the setting.
+        let mut conns = Vec::new();
+        for _ in 0..self.pool.options().get_max_connections() {
+            conns.push(self.pool.acquire().await?);
+        }
+        for c in &mut conns {
+            let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+                .fetch_one(&mut **c)
+                .await?;
+            let cap = if full { pages } else { 0xFFFF_FFFE };
+            sqlx::query(AssertSqlSafe(format!("PRAGMA max_page_count = {cap}")))
+                .execute(&mut **c)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Every event of one job, oldest first: (at, event, detail).
     pub async fn events(&self, id: i64) -> Result<Vec<(i64, String, Option<String>)>, QueueError> {
         let rows =
