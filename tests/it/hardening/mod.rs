@@ -4,3 +4,4 @@
 mod disk_full;
 mod proc;
 mod soak;
+mod stop;

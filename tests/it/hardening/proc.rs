@@ -3,9 +3,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
+
+use crate::helpers::DEADLINE;
 
 pub fn callferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_callferry"));
@@ -83,6 +85,27 @@ impl Daemon {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls the log until it contains `needle`.
+    pub async fn wait_log(&mut self, needle: &str) {
+        let start = Instant::now();
+        while start.elapsed() < DEADLINE {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if let Some(st) = self.exited() {
+                panic!(
+                    "the daemon exited ({st}) before logging {needle:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "timed out waiting for {needle:?} in the log:\n{}",
+            self.log_text()
+        );
     }
 }
 
