@@ -3,5 +3,6 @@
 
 mod disk_full;
 mod proc;
+mod security;
 mod soak;
 mod stop;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-use crate::helpers::DEADLINE;
+use callferry::queue::{OpenMode, Queue};
+
+use crate::helpers::{DEADLINE, poll_for};
 
 pub fn callferry() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_callferry"));
@@ -21,11 +23,14 @@ pub fn callferry() -> Command {
 pub struct Daemon {
     child: Child,
     pub log: PathBuf,
+    /// Length of the log when this run started: `wait_log` looks only at this run's lines.
+    log_start: usize,
 }
 
 impl Daemon {
     /// Starts `callferry --config CFG run`, appending its stderr (the log) to `log`.
     pub fn spawn(cfg: &Path, log: &Path, env: &[(&str, &str)]) -> Daemon {
+        let log_start = std::fs::metadata(log).map_or(0, |m| m.len() as usize);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -44,6 +49,7 @@ impl Daemon {
         Daemon {
             child: cmd.spawn().expect("spawn callferry run"),
             log: log.to_path_buf(),
+            log_start,
         }
     }
 
@@ -87,11 +93,15 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Polls the log until it contains `needle`.
+    /// Polls the log until this run's part of it contains `needle`.
     pub async fn wait_log(&mut self, needle: &str) {
         let start = Instant::now();
         while start.elapsed() < DEADLINE {
-            if self.log_text().contains(needle) {
+            if self
+                .log_text()
+                .get(self.log_start..)
+                .is_some_and(|t| t.contains(needle))
+            {
                 return;
             }
             if let Some(st) = self.exited() {
@@ -107,6 +117,20 @@ impl Daemon {
             self.log_text()
         );
     }
+}
+
+/// Opens the queue database once the daemon has created it (and its tables).
+pub async fn queue_when_ready(db: &Path) -> Queue {
+    poll_for("the queue database", || async {
+        let q = Queue::open(db, OpenMode::Existing).await.ok()?;
+        if q.counts().await.is_ok() {
+            Some(q)
+        } else {
+            q.close().await;
+            None
+        }
+    })
+    .await
 }
 
 /// Writes a config file for the binary (see `helpers::config_text`) and returns its path.

@@ -24,7 +24,7 @@ use callferry::queue::State;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use super::proc::{Daemon, write_config};
+use super::proc::{Daemon, queue_when_ready, write_config};
 use crate::helpers::*;
 
 struct Plan {
@@ -267,15 +267,7 @@ level = "info"
     // The last run drains everything, then stops the way systemd stops it.
     let mut d = Daemon::spawn(&cfg, &log, &[]);
     let written = writer.await.unwrap();
-    let q = poll_for("the queue database", || async {
-        callferry::queue::Queue::open(
-            &dir.path().join("state/queue.db"),
-            callferry::queue::OpenMode::Existing,
-        )
-        .await
-        .ok()
-    })
-    .await;
+    let q = queue_when_ready(&dir.path().join("state/queue.db")).await;
     let drain_start = Instant::now();
     loop {
         let c = q.counts().await.unwrap();

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use callferry::fake::{FakeApi, FakeOptions};
-use callferry::queue::{OpenMode, Queue, State};
+use callferry::queue::{Queue, State};
 
-use super::proc::{Daemon, write_config};
+use super::proc::{Daemon, queue_when_ready, write_config};
 use crate::helpers::*;
 
 async fn fake() -> FakeApi {
@@ -21,12 +21,7 @@ async fn fake() -> FakeApi {
 }
 
 async fn queue(dir: &Path) -> Queue {
-    poll_for("the queue database", || async {
-        Queue::open(&dir.join("state/queue.db"), OpenMode::Existing)
-            .await
-            .ok()
-    })
-    .await
+    queue_when_ready(&dir.join("state/queue.db")).await
 }
 
 /// Everything systemd's notify socket received so far.
