@@ -201,12 +201,15 @@ impl Queue {
             .await
             .map_err(|e| unusable(format!("cannot open as a SQLite database: {e}")))?;
         if mode == OpenMode::Create {
-            MIGRATOR.run(&pool).await?;
+            // Marked ours before the schema goes in: a first start killed in between leaves a
+            // marked database without tables (or one with neither), which the next start accepts
+            // and completes. The other order left tables without the mark, refused as foreign.
             sqlx::query(AssertSqlSafe(format!(
                 "PRAGMA application_id = {APPLICATION_ID}"
             )))
             .execute(&pool)
             .await?;
+            MIGRATOR.run(&pool).await?;
         }
         Ok(Queue {
             pool,

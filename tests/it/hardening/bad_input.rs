@@ -436,3 +436,41 @@ async fn after_upload_move_works_across_filesystems() {
     assert_eq!(leftovers.len(), 1, "no temporary copy left: {leftovers:?}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_start_killed_after_marking_the_database_is_completed_by_the_next() {
+    // What a kill -9 between stamping the application id and creating the tables leaves behind.
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&state)
+            .unwrap();
+    }
+    let db = state.join("queue.db");
+    {
+        use sqlx::{ConnectOptions, Connection};
+        let mut c = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA application_id = {}",
+            callferry::queue::APPLICATION_ID
+        )))
+        .execute(&mut c)
+        .await
+        .unwrap();
+        c.close().await.unwrap();
+    }
+    let q = callferry::queue::Queue::open(&db, callferry::queue::OpenMode::Create)
+        .await
+        .expect("accepted and completed");
+    assert_eq!(q.counts().await.unwrap().total(), 0);
+    q.close().await;
+}
