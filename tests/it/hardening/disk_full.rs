@@ -1,5 +1,6 @@
 //! A full disk under the queue database: uploads pause (gate `Pause::Storage`), every job is kept,
-//! no interaction id is forgotten, and work resumes by itself when space is back.
+//! no interaction id is forgotten, no file is moved before its upload is recorded, and work
+//! resumes by itself when space is back.
 
 use std::path::PathBuf;
 
@@ -11,7 +12,12 @@ const N: usize = 60;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_pauses_keeps_every_job_and_resumes_when_space_is_back() {
-    let mut app = TestApp::start("").await;
+    let done = tempfile::tempdir().unwrap();
+    let mut app = TestApp::start(&format!(
+        "[after_upload]\naction = \"move\"\nmove_to = \"{}\"\n",
+        done.path().display()
+    ))
+    .await;
     // Hold the jobs in the queue while the disk "fills".
     app.fake.go_down().await;
     // Enough jobs that recording their outcomes needs new database pages.
@@ -42,6 +48,25 @@ async fn a_full_disk_pauses_keeps_every_job_and_resumes_when_space_is_back() {
     let c = app.handle.queue.counts().await.unwrap();
     assert_eq!(c.total(), N as u64, "every job kept: {c:?}");
     assert_eq!(c.failed, 0, "{c:?}");
+    // A file is moved only once its upload is committed: whatever has left the folder is
+    // `uploaded` in the queue (looked at in that order, so a move in between cannot fool us).
+    for _ in 0..20 {
+        let moved: Vec<String> = files
+            .iter()
+            .filter(|(p, _)| !p.exists())
+            .map(|(p, _)| p.to_string_lossy().into_owned())
+            .collect();
+        let jobs = app.jobs().await;
+        for m in &moved {
+            let j = jobs.iter().find(|j| &j.path == m).unwrap();
+            assert_eq!(
+                j.state,
+                callferry::queue::State::Uploaded,
+                "{m} moved early"
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
 
     // Space is back: everything drains, each file stored once, and no file declared twice (an
     // interaction id the full disk kept us from recording must not be forgotten).
@@ -51,6 +76,11 @@ async fn a_full_disk_pauses_keeps_every_job_and_resumes_when_space_is_back() {
         app.assert_uploaded_once(&job, b);
     }
     assert_eq!(app.fake.counters().declares, N as u64, "no second declare");
+    for (p, b) in &files {
+        let dest = done.path().join(p.file_name().unwrap());
+        eventually("moved", || async { dest.exists() && !p.exists() }).await;
+        assert_eq!(&std::fs::read(&dest).unwrap(), b);
+    }
     eventually("the pause to be lifted", || async {
         app.handle.gate.state().pause.is_none()
     })
