@@ -426,3 +426,36 @@ fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// The very first start is the one moment a database is being created. Killed anywhere in it, the
+/// next start must come up (before the fix, about one kill in ten there left a hot journal or an
+/// unstamped schema that every later start refused with exit 78).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_kills_during_the_first_start_never_leave_an_unusable_database() {
+    let seed: u64 = env_or("CALLFERRY_SOAK_SEED", std::process::id() as u64);
+    let mut rng = StdRng::seed_from_u64(seed);
+    for round in 0..30 {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("rec")).unwrap();
+        let cfg = write_config(dir.path(), "http://127.0.0.1:9/v1", "");
+        let log = dir.path().join("daemon.log");
+        let mut d = Daemon::spawn(&cfg, &log, &[]);
+        let state = dir.path().join("state");
+        let start = Instant::now();
+        while !state.exists() && start.elapsed() < DEADLINE {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_micros(rng.random_range(0..25_000))).await;
+        d.kill9().await;
+        d.wait(DEADLINE).await;
+        let mut d = Daemon::spawn(&cfg, &log, &[]);
+        d.wait_log("callferry running").await;
+        d.signal(libc::SIGTERM);
+        assert_eq!(
+            d.wait(DEADLINE).await.code(),
+            Some(0),
+            "round {round} (seed {seed}):\n{}",
+            d.log_text()
+        );
+    }
+}
