@@ -61,9 +61,13 @@ async fn the_token_appears_in_no_log_error_output_or_database_file() {
         std::fs::write(rec.join(format!("s{i}.wav")), wav(0.5)).unwrap();
     }
     d.wait_log("the API rejected the token").await;
-    let o = run_cli(&cfg, &["status", "--json"]).await;
-    assert!(text(&o).contains("API token rejected"), "{}", text(&o));
-    outputs.push(("status --json while paused".into(), text(&o)));
+    // The pause reaches the database (where `status` reads it) a moment after the log line.
+    let paused = poll_for("status to show the pause", || async {
+        let t = text(&run_cli(&cfg, &["status", "--json"]).await);
+        t.contains("API token rejected").then_some(t)
+    })
+    .await;
+    outputs.push(("status --json while paused".into(), paused));
     let o = run_cli(&cfg, &["check-config", "--online"]).await;
     assert_eq!(o.status.code(), Some(78), "{}", text(&o));
     outputs.push(("check-config --online, token rejected".into(), text(&o)));
