@@ -210,7 +210,7 @@ impl ApiClient {
             .map_err(|e| ApiError::Protocol(format!("cannot build the HTTP client: {e}")))?;
         let limiter = match cfg.upload.max_bytes_per_sec {
             0 => None,
-            n => Some(Arc::new(RateLimiter::new(n))),
+            n => Some(Arc::new(RateLimiter::new(n as f64))),
         };
         Ok(ApiClient {
             http,

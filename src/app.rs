@@ -5,10 +5,12 @@
 //! one [`CancellationToken`] stops it.
 
 use std::fs::File;
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot};
@@ -18,8 +20,10 @@ use tracing::{error, info, warn};
 
 use crate::api::ApiClient;
 use crate::clock::now_ms;
-use crate::config::{AfterUploadAction, Config, ConfigError};
+use crate::config::{AfterUploadAction, AfterUploadWhen, Config, ConfigError};
 use crate::gate::Gate;
+use crate::metrics::Metrics;
+use crate::monitor::{self, Monitor};
 use crate::queue::{OpenMode, Queue, QueueError};
 use crate::retry::Backoff;
 use crate::systemd;
@@ -103,6 +107,9 @@ pub struct Handle {
     pub queue: Queue,
     pub gate: Arc<Gate>,
     pub api: ApiClient,
+    pub metrics: Arc<Metrics>,
+    /// Where `/metrics` and `/healthz` are served (`[metrics] listen`, resolved if port 0).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs the daemon until `shutdown` fires, then stops gracefully. `started` (if given) receives a
@@ -114,6 +121,7 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
     let token = cfg.api.token.load()?;
+    crate::writers::ignore_lease_breaks();
 
     let queue = Queue::open(&cfg.queue.database, OpenMode::Create).await?;
     let _lock = DaemonLock::acquire(&cfg.queue.database)?;
@@ -133,25 +141,65 @@ pub async fn run(
         max: cfg.upload.backoff_max,
     }));
     let wake = Arc::new(Notify::new());
+    let metrics = Arc::new(Metrics::new());
+    let monitor = Monitor {
+        queue: queue.clone(),
+        gate: gate.clone(),
+        metrics: metrics.clone(),
+        bytes_sent: api.bytes_sent.clone(),
+        stall_timeout: cfg.api.stall_timeout,
+        unhealthy_after: cfg.metrics.unhealthy_after,
+    };
+    // Bound before READY, so a taken port fails the start instead of going unnoticed.
+    let listener = match cfg.metrics.listen {
+        Some(addr) => Some(monitor::bind(addr).await.map_err(|e| {
+            AppError::Other(format!(
+                "cannot serve metrics on {addr} (metrics.listen): {e}"
+            ))
+        })?),
+        None => None,
+    };
+    let metrics_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+    let background = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    // Started first: it feeds the watchdog through a long start-up (recovery, first scan).
+    let ready_flag = Arc::new(AtomicBool::new(false));
+    tasks.spawn(monitor::ticker(
+        monitor.clone(),
+        ready_flag.clone(),
+        background.clone(),
+    ));
+    if let Some(listener) = listener {
+        info!(address = %metrics_addr.map(|a| a.to_string()).unwrap_or_default(), "serving /metrics and /healthz");
+        tasks.spawn(monitor::serve(listener, monitor, background.clone()));
+    }
+    let follow_wake = Arc::new(Notify::new());
     let pipeline = Arc::new(Pipeline {
         cfg: cfg.clone(),
         queue: queue.clone(),
         api: api.clone(),
         gate: gate.clone(),
         wake: wake.clone(),
+        follow_wake: follow_wake.clone(),
         stop_claiming: CancellationToken::new(),
         abort: CancellationToken::new(),
+        metrics: metrics.clone(),
     });
 
     // Tidy-up that a crash interrupted: uploaded files whose move/delete did not happen yet.
     if cfg.after_upload.action != AfterUploadAction::Keep {
-        for job in queue.undisposed().await? {
+        let states: &[crate::queue::State] = match cfg.after_upload.when {
+            AfterUploadWhen::Uploaded => &[
+                crate::queue::State::Uploaded,
+                crate::queue::State::Processed,
+            ],
+            AfterUploadWhen::Processed => &[crate::queue::State::Processed],
+        };
+        for job in queue.undisposed(states).await? {
             pipeline.after_upload(&job).await;
         }
     }
 
-    let background = CancellationToken::new();
-    let mut tasks = JoinSet::new();
     tasks.spawn(persist_pause(
         gate.clone(),
         queue.clone(),
@@ -165,13 +213,21 @@ pub async fn run(
     ));
     let (ready_tx, ready_rx) = oneshot::channel();
     {
-        let (cfg, queue, wake, cancel) =
-            (cfg.clone(), queue.clone(), wake.clone(), background.clone());
+        let (cfg, queue, wake, cancel, metrics) = (
+            cfg.clone(),
+            queue.clone(),
+            wake.clone(),
+            background.clone(),
+            metrics.clone(),
+        );
         tasks.spawn(async move {
-            if let Err(e) = crate::watcher::run(cfg, queue, wake, cancel, ready_tx).await {
+            if let Err(e) = crate::watcher::run(cfg, queue, wake, cancel, ready_tx, metrics).await {
                 error!(error = %e, "the folder watcher stopped; files are no longer discovered until restart");
             }
         });
+    }
+    if cfg.results.enabled {
+        tasks.spawn(crate::results::Follower::new(pipeline.clone()).run(background.clone()));
     }
     let mut workers = JoinSet::new();
     for n in 0..cfg.upload.workers {
@@ -189,11 +245,14 @@ pub async fn run(
         "callferry running"
     );
     systemd::ready();
+    ready_flag.store(true, Ordering::Relaxed);
     if let Some(tx) = started {
         let _ = tx.send(Handle {
             queue: queue.clone(),
             gate: gate.clone(),
             api: api.clone(),
+            metrics: metrics.clone(),
+            metrics_addr,
         });
     }
 

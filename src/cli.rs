@@ -18,6 +18,50 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILURE: i32 = 1;
 pub const EXIT_CONFIG: i32 = 78;
 
+/// The rest of the manual, shown by `callferry --help` (there is no separate man page).
+const MANUAL: &str = "\
+FILES:
+  /etc/callferry/callferry.toml   the configuration (every key, commented: config/callferry.toml)
+  /etc/callferry/token            the ElevateAI API token (mode 600); under systemd it is passed
+                                  as a credential ($CREDENTIALS_DIRECTORY/token)
+  /var/lib/callferry/queue.db     the queue (SQLite); <database>.lock is held by the daemon
+  /usr/lib/systemd/system/callferry.service   the hardened unit (Type=notify, watchdog)
+  /usr/lib/sysctl.d/60-callferry.conf     raises fs.inotify.max_user_watches
+
+ENVIRONMENT:
+  CALLFERRY_CONFIG                 the config file, instead of /etc/callferry/callferry.toml
+  CALLFERRY_<SECTION>__<KEY>       overrides one key, e.g. CALLFERRY_API__TOKEN,
+                                   CALLFERRY_WATCH__PATHS=/a,/b (lists are comma-separated)
+  RUST_LOG                         log filter, instead of [log] level
+  CREDENTIALS_DIRECTORY            set by systemd; its `token` is used when no token is configured
+  NOTIFY_SOCKET, WATCHDOG_USEC     set by systemd: READY/STOPPING/STATUS and watchdog messages
+  JOURNAL_STREAM                   set by systemd: logs go to the journal with fields JOB_ID,
+                                   PATH, INTERACTION_ID, ATTEMPT (journalctl INTERACTION_ID=...)
+  NO_COLOR                         no colour in `status`, even on a terminal
+
+SIGNALS:
+  SIGTERM, SIGINT   stop taking work, let in-flight uploads finish within
+                    [upload] shutdown_grace, exit 0; the rest resumes at the next start
+
+EXIT STATUS:
+  0 ok    1 runtime failure (e.g. another daemon holds the database)    2 usage error
+  78 bad or unusable configuration (systemd does not restart on it: RestartPreventExitStatus=78)
+
+MONITORING:
+  With [metrics] listen = \"127.0.0.1:9184\": GET /metrics (Prometheus text) and GET /healthz
+  (200 \"ok\", or 503 and the reason: token rejected, database not writable, no progress for
+  [metrics] unhealthy_after while work waits).
+
+EXAMPLES:
+  callferry check-config --online          validate the config and the token
+  callferry status                         how the queue is doing
+  callferry list --state failed            what needs an operator, with the reason
+  callferry retry --failed                 put failed jobs back in the queue
+  callferry enqueue /old/recordings/*.wav  backfill
+  journalctl -u callferry INTERACTION_ID=<id>   one job's story
+  callferry demo                           the whole flow on this machine, nothing to set up
+";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "callferry",
@@ -28,7 +72,8 @@ pub const EXIT_CONFIG: i32 = 78;
                   restarts, crashes and outages. Its queue lives in SQLite.\n\n\
                   Configuration: /etc/callferry/callferry.toml, or --config PATH, or \
                   CALLFERRY_CONFIG; every key can be overridden as CALLFERRY_<SECTION>__<KEY>.\n\n\
-                  Exit codes: 0 ok, 1 runtime failure, 2 usage error, 78 bad configuration."
+                  Exit codes: 0 ok, 1 runtime failure, 2 usage error, 78 bad configuration.",
+    after_long_help = MANUAL
 )]
 pub struct Cli {
     /// Config file (default /etc/callferry/callferry.toml, or $CALLFERRY_CONFIG).
@@ -191,6 +236,22 @@ pub fn init_logging(format: LogFormat, level: &str, env: &BTreeMap<String, Strin
             tracing_subscriber::EnvFilter::try_new(level)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
         });
+    if format == LogFormat::Text && journal_is_stderr(env) {
+        // Under systemd: structured entries, so `journalctl -u callferry INTERACTION_ID=...` and
+        // `JOB_ID=...` find a job's lines. Fields keep their names (no `F_` prefix).
+        if let Ok(layer) = tracing_journald::layer() {
+            use tracing_subscriber::layer::SubscriberExt;
+            use tracing_subscriber::util::SubscriberInitExt;
+            let layer = layer
+                .with_field_prefix(None)
+                .with_syslog_identifier("callferry".into());
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(layer)
+                .try_init();
+            return;
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -202,6 +263,24 @@ pub fn init_logging(format: LogFormat, level: &str, env: &BTreeMap<String, Strin
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Whether stderr is the journal: systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the stream it
+/// connected; it is only ours if stderr is still that stream (not redirected by a wrapper).
+fn journal_is_stderr(env: &BTreeMap<String, String>) -> bool {
+    let Some((dev, ino)) = env
+        .get("JOURNAL_STREAM")
+        .and_then(|v| v.split_once(':'))
+        .and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)))
+    else {
+        return false;
+    };
+    // SAFETY: fstat on fd 2 into a zeroed struct we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(2, &mut st) } != 0 {
+        return false;
+    }
+    st.st_dev as u64 == dev && st.st_ino as u64 == ino
 }
 
 async fn run_daemon(cfg: Config) -> Result<i32, AppError> {
@@ -237,7 +316,10 @@ async fn run_tool(command: Command, cfg: Config) -> Result<i32, AppError> {
                     serde_json::to_string_pretty(&report).unwrap_or_default()
                 );
             } else {
-                print!("{}", status::render_text(&report));
+                print!(
+                    "{}",
+                    status::render_text(&report, status::Style::for_stdout())
+                );
             }
             Ok(EXIT_OK)
         }
@@ -289,8 +371,12 @@ async fn enqueue(cfg: &Config, files: &[PathBuf]) -> Result<i32, AppError> {
     let mut code = EXIT_OK;
     for f in files {
         match crate::watcher::check_file(cfg, f, now_ms()) {
-            Ok(job) => match q.enqueue(std::slice::from_ref(&job), now_ms()).await?[0] {
+            Ok(job) => match &q.enqueue(std::slice::from_ref(&job), now_ms()).await?[0] {
                 Enqueued::New { id, .. } => println!("queued   #{id} {}", job.path.display()),
+                Enqueued::SameFile { existing, path } => println!(
+                    "known    {} (same file as job #{existing}, {path})",
+                    job.path.display()
+                ),
                 Enqueued::Known => println!(
                     "known    {} (this version is already queued)",
                     job.path.display()
@@ -427,4 +513,22 @@ fn is_writable_dir(p: &Path) -> bool {
     };
     // SAFETY: a valid NUL-terminated path; access(2) only reads it.
     unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_journal_is_used_only_when_stderr_is_the_stream_systemd_connected() {
+        let env = |v: &str| BTreeMap::from([("JOURNAL_STREAM".to_string(), v.to_string())]);
+        assert!(!journal_is_stderr(&BTreeMap::new()));
+        assert!(!journal_is_stderr(&env("garbage")));
+        // SAFETY: fstat on fd 2 into a zeroed struct we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::fstat(2, &mut st) }, 0);
+        let (dev, ino) = (st.st_dev as u64, st.st_ino as u64);
+        assert!(journal_is_stderr(&env(&format!("{dev}:{ino}"))));
+        assert!(!journal_is_stderr(&env(&format!("{dev}:{}", ino + 1))));
+    }
 }

@@ -22,6 +22,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/callferry/callferry.toml";
 /// Environment variable that overrides the config file's location.
 pub const CONFIG_ENV: &str = "CALLFERRY_CONFIG";
 const ENV_PREFIX: &str = "CALLFERRY_";
+/// Set by systemd for a unit with `LoadCredential=`: the folder holding the credentials.
+pub const CREDENTIALS_ENV: &str = "CREDENTIALS_DIRECTORY";
+/// The credential's name: `LoadCredential=token:/etc/callferry/token`.
+pub const TOKEN_CREDENTIAL: &str = "token";
 
 /// A configuration problem, always tied to the key (or file) it is about.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +120,9 @@ pub struct WatchConfig {
     pub ignore: Vec<String>,
     pub ignore_set: GlobSet,
     pub settle: Duration,
+    /// A file whose header never becomes consistent, with no writer, is uploaded anyway after
+    /// this long (a recorder that died). Extension.
+    pub orphan_grace: Duration,
     pub poll_interval: Duration,
     pub rescan_interval: Duration,
 }
@@ -144,10 +151,28 @@ pub enum AfterUploadAction {
     Delete,
 }
 
+/// When the after-upload action happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterUploadWhen {
+    /// As soon as the service has the audio.
+    Uploaded,
+    /// Only once the results are written (needs `[results] enabled`).
+    Processed,
+}
+
 #[derive(Debug, Clone)]
 pub struct AfterUploadConfig {
     pub action: AfterUploadAction,
     pub move_to: Option<PathBuf>,
+    pub when: AfterUploadWhen,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultsFormat {
+    /// The JSON documents only.
+    Json,
+    /// Also a plain-text transcript (`.txt`), one line per speaker turn.
+    Text,
 }
 
 #[derive(Debug, Clone)]
@@ -157,11 +182,16 @@ pub struct ResultsConfig {
     pub kinds: Vec<String>,
     pub poll_interval: Duration,
     pub max_wait: Duration,
+    /// Cap on status polls and result fetches, all jobs together. Extension.
+    pub max_requests_per_sec: f64,
+    pub format: ResultsFormat,
 }
 
 #[derive(Debug, Clone)]
 pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
+    /// `/healthz` turns 503 when work waits and nothing progressed for this long. Extension.
+    pub unhealthy_after: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,6 +282,7 @@ struct RawWatch {
     extensions: Vec<String>,
     ignore: Vec<String>,
     settle: String,
+    orphan_grace: String,
     poll_interval: String,
     rescan_interval: String,
 }
@@ -272,6 +303,7 @@ impl Default for RawWatch {
                 .map(|s| s.to_string())
                 .collect(),
             settle: "5s".into(),
+            orphan_grace: "10m".into(),
             poll_interval: "0s".into(),
             rescan_interval: "10m".into(),
         }
@@ -326,6 +358,7 @@ impl Default for RawUpload {
 struct RawAfterUpload {
     action: String,
     move_to: String,
+    when: Option<String>,
 }
 
 impl Default for RawAfterUpload {
@@ -333,6 +366,7 @@ impl Default for RawAfterUpload {
         RawAfterUpload {
             action: "keep".into(),
             move_to: String::new(),
+            when: None,
         }
     }
 }
@@ -346,6 +380,9 @@ struct RawResults {
     kinds: Vec<String>,
     poll_interval: String,
     max_wait: String,
+    #[serde(deserialize_with = "lenient")]
+    max_requests_per_sec: f64,
+    format: String,
 }
 
 impl Default for RawResults {
@@ -356,14 +393,26 @@ impl Default for RawResults {
             kinds: vec!["transcript".into(), "punctuated".into(), "ai".into()],
             poll_interval: "30s".into(),
             max_wait: "24h".into(),
+            max_requests_per_sec: 10.0,
+            format: "json".into(),
         }
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(default, deny_unknown_fields)]
 struct RawMetrics {
     listen: String,
+    unhealthy_after: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            listen: String::new(),
+            unhealthy_after: "10m".into(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -503,10 +552,23 @@ pub fn from_toml_str(
     }
 
     check_known_keys(&value)?;
-    let raw: Raw = serde_path_to_error::deserialize(&value).map_err(|e| {
+    let mut raw: Raw = serde_path_to_error::deserialize(&value).map_err(|e| {
         let key = e.path().to_string();
         ConfigError::new(key, e.into_inner().to_string())
     })?;
+    // Under systemd the token may come as a credential (`LoadCredential=token:...`): used when the
+    // configuration names no token of its own.
+    let unset = |o: &Option<String>| o.as_deref().is_none_or(|s| s.trim().is_empty());
+    if unset(&raw.api.token)
+        && unset(&raw.api.token_file)
+        && let Some(dir) = env.get(CREDENTIALS_ENV).filter(|d| !d.is_empty())
+    {
+        let cred = Path::new(dir).join(TOKEN_CREDENTIAL);
+        if cred.is_file() {
+            raw.api.token = None;
+            raw.api.token_file = Some(cred.to_string_lossy().into_owned());
+        }
+    }
     validate(raw)
 }
 
@@ -541,6 +603,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "extensions",
             "ignore",
             "settle",
+            "orphan_grace",
             "poll_interval",
             "rescan_interval",
         ],
@@ -558,7 +621,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "shutdown_grace",
         ],
     ),
-    ("after_upload", &["action", "move_to"]),
+    ("after_upload", &["action", "move_to", "when"]),
     (
         "results",
         &[
@@ -567,9 +630,11 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "kinds",
             "poll_interval",
             "max_wait",
+            "max_requests_per_sec",
+            "format",
         ],
     ),
-    ("metrics", &["listen"]),
+    ("metrics", &["listen", "unhealthy_after"]),
     ("log", &["format", "level"]),
 ];
 
@@ -804,6 +869,7 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
         ignore: raw.watch.ignore,
         ignore_set,
         settle: parse_duration("watch.settle", &raw.watch.settle)?,
+        orphan_grace: parse_duration("watch.orphan_grace", &raw.watch.orphan_grace)?,
         poll_interval: parse_duration("watch.poll_interval", &raw.watch.poll_interval)?,
         rescan_interval: parse_duration("watch.rescan_interval", &raw.watch.rescan_interval)?,
     };
@@ -896,7 +962,34 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
             ));
         }
     }
-    let after_upload = AfterUploadConfig { action, move_to };
+    let when = match raw.after_upload.when.as_deref().map(str::trim) {
+        None | Some("") => {
+            if raw.results.enabled {
+                AfterUploadWhen::Processed
+            } else {
+                AfterUploadWhen::Uploaded
+            }
+        }
+        Some("uploaded") => AfterUploadWhen::Uploaded,
+        Some("processed") if raw.results.enabled => AfterUploadWhen::Processed,
+        Some("processed") => {
+            return Err(ConfigError::new(
+                "after_upload.when",
+                "\"processed\" needs results.enabled = true (nothing is processed otherwise)",
+            ));
+        }
+        Some(other) => {
+            return Err(ConfigError::new(
+                "after_upload.when",
+                format!("{other:?} is not one of uploaded, processed"),
+            ));
+        }
+    };
+    let after_upload = AfterUploadConfig {
+        action,
+        move_to,
+        when,
+    };
 
     // [results]
     let known_kinds = ["transcript", "punctuated", "ai"];
@@ -908,13 +1001,37 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
             ));
         }
     }
+    if !(raw.results.max_requests_per_sec > 0.0 && raw.results.max_requests_per_sec.is_finite()) {
+        return Err(ConfigError::new(
+            "results.max_requests_per_sec",
+            "must be a number greater than 0",
+        ));
+    }
+    let format = match raw.results.format.trim() {
+        "json" => ResultsFormat::Json,
+        "text" => ResultsFormat::Text,
+        other => {
+            return Err(ConfigError::new(
+                "results.format",
+                format!("{other:?} is not one of json, text"),
+            ));
+        }
+    };
     let results = ResultsConfig {
         enabled: raw.results.enabled,
         output_dir: non_empty_path("results.output_dir", &raw.results.output_dir)?,
         kinds: raw.results.kinds,
         poll_interval: parse_duration("results.poll_interval", &raw.results.poll_interval)?,
         max_wait: parse_duration("results.max_wait", &raw.results.max_wait)?,
+        max_requests_per_sec: raw.results.max_requests_per_sec,
+        format,
     };
+    if results.enabled && results.poll_interval.is_zero() {
+        return Err(ConfigError::new(
+            "results.poll_interval",
+            "must be greater than 0",
+        ));
+    }
 
     // [metrics]
     let listen = match raw.metrics.listen.trim() {
@@ -954,7 +1071,13 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
         upload,
         after_upload,
         results,
-        metrics: MetricsConfig { listen },
+        metrics: MetricsConfig {
+            listen,
+            unhealthy_after: parse_duration(
+                "metrics.unhealthy_after",
+                &raw.metrics.unhealthy_after,
+            )?,
+        },
         log: LogConfig {
             format,
             level: raw.log.level,
@@ -1138,6 +1261,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_systemd_credential_is_the_token_when_none_is_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("token"), "from-credential\n").unwrap();
+        let creds = dir.path().to_string_lossy().into_owned();
+        let only_paths = "[watch]\npaths=[\"/x\"]\n";
+        let c = from_toml_str(only_paths, &env(&[("CREDENTIALS_DIRECTORY", &creds)]), "t").unwrap();
+        match &c.api.token {
+            TokenSource::File(p) => assert_eq!(p, &dir.path().join("token")),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(c.api.token.load().unwrap().expose(), "from-credential");
+        // A token the configuration names wins.
+        let c = from_toml_str(MINIMAL, &env(&[("CREDENTIALS_DIRECTORY", &creds)]), "t").unwrap();
+        assert!(matches!(c.api.token, TokenSource::Inline(_)));
+        // No credential file there: still the usual error naming api.token.
+        let empty = tempfile::tempdir().unwrap();
+        let e = from_toml_str(
+            only_paths,
+            &env(&[("CREDENTIALS_DIRECTORY", &empty.path().to_string_lossy())]),
+            "t",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "api.token");
     }
 
     #[test]

@@ -61,9 +61,17 @@ workers = 4
 backoff_initial = "200ms"
 backoff_max = "2s"
 shutdown_grace = "5s"
+[declare]
+include_ai_results = true
+[results]
+enabled = true
+output_dir = "{out}"
+poll_interval = "500ms"
+format = "text"
 "#,
         rec = dir.join("recordings").display(),
         db = dir.join("state/queue.db").display(),
+        out = dir.join("results").display(),
     );
     Ok(crate::config::from_toml_str(
         &text,
@@ -146,14 +154,14 @@ pub async fn run() -> Result<i32, AppError> {
     loop {
         let c = handle.queue.counts().await?;
         let line = format!(
-            "  pending {}  declared {}  uploading {}  uploaded {}  failed {}",
-            c.pending, c.declared, c.uploading, c.uploaded, c.failed
+            "  pending {}  declared {}  uploading {}  uploaded {}  processed {}  failed {}",
+            c.pending, c.declared, c.uploading, c.uploaded, c.processed, c.failed
         );
         if line != last_line {
             println!("{line}");
             last_line = line;
         }
-        if c.uploaded + c.failed >= total && writer.is_finished() {
+        if c.processed + c.failed >= total && writer.is_finished() {
             break;
         }
         if Instant::now() > deadline {
@@ -172,10 +180,10 @@ pub async fn run() -> Result<i32, AppError> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let how = match (j.state, j.upload_status) {
-            (State::Uploaded, Some(409)) => {
-                "uploaded (409: the dropped answer's upload had got through)"
+            (State::Processed, Some(409)) => {
+                "processed (uploaded via 409: the dropped answer's upload had got through)"
             }
-            (State::Uploaded, _) => "uploaded",
+            (State::Processed, _) => "processed, results written",
             (s, _) => s.as_str(),
         };
         println!(
@@ -192,16 +200,39 @@ pub async fn run() -> Result<i32, AppError> {
         "  fake API saw: {} declares, {} uploads stored, {} answered 409, {} injected faults",
         fc.declares, fc.uploads_stored, fc.uploads_conflict, fc.faults_injected
     );
-    let uploaded = jobs.iter().filter(|j| j.state == State::Uploaded).count() as u64;
+    let done = jobs.iter().filter(|j| j.state == State::Processed).count() as u64;
     println!(
-        "  {uploaded}/{total} recordings uploaded exactly once in {:.1}s",
+        "  {done}/{total} recordings uploaded exactly once and transcribed in {:.1}s",
         started.elapsed().as_secs_f64()
     );
+    let out = dir.path().join("results");
+    if let Some(j) = jobs.iter().find(|j| j.state == State::Processed) {
+        let txt = crate::results::result_path(&out, j, "text");
+        if let Ok(text) = std::fs::read_to_string(&txt) {
+            println!();
+            println!("  transcript of {} (first lines):", txt.display());
+            for line in text.lines().take(6) {
+                println!("    {line}");
+            }
+            let listing: Vec<String> = ["transcript", "punctuated", "ai"]
+                .iter()
+                .map(|k| crate::results::result_path(&out, j, k))
+                .filter(|p| p.exists())
+                .map(|p| {
+                    p.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect();
+            println!("  also written: {}", listing.join(", "));
+        }
+    }
 
     shutdown.cancel();
     daemon
         .await
         .map_err(|e| AppError::Other(format!("daemon task: {e}")))??;
     fake.shutdown().await;
-    Ok(if uploaded == total { 0 } else { 1 })
+    Ok(if done == total { 0 } else { 1 })
 }

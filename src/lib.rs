@@ -5,14 +5,19 @@
 
 pub mod api;
 pub mod app;
+pub mod audio;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod fake;
 pub mod gate;
+pub mod health;
+pub mod metrics;
+pub mod monitor;
 pub mod queue;
 pub mod ratelimit;
+pub mod results;
 pub mod retry;
 pub mod secret;
 pub mod stability;
@@ -20,3 +25,4 @@ pub mod status;
 pub mod systemd;
 pub mod watcher;
 pub mod worker;
+pub mod writers;

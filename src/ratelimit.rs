@@ -1,5 +1,6 @@
-//! Owns the shared upload bandwidth cap (`[upload] max_bytes_per_sec`): one pacing schedule that all
-//! workers reserve their chunks on, so the sum of their rates stays at the cap.
+//! Owns rate caps shared by many tasks: the upload bandwidth cap (`[upload] max_bytes_per_sec`) and
+//! the results follower's request cap (`[results] max_requests_per_sec`). One pacing schedule that
+//! every task reserves on, so the sum of their rates stays at the cap.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -8,23 +9,24 @@ use std::time::{Duration, Instant};
 /// timeline and waits until its slot starts; idle time is not saved up beyond `BURST`, so a long
 /// pause is not followed by a flood.
 pub struct RateLimiter {
-    bytes_per_sec: u64,
+    per_sec: f64,
     next_free: Mutex<Instant>,
 }
 
 const BURST: Duration = Duration::from_millis(50);
 
 impl RateLimiter {
-    pub fn new(bytes_per_sec: u64) -> Self {
+    /// `per_sec` units (bytes, requests) per second.
+    pub fn new(per_sec: f64) -> Self {
         RateLimiter {
-            bytes_per_sec: bytes_per_sec.max(1),
+            per_sec: if per_sec > 0.0 { per_sec } else { 1.0 },
             next_free: Mutex::new(Instant::now()),
         }
     }
 
-    /// When a reservation of `n` bytes made at `now` may start.
+    /// When a reservation of `n` units made at `now` may start.
     fn reserve(&self, n: u64, now: Instant) -> Instant {
-        let cost = Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
+        let cost = Duration::from_secs_f64(n as f64 / self.per_sec);
         let mut next = self.next_free.lock().unwrap_or_else(|p| p.into_inner());
         let start = (*next).max(now.checked_sub(BURST).unwrap_or(now));
         *next = start + cost;
@@ -43,7 +45,7 @@ mod tests {
 
     #[test]
     fn reservations_are_spaced_by_their_cost() {
-        let l = RateLimiter::new(1000);
+        let l = RateLimiter::new(1000.0);
         let t0 = Instant::now() + Duration::from_secs(1);
         let a = l.reserve(500, t0);
         let b = l.reserve(500, t0);
@@ -56,7 +58,7 @@ mod tests {
 
     #[test]
     fn idle_time_is_not_banked_beyond_the_burst() {
-        let l = RateLimiter::new(1000);
+        let l = RateLimiter::new(1000.0);
         let later = Instant::now() + Duration::from_secs(60);
         let s = l.reserve(1000, later);
         assert!(s >= later - BURST);

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use globset::GlobSet;
 
+pub use crate::audio::Header;
+pub use crate::writers::Writers;
+
 /// Why a path is not a recording to upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NameSkip {
@@ -92,13 +95,75 @@ pub enum Decision {
     NotYet(Duration),
     /// Complete: upload this version.
     Complete,
+    /// Never became consistent, but nothing has touched it for `orphan_grace`: upload it anyway
+    /// (a truncated call is better than none), with this warning.
+    CompleteAnyway(String),
     /// Stop tracking it (until it changes again), for this reason.
     Reject(String),
 }
 
-/// The completeness rule: size > 0, and size, mtime and inode unchanged for `settle`.
+/// What a look inside the file said, gathered by the caller once the file is quiet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Facts {
+    pub header: Header,
+    pub writers: Writers,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Quiet period: unchanged this long.
+    pub settle: Duration,
+    /// How long a file whose header never becomes consistent (and that nobody writes) is waited
+    /// for before it is uploaded anyway.
+    pub orphan_grace: Duration,
+}
+
+/// The whole rule, once the file is quiet: nobody writing it, and (for formats we can read) a
+/// header that agrees with its length. A header that stays inconsistent with no writer for
+/// `orphan_grace` is a recorder that died: uploaded anyway, with a warning.
+pub fn judge(o: &Observed, facts: &Facts, now_ms: i64, t: Timing) -> Decision {
+    match decide(o, now_ms, t.settle) {
+        Decision::Complete => {}
+        other => return other,
+    }
+    let quiet = quiet_for(o, now_ms);
+    if facts.writers == Writers::Present {
+        return Decision::NotYet(t.settle.max(Duration::from_millis(100)));
+    }
+    match &facts.header {
+        Header::Consistent | Header::Unchecked => Decision::Complete,
+        Header::BadMagic(why) => Decision::Reject(why.clone()),
+        Header::Inconsistent(why) => {
+            if quiet >= t.orphan_grace {
+                Decision::CompleteAnyway(format!(
+                    "its header never became consistent ({why}) and nothing has written to it for {}",
+                    humantime::format_duration(t.orphan_grace)
+                ))
+            } else {
+                Decision::NotYet(
+                    (t.orphan_grace - quiet).min(t.settle.max(Duration::from_millis(100))),
+                )
+            }
+        }
+        Header::TooShort => {
+            if quiet >= t.orphan_grace {
+                Decision::Reject("too short to be a recording (no complete header)".into())
+            } else {
+                Decision::NotYet(
+                    (t.orphan_grace - quiet).min(t.settle.max(Duration::from_millis(100))),
+                )
+            }
+        }
+    }
+}
+
+fn quiet_for(o: &Observed, now_ms: i64) -> Duration {
+    Duration::from_millis(now_ms.saturating_sub(o.quiet_since_ms).max(0) as u64)
+}
+
+/// The quiet-period part of the rule: size > 0, and size, mtime and inode unchanged for `settle`.
 pub fn decide(o: &Observed, now_ms: i64, settle: Duration) -> Decision {
-    let quiet = Duration::from_millis(now_ms.saturating_sub(o.quiet_since_ms).max(0) as u64);
+    let quiet = quiet_for(o, now_ms);
     if quiet < settle {
         return Decision::NotYet(settle - quiet);
     }
@@ -194,7 +259,82 @@ mod tests {
         assert!(matches!(decide(&o, 16_000, SETTLE), Decision::Reject(_)));
     }
 
+    const T: Timing = Timing {
+        settle: SETTLE,
+        orphan_grace: Duration::from_secs(600),
+    };
+
+    fn facts(header: Header, writers: Writers) -> Facts {
+        Facts { header, writers }
+    }
+
+    #[test]
+    fn a_writer_holding_the_file_keeps_it_waiting() {
+        let o = observe(None, st(100, 1_000), 60_000);
+        let d = judge(&o, &facts(Header::Consistent, Writers::Present), 60_000, T);
+        assert!(matches!(d, Decision::NotYet(_)), "{d:?}");
+        let d = judge(&o, &facts(Header::Consistent, Writers::None), 60_000, T);
+        assert_eq!(d, Decision::Complete);
+        // Cannot tell (no CAP_LEASE, NFS): the quiet period decides.
+        let d = judge(
+            &o,
+            &facts(Header::Consistent, Writers::Unknown("x".into())),
+            60_000,
+            T,
+        );
+        assert_eq!(d, Decision::Complete);
+    }
+
+    #[test]
+    fn a_placeholder_header_waits_then_is_uploaded_anyway_after_the_orphan_grace() {
+        let o = observe(None, st(100, 1_000), 10_000);
+        let f = facts(
+            Header::Inconsistent("placeholder sizes (0)".into()),
+            Writers::None,
+        );
+        assert!(matches!(judge(&o, &f, 10_000, T), Decision::NotYet(_)));
+        assert!(matches!(judge(&o, &f, 500_000, T), Decision::NotYet(_)));
+        match judge(&o, &f, 601_000, T) {
+            Decision::CompleteAnyway(why) => assert!(why.contains("placeholder"), "{why}"),
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn foreign_content_is_rejected_and_unknown_formats_pass_on_quiet() {
+        let o = observe(None, st(100, 1_000), 60_000);
+        let f = facts(Header::BadMagic("not a WAV file".into()), Writers::None);
+        assert!(matches!(judge(&o, &f, 60_000, T), Decision::Reject(_)));
+        let f = facts(Header::Unchecked, Writers::None);
+        assert_eq!(judge(&o, &f, 60_000, T), Decision::Complete);
+    }
+
     proptest! {
+        /// Never complete while a writer holds the file or before settle, whatever the header.
+        #[test]
+        fn never_complete_with_a_writer_or_within_settle(
+            quiet_ms in 0i64..2_000_000, writer in any::<bool>(), hdr in 0u8..5,
+        ) {
+            let now = 10_000_000i64;
+            let o = observe(None, st(100, now - quiet_ms), now);
+            let header = match hdr {
+                0 => Header::Consistent,
+                1 => Header::Inconsistent("x".into()),
+                2 => Header::TooShort,
+                3 => Header::BadMagic("x".into()),
+                _ => Header::Unchecked,
+            };
+            let w = if writer { Writers::Present } else { Writers::None };
+            let d = judge(&o, &facts(header.clone(), w), now, T);
+            if matches!(d, Decision::Complete | Decision::CompleteAnyway(_)) {
+                prop_assert!(!writer);
+                prop_assert!(quiet_ms >= SETTLE.as_millis() as i64);
+                if matches!(header, Header::Inconsistent(_)) {
+                    prop_assert!(quiet_ms >= T.orphan_grace.as_millis() as i64);
+                }
+            }
+        }
+
         /// Whatever the history, a file is never complete less than `settle` after its last change.
         #[test]
         fn never_complete_within_settle_of_a_change(

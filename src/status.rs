@@ -28,6 +28,10 @@ pub struct StatusReport {
     pub last_error: Option<String>,
     pub recent_errors: Vec<RecentError>,
     pub database: String,
+    /// Uploads recorded in the last hour: (jobs, bytes). For the table only; `--json` keeps its
+    /// documented shape.
+    #[serde(skip)]
+    pub last_hour: (u64, u64),
 }
 
 pub async fn gather(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError> {
@@ -54,7 +58,9 @@ pub async fn gather(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError
             at,
         })
         .collect();
+    let last_hour = queue.uploaded_since(now - 3_600_000).await?;
     Ok(StatusReport {
+        last_hour,
         counts,
         paused: pause_reason.is_some(),
         pause_reason,
@@ -66,40 +72,125 @@ pub async fn gather(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError
     })
 }
 
-pub fn render_text(r: &StatusReport) -> String {
+/// ANSI styles, or nothing when the output is not a terminal (or `NO_COLOR` is set).
+#[derive(Debug, Clone, Copy)]
+pub struct Style {
+    pub colour: bool,
+}
+
+impl Style {
+    /// Colour only for a person at a terminal.
+    pub fn for_stdout() -> Style {
+        use std::io::IsTerminal;
+        Style {
+            colour: std::io::stdout().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        }
+    }
+
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.colour {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+    fn red(&self, t: &str) -> String {
+        self.paint("1;31", t)
+    }
+    fn green(&self, t: &str) -> String {
+        self.paint("32", t)
+    }
+    fn yellow(&self, t: &str) -> String {
+        self.paint("33", t)
+    }
+    fn dim(&self, t: &str) -> String {
+        self.paint("2", t)
+    }
+    fn bold(&self, t: &str) -> String {
+        self.paint("1", t)
+    }
+}
+
+/// The table `callferry status` prints for people.
+pub fn render_text(r: &StatusReport, style: Style) -> String {
     let c = &r.counts;
     let mut out = String::new();
     let daemon = match r.daemon_running {
-        Some(true) => "running",
-        Some(false) => "not running",
-        None => "unknown",
+        Some(true) => style.green("running"),
+        Some(false) => style.yellow("not running"),
+        None => "unknown".to_string(),
     };
-    out.push_str(&format!("daemon     {daemon}  ({})\n", r.database));
-    match &r.pause_reason {
-        Some(reason) => out.push_str(&format!("uploads    PAUSED: {reason}\n")),
-        None => out.push_str("uploads    active\n"),
-    }
     out.push_str(&format!(
-        "queue      pending {}  declared {}  uploading {}  uploaded {}  processed {}  failed {}\n",
-        c.pending, c.declared, c.uploading, c.uploaded, c.processed, c.failed
+        "daemon      {daemon}  {}\n",
+        style.dim(&format!("(database {})", r.database))
+    ));
+    match &r.pause_reason {
+        Some(reason) => out.push_str(&format!("uploads     {} {reason}\n", style.red("PAUSED:"))),
+        None => out.push_str(&format!("uploads     {}\n", style.green("active"))),
+    }
+    let (n, bytes) = r.last_hour;
+    out.push_str(&format!(
+        "last hour   {n} uploaded, {}\n",
+        human_bytes(bytes)
     ));
     match r.oldest_pending_age_s {
-        Some(age) => out.push_str(&format!("oldest     waiting for {}\n", human_age(age))),
-        None => out.push_str("oldest     nothing waiting\n"),
+        Some(age) => out.push_str(&format!("oldest      waiting for {}\n", human_age(age))),
+        None => out.push_str("oldest      nothing waiting\n"),
+    }
+    out.push('\n');
+    out.push_str(&style.bold(&format!("{:<12}{:>8}", "STATE", "JOBS")));
+    out.push('\n');
+    for (state, n) in [
+        ("pending", c.pending),
+        ("declared", c.declared),
+        ("uploading", c.uploading),
+        ("uploaded", c.uploaded),
+        ("processed", c.processed),
+        ("failed", c.failed),
+    ] {
+        let row = format!("{state:<12}{n:>8}");
+        if state == "failed" && n > 0 {
+            out.push_str(&style.red(&row));
+        } else if n == 0 {
+            out.push_str(&style.dim(&row));
+        } else {
+            out.push_str(&row);
+        }
+        out.push('\n');
     }
     if !r.recent_errors.is_empty() {
-        out.push_str("recent errors\n");
+        out.push('\n');
+        out.push_str(&style.bold("RECENT ERRORS (newest first)"));
+        out.push('\n');
         for e in &r.recent_errors {
+            let ago = human_age(((now_ms() - e.at).max(0) as f64) / 1000.0);
             out.push_str(&format!(
-                "  #{:<6} {} ago  {}\n          {}\n",
-                e.job_id,
-                human_age(((now_ms() - e.at).max(0) as f64) / 1000.0),
+                "{:<8}{:<11}{}\n{:19}{}\n",
+                format!("#{}", e.job_id),
+                format!("{ago} ago"),
                 e.path,
-                e.error
+                "",
+                style.yellow(&e.error)
             ));
         }
     }
     out
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 pub fn human_age(secs: f64) -> String {
@@ -179,6 +270,63 @@ pub fn list_text(jobs: &[Job]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn report() -> StatusReport {
+        StatusReport {
+            counts: Counts {
+                pending: 3,
+                uploading: 1,
+                uploaded: 1203,
+                failed: 1,
+                ..Default::default()
+            },
+            paused: true,
+            pause_reason: Some("API token rejected: HTTP 401: bad token".into()),
+            oldest_pending_age_s: Some(125.0),
+            daemon_running: Some(true),
+            last_error: Some("HTTP 503: injected 503".into()),
+            recent_errors: vec![RecentError {
+                job_id: 17,
+                path: "/var/spool/asterisk/monitor/a.wav".into(),
+                error: "HTTP 503: injected 503".into(),
+                at: now_ms() - 180_000,
+            }],
+            database: "/var/lib/callferry/queue.db".into(),
+            last_hour: (42, 325_000_000),
+        }
+    }
+
+    #[test]
+    fn the_table_reads_well_without_colour() {
+        let t = render_text(&report(), Style { colour: false });
+        assert!(!t.contains('\x1b'), "no escapes off a terminal: {t}");
+        assert!(t.contains("uploads     PAUSED: API token rejected"), "{t}");
+        assert!(t.contains("last hour   42 uploaded, 309.9 MiB"), "{t}");
+        assert!(t.contains("oldest      waiting for 2m05s"), "{t}");
+        assert!(t.contains("uploaded        1203"), "{t}");
+        assert!(t.contains("failed             1"), "{t}");
+        assert!(
+            t.contains(
+                "#17     3m00s ago  /var/spool/asterisk/monitor/a.wav\n                   HTTP 503"
+            ),
+            "{t}"
+        );
+        let json = serde_json::to_value(report()).unwrap();
+        assert!(json.get("last_hour").is_none(), "--json keeps its shape");
+    }
+
+    #[test]
+    fn colour_only_when_asked() {
+        let t = render_text(&report(), Style { colour: true });
+        assert!(t.contains("\x1b[1;31mPAUSED:\x1b[0m"), "{t}");
+    }
+
+    #[test]
+    fn bytes_read_well() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024 * 1024), "5.0 GiB");
+    }
 
     #[test]
     fn ages_read_well() {

@@ -21,7 +21,10 @@ use tracing::{debug, error, info, warn};
 use crate::clock::{ms, now_ms};
 use crate::config::{Config, WatchConfig};
 use crate::queue::{Enqueued, NewJob, Queue};
-use crate::stability::{Decision, NameRules, Observed, Stat, decide, observe};
+use crate::stability::{
+    Decision, Facts, NameRules, Observed, Stat, Timing, decide, judge, observe,
+};
+use crate::writers::Writers;
 
 const EVENT_CHANNEL: usize = 8192;
 const ENQUEUE_BATCH: usize = 2000;
@@ -29,8 +32,6 @@ const ENQUEUE_BATCH: usize = 2000;
 const ROOT_CHECK: Duration = Duration::from_secs(5);
 /// Rescan period for a folder that could not get an inotify watch (limit reached).
 const FALLBACK_POLL: Duration = Duration::from_secs(10);
-/// An observation older than this is refreshed before a file is declared complete.
-const RESTAT_AFTER_MS: i64 = 200;
 
 /// A file we are waiting on.
 #[derive(Debug, Clone)]
@@ -39,6 +40,8 @@ struct Candidate {
     obs: Observed,
     observed_at_ms: i64,
     next_check_ms: i64,
+    /// Why it is still waiting, last time we said so (to log each reason once).
+    note: Option<String>,
 }
 
 pub fn stat_of(meta: &std::fs::Metadata) -> Stat {
@@ -83,6 +86,9 @@ struct State {
     /// Roots that exist but could not be watched (inotify limit): polled.
     polled: Vec<PathBuf>,
     cancel: CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
+    /// The open-writer check could not run; said once.
+    writer_check_warned: bool,
 }
 
 pub async fn run(
@@ -91,6 +97,7 @@ pub async fn run(
     wake: Arc<Notify>,
     cancel: CancellationToken,
     ready: oneshot::Sender<()>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<notify::Result<notify::Event>>(EVENT_CHANNEL);
     let overflow = Arc::new(AtomicBool::new(false));
@@ -115,6 +122,8 @@ pub async fn run(
         missing: Vec::new(),
         polled: Vec::new(),
         cancel: cancel.clone(),
+        metrics,
+        writer_check_warned: false,
     };
     for root in &cfg.watch.paths {
         st.add_root(&mut watcher, root.clone());
@@ -124,11 +133,11 @@ pub async fn run(
     let _ = ready.send(());
 
     let rescan_every = nonzero(cfg.watch.rescan_interval);
-    let poll_every = nonzero(cfg.watch.poll_interval);
+    // Folders without inotify (poll_interval > 0, or out of watches) are walked this often.
+    let poll_every = nonzero(cfg.watch.poll_interval).unwrap_or(FALLBACK_POLL);
     let mut next_rescan = rescan_every.map(|d| tokio::time::Instant::now() + d);
-    let mut next_poll = poll_every.map(|d| tokio::time::Instant::now() + d);
+    let mut next_poll = tokio::time::Instant::now() + poll_every;
     let mut next_root_check = tokio::time::Instant::now() + ROOT_CHECK;
-    let mut next_fallback_poll = tokio::time::Instant::now() + FALLBACK_POLL;
 
     loop {
         let next_eval = st
@@ -141,11 +150,11 @@ pub async fn run(
                     + Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64)
             });
         let mut wake_at = next_root_check;
-        for t in [next_eval, next_rescan, next_poll].into_iter().flatten() {
+        for t in [next_eval, next_rescan].into_iter().flatten() {
             wake_at = wake_at.min(t);
         }
         if !st.polled.is_empty() {
-            wake_at = wake_at.min(next_fallback_poll);
+            wake_at = wake_at.min(next_poll);
         }
         tokio::select! {
             _ = cancel.cancelled() => break,
@@ -161,6 +170,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(wake_at) => {}
         }
         if overflow.swap(false, Ordering::Relaxed) {
+            st.metrics.watcher_overflow();
             warn!(
                 "file event queue overflowed (a burst of files); rescanning every watched folder so nothing is missed"
             );
@@ -174,15 +184,11 @@ pub async fn run(
             st.rescan_all().await;
             next_rescan = rescan_every.map(|d| now + d);
         }
-        if next_poll.is_some_and(|t| t <= now) {
-            st.rescan_all().await;
-            next_poll = poll_every.map(|d| now + d);
-        }
-        if !st.polled.is_empty() && next_fallback_poll <= now {
+        if !st.polled.is_empty() && next_poll <= now {
             for root in st.polled.clone() {
                 st.rescan(&root).await;
             }
-            next_fallback_poll = now + FALLBACK_POLL;
+            next_poll = now + poll_every;
         }
         if next_root_check <= now {
             st.check_roots(&mut watcher).await;
@@ -206,6 +212,11 @@ impl State {
         if !root.is_dir() {
             warn!(path = %root.display(), "watched folder does not exist (yet) or is not a folder; waiting for it (checked every {}s)", ROOT_CHECK.as_secs());
             self.missing.push(root);
+            return;
+        }
+        if !self.cfg.watch.poll_interval.is_zero() {
+            info!(path = %root.display(), every = ?self.cfg.watch.poll_interval, "polling (watch.poll_interval > 0; no inotify)");
+            self.polled.push(root);
             return;
         }
         let mode = if self.cfg.watch.recursive {
@@ -270,6 +281,7 @@ impl State {
     }
 
     async fn rescan_all(&mut self) {
+        self.metrics.watcher_rescan();
         for root in self.roots() {
             self.rescan(&root).await;
         }
@@ -334,6 +346,7 @@ impl State {
 
     fn observe(&mut self, path: PathBuf, root: PathBuf, stat: Stat, now: i64) {
         let prev = self.candidates.get(&path).map(|c| c.obs);
+        let note = self.candidates.get(&path).and_then(|c| c.note.clone());
         let obs = observe(prev.as_ref(), stat, now);
         if prev.is_some_and(|p| p.stat != stat) {
             debug!(path = %path.display(), size = stat.size, "still being written");
@@ -345,6 +358,7 @@ impl State {
                 obs,
                 observed_at_ms: now,
                 next_check_ms: now,
+                note,
             },
         );
     }
@@ -359,6 +373,7 @@ impl State {
             }
         };
         if ev.need_rescan() {
+            self.metrics.watcher_overflow();
             warn!("the kernel dropped file events; rescanning every watched folder");
             self.rescan_all().await;
             return;
@@ -406,7 +421,10 @@ impl State {
     /// Decides every candidate that is due, and queues the complete ones.
     async fn evaluate(&mut self) {
         let now = now_ms();
-        let settle = self.cfg.watch.settle;
+        let timing = Timing {
+            settle: self.cfg.watch.settle,
+            orphan_grace: self.cfg.watch.orphan_grace,
+        };
         let mut complete: Vec<NewJob> = Vec::new();
         let due: Vec<PathBuf> = self
             .candidates
@@ -415,27 +433,61 @@ impl State {
             .map(|(p, _)| p.clone())
             .collect();
         for path in due {
-            let Some(mut c) = self.candidates.get(&path).cloned() else {
+            let Some(mut c) = self.candidates.remove(&path) else {
                 continue;
             };
-            if decide(&c.obs, now, settle) == Decision::Complete
-                && now - c.observed_at_ms > RESTAT_AFTER_MS
-            {
-                // Confirm with a fresh look before declaring it complete.
-                match std::fs::symlink_metadata(&path) {
-                    Ok(meta) if meta.is_file() => {
-                        c.obs = observe(Some(&c.obs), stat_of(&meta), now);
-                        c.observed_at_ms = now;
-                    }
-                    _ => {
-                        self.candidates.remove(&path);
-                        continue;
+            let decision = match decide(&c.obs, now, timing.settle) {
+                Decision::Complete => {
+                    // Quiet long enough: now look inside, on a fresh descriptor.
+                    match gather_facts(&path) {
+                        Ok((stat, facts)) => {
+                            c.obs = observe(Some(&c.obs), stat, now);
+                            c.observed_at_ms = now;
+                            if let Writers::Unknown(why) = &facts.writers
+                                && !self.writer_check_warned
+                            {
+                                self.writer_check_warned = true;
+                                warn!(reason = %why, "cannot tell whether a recorder still has files open for writing; relying on the quiet period (watch.settle) and WAV headers");
+                            }
+                            let d = judge(&c.obs, &facts, now, timing);
+                            if let Decision::NotYet(_) = d {
+                                let why = match (&facts.writers, &facts.header) {
+                                    (Writers::Present, _) => {
+                                        "still open for writing by another process".to_string()
+                                    }
+                                    (_, crate::audio::Header::Inconsistent(w)) => {
+                                        format!("header not final yet: {w}")
+                                    }
+                                    (_, crate::audio::Header::TooShort) => {
+                                        "header not written yet".to_string()
+                                    }
+                                    _ => "waiting".to_string(),
+                                };
+                                if c.note.as_deref() != Some(why.as_str()) {
+                                    debug!(path = %path.display(), reason = %why, "not complete yet");
+                                    c.note = Some(why);
+                                }
+                            }
+                            d
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => {
+                            let why = format!("cannot read it: {e}; will try again");
+                            if c.note.as_deref() != Some(why.as_str()) {
+                                warn!(path = %path.display(), "{why}");
+                                c.note = Some(why);
+                            }
+                            Decision::NotYet(timing.settle.max(Duration::from_secs(1)))
+                        }
                     }
                 }
-            }
-            match decide(&c.obs, now, settle) {
-                Decision::Complete => {
-                    self.candidates.remove(&path);
+                d => d,
+            };
+            match decision {
+                Decision::Complete | Decision::CompleteAnyway(_) => {
+                    if let Decision::CompleteAnyway(why) = &decision {
+                        warn!(path = %path.display(), "uploading a recording that may be truncated: {why} (a recorder that died mid-call?)");
+                    }
                     complete.push(NewJob {
                         path,
                         root: c.root,
@@ -450,8 +502,11 @@ impl State {
                     self.candidates.insert(path, c);
                 }
                 Decision::Reject(why) => {
-                    debug!(path = %path.display(), reason = %why, "not queued");
-                    self.candidates.remove(&path);
+                    if c.obs.stat.size == 0 {
+                        debug!(path = %path.display(), reason = %why, "not queued");
+                    } else {
+                        warn!(path = %path.display(), reason = %why, "not queued: not a recording");
+                    }
                 }
             }
         }
@@ -466,20 +521,31 @@ impl State {
                 Ok(results) => {
                     let mut new = 0;
                     for (j, r) in jobs.iter().zip(results) {
-                        if let Enqueued::New { id, supersedes } = r {
-                            new += 1;
-                            match supersedes {
-                                Some(old) => {
-                                    info!(job_id = id, path = %j.path.display(), size = j.size, previous_job = old,
-                                    "file changed since it was last queued: queued as a new version")
-                                }
-                                None => {
-                                    info!(job_id = id, path = %j.path.display(), size = j.size, "queued")
-                                }
+                        match r {
+                            Enqueued::New {
+                                id,
+                                supersedes: Some(old),
+                            } => {
+                                new += 1;
+                                info!(job_id = id, path = %j.path.display(), size = j.size, previous_job = old,
+                                    "file changed since it was last queued (appended to?): queued as a new version, to be uploaded as a new interaction");
                             }
+                            Enqueued::New {
+                                id,
+                                supersedes: None,
+                            } => {
+                                new += 1;
+                                info!(job_id = id, path = %j.path.display(), size = j.size, "queued");
+                            }
+                            Enqueued::SameFile { existing, path } => {
+                                info!(path = %j.path.display(), same_as = %path, job_id = existing,
+                                    "same recording as an already queued file (hard link or move): not uploaded again");
+                            }
+                            Enqueued::Known => {}
                         }
                     }
                     if new > 0 {
+                        self.metrics.files_discovered(new);
                         self.wake.notify_waiters();
                     }
                     return;
@@ -496,6 +562,26 @@ impl State {
             }
         }
     }
+}
+
+/// Looks inside a quiet file: a fresh stat of the opened descriptor, its header, and whether any
+/// process has it open for writing. Opens read-only; never modifies anything.
+pub fn gather_facts(path: &Path) -> std::io::Result<(Stat, Facts)> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    let stat = stat_of(&meta);
+    let writers = crate::writers::check(&f);
+    let mut head = Vec::with_capacity(crate::audio::HEAD_LEN);
+    f.take(crate::audio::HEAD_LEN as u64)
+        .read_to_end(&mut head)?;
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    let header = crate::audio::inspect(&ext, &head, stat.size);
+    Ok((stat, Facts { header, writers }))
 }
 
 /// The checks a watched file gets, for a file named by hand (`callferry enqueue`).
@@ -528,11 +614,15 @@ pub fn check_file(cfg: &Config, path: &Path, now: i64) -> Result<NewJob, String>
             ));
         }
     }
-    std::fs::File::open(&abs).map_err(|e| format!("cannot be read: {e}"))?;
-    let stat = stat_of(&meta);
+    let (stat, facts) = gather_facts(&abs).map_err(|e| format!("cannot be read: {e}"))?;
+    let _ = meta;
     let obs = observe(None, stat, now);
-    match decide(&obs, now, cfg.watch.settle) {
-        Decision::Complete => Ok(NewJob {
+    let timing = Timing {
+        settle: cfg.watch.settle,
+        orphan_grace: cfg.watch.orphan_grace,
+    };
+    match judge(&obs, &facts, now, timing) {
+        Decision::Complete | Decision::CompleteAnyway(_) => Ok(NewJob {
             path: abs,
             root,
             size: stat.size,
@@ -540,6 +630,17 @@ pub fn check_file(cfg: &Config, path: &Path, now: i64) -> Result<NewJob, String>
             dev: stat.dev,
             ino: stat.ino,
         }),
+        Decision::NotYet(_) if facts.writers == Writers::Present => {
+            Err("it is still open for writing by another process; try again later".into())
+        }
+        Decision::NotYet(_) if matches!(facts.header, crate::audio::Header::Inconsistent(_)) => {
+            Err(format!(
+                "its header is not final yet ({:?}); it is still being recorded, or wait \
+                 watch.orphan_grace = {} to queue it anyway",
+                facts.header,
+                humantime::format_duration(cfg.watch.orphan_grace)
+            ))
+        }
         Decision::NotYet(_) => Err(format!(
             "it is still being written (modified less than watch.settle = {} ago); try again later",
             humantime::format_duration(cfg.watch.settle)

@@ -15,7 +15,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::api::{ApiClient, ApiError, DeclareRequest, ErrorClass};
 use crate::clock::{ms, now_ms};
-use crate::config::{AfterUploadAction, Config};
+use crate::config::{AfterUploadAction, AfterUploadWhen, Config};
 use crate::gate::Gate;
 use crate::queue::{Job, Queue, QueueError, State};
 use crate::retry::{Backoff, give_up};
@@ -32,10 +32,13 @@ pub struct Pipeline {
     pub gate: Arc<Gate>,
     /// Wakes idle workers when new work was queued in-process.
     pub wake: Arc<Notify>,
+    /// Wakes the results follower when a job starts being followed.
+    pub follow_wake: Arc<Notify>,
     /// Fired on SIGTERM: stop claiming new jobs.
     pub stop_claiming: CancellationToken,
     /// Fired when the shutdown grace is over: abandon in-flight requests (jobs go back to waiting).
     pub abort: CancellationToken,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Pipeline {
@@ -95,6 +98,7 @@ impl Pipeline {
             _ = self.wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
+        self.metrics.idle_turn();
     }
 
     async fn storage_error(&self, e: &QueueError) {
@@ -169,9 +173,16 @@ impl Pipeline {
         // The version we queued must still be the one on disk.
         match std::fs::metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let msg = "file vanished before upload (deleted or moved away)";
-                warn!("{msg}");
-                self.record(self.commit(|| self.queue.fail(&job, msg, now_ms())).await);
+                if job.interaction_id.is_none() {
+                    warn!(
+                        "file vanished before upload (deleted or moved away); dropped from the queue"
+                    );
+                    self.record(self.commit(|| self.queue.drop_undeclared(&job)).await);
+                } else {
+                    let msg = "file vanished before upload (deleted or moved away) after its interaction was declared";
+                    warn!("{msg}");
+                    self.record(self.commit(|| self.queue.fail(&job, msg, now_ms())).await);
+                }
                 return;
             }
             Err(e) => {
@@ -242,19 +253,31 @@ impl Pipeline {
             Ok(outcome) => {
                 self.api_ok();
                 let status = outcome.status();
+                self.metrics.uploaded(status, job.size, started.elapsed());
                 if status == 409 {
                     info!(interaction_id = %iid, "upload answered 409: the service already has this audio (an earlier attempt got through); counted as uploaded");
                 } else {
                     let secs = started.elapsed().as_secs_f64();
                     info!(interaction_id = %iid, bytes = job.size, seconds = secs, "uploaded");
                 }
+                let now = now_ms();
+                let follow_at = self
+                    .cfg
+                    .results
+                    .enabled
+                    .then(|| now + ms(self.cfg.results.poll_interval));
                 match self
-                    .commit(|| self.queue.mark_uploaded(job.id, status, now_ms()))
+                    .commit(|| self.queue.mark_uploaded(job.id, status, follow_at, now))
                     .await
                 {
                     Ok(()) => {
                         job.state = State::Uploaded;
-                        self.after_upload(&job).await;
+                        if follow_at.is_some() {
+                            self.follow_wake.notify_one();
+                        }
+                        if self.cfg.after_upload.when == AfterUploadWhen::Uploaded {
+                            self.after_upload(&job).await;
+                        }
                     }
                     Err(e) => self.storage_error(&e).await,
                 }
@@ -288,6 +311,7 @@ impl Pipeline {
         let now = now_ms();
         let unit: f64 = rand::random();
         let msg = err.to_string();
+        self.metrics.attempt_failed(&err);
         match err.class() {
             ErrorClass::Auth => {
                 if self.gate.pause_auth(msg.clone()) {
@@ -351,6 +375,7 @@ impl Pipeline {
     }
 
     fn record(&self, r: Result<(), QueueError>) {
+        self.metrics.outcome_recorded();
         if let Err(e) = r {
             // The job stays in its in-flight state and is recovered at the next start.
             error!(error = %e, "could not record the job's outcome in the queue");

@@ -275,6 +275,12 @@ impl FakeApi {
         self.inner.shared.force_status(id, status, error_message);
     }
 
+    /// Creates `n` interactions that already have their audio (uploaded now), without HTTP, for
+    /// benchmarks that need many followed jobs. Returns their ids.
+    pub fn seed_uploaded(&self, n: usize) -> Vec<String> {
+        self.inner.shared.seed_uploaded(n)
+    }
+
     /// Stops listening and kills open connections; returns once the port
     /// refuses connections. A no-op when already down.
     pub async fn go_down(&self) {

@@ -164,6 +164,21 @@ impl Shared {
         self.lock().random = Some((f, rng));
     }
 
+    /// Creates `n` interactions that already have their audio, without HTTP (benchmarks of the
+    /// results follower need many).
+    pub fn seed_uploaded(&self, n: usize) -> Vec<String> {
+        let mut st = self.lock();
+        (0..n)
+            .map(|_| {
+                let id = st.declare(serde_json::json!({"type": "audio", "seeded": true}), false);
+                if let Some(i) = st.interactions.get_mut(&id) {
+                    i.store_audio();
+                }
+                id
+            })
+            .collect()
+    }
+
     pub fn force_status(&self, id: &str, status: &str, error_message: Option<&str>) {
         if let Some(i) = self.lock().interactions.get_mut(id) {
             i.forced = Some(Forced {

@@ -8,6 +8,7 @@
 //! this database is the truth.
 
 mod state;
+mod stats;
 
 use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -69,10 +70,19 @@ pub struct Job {
     pub last_error: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    pub uploaded_at: Option<i64>,
+    /// Next status poll while following (results enabled); None when not followed.
+    pub follow_at: Option<i64>,
+    pub follow_attempts: u32,
+    /// Last status the service reported.
+    pub service_status: Option<String>,
+    /// Result kinds already written to disk.
+    pub results_written: Vec<String>,
 }
 
 const JOB_COLUMNS: &str = "id, path, root, size, mtime_ns, dev, ino, state, attempts, \
-    next_attempt_at, interaction_id, upload_status, last_error, created_at, updated_at";
+    next_attempt_at, interaction_id, upload_status, last_error, created_at, updated_at, \
+    uploaded_at, follow_at, follow_attempts, service_status, results_written";
 
 fn job_from_row(r: &SqliteRow) -> Result<Job, sqlx::Error> {
     let state: String = r.try_get("state")?;
@@ -94,6 +104,16 @@ fn job_from_row(r: &SqliteRow) -> Result<Job, sqlx::Error> {
         last_error: r.try_get("last_error")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
+        uploaded_at: r.try_get("uploaded_at")?,
+        follow_at: r.try_get("follow_at")?,
+        follow_attempts: r.try_get::<i64, _>("follow_attempts")? as u32,
+        service_status: r.try_get("service_status")?,
+        results_written: r
+            .try_get::<String, _>("results_written")?
+            .split(',')
+            .filter(|k| !k.is_empty())
+            .map(str::to_string)
+            .collect(),
     })
 }
 
@@ -114,6 +134,9 @@ pub enum Enqueued {
     New { id: i64, supersedes: Option<i64> },
     /// This exact version is already queued or done.
     Known,
+    /// The same file (same device, inode, size and mtime) is already queued under another path:
+    /// a hard link, or a move within the watched folders. Not uploaded again.
+    SameFile { existing: i64, path: String },
 }
 
 /// Queue counts by user-facing state.
@@ -189,9 +212,11 @@ impl Queue {
             .filename(path)
             .create_if_missing(false)
             .journal_mode(SqliteJournalMode::Wal)
-            // FULL: a commit survives power loss too. NORMAL could lose the commit that recorded an
-            // interaction id, and the file would then be declared twice; see ARCHITECTURE.md.
-            .synchronous(SqliteSynchronous::Full)
+            // NORMAL (in WAL mode): every commit survives a process crash; a power cut may roll
+            // back the last few, which is safe for every transition but one — the commit that
+            // records an interaction id — which `mark_declared` makes with FULL. An fsync per
+            // state change would otherwise cap throughput at a few hundred jobs per second.
+            .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
@@ -232,6 +257,23 @@ impl Queue {
         let mut out = Vec::with_capacity(jobs.len());
         for j in jobs {
             let path = j.path.to_string_lossy();
+            if j.ino != 0 {
+                let same: Option<(i64, String)> = sqlx::query_as(
+                    "SELECT id, path FROM jobs WHERE ino = ? AND dev = ? AND size = ? AND mtime_ns = ? \
+                     AND path <> ? LIMIT 1",
+                )
+                .bind(j.ino as i64)
+                .bind(j.dev as i64)
+                .bind(j.size as i64)
+                .bind(j.mtime_ns)
+                .bind(path.as_ref())
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some((existing, path)) = same {
+                    out.push(Enqueued::SameFile { existing, path });
+                    continue;
+                }
+            }
             let id: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO jobs (path, root, size, mtime_ns, dev, ino, state, next_attempt_at, \
                  created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?) \
@@ -302,32 +344,55 @@ impl Queue {
         interaction_id: &str,
         now: i64,
     ) -> Result<(), QueueError> {
-        let mut tx = self.pool.begin().await?;
-        let n = sqlx::query(
-            "UPDATE jobs SET state = 'uploading', interaction_id = ?, updated_at = ?, last_error = NULL \
-             WHERE id = ? AND state = 'declaring'",
-        )
-        .bind(interaction_id)
-        .bind(now)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        expect_one(n, id, "declaring")?;
-        event(&mut tx, id, now, "declared", Some(interaction_id)).await?;
-        tx.commit().await?;
-        Ok(())
+        use sqlx::Connection;
+        let mut conn = self.pool.acquire().await?;
+        // This one commit must survive power loss (see `open`): FULL for it alone.
+        sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *conn)
+            .await?;
+        let result = async {
+            let mut tx = conn.begin().await?;
+            let n = sqlx::query(
+                "UPDATE jobs SET state = 'uploading', interaction_id = ?, updated_at = ?, last_error = NULL \
+                 WHERE id = ? AND state = 'declaring'",
+            )
+            .bind(interaction_id)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            expect_one(n, id, "declaring")?;
+            event(&mut tx, id, now, "declared", Some(interaction_id)).await?;
+            tx.commit().await?;
+            Ok::<(), QueueError>(())
+        }
+        .await;
+        sqlx::query("PRAGMA synchronous = NORMAL")
+            .execute(&mut *conn)
+            .await?;
+        result
     }
 
-    /// `uploading` → `uploaded`, with the status that proved it (201, or 409).
-    pub async fn mark_uploaded(&self, id: i64, status: u16, now: i64) -> Result<(), QueueError> {
+    /// `uploading` → `uploaded`, with the status that proved it (201, or 409). `follow_at`: when
+    /// to first ask for its processing status (results enabled), or None.
+    pub async fn mark_uploaded(
+        &self,
+        id: i64,
+        status: u16,
+        follow_at: Option<i64>,
+        now: i64,
+    ) -> Result<(), QueueError> {
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
-            "UPDATE jobs SET state = 'uploaded', upload_status = ?, updated_at = ?, last_error = NULL \
+            "UPDATE jobs SET state = 'uploaded', upload_status = ?, updated_at = ?, last_error = NULL, \
+             uploaded_at = ?, follow_at = ?, follow_attempts = 0 \
              WHERE id = ? AND state = 'uploading'",
         )
         .bind(status as i64)
         .bind(now)
+        .bind(now)
+        .bind(follow_at)
         .bind(id)
         .execute(&mut *tx)
         .await?
@@ -382,6 +447,19 @@ impl Queue {
         Ok(())
     }
 
+    /// A claimed job that was never declared, whose file vanished: removed from the queue (there is
+    /// nothing to upload and nothing at the service to account for).
+    pub async fn drop_undeclared(&self, job: &Job) -> Result<(), QueueError> {
+        let n =
+            sqlx::query("DELETE FROM jobs WHERE id = ? AND state = ? AND interaction_id IS NULL")
+                .bind(job.id)
+                .bind(job.state.as_str())
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        expect_one(n, job.id, job.state.as_str())
+    }
+
     /// A claimed job needs an operator: → `failed`, keeping the reason.
     pub async fn fail(&self, job: &Job, error: &str, now: i64) -> Result<(), QueueError> {
         let mut tx = self.pool.begin().await?;
@@ -429,14 +507,17 @@ impl Queue {
     /// has an interaction id is uploaded again on it, never declared again.
     pub async fn retry(&self, ids: Option<&[i64]>, now: i64) -> Result<u64, QueueError> {
         let mut tx = self.pool.begin().await?;
-        let base = "UPDATE jobs SET state = CASE WHEN interaction_id IS NULL THEN 'pending' ELSE 'declared' END, \
-                    attempts = 0, next_attempt_at = ?, created_at = ?, updated_at = ? WHERE state = 'failed'";
+        // No id: declare again. Uploaded (the service has the file): follow it again. Otherwise
+        // (never uploaded, or the service lost the file): upload again on the same id.
+        let base = "UPDATE jobs SET state = CASE WHEN interaction_id IS NULL THEN 'pending' \
+                    WHEN upload_status IS NOT NULL THEN 'uploaded' ELSE 'declared' END, \
+                    follow_at = CASE WHEN interaction_id IS NOT NULL AND upload_status IS NOT NULL \
+                    THEN ?1 ELSE NULL END, follow_attempts = 0, \
+                    attempts = 0, next_attempt_at = ?1, created_at = ?1, updated_at = ?1 WHERE state = 'failed'";
         let mut n = 0;
         match ids {
             None => {
                 n += sqlx::query(base)
-                    .bind(now)
-                    .bind(now)
                     .bind(now)
                     .execute(&mut *tx)
                     .await?
@@ -444,9 +525,7 @@ impl Queue {
             }
             Some(ids) => {
                 for id in ids {
-                    let k = sqlx::query(AssertSqlSafe(format!("{base} AND id = ?")))
-                        .bind(now)
-                        .bind(now)
+                    let k = sqlx::query(AssertSqlSafe(format!("{base} AND id = ?2")))
                         .bind(now)
                         .bind(id)
                         .execute(&mut *tx)
@@ -461,6 +540,117 @@ impl Queue {
         }
         tx.commit().await?;
         Ok(n)
+    }
+
+    /// Uploaded jobs whose next status poll is due, soonest first.
+    pub async fn due_followups(&self, now: i64, limit: u32) -> Result<Vec<Job>, QueueError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE follow_at IS NOT NULL AND follow_at <= ? \
+             AND state = 'uploaded' ORDER BY follow_at LIMIT ?"
+        )))
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// When the next status poll falls due, if any job is followed.
+    pub async fn next_followup(&self) -> Result<Option<i64>, QueueError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(follow_at) FROM jobs WHERE follow_at IS NOT NULL AND state = 'uploaded'",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Still processing (or a transient failure): ask again at `next_at`.
+    pub async fn follow_later(
+        &self,
+        id: i64,
+        next_at: i64,
+        service_status: Option<&str>,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        sqlx::query(
+            "UPDATE jobs SET follow_at = ?, service_status = COALESCE(?, service_status), \
+             follow_attempts = CASE WHEN ? IS NULL THEN 0 ELSE follow_attempts + 1 END, \
+             last_error = COALESCE(?, last_error), updated_at = ? WHERE id = ? AND state = 'uploaded'",
+        )
+        .bind(next_at)
+        .bind(service_status)
+        .bind(error)
+        .bind(error)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// One result kind is on disk (so a restart does not fetch it again).
+    pub async fn result_written(&self, job: &Job, kind: &str, now: i64) -> Result<(), QueueError> {
+        let mut kinds = job.results_written.clone();
+        if !kinds.iter().any(|k| k == kind) {
+            kinds.push(kind.to_string());
+        }
+        sqlx::query("UPDATE jobs SET results_written = ?, updated_at = ? WHERE id = ?")
+            .bind(kinds.join(","))
+            .bind(now)
+            .bind(job.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every result is written: `uploaded` → `processed`.
+    pub async fn mark_processed(&self, id: i64, now: i64) -> Result<(), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'processed', follow_at = NULL, service_status = 'processed', \
+             last_error = NULL, updated_at = ? WHERE id = ? AND state = 'uploaded'",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, id, "uploaded")?;
+        event(&mut tx, id, now, "processed", None).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Following ended in a failure the service reported (or `max_wait`). `lost_file`: the service
+    /// no longer has the audio, so `retry` uploads it again (on the same id).
+    pub async fn fail_following(
+        &self,
+        id: i64,
+        error: &str,
+        service_status: Option<&str>,
+        lost_file: bool,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'failed', follow_at = NULL, last_error = ?, \
+             service_status = COALESCE(?, service_status), \
+             upload_status = CASE WHEN ? THEN NULL ELSE upload_status END, updated_at = ? \
+             WHERE id = ? AND state = 'uploaded'",
+        )
+        .bind(error)
+        .bind(service_status)
+        .bind(lost_file)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, id, "uploaded")?;
+        event(&mut tx, id, now, "failed", Some(error)).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
@@ -553,10 +743,12 @@ impl Queue {
             .map_err(Into::into)
     }
 
-    /// Uploaded jobs whose after-upload action (move/delete) is not yet done.
-    pub async fn undisposed(&self) -> Result<Vec<Job>, QueueError> {
+    /// Jobs in `states` whose after-upload action (move/delete) is not yet done.
+    pub async fn undisposed(&self, states: &[State]) -> Result<Vec<Job>, QueueError> {
+        let list: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('uploaded', 'processed') AND disposed = 0"
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({}) AND disposed = 0",
+            list.join(", ")
         )))
         .fetch_all(&self.pool)
         .await?;

@@ -9,14 +9,40 @@ async fn fresh() -> (tempfile::TempDir, Queue) {
 }
 
 fn nj(path: &str, size: u64, mtime_ns: i64) -> NewJob {
+    // A distinct inode per path, as distinct files have.
+    let ino = path
+        .bytes()
+        .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
     NewJob {
         path: PathBuf::from(path),
         root: PathBuf::from("/rec"),
         size,
         mtime_ns,
         dev: 1,
-        ino: 2,
+        ino,
     }
+}
+
+#[tokio::test]
+async fn a_hard_link_or_move_of_a_queued_file_is_the_same_recording() {
+    let (_d, q) = fresh().await;
+    let a = nj("/rec/a.wav", 10, 1);
+    q.enqueue(std::slice::from_ref(&a), 100).await.unwrap();
+    let mut link = a.clone();
+    link.path = PathBuf::from("/rec2/a.wav");
+    let r = q.enqueue(&[link], 101).await.unwrap();
+    assert!(
+        matches!(&r[0], Enqueued::SameFile { path, .. } if path == "/rec/a.wav"),
+        "{r:?}"
+    );
+    // Same inode but appended to (new size): a new version.
+    let mut grown = a.clone();
+    grown.size = 20;
+    grown.mtime_ns = 2;
+    assert!(matches!(
+        q.enqueue(&[grown], 102).await.unwrap()[0],
+        Enqueued::New { .. }
+    ));
 }
 
 #[tokio::test]
@@ -72,7 +98,7 @@ async fn claim_walks_the_states_and_never_hands_out_a_job_twice() {
     let j = q.claim(500).await.unwrap().unwrap();
     assert_eq!(j.state, State::Uploading);
     assert_eq!(j.attempts, 1);
-    q.mark_uploaded(j.id, 409, 501).await.unwrap();
+    q.mark_uploaded(j.id, 409, None, 501).await.unwrap();
     let j = q.get(j.id).await.unwrap().unwrap();
     assert_eq!(j.state, State::Uploaded);
     assert_eq!(j.upload_status, Some(409));

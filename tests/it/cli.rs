@@ -220,7 +220,7 @@ async fn status_list_and_enqueue_work_on_the_database() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("not running"), "{text}");
-    assert!(text.contains("uploaded 2"), "{text}");
+    assert!(text.contains("last hour   2 uploaded"), "{text}");
 }
 
 /// Backdates a file's mtime so it counts as long finished.

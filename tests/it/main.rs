@@ -4,4 +4,7 @@
 mod cli;
 mod hardening;
 mod helpers;
+mod ops;
 mod pipeline;
+mod recorders;
+mod results;

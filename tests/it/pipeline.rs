@@ -267,6 +267,11 @@ async fn a_rejected_token_pauses_everything_and_resumes_by_itself() {
                 .is_some_and(|s| s.contains("token rejected"))
     })
     .await;
+    eventually("both files queued", || async {
+        handle.queue.counts().await.unwrap().total() == 2
+    })
+    .await;
+    // Several re-checks pass while paused (pause_recheck is 200ms here).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let c = handle.queue.counts().await.unwrap();
     assert_eq!(c.failed, 0, "nothing fails while paused");
@@ -509,7 +514,27 @@ async fn a_vanished_file_fails_with_a_clear_reason() {
     .await;
     std::fs::remove_file(&pa).unwrap();
     app.fake.come_up().await.unwrap();
-    let job = app.wait_state(&pa, "failed").await;
+    // Never declared: nothing to account for at the service; dropped from the queue.
+    eventually("the job to be dropped", || async {
+        app.job_for(&pa).await.is_none()
+    })
+    .await;
+    assert_eq!(app.fake.counters().declares, 0);
+
+    // Declared, then the file vanished before its upload: failed, with the reason.
+    app.fake.push_fault(Endpoint::Upload, Fault::Status(503));
+    app.fake.set_latency(Duration::from_millis(300));
+    let b = wav(1.0);
+    let pb = app.drop_file("gone2.wav", &b);
+    poll_for("the job to be declared", || async {
+        app.job_for(&pb)
+            .await
+            .filter(|j| j.interaction_id.is_some())
+    })
+    .await;
+    std::fs::remove_file(&pb).unwrap();
+    app.fake.set_latency(Duration::ZERO);
+    let job = app.wait_state(&pb, "failed").await;
     assert!(job.last_error.unwrap().contains("vanished"));
     app.stop().await;
 }

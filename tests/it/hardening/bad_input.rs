@@ -324,7 +324,7 @@ async fn uploaded_not_disposed(app: &TestApp, path: &Path) -> i64 {
     q.mark_declared(id, "0f0e0d0c-0000-4000-8000-000000000001", now_ms())
         .await
         .unwrap();
-    q.mark_uploaded(id, 201, now_ms()).await.unwrap();
+    q.mark_uploaded(id, 201, None, now_ms()).await.unwrap();
     q.close().await;
     id
 }

@@ -1,0 +1,516 @@
+//! Owns the daemon's metrics: every name and help text in one place, the per-daemon registry, the
+//! counters the pipeline increments at the event, and the Prometheus text rendering for `/metrics`.
+//!
+//! Facts that live in the database (jobs by state, the oldest waiting job) are not counted here:
+//! they are read from the queue at scrape time and handed to [`Metrics::render`], so they cannot
+//! drift from the truth. Everything else is a counter bumped where the event happens.
+//!
+//! Each daemon has its own registry (no process-global recorder), so tests can run several daemons
+//! in one process and read each one's numbers. Nothing here ever sees the token.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::api::{ApiError, ErrorClass};
+use crate::queue::Counts;
+
+/// The `Content-Type` of `/metrics` (Prometheus text format 0.0.4).
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Metric names as registered. The exposed names follow Prometheus conventions: counters get
+/// `_total` appended by the encoder, units are part of the name (`_bytes`, `_seconds`).
+pub mod names {
+    /// `callferry_files_discovered_total`
+    pub const FILES_DISCOVERED: &str = "callferry_files_discovered";
+    /// `callferry_jobs{state}`
+    pub const JOBS: &str = "callferry_jobs";
+    /// `callferry_uploads_total{outcome}`
+    pub const UPLOADS: &str = "callferry_uploads";
+    /// `callferry_uploaded_bytes_total`
+    pub const UPLOADED_BYTES: &str = "callferry_uploaded_bytes";
+    /// `callferry_upload_duration_seconds` (histogram)
+    pub const UPLOAD_DURATION: &str = "callferry_upload_duration_seconds";
+    /// `callferry_oldest_pending_job_age_seconds`
+    pub const OLDEST_PENDING_AGE: &str = "callferry_oldest_pending_job_age_seconds";
+    /// `callferry_api_paused`
+    pub const API_PAUSED: &str = "callferry_api_paused";
+    /// `callferry_last_progress_timestamp_seconds`
+    pub const LAST_PROGRESS: &str = "callferry_last_progress_timestamp_seconds";
+    /// `callferry_watcher_rescans_total`
+    pub const WATCHER_RESCANS: &str = "callferry_watcher_rescans";
+    /// `callferry_watcher_overflows_total`
+    pub const WATCHER_OVERFLOWS: &str = "callferry_watcher_overflows";
+    /// `callferry_results_fetched_total{kind}`
+    pub const RESULTS_FETCHED: &str = "callferry_results_fetched";
+    /// `callferry_build_info{version}`
+    pub const BUILD_INFO: &str = "callferry_build_info";
+}
+
+mod help {
+    pub const FILES_DISCOVERED: &str =
+        "Complete recordings (new file versions) found in the watched folders and queued";
+    pub const JOBS: &str = "Jobs in the queue database by state (read at scrape time)";
+    pub const UPLOADS: &str = "Upload attempts by outcome: created (201), conflict (409: the audio \
+         was already there, counted as uploaded), rejected (400/404/413: the job failed), retry \
+         (5xx, reset, stall or malformed answer), unauthorized (401: all uploads paused), \
+         rate_limited (429), unreachable (API down), local (the recording could not be read)";
+    pub const UPLOADED_BYTES: &str = "Audio bytes uploaded in attempts answered 201";
+    pub const UPLOAD_DURATION: &str = "Duration of uploads answered 201, in seconds";
+    pub const OLDEST_PENDING_AGE: &str =
+        "Age of the oldest job not yet uploaded, in seconds (0 when nothing waits)";
+    pub const API_PAUSED: &str = "1 while uploads are paused (token rejected, API unreachable or \
+         queue database not writable), else 0";
+    pub const LAST_PROGRESS: &str = "Unix time of the last progress: an upload answered 201/409, a result fetched, or upload bytes sent";
+    pub const WATCHER_RESCANS: &str =
+        "Full rescans of the watched folders (startup, periodic, polling, after an overflow)";
+    pub const WATCHER_OVERFLOWS: &str =
+        "File event bursts that overflowed the event queue or the kernel's; each causes a rescan";
+    pub const RESULTS_FETCHED: &str = "Results files written, by kind (transcript, punctuated, ai fetched from the API; text made from punctuated)";
+    pub const BUILD_INFO: &str = "Always 1; the version label says which callferry runs";
+}
+
+/// The label values of `callferry_uploads_total{outcome}`.
+pub mod outcome {
+    pub const CREATED: &str = "created";
+    pub const CONFLICT: &str = "conflict";
+    pub const REJECTED: &str = "rejected";
+    pub const RETRY: &str = "retry";
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const UNREACHABLE: &str = "unreachable";
+    pub const LOCAL: &str = "local";
+    pub const ALL: &[&str] = &[
+        CREATED,
+        CONFLICT,
+        REJECTED,
+        RETRY,
+        UNAUTHORIZED,
+        RATE_LIMITED,
+        UNREACHABLE,
+        LOCAL,
+    ];
+}
+
+type Label = [(&'static str, &'static str); 1];
+type OwnedLabel = [(&'static str, String); 1];
+
+const JOB_STATES: &[&str] = &[
+    "pending",
+    "declared",
+    "uploading",
+    "uploaded",
+    "processed",
+    "failed",
+];
+
+/// Database facts read at scrape time.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub counts: Counts,
+    pub oldest_pending_age_s: Option<f64>,
+    pub paused: bool,
+}
+
+/// When the pipeline last did something, on a monotonic clock. Two notions:
+/// - a *beat*: any sign of life (an idle worker loop turning over, an outcome, bytes moving); it
+///   feeds the systemd watchdog;
+/// - *progress*: an upload answered 201/409, a result fetched, or upload bytes sent; `/healthz`
+///   watches it when work waits.
+#[derive(Debug)]
+pub struct Progress {
+    base: Instant,
+    last_beat_ms: AtomicU64,
+    last_progress_ms: AtomicU64,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            base: Instant::now(),
+            last_beat_ms: AtomicU64::new(0),
+            last_progress_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Progress {
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    pub fn beat(&self) {
+        self.last_beat_ms.fetch_max(self.now(), Ordering::Relaxed);
+    }
+
+    pub fn progress(&self) {
+        let now = self.now();
+        self.last_beat_ms.fetch_max(now, Ordering::Relaxed);
+        self.last_progress_ms.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub fn since_beat(&self) -> Duration {
+        Duration::from_millis(
+            self.now()
+                .saturating_sub(self.last_beat_ms.load(Ordering::Relaxed)),
+        )
+    }
+
+    pub fn since_progress(&self) -> Duration {
+        Duration::from_millis(
+            self.now()
+                .saturating_sub(self.last_progress_ms.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// One daemon's metrics. Cheap to share behind an `Arc`; every method is lock-free or nearly.
+pub struct Metrics {
+    registry: Registry,
+    pub progress: Progress,
+    files_discovered: Counter,
+    jobs: Family<Label, Gauge>,
+    uploads: Family<Label, Counter>,
+    uploaded_bytes: Counter,
+    upload_duration: Histogram,
+    oldest_pending_age: Gauge<f64, AtomicU64>,
+    api_paused: Gauge,
+    last_progress: Gauge<f64, AtomicU64>,
+    watcher_rescans: Counter,
+    watcher_overflows: Counter,
+    results_fetched: Family<OwnedLabel, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let files_discovered = Counter::default();
+        let jobs = Family::<Label, Gauge>::default();
+        let uploads = Family::<Label, Counter>::default();
+        let uploaded_bytes = Counter::default();
+        // 50 ms .. ~30 min: a short call on a LAN to a long call on a slow uplink.
+        let upload_duration = Histogram::new(exponential_buckets(0.05, 2.0, 16));
+        let oldest_pending_age = Gauge::<f64, AtomicU64>::default();
+        let api_paused = Gauge::default();
+        let last_progress = Gauge::<f64, AtomicU64>::default();
+        let watcher_rescans = Counter::default();
+        let watcher_overflows = Counter::default();
+        let results_fetched = Family::<OwnedLabel, Counter>::default();
+        let build_info = Family::<Label, Gauge>::default();
+
+        // Every label value exists from the start, so a rate() over a fresh series works.
+        for s in JOB_STATES {
+            let _ = jobs.get_or_create(&[("state", *s)]);
+        }
+        for o in outcome::ALL {
+            let _ = uploads.get_or_create(&[("outcome", *o)]);
+        }
+        for k in ["transcript", "punctuated", "ai"] {
+            let _ = results_fetched.get_or_create(&[("kind", k.to_string())]);
+        }
+        build_info
+            .get_or_create(&[("version", env!("CARGO_PKG_VERSION"))])
+            .set(1);
+
+        use names as n;
+        registry.register(
+            n::FILES_DISCOVERED,
+            help::FILES_DISCOVERED,
+            files_discovered.clone(),
+        );
+        registry.register(n::JOBS, help::JOBS, jobs.clone());
+        registry.register(n::UPLOADS, help::UPLOADS, uploads.clone());
+        registry.register(
+            n::UPLOADED_BYTES,
+            help::UPLOADED_BYTES,
+            uploaded_bytes.clone(),
+        );
+        registry.register(
+            n::UPLOAD_DURATION,
+            help::UPLOAD_DURATION,
+            upload_duration.clone(),
+        );
+        registry.register(
+            n::OLDEST_PENDING_AGE,
+            help::OLDEST_PENDING_AGE,
+            oldest_pending_age.clone(),
+        );
+        registry.register(n::API_PAUSED, help::API_PAUSED, api_paused.clone());
+        registry.register(n::LAST_PROGRESS, help::LAST_PROGRESS, last_progress.clone());
+        registry.register(
+            n::WATCHER_RESCANS,
+            help::WATCHER_RESCANS,
+            watcher_rescans.clone(),
+        );
+        registry.register(
+            n::WATCHER_OVERFLOWS,
+            help::WATCHER_OVERFLOWS,
+            watcher_overflows.clone(),
+        );
+        registry.register(
+            n::RESULTS_FETCHED,
+            help::RESULTS_FETCHED,
+            results_fetched.clone(),
+        );
+        registry.register(n::BUILD_INFO, help::BUILD_INFO, build_info);
+
+        Metrics {
+            registry,
+            progress: Progress::default(),
+            files_discovered,
+            jobs,
+            uploads,
+            uploaded_bytes,
+            upload_duration,
+            oldest_pending_age,
+            api_paused,
+            last_progress,
+            watcher_rescans,
+            watcher_overflows,
+            results_fetched,
+        }
+    }
+
+    // --- events -------------------------------------------------------------------------------
+
+    /// New file versions queued by the watcher.
+    pub fn files_discovered(&self, n: u64) {
+        self.files_discovered.inc_by(n);
+    }
+
+    /// An upload answered 201 (stored) or 409 (already there).
+    pub fn uploaded(&self, status: u16, bytes: u64, took: Duration) {
+        self.progress.progress();
+        if status == 409 {
+            self.count(outcome::CONFLICT);
+        } else {
+            self.count(outcome::CREATED);
+            self.uploaded_bytes.inc_by(bytes);
+            self.upload_duration.observe(took.as_secs_f64());
+        }
+    }
+
+    /// A declare or upload attempt failed; the class says how.
+    pub fn attempt_failed(&self, err: &ApiError) {
+        let o = match (err, err.class()) {
+            (ApiError::Local(_), _) => outcome::LOCAL,
+            (_, ErrorClass::Transient) => outcome::RETRY,
+            (_, ErrorClass::Rejected) => outcome::REJECTED,
+            (_, ErrorClass::Auth) => outcome::UNAUTHORIZED,
+            (_, ErrorClass::RateLimited(_)) => outcome::RATE_LIMITED,
+            (_, ErrorClass::Unreachable) => outcome::UNREACHABLE,
+        };
+        self.count(o);
+    }
+
+    fn count(&self, o: &'static str) {
+        self.uploads.get_or_create(&[("outcome", o)]).inc();
+    }
+
+    /// A job outcome was recorded in the queue (a retry scheduled, a failure). A sign of life for
+    /// the watchdog, not progress: an outage that reschedules every job is not getting anywhere.
+    /// Progress is an upload answered ([`Metrics::uploaded`]) or upload bytes moving.
+    pub fn outcome_recorded(&self) {
+        self.progress.beat();
+    }
+
+    /// An idle worker looked at the queue and found nothing due.
+    pub fn idle_turn(&self) {
+        self.progress.beat();
+    }
+
+    pub fn watcher_rescan(&self) {
+        self.watcher_rescans.inc();
+    }
+
+    pub fn watcher_overflow(&self) {
+        self.watcher_overflows.inc();
+    }
+
+    /// A results file (`transcript`, `punctuated`, `ai`) was fetched and written.
+    pub fn result_fetched(&self, kind: &str) {
+        self.progress.progress();
+        self.results_fetched
+            .get_or_create(&[("kind", kind.to_string())])
+            .inc();
+    }
+
+    /// The value of `callferry_uploads_total{outcome}` (for tests and `status`).
+    pub fn uploads_with_outcome(&self, o: &'static str) -> u64 {
+        self.uploads.get_or_create(&[("outcome", o)]).get()
+    }
+
+    // --- exposition ---------------------------------------------------------------------------
+
+    /// The Prometheus text exposition, with the database facts of `snap`.
+    pub fn render(&self, snap: &Snapshot) -> String {
+        let c = &snap.counts;
+        for (state, n) in [
+            ("pending", c.pending),
+            ("declared", c.declared),
+            ("uploading", c.uploading),
+            ("uploaded", c.uploaded),
+            ("processed", c.processed),
+            ("failed", c.failed),
+        ] {
+            self.jobs
+                .get_or_create(&[("state", state)])
+                .set(n.min(i64::MAX as u64) as i64);
+        }
+        self.oldest_pending_age
+            .set(snap.oldest_pending_age_s.unwrap_or(0.0));
+        self.api_paused.set(i64::from(snap.paused));
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let last = unix_now.saturating_sub(self.progress.since_progress());
+        self.last_progress.set(last.as_secs_f64());
+
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn names_follow_prometheus_conventions_and_every_family_has_help() {
+        let m = Metrics::new();
+        let text = m.render(&Snapshot::default());
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            let mut parts = line.split(' ').skip(2);
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            assert!(name.starts_with("callferry_"), "{line}");
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()),
+                "{line}"
+            );
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "{line}");
+            }
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no help for {name}"
+            );
+        }
+        for n in [
+            "callferry_files_discovered_total",
+            "callferry_uploads_total",
+            "callferry_uploaded_bytes_total",
+            "callferry_upload_duration_seconds",
+            "callferry_jobs",
+            "callferry_oldest_pending_job_age_seconds",
+            "callferry_api_paused",
+            "callferry_watcher_rescans_total",
+            "callferry_watcher_overflows_total",
+            "callferry_results_fetched_total",
+        ] {
+            assert!(text.contains(&format!("# TYPE {n} ")), "{n} missing");
+        }
+    }
+
+    #[test]
+    fn events_and_snapshot_show_up_in_the_text() {
+        let m = Metrics::new();
+        m.files_discovered(3);
+        m.uploaded(201, 1000, Duration::from_millis(300));
+        m.uploaded(409, 1000, Duration::from_millis(300));
+        m.attempt_failed(&ApiError::Status {
+            status: 503,
+            message: "x".into(),
+            retry_after: None,
+        });
+        m.attempt_failed(&ApiError::Status {
+            status: 401,
+            message: "x".into(),
+            retry_after: None,
+        });
+        m.watcher_rescan();
+        m.watcher_overflow();
+        let snap = Snapshot {
+            counts: Counts {
+                pending: 2,
+                uploaded: 5,
+                ..Default::default()
+            },
+            oldest_pending_age_s: Some(12.5),
+            paused: true,
+        };
+        let t = m.render(&snap);
+        assert_eq!(value(&t, "callferry_files_discovered_total"), Some(3.0));
+        assert_eq!(
+            value(&t, "callferry_uploads_total{outcome=\"created\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "callferry_uploads_total{outcome=\"conflict\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "callferry_uploads_total{outcome=\"retry\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "callferry_uploads_total{outcome=\"unauthorized\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "callferry_uploads_total{outcome=\"rejected\"}"),
+            Some(0.0)
+        );
+        assert_eq!(value(&t, "callferry_uploaded_bytes_total"), Some(1000.0));
+        assert_eq!(
+            value(&t, "callferry_upload_duration_seconds_count"),
+            Some(1.0)
+        );
+        assert_eq!(value(&t, "callferry_jobs{state=\"pending\"}"), Some(2.0));
+        assert_eq!(value(&t, "callferry_jobs{state=\"uploaded\"}"), Some(5.0));
+        assert_eq!(value(&t, "callferry_jobs{state=\"failed\"}"), Some(0.0));
+        assert_eq!(
+            value(&t, "callferry_oldest_pending_job_age_seconds"),
+            Some(12.5)
+        );
+        assert_eq!(value(&t, "callferry_api_paused"), Some(1.0));
+        assert_eq!(value(&t, "callferry_watcher_rescans_total"), Some(1.0));
+        assert_eq!(value(&t, "callferry_watcher_overflows_total"), Some(1.0));
+    }
+
+    #[test]
+    fn progress_and_beats_are_separate() {
+        let p = Progress::default();
+        p.beat();
+        assert!(p.since_beat() < Duration::from_secs(1));
+        p.progress();
+        assert!(p.since_progress() < Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,256 @@
+//! Owns the daemon's outward signs of health: the `[metrics] listen` HTTP endpoint (`/metrics` in
+//! Prometheus text format, `/healthz`), and the once-a-second ticker that notices upload bytes
+//! moving, feeds the systemd watchdog and sends `STATUS=` lines with the queue summary.
+//!
+//! It reads the queue and the gate; it never changes a job. The decisions themselves are the pure
+//! functions of [`crate::health`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::clock::now_ms;
+use crate::gate::{Gate, Pause};
+use crate::health::{self, HealthInputs};
+use crate::metrics::{Metrics, Snapshot};
+use crate::queue::{Counts, Queue};
+use crate::systemd;
+
+/// Key of the row `/healthz` writes to prove the database takes writes.
+const HEALTH_KEY: &str = "healthz";
+const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+const TICK: Duration = Duration::from_secs(1);
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// What the endpoint and the ticker look at.
+#[derive(Clone)]
+pub struct Monitor {
+    pub queue: Queue,
+    pub gate: Arc<Gate>,
+    pub metrics: Arc<Metrics>,
+    /// Audio bytes sent so far (the API client's counter): moving bytes are progress.
+    pub bytes_sent: Arc<AtomicU64>,
+    pub stall_timeout: Duration,
+    pub unhealthy_after: Duration,
+}
+
+impl Monitor {
+    async fn snapshot(&self) -> Result<Snapshot, String> {
+        let counts = self.queue.counts().await.map_err(|e| e.to_string())?;
+        let now = now_ms();
+        let oldest = self
+            .queue
+            .oldest_waiting()
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|t| ((now - t).max(0) as f64) / 1000.0);
+        Ok(Snapshot {
+            counts,
+            oldest_pending_age_s: oldest,
+            paused: self.gate.state().pause.is_some(),
+        })
+    }
+
+    /// Jobs due now or in flight (0 when everything waiting is backing off).
+    async fn work_waiting(&self, counts: &Counts) -> Result<u64, String> {
+        let due = match self.queue.next_due().await.map_err(|e| e.to_string())? {
+            Some(t) => t <= now_ms(),
+            None => false,
+        };
+        Ok(if due || counts.uploading > 0 {
+            counts.waiting()
+        } else {
+            0
+        })
+    }
+
+    /// `Ok(())` or the reason the pipeline is unhealthy.
+    pub async fn health(&self) -> Result<(), String> {
+        let database = match tokio::time::timeout(
+            DB_PROBE_TIMEOUT,
+            self.queue
+                .set_daemon_state(HEALTH_KEY, Some("ok"), now_ms()),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "a write did not complete within {DB_PROBE_TIMEOUT:?}"
+            )),
+        };
+        let counts = self
+            .queue
+            .counts()
+            .await
+            .map_err(|e| format!("queue database not readable: {e}"))?;
+        let work_waiting = self.work_waiting(&counts).await?;
+        health::assess(&HealthInputs {
+            pause: self.gate.state().pause,
+            database,
+            work_waiting,
+            since_progress: self.metrics.progress.since_progress(),
+            unhealthy_after: self.unhealthy_after,
+        })
+    }
+}
+
+/// Binds the `[metrics] listen` address. Done before READY so a taken port fails the start.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves `/metrics` and `/healthz` until `cancel` fires.
+pub async fn serve(listener: tokio::net::TcpListener, monitor: Monitor, cancel: CancellationToken) {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz_handler))
+        .with_state(monitor);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+    {
+        error!(error = %e, "the metrics endpoint stopped");
+    }
+}
+
+async fn metrics_handler(State(m): State<Monitor>) -> Response {
+    match m.snapshot().await {
+        Ok(snap) => (
+            [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+            m.metrics.render(&snap),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read the queue database: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn healthz_handler(State(m): State<Monitor>) -> Response {
+    match m.health().await {
+        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+    }
+}
+
+/// One line for `systemctl status`: the queue summary and the pause, if any.
+pub fn status_line(c: &Counts, pause: Option<&Pause>) -> String {
+    let mut s = format!(
+        "{} pending, {} uploading, {} uploaded, {} processed, {} failed",
+        c.pending + c.declared,
+        c.uploading,
+        c.uploaded,
+        c.processed,
+        c.failed
+    );
+    if let Some(p) = pause {
+        s.push_str(&format!("; PAUSED: {}", p.reason()));
+    }
+    s
+}
+
+/// Runs once a second until `cancel`: upload bytes moving count as progress; the watchdog is fed
+/// while [`health::should_feed_watchdog`] says so (always before `ready`, during start-up); the
+/// STATUS line is refreshed when it changes.
+pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: CancellationToken) {
+    let watchdog = systemd::watchdog_timeout();
+    if let Some(d) = watchdog {
+        info!(timeout = ?d, "systemd watchdog enabled");
+    }
+    let feed_every = watchdog.map(|d| (d / 2).max(Duration::from_millis(500)));
+    let mut last_feed: Option<Instant> = None;
+    let mut starving = false;
+    let mut last_bytes = monitor.bytes_sent.load(Ordering::Relaxed);
+    let mut last_status: Option<(Instant, String)> = None;
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let bytes = monitor.bytes_sent.load(Ordering::Relaxed);
+        if bytes != last_bytes {
+            last_bytes = bytes;
+            monitor.metrics.progress.progress();
+        }
+
+        if let Some(every) = feed_every
+            && last_feed.is_none_or(|t| t.elapsed() >= every)
+        {
+            let gate = monitor.gate.state();
+            let gate_closed =
+                gate.pause.is_some() || gate.hold_until.is_some_and(|h| h > Instant::now());
+            let since = monitor.metrics.progress.since_beat();
+            let feed = !ready.load(Ordering::Relaxed)
+                || health::should_feed_watchdog(since, monitor.stall_timeout, gate_closed);
+            if feed {
+                systemd::watchdog();
+                last_feed = Some(Instant::now());
+                if starving {
+                    info!("the workers show signs of life again; feeding the systemd watchdog");
+                    starving = false;
+                }
+            } else if !starving {
+                error!(
+                    silent_for = ?since,
+                    "the upload workers have shown no sign of life for longer than api.stall_timeout allows; \
+                     no longer feeding the systemd watchdog, so systemd will restart the service"
+                );
+                starving = true;
+            }
+        }
+
+        if systemd::enabled()
+            && last_status
+                .as_ref()
+                .is_none_or(|(t, _)| t.elapsed() >= STATUS_EVERY)
+        {
+            match monitor.queue.counts().await {
+                Ok(c) => {
+                    let line = status_line(&c, monitor.gate.state().pause.as_ref());
+                    if last_status.as_ref().is_none_or(|(_, l)| *l != line) {
+                        systemd::status(&line);
+                    }
+                    last_status = Some((Instant::now(), line));
+                }
+                Err(e) => warn!(error = %e, "cannot read the queue for the STATUS line"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_line_reads_well() {
+        let c = Counts {
+            pending: 3,
+            declared: 1,
+            uploading: 2,
+            uploaded: 40,
+            processed: 0,
+            failed: 1,
+        };
+        assert_eq!(
+            status_line(&c, None),
+            "4 pending, 2 uploading, 40 uploaded, 0 processed, 1 failed"
+        );
+        let p = Pause::Auth("HTTP 401: no".into());
+        assert!(status_line(&c, Some(&p)).ends_with("; PAUSED: API token rejected: HTTP 401: no"));
+    }
+}

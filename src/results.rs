@@ -1,0 +1,488 @@
+//! Owns following uploaded interactions to `processed` and delivering their results: one scheduler
+//! for all followed jobs (the database holds each job's next poll time; no task per job), a global
+//! request-rate cap, atomic result files, and the `processed` / `failed` transitions.
+//!
+//! A job's results are written before its state says `processed`, and each written kind is recorded,
+//! so a restart neither loses nor refetches them; a crash between a write and its record only means
+//! the same file is written again.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::api::{ApiError, ErrorClass};
+use crate::clock::{ms, now_ms};
+use crate::config::{AfterUploadWhen, ResultsFormat};
+use crate::queue::Job;
+use crate::ratelimit::RateLimiter;
+use crate::retry::Backoff;
+use crate::worker::Pipeline;
+
+/// Jobs looked at per round; bounds memory whatever the number of followed jobs.
+const BATCH: u32 = 64;
+/// Requests in flight at once (the rate cap is what really limits).
+const CONCURRENCY: usize = 8;
+/// An idle follower looks at the queue at least this often (jobs made due by another process).
+const IDLE_POLL: Duration = Duration::from_secs(2);
+
+/// Where one result kind of a recording goes: `<output_dir>/<path relative to its watched
+/// folder>.<kind>.json` (`.txt` for the text transcript).
+pub fn result_path(output_dir: &Path, job: &Job, kind: &str) -> PathBuf {
+    let path = Path::new(&job.path);
+    let rel = path
+        .strip_prefix(&job.root)
+        .ok()
+        .filter(|r| !r.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new(path.file_name().unwrap_or_default()));
+    let mut name = rel.as_os_str().to_owned();
+    if kind == "text" {
+        name.push(".txt");
+    } else {
+        name.push(format!(".{kind}.json"));
+    }
+    output_dir.join(name)
+}
+
+fn endpoint(kind: &str, id: &str) -> String {
+    match kind {
+        "transcript" => format!("interactions/{id}/transcript"),
+        "punctuated" => format!("interactions/{id}/transcripts/punctuated"),
+        _ => format!("interactions/{id}/ai"),
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, 0640, rename,
+/// fsync of the folder. Readers see the old file or the new one, never half of one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".callferry-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o640))?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// A plain-text transcript from the punctuated transcript: one line per speaker turn, with its
+/// start time.
+pub fn render_text(punctuated: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let Some(segments) = punctuated
+        .get("sentenceSegments")
+        .and_then(|s| s.as_array())
+    else {
+        return out;
+    };
+    let mut turn: Option<(String, u64, Vec<String>)> = None;
+    let flush = |out: &mut String, t: &(String, u64, Vec<String>)| {
+        let s = t.1 / 1000;
+        out.push_str(&format!(
+            "[{:02}:{:02}:{:02}] {}: {}\n",
+            s / 3600,
+            (s / 60) % 60,
+            s % 60,
+            speaker(&t.0),
+            t.2.join(" ")
+        ));
+    };
+    for seg in segments {
+        let who = seg
+            .get("participant")
+            .and_then(|p| p.as_str())
+            .unwrap_or("unknown")
+            .to_string();
+        let start = seg
+            .get("startTimeOffset")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        let phrase = seg
+            .get("phrase")
+            .and_then(|p| p.as_str())
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        match &mut turn {
+            Some(t) if t.0 == who => t.2.push(phrase),
+            _ => {
+                if let Some(t) = &turn {
+                    flush(&mut out, t);
+                }
+                turn = Some((who, start, vec![phrase]));
+            }
+        }
+    }
+    if let Some(t) = &turn {
+        flush(&mut out, t);
+    }
+    out
+}
+
+fn speaker(p: &str) -> String {
+    match p {
+        "participantOne" => "Speaker 1".into(),
+        "participantTwo" => "Speaker 2".into(),
+        other => other.into(),
+    }
+}
+
+pub struct Follower {
+    p: Arc<Pipeline>,
+    limiter: RateLimiter,
+}
+
+impl Follower {
+    pub fn new(p: Arc<Pipeline>) -> Self {
+        let limiter = RateLimiter::new(p.cfg.results.max_requests_per_sec);
+        Follower { p, limiter }
+    }
+
+    pub async fn run(self, cancel: CancellationToken) {
+        debug!("results follower started");
+        loop {
+            if cancel.is_cancelled() || !self.p.gate.wait_open(&cancel).await {
+                break;
+            }
+            let due = match self.p.queue.due_followups(now_ms(), BATCH).await {
+                Ok(d) => d,
+                Err(e) => {
+                    error!(error = %e, "cannot read followed jobs; retrying in 1s");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            if due.is_empty() {
+                let wait = match self.p.queue.next_followup().await {
+                    Ok(Some(t)) => {
+                        Duration::from_millis((t - now_ms()).clamp(0, ms(IDLE_POLL)) as u64)
+                    }
+                    _ => IDLE_POLL,
+                };
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = self.p.follow_wake.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            let work = futures_util::stream::iter(due).for_each_concurrent(CONCURRENCY, |job| {
+                let span = info_span!("follow", job_id = job.id, path = %job.path,
+                    interaction_id = job.interaction_id.as_deref().unwrap_or(""));
+                self.follow_one(job).instrument(span)
+            });
+            tokio::select! {
+                // Abandoned requests leave the job as it was: it is asked about again later.
+                _ = cancel.cancelled() => break,
+                _ = work => {}
+            }
+        }
+        debug!("results follower stopped");
+    }
+
+    async fn follow_one(&self, job: Job) {
+        let Some(iid) = job.interaction_id.clone() else {
+            return;
+        };
+        self.limiter.acquire(1).await;
+        let cfg = &self.p.cfg.results;
+        let now = now_ms();
+        match self.p.api.status(&iid).await {
+            Ok(st) => {
+                self.api_ok();
+                let status = st.status.as_str();
+                if status == "processed" {
+                    self.deliver(job).await;
+                } else if status.ends_with("Failed") {
+                    let lost = matches!(status, "fileUploadFailed" | "fileDownloadFailed");
+                    let msg = format!(
+                        "ElevateAI reports {status}: {}",
+                        st.error_message.as_deref().unwrap_or("(no message)")
+                    );
+                    warn!(error = %msg, "interaction failed at the service");
+                    self.record(
+                        self.p
+                            .queue
+                            .fail_following(job.id, &msg, Some(status), lost, now)
+                            .await,
+                    );
+                } else {
+                    let waited = now - job.uploaded_at.unwrap_or(job.updated_at);
+                    if waited > ms(cfg.max_wait) {
+                        let msg = format!(
+                            "still {status} {} after upload (results.max_wait)",
+                            humantime::format_duration(Duration::from_secs((waited / 1000) as u64))
+                        );
+                        warn!(error = %msg, "giving up waiting for results");
+                        self.record(
+                            self.p
+                                .queue
+                                .fail_following(job.id, &msg, Some(status), false, now)
+                                .await,
+                        );
+                    } else {
+                        if job.service_status.as_deref() != Some(status) {
+                            debug!(status, "interaction status");
+                        }
+                        self.record(
+                            self.p
+                                .queue
+                                .follow_later(
+                                    job.id,
+                                    now + ms(cfg.poll_interval),
+                                    Some(status),
+                                    None,
+                                    now,
+                                )
+                                .await,
+                        );
+                    }
+                }
+            }
+            Err(e) => self.on_error(&job, e, "status").await,
+        }
+    }
+
+    /// Fetches and writes every configured kind not yet on disk, then marks the job processed.
+    async fn deliver(&self, mut job: Job) {
+        let cfg = &self.p.cfg;
+        let Some(iid) = job.interaction_id.clone() else {
+            return;
+        };
+        let mut kinds: Vec<&str> = cfg
+            .results
+            .kinds
+            .iter()
+            .map(String::as_str)
+            .filter(|k| *k != "ai" || cfg.declare.include_ai_results)
+            .collect();
+        let want_text = cfg.results.format == ResultsFormat::Text;
+        if want_text {
+            kinds.push("text");
+        }
+        let mut punctuated: Option<bytes::Bytes> = None;
+        for kind in kinds {
+            if job.results_written.iter().any(|k| k == kind) {
+                continue;
+            }
+            let source = if kind == "text" { "punctuated" } else { kind };
+            let body = match (&punctuated, source) {
+                (Some(b), "punctuated") => b.clone(),
+                _ => {
+                    self.limiter.acquire(1).await;
+                    match self.p.api.get_json(&endpoint(source, &iid)).await {
+                        Ok(b) => b,
+                        Err(e) => return self.on_error(&job, e, source).await,
+                    }
+                }
+            };
+            if source == "punctuated" {
+                punctuated = Some(body.clone());
+            }
+            let bytes: Vec<u8> = if kind == "text" {
+                match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Ok(v) => render_text(&v).into_bytes(),
+                    Err(_) => Vec::new(),
+                }
+            } else {
+                body.to_vec()
+            };
+            let path = result_path(&cfg.results.output_dir, &job, kind);
+            let p2 = path.clone();
+            let written = tokio::task::spawn_blocking(move || write_atomic(&p2, &bytes))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            if let Err(e) = written {
+                // A full or unwritable results disk must not lose anything: ask again later.
+                error!(path = %path.display(), error = %e, "cannot write results; will try again");
+                let later = now_ms() + ms(cfg.results.poll_interval);
+                let msg = format!("cannot write {}: {e}", path.display());
+                self.record(
+                    self.p
+                        .queue
+                        .follow_later(job.id, later, None, Some(&msg), now_ms())
+                        .await,
+                );
+                return;
+            }
+            debug!(kind, path = %path.display(), "result written");
+            self.p.metrics.result_fetched(kind);
+            self.record(self.p.queue.result_written(&job, kind, now_ms()).await);
+            job.results_written.push(kind.to_string());
+        }
+        match self.p.queue.mark_processed(job.id, now_ms()).await {
+            Ok(()) => {
+                info!(kinds = %job.results_written.join(","), "processed: results written");
+                if cfg.after_upload.when == AfterUploadWhen::Processed {
+                    self.p.after_upload(&job).await;
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "results written but the processed state could not be recorded; they will be written again")
+            }
+        }
+    }
+
+    async fn on_error(&self, job: &Job, e: ApiError, what: &str) {
+        let now = now_ms();
+        let msg = format!("{what}: {e}");
+        let poll = ms(self.p.cfg.results.poll_interval);
+        let unit: f64 = rand::random();
+        let next = match e.class() {
+            ErrorClass::Auth => {
+                if self.p.gate.pause_auth(msg.clone()) {
+                    error!(error = %msg, "the API rejected the token: ALL work is paused and every job is kept. Fix api.token_file (it is re-read) — work resumes by itself");
+                }
+                now + poll
+            }
+            ErrorClass::Unreachable => {
+                if let Some(d) = self.p.gate.outage(msg.clone(), unit) {
+                    warn!(error = %msg, retry_in = ?d, "API unreachable; holding back");
+                }
+                now + poll
+            }
+            ErrorClass::RateLimited(ra) => {
+                let d = Backoff {
+                    initial: self.p.cfg.upload.backoff_initial,
+                    max: self.p.cfg.upload.backoff_max,
+                }
+                .next_delay(1, unit, ra);
+                self.p.gate.hold(d);
+                now + ms(d).max(poll)
+            }
+            ErrorClass::Rejected => {
+                // The service does not know the interaction (deleted, or past its 45-day
+                // retention) or refuses this request: an operator must look.
+                warn!(error = %msg, "results cannot be fetched");
+                self.record(
+                    self.p
+                        .queue
+                        .fail_following(job.id, &msg, None, false, now)
+                        .await,
+                );
+                return;
+            }
+            ErrorClass::Transient => {
+                let d = Backoff {
+                    initial: self.p.cfg.upload.backoff_initial,
+                    max: self
+                        .p
+                        .cfg
+                        .upload
+                        .backoff_max
+                        .max(self.p.cfg.results.poll_interval),
+                }
+                .delay(job.follow_attempts + 1, unit);
+                warn!(error = %msg, retry_in = ?d, "will ask again");
+                now + ms(d)
+            }
+        };
+        self.record(
+            self.p
+                .queue
+                .follow_later(job.id, next, None, Some(&msg), now)
+                .await,
+        );
+    }
+
+    fn api_ok(&self) {
+        if let Some(p) = self.p.gate.success() {
+            info!(was = %p.reason(), "API reachable and token accepted again");
+        }
+    }
+
+    fn record(&self, r: Result<(), crate::queue::QueueError>) {
+        if let Err(e) = r {
+            error!(error = %e, "could not record a follow-up outcome");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(path: &str, root: &str) -> Job {
+        Job {
+            id: 1,
+            path: path.into(),
+            root: root.into(),
+            size: 1,
+            mtime_ns: 1,
+            dev: 1,
+            ino: 1,
+            state: crate::queue::State::Uploaded,
+            attempts: 0,
+            next_attempt_at: 0,
+            interaction_id: Some("x".into()),
+            upload_status: Some(201),
+            last_error: None,
+            created_at: 0,
+            updated_at: 0,
+            uploaded_at: Some(0),
+            follow_at: Some(0),
+            follow_attempts: 0,
+            service_status: None,
+            results_written: vec![],
+        }
+    }
+
+    #[test]
+    fn result_paths_mirror_the_recording_tree() {
+        let j = job("/rec/2026/11/25/call.wav", "/rec");
+        assert_eq!(
+            result_path(Path::new("/out"), &j, "transcript"),
+            PathBuf::from("/out/2026/11/25/call.wav.transcript.json")
+        );
+        assert_eq!(
+            result_path(Path::new("/out"), &j, "text"),
+            PathBuf::from("/out/2026/11/25/call.wav.txt")
+        );
+        // Enqueued by hand outside any watched folder: by its name.
+        let j = job("/elsewhere/x.wav", "/elsewhere/x.wav");
+        assert_eq!(
+            result_path(Path::new("/out"), &j, "ai"),
+            PathBuf::from("/out/x.wav.ai.json")
+        );
+    }
+
+    #[test]
+    fn text_transcript_has_one_line_per_turn() {
+        let v = serde_json::json!({"sentenceSegments": [
+            {"participant": "participantOne", "startTimeOffset": 0, "phrase": "Hello."},
+            {"participant": "participantOne", "startTimeOffset": 900, "phrase": "How can I help?"},
+            {"participant": "participantTwo", "startTimeOffset": 65_000, "phrase": "My bill."},
+        ]});
+        assert_eq!(
+            render_text(&v),
+            "[00:00:00] Speaker 1: Hello. How can I help?\n[00:01:05] Speaker 2: My bill.\n"
+        );
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_sets_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/b/c.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        let leftovers: Vec<_> = std::fs::read_dir(p.parent().unwrap()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary files left");
+    }
+}
