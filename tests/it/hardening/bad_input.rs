@@ -476,23 +476,35 @@ async fn a_first_start_killed_after_marking_the_database_is_completed_by_the_nex
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not implemented yet: recordings' content is not sniffed (a header check belongs in \
-            stability.rs); un-ignore once it is"]
 async fn a_recording_whose_content_is_not_audio_is_not_declared() {
     let mut app = TestApp::start("").await;
     // The right extension, the wrong content: a text file, a truncated copy's zeros.
-    let text = app.drop_file("notes.wav", b"this is not a recording\n");
+    let text = app.drop_file("notes.wav", b"this is not a recording, just some notes\n");
     let zeros = app.drop_file("zeros.mp3", &[0u8; 4096]);
-    for p in [&text, &zeros] {
-        let job = app.wait_state(p, "failed").await;
-        let err = job.last_error.unwrap();
-        assert!(err.contains("does not look like"), "{err}");
-    }
-    assert_eq!(app.fake.counters().declares, 0, "no declare wasted on them");
-    // A real one next to them goes through.
+    // A real one next to them goes through; by then the others have been looked at too.
     let a = wav(0.5);
     let pa = app.drop_file("real.wav", &a);
     let job = app.wait_state(&pa, "uploaded").await;
     app.assert_uploaded_once(&job, &a);
+    for p in [&text, &zeros] {
+        assert!(app.job_for(p).await.is_none(), "{} queued", p.display());
+    }
+    assert_eq!(app.fake.counters().declares, 1, "no declare wasted on them");
+    // The reason, as `enqueue` tells it.
+    let cfg = write_config(app.dir.path(), &app.fake.base_url(), "");
+    let out = callferry()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("enqueue")
+        .arg(&text)
+        .arg(&zeros)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a WAV file"), "{err}");
+    assert!(err.contains("not a MP3 file"), "{err}");
+    assert_eq!(app.jobs().await.len(), 1, "still only the real one");
     app.stop().await;
 }
