@@ -2,6 +2,7 @@
 //! on temp dirs; the CLI tests run the built binary.
 
 mod cli;
+mod hardening;
 mod helpers;
 mod ops;
 mod pipeline;
