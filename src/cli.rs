@@ -255,6 +255,8 @@ pub fn init_logging(format: LogFormat, level: &str, env: &BTreeMap<String, Strin
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: under systemd (journald) or in a log file, escape codes are
+        // noise that breaks grep.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let _ = match format {

@@ -482,6 +482,20 @@ pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Config, Confi
     Ok(cfg)
 }
 
+/// A TOML syntax error as "line L, column C: what", without the excerpt of the file that the
+/// parser's own message quotes: that line may be the one holding `api.token`.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim();
+    match e.span().and_then(|s| text.get(..s.start)) {
+        Some(before) => {
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            format!("line {line}, column {column}: {what}")
+        }
+        None => what.to_string(),
+    }
+}
+
 /// Same as [`load`], from TOML text. `origin` names the source in messages.
 pub fn from_toml_str(
     text: &str,
@@ -490,8 +504,12 @@ pub fn from_toml_str(
 ) -> Result<Config, ConfigError> {
     // Checked first and on its own, so a broken file is reported with its line and column rather
     // than as a confusing type error further on.
-    toml::from_str::<toml::Table>(text)
-        .map_err(|e| ConfigError::new(origin, format!("not valid TOML: {e}")))?;
+    toml::from_str::<toml::Table>(text).map_err(|e| {
+        ConfigError::new(
+            origin,
+            format!("not valid TOML: {}", describe_toml_error(text, &e)),
+        )
+    })?;
 
     // Environment overrides: CALLFERRY_<SECTION>__<KEY>. Only names with the double underscore are
     // keys, so CALLFERRY_CONFIG (the file's location) is not mistaken for one.
@@ -1201,6 +1219,13 @@ mod tests {
         let err = from_toml_str("[api\ntoken=", &env(&[]), "my.toml").unwrap_err();
         assert_eq!(err.key, "my.toml");
         assert!(err.message.contains("not valid TOML"), "{err}");
+    }
+
+    #[test]
+    fn broken_toml_is_located_without_quoting_the_token() {
+        let err = from_toml_str("[api]\ntoken = \"s3cr3t\" x\n", &env(&[]), "my.toml").unwrap_err();
+        assert!(err.message.contains("line 2, column 18"), "{err}");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
     }
 
     #[test]

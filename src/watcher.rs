@@ -32,6 +32,8 @@ const ENQUEUE_BATCH: usize = 2000;
 const ROOT_CHECK: Duration = Duration::from_secs(5);
 /// Rescan period for a folder that could not get an inotify watch (limit reached).
 const FALLBACK_POLL: Duration = Duration::from_secs(10);
+/// Follow-up scans of a new folder, in ms after its creation event (see `on_event`).
+const NEW_FOLDER_RESCANS: [i64; 2] = [250, 2000];
 
 /// A file we are waiting on.
 #[derive(Debug, Clone)]
@@ -89,6 +91,8 @@ struct State {
     metrics: Arc<crate::metrics::Metrics>,
     /// The open-writer check could not run; said once.
     writer_check_warned: bool,
+    /// New folders to look into again: (when, unix ms; folder).
+    dir_rescans: Vec<(i64, PathBuf)>,
 }
 
 pub async fn run(
@@ -136,6 +140,7 @@ pub async fn run(
         cancel: cancel.clone(),
         metrics,
         writer_check_warned: false,
+        dir_rescans: Vec::new(),
     };
     for root in &cfg.watch.paths {
         st.add_root(&mut watcher, root.clone());
@@ -161,8 +166,15 @@ pub async fn run(
                 tokio::time::Instant::now()
                     + Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64)
             });
+        let next_dir_rescan = st.dir_rescans.iter().map(|(t, _)| *t).min().map(|t| {
+            tokio::time::Instant::now()
+                + Duration::from_millis((t - now_ms()).clamp(0, 60_000) as u64)
+        });
         let mut wake_at = next_root_check;
-        for t in [next_eval, next_rescan].into_iter().flatten() {
+        for t in [next_eval, next_rescan, next_dir_rescan]
+            .into_iter()
+            .flatten()
+        {
             wake_at = wake_at.min(t);
         }
         if !st.polled.is_empty() {
@@ -205,6 +217,21 @@ pub async fn run(
         if next_root_check <= now {
             st.check_roots(&mut watcher).await;
             next_root_check = now + ROOT_CHECK;
+        }
+        let wall = now_ms();
+        if st.dir_rescans.iter().any(|(t, _)| *t <= wall) {
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut st.dir_rescans)
+                .into_iter()
+                .partition(|(t, _)| *t <= wall);
+            st.dir_rescans = later;
+            let mut dirs: Vec<PathBuf> = due.into_iter().map(|(_, d)| d).collect();
+            dirs.sort();
+            dirs.dedup();
+            for d in dirs {
+                if d.is_dir() {
+                    st.rescan(&d).await;
+                }
+            }
         }
         st.evaluate().await;
     }
@@ -406,8 +433,15 @@ impl State {
                 Ok(meta) if meta.is_dir() => {
                     if recursive {
                         // A new folder (e.g. today's date folder): files may have landed in it
-                        // before its watch existed, so look inside now.
+                        // before its watch existed, so look inside now. notify adds the watches
+                        // for the folder and its subfolders only after handing us this event, so
+                        // a file created in between has no event at all: look again once the
+                        // watches are surely in place.
                         self.rescan(&path).await;
+                        let now = now_ms();
+                        for delay in NEW_FOLDER_RESCANS {
+                            self.dir_rescans.push((now + delay, path.clone()));
+                        }
                     }
                 }
                 Ok(meta) if meta.is_file() => {

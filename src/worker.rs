@@ -57,11 +57,16 @@ impl Pipeline {
 
     pub async fn run_worker(self: Arc<Self>, n: usize) {
         debug!(worker = n, "worker started");
+        // Set when this worker's claim hit a full disk: it then tries again by itself instead of
+        // waiting at the gate, because that retry is what finds out that space is back.
+        let mut probe = false;
         loop {
-            if self.stop_claiming.is_cancelled() || !self.gate.wait_open(&self.stop_claiming).await
+            if self.stop_claiming.is_cancelled()
+                || (!probe && !self.gate.wait_open(&self.stop_claiming).await)
             {
                 break;
             }
+            probe = false;
             match self.queue.claim(now_ms()).await {
                 Ok(Some(job)) => {
                     self.storage_recovered().await;
@@ -76,8 +81,14 @@ impl Pipeline {
                         }
                     }
                 }
-                Ok(None) => self.idle().await,
-                Err(e) => self.storage_error(&e).await,
+                Ok(None) => {
+                    self.storage_recovered().await;
+                    self.idle().await;
+                }
+                Err(e) => {
+                    probe = e.is_disk_full();
+                    self.storage_error(&e).await;
+                }
             }
         }
         debug!(worker = n, "worker stopped");
@@ -144,6 +155,32 @@ impl Pipeline {
         }
     }
 
+    /// Writes one outcome to the queue, waiting out a full disk: the outcome (an interaction id, an
+    /// upload's status, a retry) stays in memory and is written as soon as the database takes it,
+    /// so a running daemon never forgets an interaction id nor leaves a job in flight until the
+    /// next start. Other errors are returned at once. At shutdown the grace's abort ends the wait.
+    async fn commit<F, Fut>(&self, mut write: F) -> Result<(), QueueError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), QueueError>>,
+    {
+        loop {
+            match write().await {
+                Ok(()) => {
+                    self.storage_recovered().await;
+                    return Ok(());
+                }
+                Err(e) if e.is_disk_full() => {
+                    if self.gate.pause_storage(e.to_string()) {
+                        error!(error = %e, "queue database cannot be written: disk full? Uploads pause; this job's outcome is kept in memory and written when space is freed");
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// After an abort mid-request: the job goes back to waiting, without counting an attempt.
     async fn put_back(&self, id: i64) {
         match self.queue.get(id).await {
@@ -174,11 +211,11 @@ impl Pipeline {
                     warn!(
                         "file vanished before upload (deleted or moved away); dropped from the queue"
                     );
-                    self.record(self.queue.drop_undeclared(&job).await);
+                    self.record(self.commit(|| self.queue.drop_undeclared(&job)).await);
                 } else {
                     let msg = "file vanished before upload (deleted or moved away) after its interaction was declared";
                     warn!("{msg}");
-                    self.record(self.queue.fail(&job, msg, now_ms()).await);
+                    self.record(self.commit(|| self.queue.fail(&job, msg, now_ms())).await);
                 }
                 return;
             }
@@ -198,7 +235,7 @@ impl Pipeline {
                         meta.len()
                     );
                     warn!("{msg}");
-                    self.record(self.queue.fail(&job, &msg, now_ms()).await);
+                    self.record(self.commit(|| self.queue.fail(&job, &msg, now_ms())).await);
                     return;
                 }
             }
@@ -210,7 +247,10 @@ impl Pipeline {
                 Ok(iid) => {
                     self.api_ok();
                     // Committed before the upload starts: a crash from here on never declares again.
-                    if let Err(e) = self.queue.mark_declared(job.id, &iid, now_ms()).await {
+                    if let Err(e) = self
+                        .commit(|| self.queue.mark_declared(job.id, &iid, now_ms()))
+                        .await
+                    {
                         // The interaction exists but we could not record it; the job stays
                         // `declaring` and is declared again after recovery. Say so loudly.
                         error!(interaction_id = %iid, error = %e, "declared but could not record the interaction id");
@@ -261,8 +301,7 @@ impl Pipeline {
                     .enabled
                     .then(|| now + ms(self.cfg.results.poll_interval));
                 match self
-                    .queue
-                    .mark_uploaded(job.id, status, follow_at, now)
+                    .commit(|| self.queue.mark_uploaded(job.id, status, follow_at, now))
                     .await
                 {
                     Ok(()) => {
@@ -313,8 +352,7 @@ impl Pipeline {
                     error!(error = %msg, "the API rejected the token: ALL uploads are paused and every job is kept. Fix api.token_file (it is re-read) — work resumes by itself, no restart needed");
                 }
                 self.record(
-                    self.queue
-                        .reschedule(job, Some(&msg), now, false, now)
+                    self.commit(|| self.queue.reschedule(job, Some(&msg), now, false, now))
                         .await,
                 );
             }
@@ -323,8 +361,7 @@ impl Pipeline {
                     warn!(error = %msg, retry_in = ?d, "API unreachable; all workers hold back (attempts are not counted during an outage)");
                 }
                 self.record(
-                    self.queue
-                        .reschedule(job, Some(&msg), now, false, now)
+                    self.commit(|| self.queue.reschedule(job, Some(&msg), now, false, now))
                         .await,
                 );
             }
@@ -333,14 +370,16 @@ impl Pipeline {
                 warn!(error = %msg, wait = ?d, "API asks us to slow down; all workers hold back");
                 self.gate.hold(d);
                 self.record(
-                    self.queue
-                        .reschedule(job, Some(&msg), now + ms(d), false, now)
-                        .await,
+                    self.commit(|| {
+                        self.queue
+                            .reschedule(job, Some(&msg), now + ms(d), false, now)
+                    })
+                    .await,
                 );
             }
             ErrorClass::Rejected => {
                 warn!(error = %msg, "the API refused this file; job failed (`callferry retry {}` after fixing it)", job.id);
-                self.record(self.queue.fail(job, &msg, now).await);
+                self.record(self.commit(|| self.queue.fail(job, &msg, now)).await);
             }
             ErrorClass::Transient => {
                 let attempts = job.attempts + 1;
@@ -353,14 +392,16 @@ impl Pipeline {
                 ) {
                     let full = format!("{msg}; {why}");
                     error!(error = %full, "job failed");
-                    self.record(self.queue.fail(job, &full, now).await);
+                    self.record(self.commit(|| self.queue.fail(job, &full, now)).await);
                 } else {
                     let d = self.backoff().delay(attempts, unit);
                     warn!(error = %msg, attempt = attempts, retry_in = ?d, "will retry");
                     self.record(
-                        self.queue
-                            .reschedule(job, Some(&msg), now + ms(d), true, now)
-                            .await,
+                        self.commit(|| {
+                            self.queue
+                                .reschedule(job, Some(&msg), now + ms(d), true, now)
+                        })
+                        .await,
                     );
                 }
             }

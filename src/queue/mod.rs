@@ -10,9 +10,8 @@
 mod state;
 mod stats;
 
-use std::fs::OpenOptions;
 use std::io::Read;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -200,7 +199,7 @@ impl Queue {
                             .into(),
                     ));
                 }
-                OpenMode::Create => create_private(path).map_err(unusable)?,
+                OpenMode::Create => create_private(path).await.map_err(unusable)?,
             },
             Err(e) => return Err(unusable(format!("cannot access: {e}"))),
         }
@@ -230,12 +229,16 @@ impl Queue {
             .await
             .map_err(|e| unusable(format!("cannot open as a SQLite database: {e}")))?;
         if mode == OpenMode::Create {
-            MIGRATOR.run(&pool).await?;
+            remove_stale_creations(path);
+            // Marked ours before the schema goes in: a first start killed in between leaves a
+            // marked database without tables (or one with neither), which the next start accepts
+            // and completes. The other order left tables without the mark, refused as foreign.
             sqlx::query(AssertSqlSafe(format!(
                 "PRAGMA application_id = {APPLICATION_ID}"
             )))
             .execute(&pool)
             .await?;
+            MIGRATOR.run(&pool).await?;
         }
         Ok(Queue {
             pool,
@@ -816,6 +819,29 @@ impl Queue {
         })
     }
 
+    /// Test hook (the disk-full tests): with `full`, caps the database at its current size on
+    /// every pooled connection (SQLite's `max_page_count`), so a write that needs a new page fails
+    /// with SQLITE_FULL exactly as on a full disk; `false` lifts the cap. Connections the pool
+    /// opens later are not capped.
+    #[doc(hidden)]
+    pub async fn simulate_disk_full(&self, full: bool) -> Result<(), QueueError> {
+        // Hold every connection at once so each one gets the setting.
+        let mut conns = Vec::new();
+        for _ in 0..self.pool.options().get_max_connections() {
+            conns.push(self.pool.acquire().await?);
+        }
+        for c in &mut conns {
+            let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+                .fetch_one(&mut **c)
+                .await?;
+            let cap = if full { pages } else { 0xFFFF_FFFE };
+            sqlx::query(AssertSqlSafe(format!("PRAGMA max_page_count = {cap}")))
+                .execute(&mut **c)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Every event of one job, oldest first: (at, event, detail).
     pub async fn events(&self, id: i64) -> Result<Vec<(i64, String, Option<String>)>, QueueError> {
         let rows =
@@ -903,25 +929,87 @@ fn check_sqlite_magic(path: &Path) -> Result<(), String> {
 
 /// Creates the database file 0600 in a 0700 folder before SQLite does, so recordings' paths and
 /// interaction ids are never world-readable, whatever the umask.
-fn create_private(path: &Path) -> Result<(), String> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
+///
+/// It is made whole under a temporary name (WAL mode, stamped with [`APPLICATION_ID`]) and then
+/// linked into place, so a crash during creation leaves either no database or a usable one. Made
+/// in place, a new file's first write (the switch to WAL) went through a rollback journal, and a
+/// `kill -9` at that moment left a hot journal that the read-only ownership probe cannot roll back:
+/// every later start refused the database (exit 78). A killed creation leaves only a hidden
+/// `.<name>.new-*` file behind, removed by a later start once it is a minute old.
+async fn create_private(path: &Path) -> Result<(), String> {
+    use sqlx::{ConnectOptions, Connection};
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(|e| format!("cannot create folder {}: {e}", dir.display()))?;
     }
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.new-"))
+        .permissions(std::fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
         .map_err(|e| format!("cannot create: {e}"))?;
+    let mut conn = SqliteConnectOptions::new()
+        .filename(tmp.path())
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .connect()
+        .await
+        .map_err(|e| format!("cannot create: {e}"))?;
+    sqlx::query(AssertSqlSafe(format!(
+        "PRAGMA application_id = {APPLICATION_ID}"
+    )))
+    .execute(&mut conn)
+    .await
+    .map_err(|e| format!("cannot create: {e}"))?;
+    // The last connection's close checkpoints and removes the -wal and -shm files.
+    conn.close()
+        .await
+        .map_err(|e| format!("cannot create: {e}"))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| format!("cannot create: {e}"))?;
+    match tmp.persist_noclobber(path) {
+        Ok(_) => {}
+        // Another process (`callferry enqueue`) created it a moment ago: use that one.
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(format!("cannot create: {}", e.error)),
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot set permissions: {e}"))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
+}
+
+/// Removes what killed creations left (see [`create_private`]), once it is a minute old: never the
+/// temporary file of a creation running right now in another process.
+fn remove_stale_creations(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.new-", name.to_string_lossy());
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60));
+        if stale && e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 #[cfg(test)]

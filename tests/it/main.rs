@@ -3,6 +3,7 @@
 
 mod bench_smoke;
 mod cli;
+mod hardening;
 mod helpers;
 mod ops;
 mod pipeline;

@@ -500,7 +500,13 @@ async fn a_crash_mid_upload_loses_nothing_and_declares_nothing_twice() {
         let job = app.wait_state(p, "uploaded").await;
         app.assert_uploaded_once(&job, b);
     }
-    assert_eq!(app.fake.counters().declares, 4, "no second declare");
+    // The crash may land in the one documented window (the service created an interaction, its id
+    // was not committed yet): that file is declared again and the orphan never sees an upload.
+    // With an upload in flight at the crash, at most the other worker was declaring.
+    let interactions = app.fake.interactions();
+    let orphans = interactions.iter().filter(|i| i.uploads.is_empty()).count();
+    assert!(orphans <= 1, "{interactions:#?}");
+    assert_eq!(interactions.len(), 4 + orphans, "no second declare");
     app.stop().await;
 }
 
