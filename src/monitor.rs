@@ -1,5 +1,5 @@
 //! Owns the daemon's outward signs of health: the `[metrics] listen` HTTP endpoint (`/metrics` in
-//! Prometheus text format, `/healthz`), and the once-a-second ticker that notices upload bytes
+//! Prometheus text format, `/healthz`), and the ticker (every few seconds) that notices upload bytes
 //! moving, feeds the systemd watchdog and sends `STATUS=` lines with the queue summary.
 //!
 //! It reads the queue and the gate; it never changes a job. The decisions themselves are the pure
@@ -28,7 +28,10 @@ use crate::systemd;
 /// Key of the row `/healthz` writes to prove the database takes writes.
 const HEALTH_KEY: &str = "healthz";
 const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-const TICK: Duration = Duration::from_secs(1);
+/// The ticker's period when the watchdog does not ask for more: progress of upload bytes is only
+/// needed at the scale of `[metrics] unhealthy_after` (minutes), and every wake-up costs CPU on an
+/// idle host.
+const TICK: Duration = Duration::from_secs(5);
 const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 /// What the endpoint and the ticker look at.
@@ -161,7 +164,7 @@ pub fn status_line(c: &Counts, pause: Option<&Pause>) -> String {
     s
 }
 
-/// Runs once a second until `cancel`: upload bytes moving count as progress; the watchdog is fed
+/// Runs every [`TICK`] (or as often as the watchdog needs) until `cancel`: upload bytes moving count as progress; the watchdog is fed
 /// while [`health::should_feed_watchdog`] says so (always before `ready`, during start-up); the
 /// STATUS line is refreshed when it changes.
 pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: CancellationToken) {
@@ -174,7 +177,9 @@ pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: Cancellati
     let mut starving = false;
     let mut last_bytes = monitor.bytes_sent.load(Ordering::Relaxed);
     let mut last_status: Option<(Instant, String)> = None;
-    let mut interval = tokio::time::interval(TICK);
+    // Idle cost: tick only as often as the watchdog needs; otherwise every TICK.
+    let tick = feed_every.map_or(TICK, |f| f.min(TICK));
+    let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

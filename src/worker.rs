@@ -424,6 +424,11 @@ impl Pipeline {
             return;
         }
         let path = PathBuf::from(&job.path);
+        if let Err(e) = self.queue.make_durable().await {
+            // Without a durable `uploaded` record the file must stay: tried again at next start.
+            warn!(error = %e, "cannot make the upload record durable; the recording stays where it is for now");
+            return;
+        }
         let result = match action {
             AfterUploadAction::Delete => dispose_delete(&path, job),
             AfterUploadAction::Move => {

@@ -348,6 +348,17 @@ impl Queue {
         Ok(v)
     }
 
+    /// Makes every commit so far durable against power loss (they are NORMAL commits, safe against
+    /// a crash but not a power cut). Called before a recording is moved or deleted, so the
+    /// `uploaded` record that allowed it cannot be rolled back while the file is already gone.
+    pub async fn make_durable(&self) -> Result<(), QueueError> {
+        // A FULL checkpoint syncs the WAL and copies it into the database file, which it syncs too.
+        sqlx::query("PRAGMA wal_checkpoint(FULL)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Records the interaction id *before* the upload starts: from here on the job is never
     /// declared again. `declaring` → `uploading`.
     pub async fn mark_declared(
