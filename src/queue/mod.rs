@@ -850,6 +850,30 @@ impl Queue {
                 .execute(&mut **c)
                 .await?;
         }
+        // The cap alone leaves the free pages and slack of a database that has seen deletes, so
+        // a test could see dozens of writes succeed. Use that room up, so the next write that
+        // needs space fails as on a full disk; lifting the cap drops the filler.
+        if let Some(c) = conns.first_mut() {
+            if full {
+                sqlx::query("CREATE TABLE IF NOT EXISTS _disk_full_filler (x BLOB)")
+                    .execute(&mut **c)
+                    .await
+                    .ok();
+                for _ in 0..100_000 {
+                    if sqlx::query("INSERT INTO _disk_full_filler (x) VALUES (zeroblob(512))")
+                        .execute(&mut **c)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            } else {
+                sqlx::query("DROP TABLE IF EXISTS _disk_full_filler")
+                    .execute(&mut **c)
+                    .await?;
+            }
+        }
         Ok(())
     }
 
