@@ -184,8 +184,16 @@ pub async fn run(
         stop_claiming: CancellationToken::new(),
         abort: CancellationToken::new(),
         idle_watch: Default::default(),
+        db_events: Default::default(),
         metrics: metrics.clone(),
     });
+    // Kept alive for the daemon's life: dropping it stops the events.
+    let _db_watcher = watch_database(&cfg.queue.database, wake.clone());
+    if _db_watcher.is_some() {
+        pipeline
+            .db_events
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 
     // Tidy-up that a crash interrupted: uploaded files whose move/delete did not happen yet.
     if cfg.after_upload.action != AfterUploadAction::Keep {
@@ -281,6 +289,39 @@ pub async fn run(
     queue.close().await;
     info!("stopped");
     Ok(())
+}
+
+/// Wakes idle workers whenever the database files change, whoever changed them: this is how a
+/// `callferry retry` or `enqueue` run by an operator reaches a running daemon at once, without the
+/// workers polling. None if inotify is not available (workers then poll the files' metadata).
+fn watch_database(db: &Path, wake: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let dir = db
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())?
+        .to_path_buf();
+    let name = db.file_name()?.to_os_string();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(ev) = res else { return };
+        if !matches!(ev.kind, EventKind::Modify(_) | EventKind::Create(_)) {
+            return;
+        }
+        let ours = ev.paths.iter().any(|p| {
+            p.file_name()
+                .is_some_and(|f| f.as_encoded_bytes().starts_with(name.as_encoded_bytes()))
+        });
+        if ours {
+            wake.notify_waiters();
+        }
+    })
+    .ok()?;
+    match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        Ok(()) => Some(watcher),
+        Err(e) => {
+            warn!(error = %e, "cannot watch the database folder; idle workers poll it once a second instead");
+            None
+        }
+    }
 }
 
 /// Keeps the pause state in the database, where `status` (another process) reads it.

@@ -44,6 +44,9 @@ pub struct Pipeline {
     pub abort: CancellationToken,
     /// Held by the one idle worker that watches the database for changes (see `idle`).
     pub idle_watch: std::sync::atomic::AtomicBool,
+    /// Set when inotify reports changes to the database files (see `app::watch_database`): idle
+    /// workers then need no polling at all to notice a `callferry retry` or `enqueue`.
+    pub db_events: std::sync::atomic::AtomicBool,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -111,7 +114,11 @@ impl Pipeline {
         let since = std::time::Instant::now();
         let watching = !self.idle_watch.swap(true, Ordering::AcqRel);
         let _role = watching.then(|| Role(&self.idle_watch));
-        let every = if watching { IDLE_POLL } else { IDLE_RECHECK };
+        let every = if watching && !self.db_events.load(Ordering::Relaxed) {
+            IDLE_POLL
+        } else {
+            IDLE_RECHECK
+        };
         loop {
             let wait = match due {
                 Some(due) => Duration::from_millis((due - now_ms()).clamp(0, ms(every)) as u64),
