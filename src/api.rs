@@ -15,7 +15,6 @@ use futures_util::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncReadExt;
 
 use crate::config::Config;
 use crate::ratelimit::RateLimiter;
@@ -90,6 +89,23 @@ impl ApiError {
             _ => None,
         }
     }
+}
+
+/// A failure to read the recording while streaming it: ours, not the network's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct LocalRead(std::io::Error);
+
+/// The file-read failure behind a failed request, if that is what failed it.
+fn local_read(e: &reqwest::Error) -> Option<&LocalRead> {
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(r) = s.downcast_ref::<LocalRead>() {
+            return Some(r);
+        }
+        src = s.source();
+    }
+    None
 }
 
 fn from_reqwest(e: reqwest::Error) -> ApiError {
@@ -330,29 +346,30 @@ impl ApiClient {
             .and_then(|n| n.to_str())
             .ok_or_else(|| ApiError::Local(format!("{} has no usable file name", path.display())))?
             .to_string();
-        let file = tokio::fs::File::open(path)
-            .await
+        // Opened here, on the runtime's thread, like the `stat` before it: both are path lookups
+        // the worker has just made for the same file.
+        let file = std::fs::File::open(path)
             .map_err(|e| ApiError::Local(format!("{}: {e}", path.display())))?;
         let progress = Progress::new();
         progress.touch();
         let prog = progress.clone();
         let limiter = self.limiter.clone();
         let sent = self.bytes_sent.clone();
-        // `take(size)` sends exactly the version that was found complete, even if the recorder has
-        // since appended to it; a shorter file fails the request (length mismatch) instead.
-        let reader = tokio_util::io::ReaderStream::with_capacity(file.take(size), UPLOAD_CHUNK);
+        // Exactly the version that was found complete, even if the recorder has since appended to
+        // it; a shorter file fails the request instead.
+        let reader = crate::filestream::FileChunks::new(file, size, UPLOAD_CHUNK);
         let stream = reader.then(move |chunk| {
             let prog = prog.clone();
             let limiter = limiter.clone();
             let sent = sent.clone();
             async move {
-                let chunk = chunk?;
+                let chunk = chunk.map_err(LocalRead)?;
                 if let Some(l) = &limiter {
                     l.acquire(chunk.len() as u64).await;
                 }
                 prog.touch();
                 sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                Ok::<_, std::io::Error>(chunk)
+                Ok::<_, LocalRead>(chunk)
             }
         });
         let part =
@@ -372,13 +389,10 @@ impl ApiClient {
                 .await
                 .map_err(|e| {
                     // A failure to read the file surfaces as a body error: say it is local.
-                    if e.is_body() || e.is_request() {
-                        let s = format!("{e:?}");
-                        if s.contains("Os {") {
-                            return ApiError::Local(format!("{}: {e}", path.display()));
-                        }
+                    match local_read(&e) {
+                        Some(r) => ApiError::Local(format!("{}: {r}", path.display())),
+                        None => from_reqwest(e),
                     }
-                    from_reqwest(e)
                 })?;
             let status = resp.status();
             match status {

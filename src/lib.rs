@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod fake;
+pub mod filestream;
 pub mod gate;
 pub mod health;
 pub mod metrics;

@@ -113,6 +113,31 @@ async fn claim_walks_the_states_and_never_hands_out_a_job_twice() {
 }
 
 #[tokio::test]
+async fn mark_declared_can_be_repeated_but_never_changes_the_interaction_id() {
+    let (_d, q) = fresh().await;
+    q.enqueue(&[nj("/rec/a.wav", 10, 1)], 100).await.unwrap();
+    let j = q.claim(100).await.unwrap().unwrap();
+    q.mark_declared(j.id, "iid-1", 101).await.unwrap();
+    // Again after a failed sync: the same id is accepted, without a second event.
+    q.mark_declared(j.id, "iid-1", 102).await.unwrap();
+    assert!(q.mark_declared(j.id, "iid-2", 103).await.is_err());
+    let j = q.get(j.id).await.unwrap().unwrap();
+    assert_eq!(j.interaction_id.as_deref(), Some("iid-1"));
+    q.mark_uploaded(j.id, 201, None, 104).await.unwrap();
+    let ev: Vec<(i64, String, Option<String>)> = q.events(j.id).await.unwrap();
+    assert_eq!(
+        ev,
+        [
+            (100, "queued".to_string(), None),
+            (101, "declared".to_string(), Some("iid-1".to_string())),
+            (104, "uploaded".to_string(), Some("201".to_string())),
+        ]
+    );
+    // The WAL is there and synced; syncing with nothing new is harmless.
+    q.sync_wal().await.unwrap();
+}
+
+#[tokio::test]
 async fn recover_returns_held_jobs_without_losing_the_interaction_id() {
     let (_d, q) = fresh().await;
     q.enqueue(&[nj("/rec/a.wav", 10, 1), nj("/rec/b.wav", 10, 1)], 100)

@@ -582,3 +582,45 @@ async fn a_second_daemon_on_the_same_database_is_refused() {
     assert_eq!(err.exit_code(), 1);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_shorter_than_queued_fails_its_upload_as_a_local_error_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = callferry::fake::FakeApi::start(callferry::fake::FakeOptions {
+        token: TOKEN.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cfg = load_config(&config_text(&fake.base_url(), dir.path(), ""));
+    let api = ApiClient::new(&cfg, callferry::secret::Secret::new(TOKEN)).unwrap();
+    let p = dir.path().join("cut.wav");
+    let bytes = wav(0.7);
+    std::fs::write(&p, &bytes).unwrap();
+    let id = api
+        .declare(&callferry::api::DeclareRequest {
+            kind: "audio".into(),
+            language_tag: "en-us".into(),
+            vertical: "default".into(),
+            audio_transcription_mode: None,
+            model: None,
+            include_ai_results: false,
+            original_filename: Some("cut.wav".into()),
+            external_identifier: None,
+        })
+        .await
+        .unwrap();
+    // Queued at a larger size than is on disk now (truncated since).
+    let err = api
+        .upload(&id, &p, bytes.len() as u64 + 4096)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, callferry::api::ApiError::Local(m) if m.contains("cut.wav") && m.contains("ends after")),
+        "{err:?}"
+    );
+    assert_eq!(fake.counters().uploads_stored, 0);
+    // The whole file, at its real size, goes through.
+    let outcome = api.upload(&id, &p, bytes.len() as u64).await.unwrap();
+    assert_eq!(outcome, callferry::api::UploadOutcome::Stored);
+}
