@@ -350,6 +350,9 @@ async fn run_tool(command: Command, cfg: Config) -> Result<i32, AppError> {
             } else {
                 q.retry(Some(&args.ids), now_ms()).await?
             };
+            if n > 0 {
+                q.wake_daemon();
+            }
             println!("{n} job(s) back in the queue");
             if !args.failed && (n as usize) < args.ids.len() {
                 eprintln!(
@@ -388,6 +391,7 @@ async fn enqueue(cfg: &Config, files: &[PathBuf]) -> Result<i32, AppError> {
             }
         }
     }
+    q.wake_daemon();
     Ok(code)
 }
 

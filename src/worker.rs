@@ -20,8 +20,9 @@ use crate::gate::Gate;
 use crate::queue::{Job, Queue, QueueError, State};
 use crate::retry::{Backoff, give_up};
 
-/// How long an idle worker sleeps at most before looking at the queue again, so jobs another
-/// process made due (`callferry retry`, `enqueue`) are picked up without a restart.
+/// Without a watched wake file: how long an idle worker sleeps at most before looking at the queue
+/// again, so jobs another process made due (`callferry retry`, `enqueue`) are picked up without a
+/// restart.
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
 /// An idle worker's look every [`IDLE_POLL`] is a `stat` of the database and its WAL, not a query:
 /// it queries again only when they changed (a commit, by this process or another) or a job fell
@@ -44,8 +45,8 @@ pub struct Pipeline {
     pub abort: CancellationToken,
     /// Held by the one idle worker that watches the database for changes (see `idle`).
     pub idle_watch: std::sync::atomic::AtomicBool,
-    /// Set when inotify reports changes to the database files (see `app::watch_database`): idle
-    /// workers then need no polling at all to notice a `callferry retry` or `enqueue`.
+    /// Set when the database's wake file is watched (see `app::watch_wake_file`): idle workers
+    /// then need no polling at all to notice a `callferry retry` or `enqueue`.
     pub db_events: std::sync::atomic::AtomicBool,
     pub metrics: Arc<crate::metrics::Metrics>,
 }

@@ -277,6 +277,26 @@ impl Queue {
         self.pool.close().await;
     }
 
+    /// The file a running daemon watches for changes made to its queue by other processes
+    /// (`callferry retry`, `enqueue`): `<database>.wake`.
+    pub fn wake_file(&self) -> PathBuf {
+        let mut p = self.path.as_os_str().to_owned();
+        p.push(".wake");
+        PathBuf::from(p)
+    }
+
+    /// Tells a running daemon that jobs were changed from outside, by touching its wake file, so
+    /// its idle workers look at once. Does nothing when no daemon ever created the file (it would
+    /// then be ours, possibly unreadable to the daemon's user).
+    pub fn wake_daemon(&self) {
+        if let Ok(f) = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.wake_file())
+        {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+
     /// Queues file versions in one transaction. A version already known (any state) is not queued
     /// again.
     pub async fn enqueue(&self, jobs: &[NewJob], now: i64) -> Result<Vec<Enqueued>, QueueError> {
