@@ -188,7 +188,7 @@ pub async fn run(
         metrics: metrics.clone(),
     });
     // Kept alive for the daemon's life: dropping it stops the events.
-    let _db_watcher = watch_wake_file(&queue, wake.clone());
+    let _db_watcher = watch_wake_file(&queue, wake.clone(), follow_wake.clone());
     if _db_watcher.is_some() {
         pipeline
             .db_events
@@ -296,7 +296,11 @@ pub async fn run(
 /// file. The database folder itself is not watched: every page SQLite writes to the WAL would be an
 /// event (measured: 5 % of the daemon's CPU while uploading, issue 8). None if the file cannot be
 /// created or watched (workers then poll the database files' metadata once a second).
-fn watch_wake_file(queue: &Queue, wake: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+fn watch_wake_file(
+    queue: &Queue,
+    wake: Arc<Notify>,
+    follow_wake: Arc<Notify>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
     use std::os::unix::fs::OpenOptionsExt;
     let path = queue.wake_file();
@@ -313,6 +317,7 @@ fn watch_wake_file(queue: &Queue, wake: Arc<Notify>) -> Option<notify::Recommend
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if res.is_ok() {
             wake.notify_waiters();
+            follow_wake.notify_one();
         }
     })
     .ok()?;
@@ -402,7 +407,7 @@ mod tests {
             .await
             .unwrap();
         let wake = Arc::new(Notify::new());
-        let _w = watch_wake_file(&q, wake.clone()).expect("inotify watch");
+        let _w = watch_wake_file(&q, wake.clone(), Arc::new(Notify::new())).expect("inotify watch");
         let mode = std::fs::metadata(q.wake_file()).unwrap().permissions();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
@@ -411,11 +416,26 @@ mod tests {
         let woken = wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        // What `callferry retry` does after its commit, through a second handle on the database.
+        // `callferry retry`, through a second handle on the database: its commit wakes the daemon.
         let cli = Queue::open(&dir.path().join("q.db"), OpenMode::Existing)
             .await
             .unwrap();
-        cli.wake_daemon();
+        q.enqueue(
+            &[crate::queue::NewJob {
+                path: "/rec/a.wav".into(),
+                root: "/rec".into(),
+                size: 1,
+                mtime_ns: 1,
+                dev: 0,
+                ino: 0,
+            }],
+            1,
+        )
+        .await
+        .unwrap();
+        let job = q.claim(1).await.unwrap().unwrap();
+        q.fail(&job, "400", 1).await.unwrap();
+        assert_eq!(cli.retry(None, 2).await.unwrap(), 1);
         tokio::time::timeout(Duration::from_secs(20), woken)
             .await
             .expect("the watcher woke the workers");

@@ -350,9 +350,6 @@ async fn run_tool(command: Command, cfg: Config) -> Result<i32, AppError> {
             } else {
                 q.retry(Some(&args.ids), now_ms()).await?
             };
-            if n > 0 {
-                q.wake_daemon();
-            }
             println!("{n} job(s) back in the queue");
             if !args.failed && (n as usize) < args.ids.len() {
                 eprintln!(

@@ -574,7 +574,8 @@ impl Queue {
     }
 
     /// `retry`: failed jobs go back to the queue, due now, with fresh attempts. A job that already
-    /// has an interaction id is uploaded again on it, never declared again.
+    /// has an interaction id is uploaded again on it, never declared again. A running daemon is
+    /// woken to take them at once.
     pub async fn retry(&self, ids: Option<&[i64]>, now: i64) -> Result<u64, QueueError> {
         let mut tx = self.pool.begin().await?;
         // No id: declare again. Uploaded (the service has the file): follow it again. Otherwise
@@ -609,6 +610,9 @@ impl Queue {
             }
         }
         tx.commit().await?;
+        if n > 0 {
+            self.wake_daemon();
+        }
         Ok(n)
     }
 

@@ -214,7 +214,6 @@ async fn rejected_files_fail_with_the_servers_reason_and_retry_brings_them_back(
     let cli = open_queue(&app.db_path()).await;
     let n = cli.retry(None, now_ms()).await.unwrap();
     assert_eq!(n, 2);
-    cli.wake_daemon();
     let small_job = app.wait_state(&psmall, "uploaded").await;
     app.assert_uploaded_once(&small_job, &small);
     // The big one fails again with the same reason (the interaction id is kept: no new declare).
