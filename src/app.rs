@@ -413,13 +413,10 @@ mod tests {
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
             0o600
         );
-        let woken = wake.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        // `callferry retry`, through a second handle on the database: its commit wakes the daemon.
-        let cli = Queue::open(&dir.path().join("q.db"), OpenMode::Existing)
-            .await
-            .unwrap();
+        // Commits of the daemon's own wake nobody: nothing watches the database folder.
+        let quiet = wake.notified();
+        tokio::pin!(quiet);
+        quiet.as_mut().enable();
         q.enqueue(
             &[crate::queue::NewJob {
                 path: "/rec/a.wav".into(),
@@ -435,21 +432,20 @@ mod tests {
         .unwrap();
         let job = q.claim(1).await.unwrap().unwrap();
         q.fail(&job, "400", 1).await.unwrap();
-        assert_eq!(cli.retry(None, 2).await.unwrap(), 1);
-        tokio::time::timeout(Duration::from_secs(20), woken)
-            .await
-            .expect("the watcher woke the workers");
-        // Commits of the daemon's own do not: nothing watches the database folder.
-        let quiet = wake.notified();
-        tokio::pin!(quiet);
-        quiet.as_mut().enable();
-        q.set_daemon_state("probe", Some("x"), 1).await.unwrap();
         q.make_durable().await.unwrap();
         assert!(
-            tokio::time::timeout(Duration::from_millis(300), quiet)
+            tokio::time::timeout(Duration::from_millis(300), &mut quiet)
                 .await
                 .is_err(),
             "a commit of the daemon's own woke the workers"
         );
+        // `callferry retry`, through a second handle on the database: its commit wakes the daemon.
+        let cli = Queue::open(&dir.path().join("q.db"), OpenMode::Existing)
+            .await
+            .unwrap();
+        assert_eq!(cli.retry(None, 2).await.unwrap(), 1);
+        tokio::time::timeout(Duration::from_secs(20), quiet)
+            .await
+            .expect("the watcher woke the workers");
     }
 }

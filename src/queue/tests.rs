@@ -46,6 +46,70 @@ async fn a_hard_link_or_move_of_a_queued_file_is_the_same_recording() {
 }
 
 #[tokio::test]
+async fn one_batch_sorts_new_known_moved_linked_and_changed_files_apart() {
+    let (_d, q) = fresh().await;
+    let old = nj("/rec/old.wav", 10, 1);
+    let moved = nj("/rec/moved.wav", 10, 1);
+    let grows = nj("/rec/grows.wav", 10, 1);
+    let r = q
+        .enqueue(&[old.clone(), moved.clone(), grows.clone()], 100)
+        .await
+        .unwrap();
+    let ids: Vec<i64> = r
+        .iter()
+        .map(|e| match e {
+            Enqueued::New {
+                id,
+                supersedes: None,
+            } => *id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let mut moved_now = moved.clone();
+    moved_now.path = PathBuf::from("/rec/sub/moved.wav");
+    let mut grown = grows.clone();
+    grown.size = 20;
+    grown.mtime_ns = 2;
+    let fresh1 = nj("/rec/new.wav", 10, 1);
+    let mut link = fresh1.clone();
+    link.path = PathBuf::from("/rec/link-to-new.wav");
+    let r = q
+        .enqueue(&[old, moved_now, grown, fresh1, link], 101)
+        .await
+        .unwrap();
+    assert_eq!(r[0], Enqueued::Known);
+    assert_eq!(
+        r[1],
+        Enqueued::SameFile {
+            existing: ids[1],
+            path: "/rec/moved.wav".into()
+        }
+    );
+    assert!(
+        matches!(r[2], Enqueued::New { supersedes: Some(s), .. } if s == ids[2]),
+        "{:?}",
+        r[2]
+    );
+    let Enqueued::New {
+        id: new_id,
+        supersedes: None,
+    } = r[3]
+    else {
+        panic!("{:?}", r[3]);
+    };
+    assert_eq!(
+        r[4],
+        Enqueued::SameFile {
+            existing: new_id,
+            path: "/rec/new.wav".into()
+        }
+    );
+    assert_eq!(q.counts().await.unwrap().pending, 5);
+    let ev = q.events(new_id).await.unwrap();
+    assert_eq!(ev, [(101, "queued".to_string(), None)]);
+}
+
+#[tokio::test]
 async fn database_is_private() {
     let (dir, _q) = fresh().await;
     let db = dir.path().join("state/queue.db");
