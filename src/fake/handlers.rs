@@ -79,9 +79,7 @@ async fn api_prelude(State(sh): State<Sh>, req: Request, next: Next) -> Response
         st.counters.requests += 1;
         st.latency
     };
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
+    super::timer::sleep_precisely(latency).await;
     next.run(req).await
 }
 

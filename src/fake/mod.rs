@@ -42,6 +42,7 @@ mod server;
 mod state;
 #[cfg(test)]
 mod tests;
+mod timer;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
