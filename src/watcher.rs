@@ -478,14 +478,40 @@ impl State {
             .filter(|(_, c)| c.next_check_ms <= now)
             .map(|(p, _)| p.clone())
             .collect();
+        // Quiet long enough: now look inside each, on a fresh descriptor. That is file I/O (a
+        // header read, the open-writer check), 20 µs a file and 2 s for a backlog of 100,000:
+        // done on the blocking pool, so the runtime's one thread goes on serving uploads.
+        let to_look: Vec<PathBuf> = due
+            .iter()
+            .filter(|p| {
+                self.candidates.get(*p).is_some_and(|c| {
+                    matches!(decide(&c.obs, now, timing.settle), Decision::Complete)
+                })
+            })
+            .cloned()
+            .collect();
+        let mut looked: HashMap<PathBuf, std::io::Result<(Stat, Facts)>> = if to_look.is_empty() {
+            HashMap::new()
+        } else {
+            tokio::task::spawn_blocking(move || {
+                to_look
+                    .into_iter()
+                    .map(|p| {
+                        let facts = gather_facts(&p);
+                        (p, facts)
+                    })
+                    .collect()
+            })
+            .await
+            .unwrap_or_default()
+        };
         for path in due {
             let Some(mut c) = self.candidates.remove(&path) else {
                 continue;
             };
             let decision = match decide(&c.obs, now, timing.settle) {
                 Decision::Complete => {
-                    // Quiet long enough: now look inside, on a fresh descriptor.
-                    match gather_facts(&path) {
+                    match looked.remove(&path).unwrap_or_else(|| gather_facts(&path)) {
                         Ok((stat, facts)) => {
                             c.obs = observe(Some(&c.obs), stat, now);
                             c.observed_at_ms = now;
