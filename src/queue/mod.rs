@@ -9,13 +9,13 @@
 
 mod state;
 mod stats;
+mod walsync;
 
 use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -173,10 +173,8 @@ impl Counts {
 pub struct Queue {
     pool: SqlitePool,
     path: PathBuf,
-    /// The database's write-ahead log, which [`Queue::sync_wal`] makes durable.
-    wal: PathBuf,
-    /// Inode of the WAL whose directory entry is known durable (0: none yet).
-    synced_wal: Arc<AtomicU64>,
+    /// Makes the write-ahead log durable for [`Queue::sync_wal`].
+    wal_sync: Arc<walsync::WalSync>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -264,8 +262,7 @@ impl Queue {
         Ok(Queue {
             pool,
             path: path.to_path_buf(),
-            wal: PathBuf::from(wal),
-            synced_wal: Default::default(),
+            wal_sync: Arc::new(walsync::WalSync::new(PathBuf::from(wal))),
         })
     }
 
@@ -482,20 +479,13 @@ impl Queue {
         self.sync_wal().await
     }
 
-    /// Makes every commit so far survive power loss, without holding SQLite's one connection: the
-    /// WAL is fdatasync'ed from a blocking thread while the other workers go on using the queue.
-    /// This is what `synchronous = FULL` would do for a commit (sync the WAL after writing it), but
-    /// FULL syncs on the connection's thread, where it held up every other worker's statement:
-    /// measured with callferry-bench (issue 8), 738 files/s with FULL there against 1,117 with the
-    /// queue on tmpfs.
+    /// Makes every commit so far survive power loss (see `walsync`).
     pub async fn sync_wal(&self) -> Result<(), QueueError> {
-        let (wal, synced) = (self.wal.clone(), self.synced_wal.clone());
-        tokio::task::spawn_blocking(move || sync_wal_file(&wal, &synced))
+        self.wal_sync
+            .sync()
             .await
-            .map_err(|e| std::io::Error::other(format!("sync task failed: {e}")))
-            .and_then(|r| r)
             .map_err(|source| QueueError::Sync {
-                path: self.wal.clone(),
+                path: self.wal_sync.wal().to_path_buf(),
                 source,
             })
     }
@@ -1124,31 +1114,6 @@ async fn create_private(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot set permissions: {e}"))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// fdatasync of the WAL, and of its folder the first time this WAL is seen: SQLite syncs the folder
-/// of a new WAL itself only when it syncs at all (FULL), and without it a power cut could lose the
-/// WAL's name and with it every commit in it.
-fn sync_wal_file(wal: &Path, synced: &AtomicU64) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let f = match std::fs::File::open(wal) {
-        Ok(f) => f,
-        // No WAL: the connection closed, which checkpointed every commit into the database file
-        // and synced it.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    f.sync_data()?;
-    let ino = f.metadata()?.ino();
-    if synced.load(Ordering::Acquire) != ino {
-        let dir = match wal.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        std::fs::File::open(dir)?.sync_all()?;
-        synced.store(ino, Ordering::Release);
     }
     Ok(())
 }
