@@ -134,6 +134,10 @@ pub async fn run(
         );
     }
     queue.set_daemon_state(PAUSE_KEY, None, now_ms()).await?;
+    // A little over SQLite's auto-checkpoint size (1,000 pages of 4 KiB and their frame headers).
+    if let Err(e) = queue.prepare_wal(8 << 20).await {
+        warn!(error = %e, "cannot pre-zero the queue's write-ahead log; the first uploads after this start will be slower");
+    }
 
     let api = ApiClient::new(&cfg, token).map_err(|e| AppError::Other(e.to_string()))?;
     let gate = Arc::new(Gate::new(Backoff {

@@ -312,3 +312,46 @@ async fn counts_kept_by_triggers_follow_every_transition() {
     let c = q.counts().await.unwrap();
     assert_eq!((c.pending, c.uploaded, c.failed, c.total()), (2, 1, 0, 3));
 }
+
+#[tokio::test]
+async fn a_pre_zeroed_wal_keeps_every_commit_across_handles_and_reopening() {
+    let (dir, q) = fresh().await;
+    let db = dir.path().join("state/queue.db");
+    q.enqueue(&[nj("/rec/before.wav", 10, 1)], 100)
+        .await
+        .unwrap();
+    q.prepare_wal(1 << 20).await.unwrap();
+    let wal = dir.path().join("state/queue.db-wal");
+    assert!(std::fs::metadata(&wal).unwrap().len() >= 1 << 20);
+    let j = q.claim(101).await.unwrap().unwrap();
+    q.mark_declared(j.id, "iid-1", 102).await.unwrap();
+    q.enqueue(&[nj("/rec/after.wav", 10, 1)], 103)
+        .await
+        .unwrap();
+    // Another process reads what the daemon wrote into the zeroed WAL.
+    let cli = Queue::open(&db, OpenMode::Existing).await.unwrap();
+    let c = cli.counts().await.unwrap();
+    assert_eq!((c.pending, c.uploading), (1, 1));
+    cli.close().await;
+    q.close().await;
+    // And a fresh start (recovery reads the WAL from its header) finds it all.
+    let again = Queue::open(&db, OpenMode::Existing).await.unwrap();
+    let j = again.get(j.id).await.unwrap().unwrap();
+    assert_eq!(j.interaction_id.as_deref(), Some("iid-1"));
+    assert_eq!(again.counts().await.unwrap().total(), 2);
+}
+
+#[test]
+fn zero_extend_appends_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("f");
+    std::fs::write(&p, b"frames").unwrap();
+    super::walsync::zero_extend(&p, 1000).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    assert_eq!(bytes.len(), 1000);
+    assert_eq!(&bytes[..6], b"frames");
+    assert!(bytes[6..].iter().all(|&b| b == 0));
+    // Already long enough: left alone.
+    super::walsync::zero_extend(&p, 10).unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), bytes);
+}

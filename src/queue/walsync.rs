@@ -107,6 +107,31 @@ impl WalSync {
     }
 }
 
+/// Appends zeros to the file until it is `bytes` long, then makes them durable. Never writes over
+/// what is there.
+pub fn zero_extend(path: &Path, bytes: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)?;
+    let mut len = f.metadata()?.len();
+    if len >= bytes {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 256 * 1024];
+    while len < bytes {
+        let n = (bytes - len).min(zeros.len() as u64) as usize;
+        f.write_all(&zeros[..n])?;
+        len += n as u64;
+    }
+    f.sync_all()?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
