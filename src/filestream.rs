@@ -71,10 +71,11 @@ impl FileChunks {
     }
 }
 
-/// One `preadv2(RWF_NOWAIT)`: Some(bytes read, possibly fewer than asked when only part of the
-/// range is cached), None when nothing can be had without waiting for the disk, or the error.
-fn read_cached(file: &File, buf: &mut BytesMut, len: usize, offset: u64) -> io::Result<Option<()>> {
-    buf.reserve(len);
+/// One `preadv2(RWF_NOWAIT)`: the bytes the page cache had (possibly fewer than asked, when only
+/// part of the range is cached), or None when it had none: the range is not cached, or it is past
+/// the end of the file (the blocking read then tells which).
+fn read_cached(file: &File, len: usize, offset: u64) -> io::Result<Option<Bytes>> {
+    let mut buf = BytesMut::with_capacity(len);
     let spare = buf.spare_capacity_mut();
     let iov = libc::iovec {
         iov_base: spare.as_mut_ptr().cast(),
@@ -100,7 +101,7 @@ fn read_cached(file: &File, buf: &mut BytesMut, len: usize, offset: u64) -> io::
     }
     // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
     unsafe { buf.set_len(n as usize) };
-    Ok(Some(()))
+    Ok((n > 0).then(|| buf.freeze()))
 }
 
 impl Stream for FileChunks {
@@ -125,12 +126,9 @@ impl Stream for FileChunks {
             }
             let len = this.next_len();
             if this.nowait {
-                let mut buf = BytesMut::new();
-                match read_cached(&this.file, &mut buf, len, this.offset) {
-                    Ok(Some(())) if !buf.is_empty() => return this.advance(buf.freeze()),
-                    // Zero bytes: either the end of the file or a range not cached; the blocking
-                    // read tells which.
-                    Ok(_) => {}
+                match read_cached(&this.file, len, this.offset) {
+                    Ok(Some(data)) => return this.advance(data),
+                    Ok(None) => {}
                     Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
                         this.nowait = false;
                     }

@@ -481,13 +481,14 @@ impl Queue {
 
     /// Makes every commit so far survive power loss (see `walsync`).
     pub async fn sync_wal(&self) -> Result<(), QueueError> {
-        self.wal_sync
-            .sync()
-            .await
-            .map_err(|source| QueueError::Sync {
-                path: self.wal_sync.wal().to_path_buf(),
-                source,
-            })
+        self.wal_sync.sync().await.map_err(|e| self.wal_error(e))
+    }
+
+    fn wal_error(&self, source: std::io::Error) -> QueueError {
+        QueueError::Sync {
+            path: self.wal_sync.wal().to_path_buf(),
+            source,
+        }
     }
 
     /// Writes zeros into the WAL up to `bytes`, once, at the daemon's start, as PostgreSQL does
@@ -511,10 +512,7 @@ impl Queue {
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(format!("task failed: {e}"))));
         tx.rollback().await?;
-        r.map_err(|source| QueueError::Sync {
-            path: self.wal_sync.wal().to_path_buf(),
-            source,
-        })
+        r.map_err(|e| self.wal_error(e))
     }
 
     /// `uploading` → `uploaded`, with the status that proved it (201, or 409). `follow_at`: when

@@ -96,15 +96,20 @@ impl WalSync {
         f.sync_data()?;
         let ino = f.metadata()?.ino();
         if self.synced_ino.load(Ordering::Acquire) != ino {
-            let dir = match self.wal.parent() {
-                Some(d) if !d.as_os_str().is_empty() => d,
-                _ => Path::new("."),
-            };
-            std::fs::File::open(dir)?.sync_all()?;
+            sync_folder_of(&self.wal)?;
             self.synced_ino.store(ino, Ordering::Release);
         }
         Ok(())
     }
+}
+
+/// fsync of the folder holding `path`, which makes its entry (a new file's name) durable.
+fn sync_folder_of(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Appends zeros to the file until it is `bytes` long, then makes them durable. Never writes over
@@ -126,10 +131,7 @@ pub fn zero_extend(path: &Path, bytes: u64) -> std::io::Result<()> {
         len += n as u64;
     }
     f.sync_all()?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    sync_folder_of(path)
 }
 
 #[cfg(test)]

@@ -122,6 +122,20 @@ shutdown_grace = "5s"
     out
 }
 
+/// A plain audio declare, as a test that drives the API client by hand sends it.
+pub fn declare_request(name: Option<&str>) -> callferry::api::DeclareRequest {
+    callferry::api::DeclareRequest {
+        kind: "audio".into(),
+        language_tag: "en-us".into(),
+        vertical: "default".into(),
+        audio_transcription_mode: None,
+        model: None,
+        include_ai_results: false,
+        original_filename: name.map(Into::into),
+        external_identifier: None,
+    }
+}
+
 pub fn load_config(text: &str) -> Config {
     callferry::config::from_toml_str(text, &BTreeMap::new(), "test").expect("test config")
 }

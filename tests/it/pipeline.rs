@@ -389,16 +389,7 @@ async fn restart_with_jobs_in_every_state_resumes_without_a_second_declare() {
             })
             .collect();
         q.enqueue(&jobs, now_ms()).await.unwrap();
-        let req = |name: &str| callferry::api::DeclareRequest {
-            kind: "audio".into(),
-            language_tag: "en-us".into(),
-            vertical: "default".into(),
-            audio_transcription_mode: None,
-            model: None,
-            include_ai_results: false,
-            original_filename: Some(name.into()),
-            external_identifier: None,
-        };
+        let req = |name: &str| declare_request(Some(name));
         // Claims go in id order. declaring.wav: claimed, the declare's answer never recorded
         // (nothing reached the service).
         let _j1 = q.claim(now_ms()).await.unwrap().unwrap();
@@ -598,16 +589,7 @@ async fn a_file_shorter_than_queued_fails_its_upload_as_a_local_error_and_stores
     let bytes = wav(0.7);
     std::fs::write(&p, &bytes).unwrap();
     let id = api
-        .declare(&callferry::api::DeclareRequest {
-            kind: "audio".into(),
-            language_tag: "en-us".into(),
-            vertical: "default".into(),
-            audio_transcription_mode: None,
-            model: None,
-            include_ai_results: false,
-            original_filename: Some("cut.wav".into()),
-            external_identifier: None,
-        })
+        .declare(&declare_request(Some("cut.wav")))
         .await
         .unwrap();
     // Queued at a larger size than is on disk now (truncated since).

@@ -237,17 +237,7 @@ async fn a_thousand_followed_jobs_respect_the_global_request_rate() {
             let sample = sample.clone();
             let len = body.len() as u64;
             async move {
-                let req = callferry::api::DeclareRequest {
-                    kind: "audio".into(),
-                    language_tag: "en-us".into(),
-                    vertical: "default".into(),
-                    audio_transcription_mode: None,
-                    model: None,
-                    include_ai_results: false,
-                    original_filename: None,
-                    external_identifier: None,
-                };
-                let id = api.declare(&req).await.unwrap();
+                let id = api.declare(&declare_request(None)).await.unwrap();
                 api.upload(&id, &sample, len).await.unwrap();
                 id
             }
