@@ -156,10 +156,13 @@ pub async fn run(
     };
     // Bound before READY, so a taken port fails the start instead of going unnoticed.
     let listener = match cfg.metrics.listen {
+        // A taken or foreign address is the operator's to fix in the configuration: exit 78,
+        // which systemd does not restart-loop on.
         Some(addr) => Some(monitor::bind(addr).await.map_err(|e| {
-            AppError::Other(format!(
-                "cannot serve metrics on {addr} (metrics.listen): {e}"
-            ))
+            AppError::Config(ConfigError {
+                key: "metrics.listen".into(),
+                message: format!("cannot serve metrics on {addr}: {e}"),
+            })
         })?),
         None => None,
     };

@@ -208,6 +208,14 @@ async fn dispatch(cli: Cli, env: BTreeMap<String, String>) -> i32 {
                     return EXIT_CONFIG;
                 }
             };
+            // RUST_LOG replaces [log] level for the daemon; a typo there silenced it just the same.
+            if matches!(command, Command::Run | Command::CheckConfig { .. })
+                && let Some(filter) = env.get("RUST_LOG")
+                && let Err(e) = config::check_log_filter("RUST_LOG", filter)
+            {
+                eprintln!("callferry: configuration error: {e}");
+                return EXIT_CONFIG;
+            }
             match command {
                 Command::Run => {
                     init_logging(cfg.log.format, &cfg.log.level, &env);
@@ -480,6 +488,20 @@ async fn check_config(cfg: &Config, online: bool) -> Result<i32, AppError> {
                     dir.display()
                 ),
             );
+        }
+    }
+    if let Some(addr) = cfg.metrics.listen {
+        // The daemon binds before READY and refuses to start on a taken port: try it here too.
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => say(Some(true), format!("metrics.listen {addr} free")),
+            Err(e) if crate::app::DaemonLock::is_held(db) == Some(true) => say(
+                None,
+                format!("metrics.listen {addr}: {e} (probably the running daemon's own)"),
+            ),
+            Err(e) => say(
+                Some(false),
+                format!("metrics.listen {addr}: cannot bind: {e}"),
+            ),
         }
     }
     if online && let Ok(token) = cfg.api.token.load() {

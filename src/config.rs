@@ -83,7 +83,7 @@ impl TokenSource {
         match self {
             TokenSource::Inline(s) => Ok(s.clone()),
             TokenSource::File(path) => {
-                let raw = std::fs::read_to_string(path).map_err(|e| {
+                let raw = read_regular_file(path).map_err(|e| {
                     ConfigError::new(
                         "api.token_file",
                         format!("cannot read token file {}: {e}", path.display()),
@@ -471,7 +471,7 @@ pub fn resolve_path(cli: Option<&Path>, env: &BTreeMap<String, String>) -> PathB
 /// so tests can run in parallel without touching the process environment.
 pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Config, ConfigError> {
     let file_key = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read_regular_file(path).map_err(|e| {
         ConfigError::new(
             file_key.clone(),
             format!("cannot read the config file: {e} (use --config PATH or CALLFERRY_CONFIG)"),
@@ -480,6 +480,39 @@ pub fn load(path: &Path, env: &BTreeMap<String, String>) -> Result<Config, Confi
     let mut cfg = from_toml_str(&text, env, &file_key)?;
     cfg.source = Some(path.to_path_buf());
     Ok(cfg)
+}
+
+/// Reads a configuration or token file, refusing anything but a regular file. Opening is
+/// non-blocking: a FIFO without a writer would otherwise block the open (and the daemon's start,
+/// or a SIGHUP reload) forever; a character device would never end.
+pub fn read_regular_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO (named pipe)"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_char_device() || kind.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {what}; a regular file is needed"),
+        ));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// A TOML syntax error as "line L, column C: what", without the excerpt of the file that the
@@ -732,6 +765,157 @@ fn is_loopback_host(url: &reqwest::Url) -> bool {
         Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
         None => false,
     }
+}
+
+/// The lowest value each interval that paces requests to the API may take, so no typo can turn a
+/// wait into a flood (`pause_recheck = "0s"` made about 830 requests/s while the token was
+/// rejected). Each floor still bounds a pacer to about 10 requests/s (100 per second for the
+/// first retry of one job); the defaults are far above.
+pub const FLOORS: &[(&str, Duration)] = &[
+    ("api.pause_recheck", Duration::from_millis(100)),
+    ("api.stall_timeout", Duration::from_secs(1)),
+    ("upload.backoff_initial", Duration::from_millis(10)),
+    ("upload.backoff_max", Duration::from_millis(100)),
+    ("results.poll_interval", Duration::from_millis(100)),
+    // "0s" turns these two off; any other value paces scans of the watched folders.
+    ("watch.poll_interval", Duration::from_millis(100)),
+    ("watch.rescan_interval", Duration::from_secs(1)),
+];
+
+/// The most status polls and result fetches per second `results.max_requests_per_sec` may allow.
+pub const MAX_RESULTS_REQUESTS_PER_SEC: f64 = 1000.0;
+
+fn check_floors(
+    api: &ApiConfig,
+    watch: &WatchConfig,
+    upload: &UploadConfig,
+    results: &ResultsConfig,
+) -> Result<(), ConfigError> {
+    let values = [
+        ("api.pause_recheck", api.pause_recheck, false),
+        ("api.stall_timeout", api.stall_timeout, false),
+        ("upload.backoff_initial", upload.backoff_initial, false),
+        ("upload.backoff_max", upload.backoff_max, false),
+        ("results.poll_interval", results.poll_interval, false),
+        ("watch.poll_interval", watch.poll_interval, true),
+        ("watch.rescan_interval", watch.rescan_interval, true),
+    ];
+    for (key, value, zero_is_off) in values {
+        let floor = FLOORS
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, f)| *f)
+            .unwrap_or_default();
+        if value < floor && !(zero_is_off && value.is_zero()) {
+            let off = if zero_is_off { " (or \"0s\": off)" } else { "" };
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "{} is below the floor of {}{off}: this interval paces requests, and a \
+                     shorter one floods the API and the log; use at least {}",
+                    humantime::format_duration(value),
+                    humantime::format_duration(floor),
+                    humantime::format_duration(floor),
+                ),
+            ));
+        }
+    }
+    if results.max_requests_per_sec > MAX_RESULTS_REQUESTS_PER_SEC {
+        return Err(ConfigError::new(
+            "results.max_requests_per_sec",
+            format!(
+                "{} is above the ceiling of {MAX_RESULTS_REQUESTS_PER_SEC}",
+                results.max_requests_per_sec
+            ),
+        ));
+    }
+    Ok(())
+}
+
+const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// Validates a `[log] level` or `RUST_LOG` value. `EnvFilter` reads a bare word that is not a level
+/// as a target name ("warning" enables every level of a target called `warning`), so a mistyped
+/// level was accepted and silenced every line, errors included. Here a bare word must be a level,
+/// and a `target=level` directive must end in one.
+pub fn check_log_filter(key: &str, filter: &str) -> Result<(), ConfigError> {
+    let directives = split_directives(filter);
+    if directives.iter().all(|d| d.trim().is_empty()) {
+        return Err(ConfigError::new(
+            key,
+            format!("is empty; use one of {}", LOG_LEVELS.join(", ")),
+        ));
+    }
+    for d in directives
+        .iter()
+        .map(|d| d.trim())
+        .filter(|d| !d.is_empty())
+    {
+        let (target, level) = match split_level(d) {
+            Some((t, l)) => (Some(t), l.trim()),
+            None => (None, d),
+        };
+        if level
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_ok()
+        {
+            continue;
+        }
+        let lower = level.to_ascii_lowercase();
+        let hint = LOG_LEVELS
+            .iter()
+            .find(|l| lower.starts_with(*l) || (lower.len() >= 3 && l.starts_with(lower.as_str())))
+            .map(|l| format!(" (did you mean `{l}`?)"))
+            .unwrap_or_else(|| suggest(&lower, LOG_LEVELS));
+        let module = match target {
+            Some(_) => String::new(),
+            None => format!("; to filter by module, write `{d}=info`"),
+        };
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{level:?} is not a log level{hint}; use one of {}{module}",
+                LOG_LEVELS.join(", ")
+            ),
+        ));
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map_err(|e| ConfigError::new(key, format!("{filter:?} is not a log filter: {e}")))?;
+    Ok(())
+}
+
+/// Splits a filter at the commas between directives, not those inside `[span{field=a,b}]`.
+fn split_directives(filter: &str) -> Vec<&str> {
+    let (mut out, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, c) in filter.char_indices() {
+        match c {
+            '[' | '{' => depth += 1,
+            ']' | '}' => depth -= 1,
+            ',' if depth <= 0 => {
+                out.push(&filter[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&filter[start..]);
+    out
+}
+
+/// `target[span]=level` split at its last `=` outside brackets.
+fn split_level(directive: &str) -> Option<(&str, &str)> {
+    let mut depth = 0i32;
+    let mut at = None;
+    for (i, c) in directive.char_indices() {
+        match c {
+            '[' | '{' => depth += 1,
+            ']' | '}' => depth -= 1,
+            '=' if depth <= 0 => at = Some(i),
+            _ => {}
+        }
+    }
+    at.map(|i| (&directive[..i], &directive[i + 1..]))
 }
 
 fn validate(raw: Raw) -> Result<Config, ConfigError> {
@@ -1055,12 +1239,9 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
             ));
         }
     };
-    tracing_subscriber::EnvFilter::try_new(&raw.log.level).map_err(|e| {
-        ConfigError::new(
-            "log.level",
-            format!("{:?} is not a level or filter: {e}", raw.log.level),
-        )
-    })?;
+    check_log_filter("log.level", &raw.log.level)?;
+
+    check_floors(&api, &watch, &upload, &results)?;
 
     Ok(Config {
         source: None,
@@ -1298,5 +1479,71 @@ mod tests {
         assert_eq!(err.key, "api.token_file");
         std::fs::write(&f, "abc\n").unwrap();
         assert_eq!(TokenSource::File(f).load().unwrap().expose(), "abc");
+    }
+
+    #[test]
+    fn a_mistyped_log_level_is_refused_with_a_suggestion() {
+        for (typo, meant) in [("warning", "warn"), ("inof", "info"), ("debugg", "debug")] {
+            let text = format!("{MINIMAL}\n[log]\nlevel = \"{typo}\"\n");
+            let e = from_toml_str(&text, &env(&[]), "t").unwrap_err();
+            assert_eq!(e.key, "log.level");
+            assert!(
+                e.message.contains(&format!("did you mean `{meant}`")),
+                "{typo}: {e}"
+            );
+        }
+        for bad in ["", " , ", "callferry=loud", "nonsense"] {
+            assert!(check_log_filter("RUST_LOG", bad).is_err(), "{bad:?}");
+        }
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "callferry=debug,warn",
+            "callferry::worker=trace",
+            "h2[stream{id=1}]=debug,info",
+        ] {
+            check_log_filter("RUST_LOG", good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn intervals_that_pace_requests_have_floors() {
+        for (section, key, value) in [
+            ("api", "pause_recheck", "0s"),
+            ("api", "pause_recheck", "99ms"),
+            ("api", "stall_timeout", "1ms"),
+            ("upload", "backoff_initial", "1ns"),
+            ("upload", "backoff_max", "50ms"),
+            ("results", "poll_interval", "1ms"),
+            ("watch", "poll_interval", "1ms"),
+            ("watch", "rescan_interval", "10ms"),
+        ] {
+            let var = format!(
+                "CALLFERRY_{}__{}",
+                section.to_uppercase(),
+                key.to_uppercase()
+            );
+            let vars = [("CALLFERRY_UPLOAD__BACKOFF_INITIAL", "10ms"), (&var, value)];
+            let e = from_toml_str(MINIMAL, &env(&vars), "t").unwrap_err();
+            assert_eq!(e.key, format!("{section}.{key}"), "{e}");
+            assert!(e.message.contains("below the floor"), "{e}");
+        }
+        // Off is off, and the floors themselves are accepted.
+        let ok = env(&[
+            ("CALLFERRY_WATCH__POLL_INTERVAL", "0s"),
+            ("CALLFERRY_WATCH__RESCAN_INTERVAL", "0"),
+            ("CALLFERRY_API__PAUSE_RECHECK", "100ms"),
+            ("CALLFERRY_UPLOAD__BACKOFF_INITIAL", "10ms"),
+            ("CALLFERRY_UPLOAD__BACKOFF_MAX", "100ms"),
+        ]);
+        from_toml_str(MINIMAL, &ok, "t").unwrap();
+        let e = from_toml_str(
+            MINIMAL,
+            &env(&[("CALLFERRY_RESULTS__MAX_REQUESTS_PER_SEC", "100000")]),
+            "t",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "results.max_requests_per_sec");
     }
 }

@@ -229,3 +229,173 @@ fn filetime_past(p: &std::path::Path) {
     let t = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
     f.set_modified(t).unwrap();
 }
+
+/// Runs `cmd` to completion, failing (and killing it) if it takes longer than the deadline: the
+/// bugs these tests catch include commands that never return.
+fn output_within(cmd: &mut Command) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > DEADLINE {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "still running after {DEADLINE:?}: {cmd:?}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_mistyped_log_level_or_rust_log_exits_78_with_a_suggestion() {
+    let dir = tempfile::tempdir().unwrap();
+    for (typo, meant) in [("warning", "warn"), ("inof", "info"), ("debugg", "debug")] {
+        let text = config_text(
+            "http://127.0.0.1:9/v1",
+            dir.path(),
+            &format!("[log]\nlevel = \"{typo}\"\n"),
+        );
+        let cfg = write_config(dir.path(), &text);
+        for command in ["check-config", "run"] {
+            let out = output_within(callferry().arg("--config").arg(&cfg).arg(command));
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{command} {typo}: {err}");
+            assert!(err.contains("log.level"), "{err}");
+            assert!(err.contains(&format!("did you mean `{meant}`")), "{err}");
+        }
+    }
+    // RUST_LOG replaces the level: the same typo there is the same error.
+    let cfg = write_config(
+        dir.path(),
+        &config_text("http://127.0.0.1:9/v1", dir.path(), ""),
+    );
+    for command in ["check-config", "run"] {
+        let out = output_within(
+            callferry()
+                .env("RUST_LOG", "callferry=debug,inof")
+                .arg("--config")
+                .arg(&cfg)
+                .arg(command),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{command}: {err}");
+        assert!(err.contains("RUST_LOG"), "{err}");
+        assert!(err.contains("did you mean `info`"), "{err}");
+    }
+    // A valid filter passes.
+    let out = output_within(
+        callferry()
+            .env("RUST_LOG", "callferry=debug,warn")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("check-config"),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn an_interval_below_its_floor_exits_78_naming_key_and_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, key, floor) in [
+        (
+            "[api]\npause_recheck = \"0s\"\n",
+            "api.pause_recheck",
+            "100ms",
+        ),
+        (
+            "[upload]\nbackoff_initial = \"1ms\"\n",
+            "upload.backoff_initial",
+            "10ms",
+        ),
+        (
+            "[results]\npoll_interval = \"10ms\"\n",
+            "results.poll_interval",
+            "100ms",
+        ),
+    ] {
+        let cfg = write_config(
+            dir.path(),
+            &config_text("http://127.0.0.1:9/v1", dir.path(), extra),
+        );
+        let out = output_within(callferry().arg("--config").arg(&cfg).arg("check-config"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{err}");
+        assert!(err.contains(key), "{err}");
+        assert!(err.contains(&format!("floor of {floor}")), "{err}");
+    }
+}
+
+#[test]
+fn a_config_that_is_a_fifo_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("callferry.toml");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for command in ["check-config", "run"] {
+        let out = output_within(callferry().arg("--config").arg(&fifo).arg(command));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{command}: {err}");
+        assert!(err.contains("FIFO"), "{err}");
+    }
+    // A token file that is a FIFO is refused too (it is re-read on a 401 and on SIGHUP).
+    let text = config_text("http://127.0.0.1:9/v1", dir.path(), "").replace(
+        &format!("token = \"{TOKEN}\""),
+        &format!("token_file = \"{}\"", fifo.display()),
+    );
+    let cfg = dir.path().join("real.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let out = output_within(callferry().arg("--config").arg(&cfg).arg("check-config"));
+    let out_text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(78), "{out_text}");
+    assert!(out_text.contains("FIFO"), "{out_text}");
+}
+
+#[test]
+fn a_metrics_port_in_use_is_a_configuration_error_for_check_config_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rec")).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &config_text(
+            "http://127.0.0.1:9/v1",
+            dir.path(),
+            &format!("[metrics]\nlisten = \"{addr}\"\n"),
+        ),
+    );
+    let out = output_within(callferry().arg("--config").arg(&cfg).arg("check-config"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    assert!(
+        text.contains(&format!("metrics.listen {addr}: cannot bind")),
+        "{text}"
+    );
+    let out = output_within(callferry().arg("--config").arg(&cfg).arg("run"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("metrics.listen"), "{err}");
+    drop(taken);
+    let out = output_within(callferry().arg("--config").arg(&cfg).arg("check-config"));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
