@@ -31,8 +31,17 @@ const CONCURRENCY: usize = 8;
 const IDLE_POLL: Duration = Duration::from_secs(2);
 
 /// Where one result kind of a recording goes: `<output_dir>/<path relative to its watched
-/// folder>.<kind>.json` (`.txt` for the text transcript).
+/// folder>.<kind>.json` (`.txt` for the text transcript). For the first call recorded at a path;
+/// see [`result_path_for`].
 pub fn result_path(output_dir: &Path, job: &Job, kind: &str) -> PathBuf {
+    result_path_for(output_dir, job, kind, false)
+}
+
+/// Where one result kind goes, for a recording that may not be the first call at its path.
+/// `later_call`: an earlier job was recorded at the same path (recorders reuse names per line or
+/// per day), so this one's results carry its interaction id (`<rel>.<interaction id>.<kind>.json`)
+/// and never replace the first call's, which keeps the plain name it always had.
+pub fn result_path_for(output_dir: &Path, job: &Job, kind: &str, later_call: bool) -> PathBuf {
     let path = Path::new(&job.path);
     let rel = path
         .strip_prefix(&job.root)
@@ -40,6 +49,13 @@ pub fn result_path(output_dir: &Path, job: &Job, kind: &str) -> PathBuf {
         .filter(|r| !r.as_os_str().is_empty())
         .unwrap_or_else(|| Path::new(path.file_name().unwrap_or_default()));
     let mut name = rel.as_os_str().to_owned();
+    if later_call {
+        // Without an id (cannot happen for a followed job) the job id still keeps them apart.
+        match &job.interaction_id {
+            Some(iid) => name.push(format!(".{iid}")),
+            None => name.push(format!(".job-{}", job.id)),
+        }
+    }
     if kind == "text" {
         name.push(".txt");
     } else {
@@ -274,6 +290,22 @@ impl Follower {
         if want_text {
             kinds.push("text");
         }
+        // Asked once per delivery; the answer cannot change for this job (earlier jobs only go
+        // away by pruning, which leaves a fingerprint of the path that still answers).
+        let later_call = match self.p.queue.earlier_call_at_path(&job).await {
+            Ok(later) => later,
+            Err(e) => {
+                error!(error = %e, "cannot read the queue; will try again");
+                let later = now_ms() + ms(cfg.results.poll_interval);
+                self.record(
+                    self.p
+                        .queue
+                        .follow_later(job.id, later, None, None, now_ms())
+                        .await,
+                );
+                return;
+            }
+        };
         let mut punctuated: Option<bytes::Bytes> = None;
         for kind in kinds {
             if job.results_written.iter().any(|k| k == kind) {
@@ -301,7 +333,7 @@ impl Follower {
             } else {
                 body.to_vec()
             };
-            let path = result_path(&cfg.results.output_dir, &job, kind);
+            let path = result_path_for(&cfg.results.output_dir, &job, kind, later_call);
             let p2 = path.clone();
             let written = tokio::task::spawn_blocking(move || write_atomic(&p2, &bytes))
                 .await
@@ -451,6 +483,15 @@ mod tests {
         assert_eq!(
             result_path(Path::new("/out"), &j, "text"),
             PathBuf::from("/out/2026/11/25/call.wav.txt")
+        );
+        // A later call at the same path: its interaction id keeps it apart from the first.
+        assert_eq!(
+            result_path_for(Path::new("/out"), &j, "transcript", true),
+            PathBuf::from("/out/2026/11/25/call.wav.x.transcript.json")
+        );
+        assert_eq!(
+            result_path_for(Path::new("/out"), &j, "text", true),
+            PathBuf::from("/out/2026/11/25/call.wav.x.txt")
         );
         // Enqueued by hand outside any watched folder: by its name.
         let j = job("/elsewhere/x.wav", "/elsewhere/x.wav");

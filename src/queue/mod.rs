@@ -7,6 +7,7 @@
 //! record intent before a call and the outcome after it. Channels elsewhere are only wake-up hints;
 //! this database is the truth.
 
+mod history;
 mod state;
 mod stats;
 mod walsync;

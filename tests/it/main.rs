@@ -5,6 +5,7 @@ mod bench_smoke;
 mod cli;
 mod hardening;
 mod helpers;
+mod history;
 mod ops;
 mod pipeline;
 mod recorders;

@@ -1,0 +1,127 @@
+//! Recordings over time (issue 12 items 2, 10, 11): a path reused by a second call, a recording
+//! moved while its job waits, and years of history in the tree.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use callferry::fake::FakeOptions;
+use callferry::queue::Job;
+
+use crate::helpers::*;
+
+/// The jobs recorded for one path, oldest first.
+async fn versions(app: &TestApp, path: &Path) -> Vec<Job> {
+    let mut v: Vec<Job> = app
+        .jobs()
+        .await
+        .into_iter()
+        .filter(|j| Path::new(&j.path) == path)
+        .collect();
+    v.sort_by_key(|j| j.id);
+    v
+}
+
+/// Waits until `n` versions of `path` are all in `state`.
+async fn wait_versions(app: &TestApp, path: &Path, n: usize, state: &str) -> Vec<Job> {
+    poll_for(&format!("{n} versions of {} {state}", path.display()), || async {
+        let v = versions(app, path).await;
+        (v.len() == n && v.iter().all(|j| j.state.public().as_str() == state)).then_some(v)
+    })
+    .await
+}
+
+/// Writes a second call at a path whose first call is done: a new file (new inode), as a recorder
+/// that reuses names per line does.
+fn second_call(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("part");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_call_at_the_same_path_gets_its_own_results_and_never_replaces_the_first() {
+    let out = tempfile::tempdir().unwrap();
+    let mut app = TestApp::start_with(
+        &format!(
+            "[results]\nenabled = true\noutput_dir = \"{}\"\npoll_interval = \"200ms\"\nkinds = [\"transcript\"]\n",
+            out.path().display()
+        ),
+        FakeOptions {
+            token: TOKEN.into(),
+            processing_time: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .await;
+    let a = wav(1.0);
+    let p = app.drop_file("line1/call.wav", &a);
+    let first = wait_versions(&app, &p, 1, "processed").await.remove(0);
+    let first_result = out.path().join("line1/call.wav.transcript.json");
+    let ino = std::fs::metadata(&first_result).unwrap().ino();
+
+    let b = wav(1.5);
+    second_call(&p, &b);
+    let v = wait_versions(&app, &p, 2, "processed").await;
+    assert_eq!(v[0].id, first.id);
+    let iid2 = v[1].interaction_id.clone().unwrap();
+    assert_ne!(first.interaction_id.as_deref(), Some(iid2.as_str()));
+    // The first call's results are where they always were, untouched (same inode: not rewritten).
+    assert_eq!(std::fs::metadata(&first_result).unwrap().ino(), ino);
+    // The second's carry its interaction id.
+    let second_result = out
+        .path()
+        .join(format!("line1/call.wav.{iid2}.transcript.json"));
+    assert!(second_result.exists(), "{}", second_result.display());
+    let names: Vec<_> = std::fs::read_dir(out.path().join("line1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    // Each stored once, on its own interaction (the fake's records).
+    for (job, bytes) in [(&v[0], &a), (&v[1], &b)] {
+        let rec = app.interaction(job.interaction_id.as_deref().unwrap());
+        let stored: Vec<_> = rec.uploads.iter().filter(|u| u.stored).collect();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].sha256, sha256(bytes));
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_upload_move_never_replaces_an_earlier_call_with_the_same_name() {
+    let done = tempfile::tempdir().unwrap();
+    let mut app = TestApp::start(&format!(
+        "[after_upload]\naction = \"move\"\nmove_to = \"{}\"\n",
+        done.path().display()
+    ))
+    .await;
+    let a = wav(1.0);
+    let p = app.drop_file("line1/call.wav", &a);
+    let dest = done.path().join("line1/call.wav");
+    eventually("the first call to be moved", || async {
+        dest.exists() && !p.exists()
+    })
+    .await;
+
+    let b = wav(1.5);
+    second_call(&p, &b);
+    let v = wait_versions(&app, &p, 2, "uploaded").await;
+    let iid2 = v[1].interaction_id.clone().unwrap();
+    let dest2 = done.path().join(format!("line1/call.{iid2}.wav"));
+    eventually("the second call to be moved beside the first", || async {
+        dest2.exists() && !p.exists()
+    })
+    .await;
+    assert_eq!(std::fs::read(&dest).unwrap(), a, "the first call is kept");
+    assert_eq!(std::fs::read(&dest2).unwrap(), b);
+    let events = app.handle.queue.events(v[1].id).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|(_, e, d)| e == "after-upload" && d.as_deref().unwrap_or("").contains(&iid2)),
+        "{events:?}"
+    );
+    app.stop().await;
+}
+
