@@ -24,10 +24,13 @@ async fn versions(app: &TestApp, path: &Path) -> Vec<Job> {
 
 /// Waits until `n` versions of `path` are all in `state`.
 async fn wait_versions(app: &TestApp, path: &Path, n: usize, state: &str) -> Vec<Job> {
-    poll_for(&format!("{n} versions of {} {state}", path.display()), || async {
-        let v = versions(app, path).await;
-        (v.len() == n && v.iter().all(|j| j.state.public().as_str() == state)).then_some(v)
-    })
+    poll_for(
+        &format!("{n} versions of {} {state}", path.display()),
+        || async {
+            let v = versions(app, path).await;
+            (v.len() == n && v.iter().all(|j| j.state.public().as_str() == state)).then_some(v)
+        },
+    )
     .await
 }
 
@@ -124,4 +127,3 @@ async fn after_upload_move_never_replaces_an_earlier_call_with_the_same_name() {
     );
     app.stop().await;
 }
-
