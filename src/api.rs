@@ -7,7 +7,7 @@
 //! a restart) and is marked sensitive on the wire; it is never part of an error.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -176,6 +176,9 @@ pub struct InteractionStatus {
 struct Progress {
     origin: Instant,
     last_ms: AtomicU64,
+    /// Set while the body waits for its turn on our own bandwidth cap (`upload.max_bytes_per_sec`).
+    /// That wait is ours, not the server's: however long the cap makes it, it is not a stall.
+    throttled: AtomicBool,
 }
 
 impl Progress {
@@ -183,14 +186,30 @@ impl Progress {
         Arc::new(Progress {
             origin: Instant::now(),
             last_ms: AtomicU64::new(0),
+            throttled: AtomicBool::new(false),
         })
     }
     fn touch(&self) {
         self.last_ms
-            .store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+            .store(self.origin.elapsed().as_millis() as u64, Ordering::SeqCst);
     }
     fn last(&self) -> Instant {
-        self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+        self.origin + Duration::from_millis(self.last_ms.load(Ordering::SeqCst))
+    }
+    /// The stall clock restarts when the wait ends (`touch` before the flag drops, so the guard
+    /// never sees "not throttled" with the clock from before the wait).
+    fn set_throttled(&self, on: bool) {
+        if !on {
+            self.touch();
+        }
+        self.throttled.store(on, Ordering::SeqCst);
+    }
+    fn throttled(&self) -> bool {
+        self.throttled.load(Ordering::SeqCst)
+    }
+    /// Whether no progress was made for `stall`, not counting time spent on our own cap.
+    fn stalled(&self, stall: Duration, now: Instant) -> bool {
+        !self.throttled() && self.last() + stall <= now
     }
 }
 
@@ -218,8 +237,9 @@ impl ApiClient {
         let http = reqwest::Client::builder()
             .user_agent(concat!("callferry/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(cfg.api.connect_timeout)
-            // A response that stops arriving is a stall too; the guard below covers the rest.
-            .read_timeout(cfg.api.stall_timeout)
+            // No `read_timeout`: reqwest's runs from the start of the request to the response's
+            // headers, so it aborted every upload that took longer than `stall_timeout` however
+            // steadily its bytes went out. The stall guard (`guarded`) covers silent servers.
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .build()
@@ -270,11 +290,16 @@ impl ApiClient {
     ) -> Result<T, ApiError> {
         tokio::pin!(fut);
         loop {
-            let deadline = progress.last() + self.stall;
+            // While throttled, look again a full stall period from now: the wait may last longer.
+            let since = if progress.throttled() {
+                Instant::now()
+            } else {
+                progress.last()
+            };
             tokio::select! {
                 r = &mut fut => return r,
-                _ = tokio::time::sleep_until(deadline.into()) => {
-                    if progress.last() + self.stall <= Instant::now() {
+                _ = tokio::time::sleep_until((since + self.stall).into()) => {
+                    if progress.stalled(self.stall, Instant::now()) {
                         return Err(ApiError::Stalled(self.stall));
                     }
                 }
@@ -365,7 +390,9 @@ impl ApiClient {
             async move {
                 let chunk = chunk.map_err(LocalRead)?;
                 if let Some(l) = &limiter {
+                    prog.set_throttled(true);
                     l.acquire(chunk.len() as u64).await;
+                    prog.set_throttled(false);
                 }
                 prog.touch();
                 sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
@@ -434,7 +461,14 @@ impl ApiClient {
             if !resp.status().is_success() {
                 return Err(error_from_response(resp).await);
             }
-            let body = resp.bytes().await.map_err(from_reqwest)?;
+            // Each chunk of a long answer is progress for the stall guard.
+            let mut body = bytes::BytesMut::new();
+            let mut resp = resp;
+            while let Some(chunk) = resp.chunk().await.map_err(from_reqwest)? {
+                progress.touch();
+                body.extend_from_slice(&chunk);
+            }
+            let body = body.freeze();
             if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
                 return Err(ApiError::Protocol(format!(
                     "{tail} answered with a body that is not JSON: {}",
@@ -587,6 +621,25 @@ mod tests {
         );
         assert_eq!(describe_body(b"", false), "");
         assert!(describe_body(b"oops\x00\x01", false).contains("oops"));
+    }
+
+    #[test]
+    fn time_spent_on_our_own_cap_is_not_a_stall() {
+        let stall = Duration::from_secs(1);
+        let p = Progress::new();
+        p.touch();
+        let later = Instant::now() + Duration::from_secs(10);
+        assert!(p.stalled(stall, later));
+        p.set_throttled(true);
+        assert!(
+            !p.stalled(stall, later),
+            "waiting on the cap is not a stall"
+        );
+        p.set_throttled(false);
+        assert!(
+            !p.stalled(stall, Instant::now()),
+            "the clock restarts after the wait"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod bench_smoke;
 mod cli;
+mod flow;
 mod hardening;
 mod helpers;
 mod history;
