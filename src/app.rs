@@ -41,6 +41,9 @@ pub enum AppError {
     Locked(PathBuf),
     #[error("{0}")]
     Other(String),
+    /// Writing a command's output failed; a closed pipe ends the command quietly (exit 0).
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
 }
 
 impl AppError {
@@ -49,6 +52,7 @@ impl AppError {
         match self {
             AppError::Config(_) => 78,
             AppError::Queue(QueueError::Unusable { .. }) => 78,
+            AppError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
             _ => 1,
         }
     }
@@ -110,6 +114,8 @@ pub struct Handle {
     pub metrics: Arc<Metrics>,
     /// Where `/metrics` and `/healthz` are served (`[metrics] listen`, resolved if port 0).
     pub metrics_addr: Option<SocketAddr>,
+    /// Wakes the 401 re-check at once (SIGHUP after the token file was fixed).
+    pub auth_recheck: Arc<Notify>,
 }
 
 /// Runs the daemon until `shutdown` fires, then stops gracefully. `started` (if given) receives a
@@ -221,10 +227,12 @@ pub async fn run(
         queue.clone(),
         background.clone(),
     ));
+    let recheck_now = Arc::new(Notify::new());
     tasks.spawn(auth_recheck(
         cfg.clone(),
         api.clone(),
         gate.clone(),
+        recheck_now.clone(),
         background.clone(),
     ));
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -269,6 +277,7 @@ pub async fn run(
             api: api.clone(),
             metrics: metrics.clone(),
             metrics_addr,
+            auth_recheck: recheck_now.clone(),
         });
     }
 
@@ -365,6 +374,7 @@ async fn auth_recheck(
     cfg: Arc<Config>,
     api: ApiClient,
     gate: Arc<Gate>,
+    now: Arc<Notify>,
     cancel: CancellationToken,
 ) {
     let mut rx = gate.subscribe();
@@ -377,6 +387,7 @@ async fn auth_recheck(
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(cfg.api.pause_recheck) => {}
+                _ = now.notified() => {}
             }
             match cfg.api.token.load() {
                 Ok(t) => api.set_token(t),

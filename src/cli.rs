@@ -42,6 +42,10 @@ ENVIRONMENT:
 SIGNALS:
   SIGTERM, SIGINT   stop taking work, let in-flight uploads finish within
                     [upload] shutdown_grace, exit 0; the rest resumes at the next start
+                    (a second one is logged and changes nothing)
+  SIGHUP            re-read [log] level from the config file and the token from
+                    api.token_file (a 401 pause re-checks at once); other keys need a
+                    restart (systemctl reload callferry sends it)
 
 EXIT STATUS:
   0 ok    1 runtime failure (e.g. another daemon holds the database)    2 usage error
@@ -166,7 +170,7 @@ pub fn main() -> i32 {
     let rt = match builder.enable_all().thread_name("callferry").build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("callferry: cannot start the async runtime: {e}");
+            tell(&format!("callferry: cannot start the async runtime: {e}"));
             return EXIT_FAILURE;
         }
     };
@@ -191,11 +195,13 @@ async fn dispatch(cli: Cli, env: BTreeMap<String, String>) -> i32 {
                 processing_time,
                 ..Default::default()
             };
-            eprintln!("fake ElevateAI API on http://{listen}/v1 (control: http://{listen}/_fake/)");
+            tell(&format!(
+                "fake ElevateAI API on http://{listen}/v1 (control: http://{listen}/_fake/)"
+            ));
             match crate::fake::serve_forever(listen, opts).await {
                 Ok(()) => EXIT_OK,
                 Err(e) => {
-                    eprintln!("callferry: fake API: {e}");
+                    tell(&format!("callferry: fake API: {e}"));
                     EXIT_FAILURE
                 }
             }
@@ -204,7 +210,7 @@ async fn dispatch(cli: Cli, env: BTreeMap<String, String>) -> i32 {
             let cfg = match config::load(&config_path, &env) {
                 Ok(c) => c,
                 Err(e) => {
-                    eprintln!("callferry: configuration error: {e}");
+                    tell(&format!("callferry: configuration error: {e}"));
                     return EXIT_CONFIG;
                 }
             };
@@ -213,16 +219,18 @@ async fn dispatch(cli: Cli, env: BTreeMap<String, String>) -> i32 {
                 && let Some(filter) = env.get("RUST_LOG")
                 && let Err(e) = config::check_log_filter("RUST_LOG", filter)
             {
-                eprintln!("callferry: configuration error: {e}");
+                tell(&format!("callferry: configuration error: {e}"));
                 return EXIT_CONFIG;
             }
             match command {
                 Command::Run => {
                     init_logging(cfg.log.format, &cfg.log.level, &env);
-                    finish(run_daemon(cfg).await)
+                    finish(run_daemon(cfg, config_path, env).await)
                 }
                 other => {
-                    init_logging(LogFormat::Text, "warn", &env);
+                    // sqlx's "slow statement" warning would be noise here: a `list` streamed into
+                    // a slow reader is one long statement by design.
+                    init_logging(LogFormat::Text, "warn,sqlx=error", &env);
                     finish(run_tool(other, cfg).await)
                 }
             }
@@ -233,49 +241,103 @@ async fn dispatch(cli: Cli, env: BTreeMap<String, String>) -> i32 {
 fn finish(r: Result<i32, AppError>) -> i32 {
     match r {
         Ok(code) => code,
+        // The reader went away (`callferry list | head -1`): done, as `ls | head` is.
+        Err(AppError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => EXIT_OK,
         Err(e) => {
             tracing::error!(error = %e, "callferry stopped");
-            eprintln!("callferry: {e}");
+            tell(&format!("callferry: {e}"));
             e.exit_code()
         }
     }
 }
 
-pub fn init_logging(format: LogFormat, level: &str, env: &BTreeMap<String, String>) {
-    let filter = env
-        .get("RUST_LOG")
+/// A line on stderr for the person at the terminal. Unlike `eprintln!`, a closed stderr is not a
+/// panic: there is nobody left to tell.
+fn tell(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// Command output on stdout. A closed pipe comes back as [`AppError::Output`], which ends the
+/// command quietly with status 0; `println!` panicked (exit 101).
+fn out(w: &mut impl std::io::Write, text: &str) -> Result<(), AppError> {
+    w.write_all(text.as_bytes()).map_err(AppError::Output)
+}
+
+/// The log's writer: stderr, ignoring write errors. A closed pipe (`callferry run 2>&1 | head -1`)
+/// made the logging layer panic and took the daemon down with jobs pending; a log nobody can read
+/// must not stop the uploads, and there is nowhere left to report it.
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().lock().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().lock().flush();
+        Ok(())
+    }
+}
+
+type FilterHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// Lets SIGHUP change the log level of the running daemon.
+static LOG_FILTER: std::sync::OnceLock<FilterHandle> = std::sync::OnceLock::new();
+
+fn log_filter(level: &str, env: &BTreeMap<String, String>) -> tracing_subscriber::EnvFilter {
+    env.get("RUST_LOG")
         .and_then(|f| tracing_subscriber::EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| {
             tracing_subscriber::EnvFilter::try_new(level)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        });
+        })
+}
+
+pub fn init_logging(format: LogFormat, level: &str, env: &BTreeMap<String, String>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{Layer, Registry, reload};
+    type Below = tracing_subscriber::layer::Layered<
+        reload::Layer<tracing_subscriber::EnvFilter, Registry>,
+        Registry,
+    >;
+    let (filter, handle) = reload::Layer::new(log_filter(level, env));
+    let mut output: Option<Box<dyn Layer<Below> + Send + Sync>> = None;
     if format == LogFormat::Text && journal_is_stderr(env) {
         // Under systemd: structured entries, so `journalctl -u callferry INTERACTION_ID=...` and
         // `JOB_ID=...` find a job's lines. Fields keep their names (no `F_` prefix).
         if let Ok(layer) = tracing_journald::layer() {
-            use tracing_subscriber::layer::SubscriberExt;
-            use tracing_subscriber::util::SubscriberInitExt;
-            let layer = layer
-                .with_field_prefix(None)
-                .with_syslog_identifier("callferry".into());
-            let _ = tracing_subscriber::registry()
-                .with(filter)
-                .with(layer)
-                .try_init();
-            return;
+            output = Some(
+                layer
+                    .with_field_prefix(None)
+                    .with_syslog_identifier("callferry".into())
+                    .boxed(),
+            );
         }
     }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only on a terminal: under systemd (journald) or in a log file, escape codes are
-        // noise that breaks grep.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    let output = output.unwrap_or_else(|| {
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(|| QuietStderr)
+            .log_internal_errors(false)
+            // Colour only on a terminal: under systemd (journald) or in a log file, escape codes
+            // are noise that breaks grep.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_target(false);
+        match format {
+            LogFormat::Json => layer.json().flatten_event(true).boxed(),
+            LogFormat::Text => layer.boxed(),
+        }
+    });
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .try_init()
+        .is_ok()
+    {
+        let _ = LOG_FILTER.set(handle);
+    }
 }
 
 /// Whether stderr is the journal: systemd sets `JOURNAL_STREAM=<dev>:<inode>` of the stream it
@@ -296,25 +358,100 @@ fn journal_is_stderr(env: &BTreeMap<String, String>) -> bool {
     st.st_dev as u64 == dev && st.st_ino as u64 == ino
 }
 
-async fn run_daemon(cfg: Config) -> Result<i32, AppError> {
+async fn run_daemon(
+    cfg: Config,
+    config_path: PathBuf,
+    env: BTreeMap<String, String>,
+) -> Result<i32, AppError> {
+    use tokio::signal::unix::{SignalKind, signal};
     let shutdown = CancellationToken::new();
+    // Installed before anything else happens: until then SIGHUP's default action kills the
+    // process (exit 129, no graceful stop, no log line).
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        _ => return Err(AppError::Other("cannot install signal handlers".into())),
+    };
+    let (started_tx, mut started_rx) = tokio::sync::oneshot::channel();
+    let token = cfg.api.token.clone();
     let s = shutdown.clone();
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
+        let mut handle: Option<app::Handle> = None;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => {
+                    reload(&config_path, &env, &token, handle.as_ref());
+                    continue;
+                }
+                h = &mut started_rx, if handle.is_none() => {
+                    handle = h.ok();
+                    continue;
+                }
+            };
+            if s.is_cancelled() {
+                tracing::info!(
+                    "{name} received; already stopping (in-flight uploads get until the end of upload.shutdown_grace)"
+                );
+            } else {
+                tracing::info!("{name} received");
+                s.cancel();
+            }
         }
-        s.cancel();
     });
-    app::run(cfg, shutdown, None).await?;
+    app::run(cfg, shutdown, Some(started_tx)).await?;
     Ok(EXIT_OK)
+}
+
+/// SIGHUP: the log level from the config file (unless `RUST_LOG` decides it) and the token from
+/// its file are read again; a daemon paused by a 401 then re-checks the token at once. Any other
+/// change to the configuration needs a restart.
+fn reload(
+    path: &Path,
+    env: &BTreeMap<String, String>,
+    token: &config::TokenSource,
+    handle: Option<&app::Handle>,
+) {
+    use tracing::{error, info, warn};
+    match config::load(path, env) {
+        Err(e) => {
+            error!(error = %e, "SIGHUP: the configuration has an error; the log level is unchanged")
+        }
+        Ok(_) if env.contains_key("RUST_LOG") => {
+            info!("SIGHUP: RUST_LOG is set and keeps deciding the log level")
+        }
+        Ok(new) => match LOG_FILTER
+            .get()
+            .map(|h| h.reload(log_filter(&new.log.level, env)))
+        {
+            Some(Ok(())) => info!(level = %new.log.level, "SIGHUP: log level set"),
+            Some(Err(e)) => warn!(error = %e, "SIGHUP: cannot change the log level"),
+            None => {}
+        },
+    }
+    let Some(handle) = handle else {
+        info!("SIGHUP: still starting; the token is read when uploads begin");
+        return;
+    };
+    match token.load() {
+        Ok(t) => {
+            handle.api.set_token(t);
+            handle.auth_recheck.notify_one();
+            match token {
+                config::TokenSource::File(p) => {
+                    info!(file = %p.display(), "SIGHUP: token re-read")
+                }
+                config::TokenSource::Inline(_) => {
+                    info!("SIGHUP: the token is set in the configuration; restart to change it")
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "SIGHUP: cannot read the token; keeping the current one"),
+    }
 }
 
 async fn run_tool(command: Command, cfg: Config) -> Result<i32, AppError> {
@@ -323,17 +460,14 @@ async fn run_tool(command: Command, cfg: Config) -> Result<i32, AppError> {
         Command::Status { json } => {
             let q = Queue::open(&db, OpenMode::Existing).await?;
             let report = status::gather(&q, &db).await?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
+            let text = if json {
+                serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"
             } else {
-                print!(
-                    "{}",
-                    status::render_text(&report, status::Style::for_stdout())
-                );
-            }
+                status::render_text(&report, status::Style::for_stdout())
+            };
+            let mut stdout = std::io::stdout().lock();
+            out(&mut stdout, &text)?;
+            std::io::Write::flush(&mut stdout).map_err(AppError::Output)?;
             Ok(EXIT_OK)
         }
         Command::List { state, limit, json } => {
@@ -341,19 +475,30 @@ async fn run_tool(command: Command, cfg: Config) -> Result<i32, AppError> {
                 Some(s) => match s.parse::<State>() {
                     Ok(st) => Some(st),
                     Err(e) => {
-                        eprintln!("callferry: --state: {e}");
+                        tell(&format!("callferry: --state: {e}"));
                         return Ok(2);
                     }
                 },
                 None => None,
             };
             let q = Queue::open(&db, OpenMode::Existing).await?;
-            let jobs = q.list(state, limit).await?;
+            // Written as the rows come: a million jobs held all of them, then their JSON, in
+            // memory (3.7 GB) before the first byte went out.
+            let mut w = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());
+            let now = now_ms();
             if json {
-                println!("{}", status::list_json(&jobs));
+                let mut list = status::JsonList::default();
+                q.list_each(state, limit, |job| out(&mut w, &list.row(&job)))
+                    .await?;
+                out(&mut w, &(list.end() + "\n"))?;
             } else {
-                print!("{}", status::list_text(&jobs));
+                out(&mut w, &status::list_header())?;
+                q.list_each(state, limit, |job| {
+                    out(&mut w, &status::list_text_row(&job, now))
+                })
+                .await?;
             }
+            std::io::Write::flush(&mut w).map_err(AppError::Output)?;
             Ok(EXIT_OK)
         }
         Command::Retry(args) => {
@@ -363,12 +508,15 @@ async fn run_tool(command: Command, cfg: Config) -> Result<i32, AppError> {
             } else {
                 q.retry(Some(&args.ids), now_ms()).await?
             };
-            println!("{n} job(s) back in the queue");
+            out(
+                &mut std::io::stdout().lock(),
+                &format!("{n} job(s) back in the queue\n"),
+            )?;
             if !args.failed && (n as usize) < args.ids.len() {
-                eprintln!(
+                tell(&format!(
                     "callferry: {} of the given id(s) were not failed jobs and were left alone",
                     args.ids.len() - n as usize
-                );
+                ));
                 return Ok(EXIT_FAILURE);
             }
             Ok(EXIT_OK)
@@ -382,30 +530,38 @@ async fn run_tool(command: Command, cfg: Config) -> Result<i32, AppError> {
 async fn enqueue(cfg: &Config, files: &[PathBuf]) -> Result<i32, AppError> {
     let q = Queue::open(&cfg.queue.database, OpenMode::Create).await?;
     let mut code = EXIT_OK;
+    let mut result = Ok(());
     for f in files {
-        match crate::watcher::check_file(cfg, f, now_ms()) {
+        let line = match crate::watcher::check_file(cfg, f, now_ms()) {
             Ok(job) => match &q.enqueue(std::slice::from_ref(&job), now_ms()).await?[0] {
-                Enqueued::New { id, .. } => println!("queued   #{id} {}", job.path.display()),
-                Enqueued::SameFile { existing, path } => println!(
-                    "known    {} (same file as job #{existing}, {path})",
+                Enqueued::New { id, .. } => format!("queued   #{id} {}\n", job.path.display()),
+                Enqueued::SameFile { existing, path } => format!(
+                    "known    {} (same file as job #{existing}, {path})\n",
                     job.path.display()
                 ),
-                Enqueued::Known => println!(
-                    "known    {} (this version is already queued)",
+                Enqueued::Known => format!(
+                    "known    {} (this version is already queued)\n",
                     job.path.display()
                 ),
             },
             Err(why) => {
-                eprintln!("skipped  {}: {why}", f.display());
+                tell(&format!("skipped  {}: {why}", f.display()));
                 code = EXIT_FAILURE;
+                continue;
             }
+        };
+        // A closed stdout does not stop the backfill half-way: every file is still queued.
+        if result.is_ok() {
+            result = out(&mut std::io::stdout().lock(), &line);
         }
     }
     q.wake_daemon();
+    result?;
     Ok(code)
 }
 
 async fn check_config(cfg: &Config, online: bool) -> Result<i32, AppError> {
+    use std::io::Write;
     let mut errors = 0;
     let mut say = |ok: Option<bool>, msg: String| {
         let tag = match ok {
@@ -416,7 +572,7 @@ async fn check_config(cfg: &Config, online: bool) -> Result<i32, AppError> {
             }
             None => "warning",
         };
-        println!("{tag} {msg}");
+        let _ = writeln!(std::io::stdout().lock(), "{tag} {msg}");
     };
     say(
         Some(true),

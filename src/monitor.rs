@@ -172,13 +172,14 @@ pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: Cancellati
     if let Some(d) = watchdog {
         info!(timeout = ?d, "systemd watchdog enabled");
     }
-    let feed_every = watchdog.map(|d| (d / 2).max(Duration::from_millis(500)));
+    let schedule = watchdog.map(|d| health::watchdog_schedule(d, TICK));
+    let feed_every = schedule.map(|(every, _)| every);
     let mut last_feed: Option<Instant> = None;
     let mut starving = false;
     let mut last_bytes = monitor.bytes_sent.load(Ordering::Relaxed);
     let mut last_status: Option<(Instant, String)> = None;
     // Idle cost: tick only as often as the watchdog needs; otherwise every TICK.
-    let tick = feed_every.map_or(TICK, |f| f.min(TICK));
+    let tick = schedule.map_or(TICK, |(_, tick)| tick);
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -193,7 +194,7 @@ pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: Cancellati
         }
 
         if let Some(every) = feed_every
-            && last_feed.is_none_or(|t| t.elapsed() >= every)
+            && last_feed.is_none_or(|t| health::watchdog_due(t.elapsed(), every, tick))
         {
             let gate = monitor.gate.state();
             let gate_closed =

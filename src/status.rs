@@ -217,26 +217,72 @@ pub struct ListRow<'a> {
     pub created: String,
 }
 
+fn list_row(j: &Job) -> ListRow<'_> {
+    ListRow {
+        job: j,
+        next_attempt: matches!(j.state.public().as_str(), "pending" | "declared")
+            .then(|| ms_to_rfc3339(j.next_attempt_at)),
+        created: ms_to_rfc3339(j.created_at),
+    }
+}
+
 pub fn list_json(jobs: &[Job]) -> String {
-    let rows: Vec<ListRow> = jobs
-        .iter()
-        .map(|j| ListRow {
-            job: j,
-            next_attempt: matches!(j.state.public().as_str(), "pending" | "declared")
-                .then(|| ms_to_rfc3339(j.next_attempt_at)),
-            created: ms_to_rfc3339(j.created_at),
-        })
-        .collect();
-    serde_json::to_string_pretty(&rows).unwrap_or_else(|_| "[]".into())
+    let mut out = JsonList::default();
+    let mut text: String = jobs.iter().map(|j| out.row(j)).collect();
+    text.push_str(&out.end());
+    text
+}
+
+/// `list --json` written as the rows come: the same pretty-printed array as serialising them all
+/// at once, one element at a time.
+#[derive(Default)]
+pub struct JsonList {
+    rows: u64,
+}
+
+impl JsonList {
+    /// The text for one more element (with the `[` before the first).
+    pub fn row(&mut self, j: &Job) -> String {
+        let one = serde_json::to_string_pretty(&list_row(j)).unwrap_or_else(|_| "null".into());
+        let mut out = String::with_capacity(one.len() + 64);
+        out.push_str(if self.rows == 0 { "[\n" } else { ",\n" });
+        for (i, line) in one.lines().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            out.push_str("  ");
+            out.push_str(line);
+        }
+        self.rows += 1;
+        out
+    }
+
+    /// What closes the array (all of it when there were no rows).
+    pub fn end(&self) -> String {
+        if self.rows == 0 { "[]" } else { "\n]" }.to_string()
+    }
+}
+
+pub fn list_header() -> String {
+    format!(
+        "{:>7}  {:<9}  {:>3}  {:<20}  {:<36}  {}\n",
+        "ID", "STATE", "TRY", "NEXT ATTEMPT", "INTERACTION", "PATH / LAST ERROR"
+    )
 }
 
 pub fn list_text(jobs: &[Job]) -> String {
-    let mut out = format!(
-        "{:>7}  {:<9}  {:>3}  {:<20}  {:<36}  {}\n",
-        "ID", "STATE", "TRY", "NEXT ATTEMPT", "INTERACTION", "PATH / LAST ERROR"
-    );
     let now = now_ms();
+    let mut out = list_header();
     for j in jobs {
+        out.push_str(&list_text_row(j, now));
+    }
+    out
+}
+
+/// One job's lines in the `list` table.
+pub fn list_text_row(j: &Job, now: i64) -> String {
+    let mut out = String::new();
+    {
         let next = if matches!(j.state.public().as_str(), "pending" | "declared") {
             if j.next_attempt_at <= now {
                 "now".to_string()
@@ -319,6 +365,41 @@ mod tests {
     fn colour_only_when_asked() {
         let t = render_text(&report(), Style { colour: true });
         assert!(t.contains("\x1b[1;31mPAUSED:\x1b[0m"), "{t}");
+    }
+
+    #[test]
+    fn the_streamed_json_list_is_the_array_serde_would_write() {
+        let job = |id: i64| Job {
+            id,
+            path: format!("/rec/{id}.wav"),
+            root: "/rec".into(),
+            size: 10,
+            mtime_ns: 1,
+            dev: 1,
+            ino: id as u64,
+            state: crate::queue::State::Failed,
+            attempts: 2,
+            next_attempt_at: 0,
+            interaction_id: Some("x\"y".into()),
+            upload_status: None,
+            last_error: Some("multi\nline".into()),
+            created_at: 0,
+            updated_at: 0,
+            uploaded_at: None,
+            follow_at: None,
+            follow_attempts: 0,
+            service_status: None,
+            results_written: vec!["transcript".into()],
+        };
+        for n in [0, 1, 3] {
+            let jobs: Vec<Job> = (1..=n).map(job).collect();
+            let rows: Vec<ListRow> = jobs.iter().map(list_row).collect();
+            assert_eq!(
+                list_json(&jobs),
+                serde_json::to_string_pretty(&rows).unwrap(),
+                "{n} rows"
+            );
+        }
     }
 
     #[test]

@@ -833,6 +833,36 @@ impl Queue {
         Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
     }
 
+    /// [`Queue::list`] one row at a time, handed to `each` as it is read, so `list --limit
+    /// 1000000` holds one job in memory instead of all of them (a million took 3.7 GB). `each`
+    /// stops the walk by returning an error (a reader that went away).
+    pub async fn list_each<E: From<QueueError>>(
+        &self,
+        state: Option<State>,
+        limit: u32,
+        mut each: impl FnMut(Job) -> Result<(), E>,
+    ) -> Result<(), E> {
+        use futures_util::TryStreamExt;
+        let internal: Vec<&'static str> =
+            state.map_or(Vec::new(), |s| s.internal_states().to_vec());
+        let filter = if internal.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE state IN ({})", vec!["?"; internal.len()].join(", "))
+        };
+        let mut q = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs {filter} ORDER BY id DESC LIMIT ?"
+        )));
+        for st in internal {
+            q = q.bind(st);
+        }
+        let mut rows = q.bind(limit as i64).fetch(&self.pool);
+        while let Some(row) = rows.try_next().await.map_err(QueueError::from)? {
+            each(job_from_row(&row).map_err(QueueError::from)?)?;
+        }
+        Ok(())
+    }
+
     pub async fn counts(&self) -> Result<Counts, QueueError> {
         // Kept by triggers (migration 0004): constant time however many jobs there are.
         let rows = sqlx::query("SELECT state, n FROM job_counts")

@@ -399,3 +399,159 @@ fn a_metrics_port_in_use_is_a_configuration_error_for_check_config_and_run() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// The write end of a pipe whose reader is already gone: every write to it fails with EPIPE, as
+/// `callferry list | head -1` does once `head` has its line.
+pub fn closed_pipe() -> std::process::Stdio {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors; each is owned exactly once below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: the read end is ours, closed at once; the write end is handed to the child.
+    unsafe {
+        drop(std::os::fd::OwnedFd::from_raw_fd(fds[0]));
+        std::process::Stdio::from(std::os::fd::OwnedFd::from_raw_fd(fds[1]))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_into_a_closed_pipe_ends_the_command_quietly_with_status_0() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rec")).unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &config_text("http://127.0.0.1:9/v1", dir.path(), ""),
+    );
+    create_queue(&dir.path().join("state/queue.db")).await;
+    let backfill = dir.path().join("old.wav");
+    std::fs::write(&backfill, wav(0.5)).unwrap();
+    filetime_past(&backfill);
+    for args in [
+        &["list"][..],
+        &["list", "--json"],
+        &["status"],
+        &["status", "--json"],
+        &["retry", "--failed"],
+        &["check-config"],
+    ] {
+        let out = callferry()
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .stdout(closed_pipe())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+    // enqueue still queues every file when nobody reads what it says.
+    let out = callferry()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("enqueue")
+        .arg(&backfill)
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let q = open_queue(&dir.path().join("state/queue.db")).await;
+    assert_eq!(q.counts().await.unwrap().pending, 1);
+    q.close().await;
+    // A closed stderr too: the configuration error has nobody to go to, and the code still says it.
+    let out = callferry()
+        .args(["--config", "/nonexistent.toml", "status"])
+        .stderr(closed_pipe())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+}
+
+/// `list --limit 1000000 --json` on a million jobs took 3.7 GB: every row, then all of their JSON,
+/// were held before the first byte went out. Rows are now written as they are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_streams_a_large_queue_in_bounded_memory() {
+    const JOBS: u32 = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rec")).unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &config_text("http://127.0.0.1:9/v1", dir.path(), ""),
+    );
+    let db = dir.path().join("state/queue.db");
+    create_queue(&db).await;
+    {
+        use sqlx::ConnectOptions;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&db)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO jobs (path, root, size, mtime_ns, state, last_error, next_attempt_at, created_at, updated_at) \
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) \
+             SELECT '/var/spool/asterisk/monitor/2026/12/05/call-' || i || '.wav', '/var/spool/asterisk/monitor', \
+                    123456, i, 'failed', 'HTTP 400: the service refused this recording', 0, 0, 0 FROM n",
+        )
+        .bind(JOBS)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    for json in [true, false] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callferry"));
+        cmd.env_remove("CALLFERRY_CONFIG")
+            .env_remove("RUST_LOG")
+            .arg("--config")
+            .arg(&cfg)
+            .args(["list", "--limit", "1000000"])
+            .args(json.then_some("--json"))
+            .stdout(std::process::Stdio::piped());
+        let (rows, bytes, max_rss_kib, status) = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let mut child = cmd.spawn().unwrap();
+            let pid = child.id() as i32;
+            let reader = std::io::BufReader::new(child.stdout.take().unwrap());
+            let (mut rows, mut bytes) = (0u64, 0u64);
+            for line in reader.lines() {
+                let line = line.unwrap();
+                bytes += line.len() as u64 + 1;
+                if line.starts_with("    \"id\": ") || line.contains("  failed  ") {
+                    rows += 1;
+                }
+            }
+            // wait4 gives this child's own peak RSS (getrusage(RUSAGE_CHILDREN) would give the
+            // largest of every child this test binary ever waited for).
+            let mut st = 0;
+            // SAFETY: zeroed rusage filled by wait4 for our own child.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            assert_eq!(unsafe { libc::wait4(pid, &mut st, 0, &mut ru) }, pid);
+            std::mem::forget(child); // reaped above
+            (rows, bytes, ru.ru_maxrss, st)
+        })
+        .await
+        .unwrap();
+        assert_eq!(status, 0, "exit status");
+        assert_eq!(rows, JOBS as u64, "json = {json}");
+        println!(
+            "list{} of {JOBS} jobs: {:.1} MB written, peak RSS {:.1} MB",
+            if json { " --json" } else { "" },
+            bytes as f64 / 1e6,
+            max_rss_kib as f64 / 1024.0
+        );
+        assert!(
+            max_rss_kib < 48 * 1024,
+            "peak RSS {max_rss_kib} KiB for {JOBS} jobs"
+        );
+    }
+}
+
+async fn create_queue(db: &std::path::Path) {
+    callferry::queue::Queue::open(db, callferry::queue::OpenMode::Create)
+        .await
+        .unwrap()
+        .close()
+        .await;
+}

@@ -3,7 +3,7 @@
 
 mod bad_input;
 mod disk_full;
-mod proc;
+pub(crate) mod proc;
 mod security;
 mod soak;
 mod stop;
