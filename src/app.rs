@@ -187,6 +187,8 @@ pub async fn run(
         tasks.spawn(monitor::serve(listener, monitor, background.clone()));
     }
     let follow_wake = Arc::new(Notify::new());
+    // Workers that find a job's file gone ask the watcher to look for it (it may have moved).
+    let search = Arc::new(Notify::new());
     let pipeline = Arc::new(Pipeline {
         cfg: cfg.clone(),
         queue: queue.clone(),
@@ -199,6 +201,8 @@ pub async fn run(
         idle_watch: Default::default(),
         db_events: Default::default(),
         metrics: metrics.clone(),
+        search: search.clone(),
+        missing: Default::default(),
     });
     // Kept alive for the daemon's life: dropping it stops the events.
     let _db_watcher = watch_wake_file(&queue, wake.clone(), follow_wake.clone());
@@ -237,15 +241,18 @@ pub async fn run(
     ));
     let (ready_tx, ready_rx) = oneshot::channel();
     {
-        let (cfg, queue, wake, cancel, metrics) = (
+        let (cfg, queue, wake, cancel, metrics, search) = (
             cfg.clone(),
             queue.clone(),
             wake.clone(),
             background.clone(),
             metrics.clone(),
+            search.clone(),
         );
         tasks.spawn(async move {
-            if let Err(e) = crate::watcher::run(cfg, queue, wake, cancel, ready_tx, metrics).await {
+            if let Err(e) =
+                crate::watcher::run(cfg, queue, wake, cancel, ready_tx, metrics, search).await
+            {
                 error!(error = %e, "the folder watcher stopped; files are no longer discovered until restart");
             }
         });

@@ -34,6 +34,9 @@ const ROOT_CHECK: Duration = Duration::from_secs(5);
 const FALLBACK_POLL: Duration = Duration::from_secs(10);
 /// Follow-up scans of a new folder, in ms after its creation event (see `on_event`).
 const NEW_FOLDER_RESCANS: [i64; 2] = [250, 2000];
+/// Searches for recordings that left their queued path (asked for by workers) run at most this
+/// often: several missing files at once share one rescan.
+const SEARCH_GAP: Duration = Duration::from_secs(5);
 
 /// A file we are waiting on.
 #[derive(Debug, Clone)]
@@ -102,6 +105,7 @@ pub async fn run(
     cancel: CancellationToken,
     ready: oneshot::Sender<()>,
     metrics: Arc<crate::metrics::Metrics>,
+    search: Arc<Notify>,
 ) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<notify::Result<notify::Event>>(EVENT_CHANNEL);
     let overflow = Arc::new(AtomicBool::new(false));
@@ -155,6 +159,10 @@ pub async fn run(
     let mut next_rescan = rescan_every.map(|d| tokio::time::Instant::now() + d);
     let mut next_poll = tokio::time::Instant::now() + poll_every;
     let mut next_root_check = tokio::time::Instant::now() + ROOT_CHECK;
+    // A worker found a job's file gone from its path: rescan soon, so a recording moved inside the
+    // watched folders is found again (and its job follows it) even if its events were lost.
+    let mut next_search: Option<tokio::time::Instant> = None;
+    let mut last_search = tokio::time::Instant::now() - SEARCH_GAP;
 
     loop {
         let next_eval = st
@@ -171,7 +179,7 @@ pub async fn run(
                 + Duration::from_millis((t - now_ms()).clamp(0, 60_000) as u64)
         });
         let mut wake_at = next_root_check;
-        for t in [next_eval, next_rescan, next_dir_rescan]
+        for t in [next_eval, next_rescan, next_dir_rescan, next_search]
             .into_iter()
             .flatten()
         {
@@ -191,6 +199,9 @@ pub async fn run(
                 }
             }
             _ = overflow_wake.notified() => {}
+            _ = search.notified() => {
+                next_search.get_or_insert(last_search + SEARCH_GAP);
+            }
             _ = tokio::time::sleep_until(wake_at) => {}
         }
         if overflow.swap(false, Ordering::Relaxed) {
@@ -203,6 +214,12 @@ pub async fn run(
             st.rescan_all().await;
         }
         let now = tokio::time::Instant::now();
+        if next_search.is_some_and(|t| t <= now) {
+            debug!("rescan: a queued recording left its path; looking for it");
+            next_search = None;
+            last_search = now;
+            st.rescan_all().await;
+        }
         if next_rescan.is_some_and(|t| t <= now) {
             debug!("periodic rescan (watch.rescan_interval)");
             st.rescan_all().await;
@@ -592,6 +609,7 @@ impl State {
             match self.queue.enqueue(jobs, now_ms()).await {
                 Ok(results) => {
                     let mut new = 0;
+                    let mut same: Vec<(NewJob, i64, String)> = Vec::new();
                     for (j, r) in jobs.iter().zip(results) {
                         match r {
                             Enqueued::New {
@@ -610,8 +628,7 @@ impl State {
                                 info!(job_id = id, path = %j.path.display(), size = j.size, "queued");
                             }
                             Enqueued::SameFile { existing, path } => {
-                                info!(path = %j.path.display(), same_as = %path, job_id = existing,
-                                    "same recording as an already queued file (hard link or move): not uploaded again");
+                                same.push((j.clone(), existing, path));
                             }
                             Enqueued::Known => {}
                         }
@@ -619,6 +636,9 @@ impl State {
                     if new > 0 {
                         self.metrics.files_discovered(new);
                         self.wake.notify_waiters();
+                    }
+                    if !same.is_empty() {
+                        self.follow_moves(same).await;
                     }
                     return;
                 }
@@ -632,6 +652,60 @@ impl State {
                     }
                 }
             }
+        }
+    }
+}
+
+impl State {
+    /// Files that are a recording already queued under another path (same device, inode, size and
+    /// mtime). A hard link leaves the recording at its old path too: nothing to do. A move leaves
+    /// nothing there (or another call, a recorder reusing the name): the job, if it still waits,
+    /// follows the recording, so it is uploaded from where it is now, on the interaction it may
+    /// already have.
+    async fn follow_moves(&mut self, same: Vec<(NewJob, i64, String)>) {
+        let olds: Vec<(PathBuf, u64, u64)> = same
+            .iter()
+            .map(|(j, _, old)| (PathBuf::from(old), j.dev, j.ino))
+            .collect();
+        let left: Vec<bool> = tokio::task::spawn_blocking(move || {
+            olds.iter()
+                .map(|(old, dev, ino)| match std::fs::symlink_metadata(old) {
+                    Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+                    Ok(m) => m.dev() != *dev || m.ino() != *ino,
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        let mut followed = false;
+        for ((j, existing, old), left) in same.into_iter().zip(left) {
+            let new_path = j.path.to_string_lossy();
+            if left {
+                let root = j.root.to_string_lossy();
+                match self
+                    .queue
+                    .follow_move(existing, &old, &new_path, &root, now_ms())
+                    .await
+                {
+                    Ok(true) => {
+                        followed = true;
+                        info!(job_id = existing, path = %new_path, was = %old,
+                            "recording moved while its job waited: the job follows it and uploads it from here");
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        // Found again at the next rescan; the worker meanwhile waits for it.
+                        warn!(job_id = existing, path = %new_path, error = %e, "cannot record that a recording moved");
+                        continue;
+                    }
+                }
+            }
+            info!(path = %new_path, same_as = %old, job_id = existing,
+                "same recording as an already queued file (hard link or move): not uploaded again");
+        }
+        if followed {
+            self.wake.notify_waiters();
         }
     }
 }

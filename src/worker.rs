@@ -49,6 +49,25 @@ pub struct Pipeline {
     /// then need no polling at all to notice a `callferry retry` or `enqueue`.
     pub db_events: std::sync::atomic::AtomicBool,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Asks the watcher to rescan: a job's file left its path (moved inside the watched folders?).
+    pub search: Arc<Notify>,
+    /// Jobs whose file is not at their path, and since when (unix ms). In memory only: a restart
+    /// starts the wait again, and its startup scan is a search of its own.
+    pub missing: std::sync::Mutex<std::collections::HashMap<i64, i64>>,
+}
+
+/// How long a job waits for its file to turn up again (moved inside the watched folders, found by
+/// the watcher, which points the job at the new path) before it fails: long enough for a rescan
+/// and the new path's quiet period.
+pub fn missing_grace(cfg: &Config) -> Duration {
+    (cfg.watch.settle * 4).max(Duration::from_secs(15))
+}
+
+/// Whether the recording a job queued has left its path: nothing there, or another file (a new
+/// inode of another size or age: a recorder that reused the name after the call was moved away).
+fn left_its_path(meta: &std::fs::Metadata, job: &Job) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    job.ino != 0 && (meta.dev(), meta.ino()) != (job.dev, job.ino) && !same_version(meta, job)
 }
 
 impl Pipeline {
@@ -215,16 +234,11 @@ impl Pipeline {
         // The version we queued must still be the one on disk.
         match std::fs::metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if job.interaction_id.is_none() {
-                    warn!(
-                        "file vanished before upload (deleted or moved away); dropped from the queue"
-                    );
-                    self.record(self.commit(|| self.queue.drop_undeclared(&job)).await);
-                } else {
-                    let msg = "file vanished before upload (deleted or moved away) after its interaction was declared";
-                    warn!("{msg}");
-                    self.record(self.commit(|| self.queue.fail(&job, msg, now_ms())).await);
-                }
+                self.file_missing(&job, &path).await;
+                return;
+            }
+            Ok(meta) if left_its_path(&meta, &job) => {
+                self.file_missing(&job, &path).await;
                 return;
             }
             Err(e) => {
@@ -248,6 +262,10 @@ impl Pipeline {
                 }
             }
         }
+        self.missing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&job.id);
 
         if job.state == State::Declaring {
             let req = self.declare_request(&job, &path);
@@ -324,8 +342,76 @@ impl Pipeline {
                     Err(e) => self.storage_error(&e).await,
                 }
             }
+            // The file left between the check above and the upload's open: wait for it, as above,
+            // instead of counting an attempt.
+            Err(ApiError::Local(_))
+                if std::fs::metadata(&path).map_or_else(
+                    |e| e.kind() == std::io::ErrorKind::NotFound,
+                    |m| left_its_path(&m, &job),
+                ) =>
+            {
+                self.file_missing(&job, &path).await
+            }
             Err(e) => self.on_error(&job, e).await,
         }
+    }
+
+    /// The job's file is not at its path. It may have been moved inside the watched folders: the
+    /// watcher is asked to look, and when it finds the recording (by device, inode, size and
+    /// mtime) it points the job at the new path. Meanwhile the job waits, without an attempt
+    /// counted; after [`missing_grace`] it fails with the reason. Before, an undeclared job was
+    /// dropped at once (its file then waited for the next periodic rescan) and a declared one
+    /// failed at once, even when the file had only been filed into another folder.
+    async fn file_missing(&self, job: &Job, path: &Path) {
+        let now = now_ms();
+        let grace = missing_grace(&self.cfg);
+        let since = *self
+            .missing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(job.id)
+            .or_insert(now);
+        if now - since >= ms(grace) {
+            self.missing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&job.id);
+            let waited =
+                humantime::format_duration(Duration::from_secs(((now - since) / 1000) as u64));
+            let msg = match &job.interaction_id {
+                None => format!(
+                    "file vanished: not at {} and not found elsewhere in the watched folders for {waited} \
+                     (deleted, or moved out of them); nothing was declared. If it comes back: `callferry retry {}`",
+                    path.display(),
+                    job.id
+                ),
+                Some(iid) => format!(
+                    "file vanished after its interaction {iid} was declared: not at {} and not found \
+                     elsewhere in the watched folders for {waited} (deleted, or moved out of them); \
+                     the interaction has no audio. If the file comes back: `callferry retry {}`",
+                    path.display(),
+                    job.id
+                ),
+            };
+            warn!("{msg}");
+            self.record(self.commit(|| self.queue.fail(job, &msg, now)).await);
+            return;
+        }
+        if since == now {
+            info!(
+                "file is not at its path any more (moved?); looking for it in the watched folders"
+            );
+        }
+        self.search.notify_one();
+        let msg = format!(
+            "file not at {} (moved?); looking for it in the watched folders",
+            path.display()
+        );
+        let next = now + ms(self.cfg.watch.settle).max(1000);
+        self.record(
+            self.commit(|| self.queue.reschedule(job, Some(&msg), next, false, now))
+                .await,
+        );
     }
 
     fn declare_request(&self, job: &Job, path: &Path) -> DeclareRequest {

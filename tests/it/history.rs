@@ -2,10 +2,10 @@
 //! moved while its job waits, and years of history in the tree.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use callferry::fake::FakeOptions;
+use callferry::fake::{Endpoint, FakeOptions, Fault};
 use callferry::queue::Job;
 
 use crate::helpers::*;
@@ -125,5 +125,98 @@ async fn after_upload_move_never_replaces_an_earlier_call_with_the_same_name() {
             .any(|(_, e, d)| e == "after-upload" && d.as_deref().unwrap_or("").contains(&iid2)),
         "{events:?}"
     );
+    app.stop().await;
+}
+/// Where a test moves a recording to, inside the watched tree.
+fn move_within(app: &TestApp, from: &Path, rel: &str) -> PathBuf {
+    let to = app.rec.join(rel);
+    std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+    std::fs::rename(from, &to).unwrap();
+    to
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_moved_before_its_declare_is_uploaded_from_where_it_is_now() {
+    let mut app = TestApp::start("").await;
+    // The API is down: the job waits, undeclared, while the recording is filed elsewhere.
+    app.fake.go_down().await;
+    let a = wav(1.0);
+    let p = app.drop_file("incoming/call.wav", &a);
+    let queued = poll_for("the job to be queued", || async { app.job_for(&p).await }).await;
+    let moved = move_within(&app, &p, "2026/12/05/call.wav");
+    // The watcher follows the file by its identity: the job now names the new path.
+    let job = poll_for("the job to follow the file", || async {
+        app.job_for(&moved).await
+    })
+    .await;
+    assert_eq!(job.id, queued.id);
+    app.fake.come_up().await.unwrap();
+    let job = app.wait_state(&moved, "uploaded").await;
+    assert_eq!(job.id, queued.id);
+    app.assert_uploaded_once(&job, &a);
+    let c = app.fake.counters();
+    assert_eq!((c.declares, c.uploads_stored), (1, 1));
+    let events = app.handle.queue.events(job.id).await.unwrap();
+    assert!(events.iter().any(|(_, e, _)| e == "moved"), "{events:?}");
+    assert_eq!(app.jobs().await.len(), 1, "no second job for the new path");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_moved_after_its_declare_is_uploaded_on_the_same_interaction() {
+    let mut app = TestApp::start("").await;
+    // Declared, then every upload attempt fails for a while: the job waits with its id.
+    for _ in 0..4 {
+        app.fake.push_fault(Endpoint::Upload, Fault::Status(503));
+    }
+    app.fake.set_latency(Duration::from_millis(200));
+    let a = wav(1.0);
+    let p = app.drop_file("incoming/call.wav", &a);
+    let declared = poll_for("the job to be declared", || async {
+        app.job_for(&p).await.filter(|j| j.interaction_id.is_some())
+    })
+    .await;
+    let moved = move_within(&app, &p, "filed/call-1001.wav");
+    app.fake.set_latency(Duration::ZERO);
+    let job = app.wait_state(&moved, "uploaded").await;
+    assert_eq!(job.id, declared.id);
+    assert_eq!(
+        job.interaction_id, declared.interaction_id,
+        "same interaction"
+    );
+    app.assert_uploaded_once(&job, &a);
+    let c = app.fake.counters();
+    assert_eq!(
+        (c.declares, c.uploads_stored),
+        (1, 1),
+        "declared once, stored once"
+    );
+    assert_eq!(app.fake.interactions().len(), 1);
+    assert_eq!(app.jobs().await.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_replaced_by_another_call_at_its_path_is_followed_to_where_it_went() {
+    // A recorder files the finished call away and starts the next one under the same name.
+    let mut app = TestApp::start("").await;
+    app.fake.go_down().await;
+    let a = wav(1.0);
+    let p = app.drop_file("line1.wav", &a);
+    let queued = poll_for("the job to be queued", || async { app.job_for(&p).await }).await;
+    let filed = move_within(&app, &p, "done/call-a.wav");
+    let b = wav(1.4);
+    second_call(&p, &b);
+    let job = poll_for("the job to follow the first call", || async {
+        app.job_for(&filed).await
+    })
+    .await;
+    assert_eq!(job.id, queued.id);
+    app.fake.come_up().await.unwrap();
+    let first = app.wait_state(&filed, "uploaded").await;
+    app.assert_uploaded_once(&first, &a);
+    let second = app.wait_state(&p, "uploaded").await;
+    app.assert_uploaded_once(&second, &b);
+    assert_eq!(app.fake.counters().declares, 2);
     app.stop().await;
 }

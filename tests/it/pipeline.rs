@@ -513,11 +513,14 @@ async fn a_vanished_file_fails_with_a_clear_reason() {
     .await;
     std::fs::remove_file(&pa).unwrap();
     app.fake.come_up().await.unwrap();
-    // Never declared: nothing to account for at the service; dropped from the queue.
-    eventually("the job to be dropped", || async {
-        app.job_for(&pa).await.is_none()
-    })
-    .await;
+    // Never declared: it waits for the file to turn up elsewhere (a move), then fails with the
+    // reason; nothing was declared.
+    let job = app.wait_state(&pa, "failed").await;
+    let why = job.last_error.unwrap();
+    assert!(
+        why.contains("vanished") && why.contains("nothing was declared"),
+        "{why}"
+    );
     assert_eq!(app.fake.counters().declares, 0);
 
     // Declared, then the file vanished before its upload: failed, with the reason.
