@@ -5,6 +5,12 @@
 //! It decides nothing about jobs: the worker maps an [`ApiError`]'s class onto a queue transition.
 //! The token is read from a shared slot on every request (so a fixed token file takes effect without
 //! a restart) and is marked sensitive on the wire; it is never part of an error.
+//!
+//! The server is not trusted either. Redirects are never followed (reqwest would carry the token to
+//! whatever host a 3xx names); every body is read under a cap (small for JSON answers, a configured
+//! one for results, which go to disk); and every text the server sends is stripped of the token and
+//! of `base_url`'s credentials where it enters ([`error_from_response`]), and again at the edge of
+//! every public call, before it can reach a log, the database or `status`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -12,18 +18,24 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
-use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderValue, LOCATION, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::ratelimit::RateLimiter;
-use crate::secret::Secret;
+use crate::secret::{Redactor, Secret};
 
 const TOKEN_HEADER: &str = "X-API-Token";
 /// Largest error body we read to build a message; a server that sends megabytes of HTML does not
 /// get them into our memory or logs.
 const MAX_ERROR_BODY: usize = 16 * 1024;
+/// Largest JSON answer (declare, status) we accept. Real ones are well under a kilobyte; a bigger
+/// one is a broken or hostile server, and reading it whole would put it in our memory.
+pub const MAX_JSON_BODY: u64 = 1024 * 1024;
+/// A body that is still arriving counts as progress for the stall guard only once per this many
+/// bytes, so a server that drips a byte at a time is cut off like a silent one.
+const PROGRESS_BYTES: u64 = 64 * 1024;
 const UPLOAD_CHUNK: usize = 256 * 1024;
 
 /// What the caller should do about a failure.
@@ -60,6 +72,13 @@ pub enum ApiError {
     Protocol(String),
     #[error("cannot read the recording: {0}")]
     Local(String),
+    /// A 3xx. Never followed: the token would go with it, and a 201 from the other end would not
+    /// mean the audio reached ElevateAI.
+    #[error(
+        "HTTP {status}: the API redirected to {to}; callferry never follows redirects (the token \
+         goes only to api.base_url's host). If the API has moved, set api.base_url to its new address"
+    )]
+    Redirected { status: u16, to: String },
 }
 
 impl ApiError {
@@ -75,7 +94,8 @@ impl ApiError {
                 400 | 404 | 405 | 413 | 415 | 422 => ErrorClass::Rejected,
                 _ => ErrorClass::Transient,
             },
-            ApiError::Unreachable(_) => ErrorClass::Unreachable,
+            // Not this job's fault: every request would be redirected the same way, like an outage.
+            ApiError::Unreachable(_) | ApiError::Redirected { .. } => ErrorClass::Unreachable,
             ApiError::Transport(_) | ApiError::Stalled(_) | ApiError::Protocol(_) => {
                 ErrorClass::Transient
             }
@@ -85,8 +105,35 @@ impl ApiError {
 
     pub fn status(&self) -> Option<u16> {
         match self {
-            ApiError::Status { status, .. } => Some(*status),
+            ApiError::Status { status, .. } | ApiError::Redirected { status, .. } => Some(*status),
             _ => None,
+        }
+    }
+
+    /// The same error with every credential `r` knows taken out of its text.
+    pub fn redacted(self, r: &Redactor) -> ApiError {
+        if r.is_empty() {
+            return self;
+        }
+        match self {
+            ApiError::Status {
+                status,
+                message,
+                retry_after,
+            } => ApiError::Status {
+                status,
+                message: r.redact(&message),
+                retry_after,
+            },
+            ApiError::Unreachable(m) => ApiError::Unreachable(r.redact(&m)),
+            ApiError::Transport(m) => ApiError::Transport(r.redact(&m)),
+            ApiError::Protocol(m) => ApiError::Protocol(r.redact(&m)),
+            ApiError::Local(m) => ApiError::Local(r.redact(&m)),
+            ApiError::Redirected { status, to } => ApiError::Redirected {
+                status,
+                to: r.redact(&to),
+            },
+            e @ ApiError::Stalled(_) => e,
         }
     }
 }
@@ -119,6 +166,13 @@ fn from_reqwest(e: reqwest::Error) -> ApiError {
         src = s.source();
     }
     if e.is_connect() {
+        if msg.contains("invalid peer certificate") {
+            // rustls's words for a chain that does not lead to a trusted root: say what to do.
+            msg = format!(
+                "the server's TLS certificate is not trusted ({msg}). callferry trusts the system's \
+                 CA store, SSL_CERT_FILE and api.ca_file; add the CA that signed it to one of them"
+            );
+        }
         ApiError::Unreachable(msg)
     } else {
         ApiError::Transport(msg)
@@ -240,6 +294,8 @@ impl ApiClient {
             // No `read_timeout`: reqwest's runs from the start of the request to the response's
             // headers, so it aborted every upload that took longer than `stall_timeout` however
             // steadily its bytes went out. The stall guard (`guarded`) covers silent servers.
+            // Redirects are answers, not instructions (see `ApiError::Redirected`).
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
             .build()
@@ -261,6 +317,19 @@ impl ApiClient {
     /// Replaces the token (after the operator fixed the token file).
     pub fn set_token(&self, token: Secret) {
         *self.token.write().unwrap_or_else(|p| p.into_inner()) = token;
+    }
+
+    /// Everything that must not appear in what the server says back: the token in use now and any
+    /// credentials in `base_url`.
+    fn redactor(&self) -> Redactor {
+        let token = self.token.read().unwrap_or_else(|p| p.into_inner()).clone();
+        Redactor::new()
+            .with_token(&token)
+            .with_url_credentials(&self.base)
+    }
+
+    fn scrub<T>(&self, r: Result<T, ApiError>) -> Result<T, ApiError> {
+        r.map_err(|e| e.redacted(&self.redactor()))
     }
 
     fn url(&self, tail: &str) -> Url {
@@ -312,7 +381,7 @@ impl ApiClient {
         let progress = Progress::new();
         progress.touch();
         let url = self.url("interactions");
-        self.guarded(&progress, async {
+        let r = self.guarded(&progress, async {
             let resp = self
                 .http
                 .post(url)
@@ -323,9 +392,10 @@ impl ApiClient {
                 .map_err(from_reqwest)?;
             let status = resp.status();
             if !status.is_success() {
-                return Err(error_from_response(resp).await);
+                return Err(error_from_response(resp, &self.redactor()).await);
             }
-            let body = read_limited(resp).await?;
+            let body = read_capped(resp, MAX_JSON_BODY, &progress, "the declare").await?;
+            let body = self.redactor().redact_bytes(&body);
             #[derive(Deserialize)]
             #[serde(rename_all = "camelCase")]
             struct Declared {
@@ -338,7 +408,8 @@ impl ApiClient {
                 ))
             })?;
             match parsed.interaction_identifier {
-                Some(id) if valid_id(&id) => {
+                // An id is stored, logged and put into URLs: one that quotes our token is no id.
+                Some(id) if valid_id(&id) && !self.redactor().finds(&id) => {
                     if status != StatusCode::CREATED {
                         tracing::warn!(%status, "declare answered {status} instead of 201 Created; using the interaction id it returned");
                     }
@@ -346,7 +417,11 @@ impl ApiClient {
                 }
                 Some(id) => Err(ApiError::Protocol(format!(
                     "declare answered {status} with an unusable interaction id {:?}",
-                    id.chars().take(80).collect::<String>()
+                    self.redactor()
+                        .redact(&id)
+                        .chars()
+                        .take(80)
+                        .collect::<String>()
                 ))),
                 None => Err(ApiError::Protocol(format!(
                     "declare answered {status} without an interactionIdentifier: {}",
@@ -354,7 +429,8 @@ impl ApiClient {
                 ))),
             }
         })
-        .await
+        .await;
+        self.scrub(r)
     }
 
     /// `POST /interactions/{id}/upload`: streams exactly `size` bytes of `path` as the single
@@ -406,7 +482,7 @@ impl ApiClient {
                 .map_err(|e| ApiError::Protocol(e.to_string()))?;
         let form = reqwest::multipart::Form::new().part(name, part);
         let url = self.url(&format!("interactions/{id}/upload"));
-        self.guarded(&progress, async {
+        let r = self.guarded(&progress, async {
             let resp = self
                 .http
                 .post(url)
@@ -428,56 +504,99 @@ impl ApiClient {
                 s if s.is_success() => Err(ApiError::Protocol(format!(
                     "upload answered {s} instead of 201 Created; retrying to confirm (a 409 will prove it stored)"
                 ))),
-                _ => Err(error_from_response(resp).await),
+                // Only a 201 or 409 to this very request counts; a 3xx is an error here.
+                _ => Err(error_from_response(resp, &self.redactor()).await),
             }
         })
-        .await
+        .await;
+        self.scrub(r)
     }
 
     /// `GET /interactions/{id}/status`.
     pub async fn status(&self, id: &str) -> Result<InteractionStatus, ApiError> {
         let body = self.get_json(&format!("interactions/{id}/status")).await?;
-        serde_json::from_slice(&body).map_err(|e| {
+        let st: InteractionStatus = serde_json::from_slice(&body).map_err(|e| {
             ApiError::Protocol(format!(
                 "status answer is not the expected JSON ({e}): {}",
-                snippet(&body)
+                snippet(&self.redactor().redact_bytes(&body))
             ))
+            .redacted(&self.redactor())
+        })?;
+        // Every field is the server's text, and all of it is stored or logged.
+        let r = self.redactor();
+        Ok(InteractionStatus {
+            identifier: st.identifier.map(|s| r.redact(&s)),
+            status: r.redact(&st.status),
+            error_message: st.error_message.map(|s| r.redact(&s)),
         })
     }
 
-    /// A GET returning a JSON body (bounded in time by the stall guard, not in size).
+    /// A GET returning a JSON body of at most [`MAX_JSON_BODY`] bytes.
     pub async fn get_json(&self, tail: &str) -> Result<bytes::Bytes, ApiError> {
         let progress = Progress::new();
         progress.touch();
         let url = self.url(tail);
-        self.guarded(&progress, async {
-            let resp = self
-                .http
-                .get(url)
-                .headers(self.auth_headers())
-                .send()
-                .await
-                .map_err(from_reqwest)?;
-            if !resp.status().is_success() {
-                return Err(error_from_response(resp).await);
-            }
-            // Each chunk of a long answer is progress for the stall guard.
-            let mut body = bytes::BytesMut::new();
-            let mut resp = resp;
-            while let Some(chunk) = resp.chunk().await.map_err(from_reqwest)? {
-                progress.touch();
-                body.extend_from_slice(&chunk);
-            }
-            let body = body.freeze();
-            if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
-                return Err(ApiError::Protocol(format!(
-                    "{tail} answered with a body that is not JSON: {}",
-                    snippet(&body)
-                )));
-            }
-            Ok(body)
-        })
-        .await
+        let r = self
+            .guarded(&progress, async {
+                let resp = self.send_get(url).await?;
+                let body = read_capped(resp, MAX_JSON_BODY, &progress, tail).await?;
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
+                    return Err(ApiError::Protocol(format!(
+                        "{tail} answered with a body that is not JSON: {}",
+                        snippet(&self.redactor().redact_bytes(&body))
+                    )));
+                }
+                Ok(bytes::Bytes::from(body))
+            })
+            .await;
+        self.scrub(r)
+    }
+
+    /// A GET whose body is written to `out` as it arrives, up to `cap` bytes: memory does not grow
+    /// with the answer. Returns the number of bytes written (flushed to the file, not synced). The
+    /// caller checks what it got.
+    pub async fn get_to_file(
+        &self,
+        tail: &str,
+        out: &mut tokio::fs::File,
+        cap: u64,
+    ) -> Result<u64, ApiError> {
+        use tokio::io::AsyncWriteExt;
+        let progress = Progress::new();
+        progress.touch();
+        let url = self.url(tail);
+        let r = self
+            .guarded(&progress, async {
+                let mut resp = self.send_get(url).await?;
+                let mut meter = BodyMeter::new(cap, &progress, tail);
+                while let Some(chunk) = resp.chunk().await.map_err(from_reqwest)? {
+                    meter.add(chunk.len())?;
+                    out.write_all(&chunk).await.map_err(|e| {
+                        ApiError::Local(format!("cannot write the {tail} answer: {e}"))
+                    })?;
+                }
+                // tokio's file writes in the background: an error shows here, not at drop.
+                out.flush()
+                    .await
+                    .map_err(|e| ApiError::Local(format!("cannot write the {tail} answer: {e}")))?;
+                Ok(meter.total)
+            })
+            .await;
+        self.scrub(r)
+    }
+
+    async fn send_get(&self, url: Url) -> Result<reqwest::Response, ApiError> {
+        let resp = self
+            .http
+            .get(url)
+            .headers(self.auth_headers())
+            .send()
+            .await
+            .map_err(from_reqwest)?;
+        if !resp.status().is_success() {
+            return Err(error_from_response(resp, &self.redactor()).await);
+        }
+        Ok(resp)
     }
 
     /// A cheap authenticated call to learn whether the token is accepted now: the status of an
@@ -502,6 +621,60 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// Counts a body's bytes against its cap, and lets a body that keeps arriving count as progress.
+struct BodyMeter<'a> {
+    cap: u64,
+    total: u64,
+    progress: &'a Progress,
+    what: &'a str,
+}
+
+impl<'a> BodyMeter<'a> {
+    fn new(cap: u64, progress: &'a Progress, what: &'a str) -> Self {
+        BodyMeter {
+            cap,
+            total: 0,
+            progress,
+            what,
+        }
+    }
+
+    fn add(&mut self, n: usize) -> Result<(), ApiError> {
+        let before = self.total;
+        self.total += n as u64;
+        if self.total > self.cap {
+            // Counted against the job like any other lie: a server that does this once may not
+            // do it again, and one that always does fails the job with this reason.
+            return Err(ApiError::Protocol(format!(
+                "the answer to {} is larger than the {} bytes allowed; not read further",
+                self.what, self.cap
+            )));
+        }
+        if self.total / PROGRESS_BYTES > before / PROGRESS_BYTES {
+            self.progress.touch();
+        }
+        Ok(())
+    }
+}
+
+/// Reads a whole body of at most `cap` bytes; a longer one is an error, not a truncation.
+async fn read_capped(
+    mut resp: reqwest::Response,
+    cap: u64,
+    progress: &Progress,
+    what: &str,
+) -> Result<Vec<u8>, ApiError> {
+    let mut meter = BodyMeter::new(cap, progress, what);
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(from_reqwest)? {
+        meter.add(chunk.len())?;
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// The first [`MAX_ERROR_BODY`] bytes of an error body: enough to explain it, and the rest is
+/// never read.
 async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, ApiError> {
     let mut out = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(from_reqwest)? {
@@ -515,9 +688,26 @@ async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, ApiError> 
 }
 
 /// Builds an error from a non-success answer: the service's own `message` if it sent JSON, the
-/// title of an HTML error page (a proxy's), or the start of whatever else it sent.
-async fn error_from_response(resp: reqwest::Response) -> ApiError {
+/// title of an HTML error page (a proxy's), or the start of whatever else it sent. This is where
+/// server text enters: it leaves with no credential `r` knows in it.
+async fn error_from_response(resp: reqwest::Response, r: &Redactor) -> ApiError {
     let status = resp.status();
+    if status.is_redirection() {
+        // Only the target's origin is named: its path and query are the server's to fill.
+        let to = match resp.headers().get(LOCATION).map(|v| v.to_str()) {
+            None => "nowhere (no Location header)".to_string(),
+            Some(Err(_)) => "an unreadable Location".to_string(),
+            Some(Ok(l)) => match resp.url().join(l) {
+                Ok(u) if u.host_str().is_some() => u.origin().ascii_serialization(),
+                _ => "an unusable Location".to_string(),
+            },
+        };
+        return ApiError::Redirected {
+            status: status.as_u16(),
+            to,
+        }
+        .redacted(r);
+    }
     let retry_after = resp
         .headers()
         .get(RETRY_AFTER)
@@ -529,8 +719,8 @@ async fn error_from_response(resp: reqwest::Response) -> ApiError {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("html"));
     let body = match read_limited(resp).await {
-        Ok(b) => b,
-        Err(e) => return e,
+        Ok(b) => r.redact_bytes(&b),
+        Err(e) => return e.redacted(r),
     };
     let reason = status.canonical_reason().unwrap_or("");
     let detail = describe_body(&body, is_html);
@@ -543,6 +733,7 @@ async fn error_from_response(resp: reqwest::Response) -> ApiError {
         },
         retry_after,
     }
+    .redacted(r)
 }
 
 fn describe_body(body: &[u8], is_html: bool) -> String {

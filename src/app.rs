@@ -272,7 +272,7 @@ pub async fn run(
     info!(
         workers = cfg.upload.workers,
         database = %cfg.queue.database.display(),
-        api = %cfg.api.base_url,
+        api = %crate::secret::display_url(&cfg.api.base_url),
         "callferry running"
     );
     systemd::ready();

@@ -661,13 +661,11 @@ async fn check_config(cfg: &Config, online: bool) -> Result<i32, AppError> {
         }
     }
     if online && let Ok(token) = cfg.api.token.load() {
+        let shown = crate::secret::display_url(&cfg.api.base_url);
         match crate::api::ApiClient::new(cfg, token) {
             Ok(api) => match api.probe_auth().await {
-                Ok(()) => say(
-                    Some(true),
-                    format!("API {} accepts the token", cfg.api.base_url),
-                ),
-                Err(e) => say(Some(false), format!("API {}: {e}", cfg.api.base_url)),
+                Ok(()) => say(Some(true), format!("API {shown} accepts the token")),
+                Err(e) => say(Some(false), format!("API {shown}: {e}")),
             },
             Err(e) => say(Some(false), e.to_string()),
         }

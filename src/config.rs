@@ -59,7 +59,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ApiConfig {
     pub base_url: reqwest::Url,
     pub token: TokenSource,
@@ -67,6 +67,20 @@ pub struct ApiConfig {
     pub stall_timeout: Duration,
     /// How often a paused pipeline (401) re-checks the token. Extension.
     pub pause_recheck: Duration,
+}
+
+// By hand: `base_url` may carry credentials (`https://user:pass@host`), which `Url`'s own Debug
+// would print.
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("base_url", &crate::secret::display_url(&self.base_url))
+            .field("token", &self.token)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("stall_timeout", &self.stall_timeout)
+            .field("pause_recheck", &self.pause_recheck)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where the token comes from. A file is re-read when the API rejects the token, so an operator can
@@ -185,6 +199,8 @@ pub struct ResultsConfig {
     /// Cap on status polls and result fetches, all jobs together. Extension.
     pub max_requests_per_sec: f64,
     pub format: ResultsFormat,
+    /// Largest result document accepted; it is streamed to disk, never held whole. Extension.
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -383,6 +399,8 @@ struct RawResults {
     #[serde(deserialize_with = "lenient")]
     max_requests_per_sec: f64,
     format: String,
+    #[serde(deserialize_with = "lenient")]
+    max_bytes: i64,
 }
 
 impl Default for RawResults {
@@ -395,6 +413,7 @@ impl Default for RawResults {
             max_wait: "24h".into(),
             max_requests_per_sec: 10.0,
             format: "json".into(),
+            max_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -665,6 +684,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "max_wait",
             "max_requests_per_sec",
             "format",
+            "max_bytes",
         ],
     ),
     ("metrics", &["listen", "unhealthy_after"]),
@@ -924,7 +944,10 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
     let base_url = reqwest::Url::parse(base).map_err(|e| {
         ConfigError::new(
             "api.base_url",
-            format!("{base:?} is not a URL: {e} (expected e.g. \"https://api.elevateai.com/v1\")"),
+            format!(
+                "{:?} is not a URL: {e} (expected e.g. \"https://api.elevateai.com/v1\")",
+                crate::secret::display_url_text(base)
+            ),
         )
     })?;
     match base_url.scheme() {
@@ -1201,6 +1224,12 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
             ));
         }
     };
+    if raw.results.max_bytes < 1 {
+        return Err(ConfigError::new(
+            "results.max_bytes",
+            "must be a number of bytes greater than 0 (default 268435456, 256 MiB)",
+        ));
+    }
     let results = ResultsConfig {
         enabled: raw.results.enabled,
         output_dir: non_empty_path("results.output_dir", &raw.results.output_dir)?,
@@ -1209,6 +1238,7 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
         max_wait: parse_duration("results.max_wait", &raw.results.max_wait)?,
         max_requests_per_sec: raw.results.max_requests_per_sec,
         format,
+        max_bytes: raw.results.max_bytes as u64,
     };
     if results.enabled && results.poll_interval.is_zero() {
         return Err(ConfigError::new(

@@ -5,6 +5,10 @@
 //! A job's results are written before its state says `processed`, and each written kind is recorded,
 //! so a restart neither loses nor refetches them; a crash between a write and its record only means
 //! the same file is written again.
+//!
+//! A result document goes from the socket to a temporary file beside its destination and is renamed
+//! into place once it is whole, fsynced and known to be JSON, so its size (up to
+//! `[results] max_bytes`) never reaches memory.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -93,16 +97,40 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The parts of a punctuated transcript the text rendering uses. Read from the file with only
+/// these fields kept, so a large transcript costs its phrases' size, not a whole JSON tree.
+#[derive(serde::Deserialize, Default)]
+struct Punctuated {
+    #[serde(rename = "sentenceSegments", default)]
+    segments: Option<Vec<Segment>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct Segment {
+    participant: Option<serde_json::Value>,
+    #[serde(rename = "startTimeOffset")]
+    start: Option<serde_json::Value>,
+    phrase: Option<serde_json::Value>,
+}
+
 /// A plain-text transcript from the punctuated transcript: one line per speaker turn, with its
 /// start time.
 pub fn render_text(punctuated: &serde_json::Value) -> String {
+    let p: Punctuated = serde_json::from_value(punctuated.clone()).unwrap_or_default();
+    render_segments(p.segments.as_deref().unwrap_or_default())
+}
+
+/// [`render_text`] of a punctuated transcript in a file; a document of another shape gives an
+/// empty text, as it always has.
+fn render_text_file(path: &Path) -> std::io::Result<String> {
+    let file = std::fs::File::open(path)?;
+    let p: Punctuated = serde_json::from_reader(std::io::BufReader::new(file)).unwrap_or_default();
+    Ok(render_segments(p.segments.as_deref().unwrap_or_default()))
+}
+
+fn render_segments(segments: &[Segment]) -> String {
     let mut out = String::new();
-    let Some(segments) = punctuated
-        .get("sentenceSegments")
-        .and_then(|s| s.as_array())
-    else {
-        return out;
-    };
     let mut turn: Option<(String, u64, Vec<String>)> = None;
     let flush = |out: &mut String, t: &(String, u64, Vec<String>)| {
         let s = t.1 / 1000;
@@ -117,16 +145,15 @@ pub fn render_text(punctuated: &serde_json::Value) -> String {
     };
     for seg in segments {
         let who = seg
-            .get("participant")
+            .participant
+            .as_ref()
             .and_then(|p| p.as_str())
             .unwrap_or("unknown")
             .to_string();
-        let start = seg
-            .get("startTimeOffset")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0);
+        let start = seg.start.as_ref().and_then(|v| v.as_u64()).unwrap_or(0);
         let phrase = seg
-            .get("phrase")
+            .phrase
+            .as_ref()
             .and_then(|p| p.as_str())
             .unwrap_or("")
             .trim()
@@ -153,6 +180,76 @@ fn speaker(p: &str) -> String {
         "participantTwo" => "Speaker 2".into(),
         other => other.into(),
     }
+}
+
+/// Why a result could not be delivered this time.
+enum Undelivered {
+    /// The API's answer: classified like any other API failure.
+    Api(ApiError),
+    /// Our disk: asked for again later, costing nothing.
+    Write(String),
+}
+
+/// Streams the answer to `tail` into a new temporary file in `dir` and checks that it is JSON.
+/// The file is removed again unless the caller persists it.
+async fn fetch_to_temp(
+    api: &crate::api::ApiClient,
+    tail: &str,
+    dir: &Path,
+    cap: u64,
+) -> Result<(std::fs::File, tempfile::TempPath), Undelivered> {
+    use tokio::io::AsyncWriteExt;
+    let d = dir.to_path_buf();
+    let tmp = tokio::task::spawn_blocking(move || {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(&d)?;
+        tempfile::Builder::new()
+            .prefix(".callferry-")
+            .suffix(".tmp")
+            .tempfile_in(&d)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+    .map_err(|e| Undelivered::Write(format!("cannot create a file in {}: {e}", dir.display())))?;
+    let (file, temp_path) = tmp.into_parts();
+    let mut out = tokio::fs::File::from_std(file);
+    let written = match api.get_to_file(tail, &mut out, cap).await {
+        Ok(n) => n,
+        Err(ApiError::Local(m)) => return Err(Undelivered::Write(m)),
+        Err(e) => return Err(Undelivered::Api(e)),
+    };
+    out.flush()
+        .await
+        .map_err(|e| Undelivered::Write(format!("cannot write {}: {e}", temp_path.display())))?;
+    let file = out.into_std().await;
+    let what = tail.to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Seek, SeekFrom};
+        let mut f = &file;
+        f.seek(SeekFrom::Start(0))
+            .map_err(|e| Undelivered::Write(e.to_string()))?;
+        // Streamed through, not parsed into a tree: checking costs no memory.
+        serde_json::from_reader::<_, serde::de::IgnoredAny>(std::io::BufReader::new(f)).map_err(
+            |e| {
+                Undelivered::Api(ApiError::Protocol(format!(
+                    "{what} answered with a body that is not JSON ({e}; {written} bytes)"
+                )))
+            },
+        )?;
+        Ok((file, temp_path))
+    })
+    .await
+    .unwrap_or_else(|e| Err(Undelivered::Write(e.to_string())))
+}
+
+/// Makes a fetched temporary file the result at `dest` (see [`write_atomic`]).
+fn persist(file: std::fs::File, temp: tempfile::TempPath, dest: &Path) -> std::io::Result<()> {
+    file.sync_all()?;
+    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o640))?;
+    temp.persist(dest).map_err(|e| e.error)?;
+    std::fs::File::open(dest.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 pub struct Follower {
@@ -306,39 +403,32 @@ impl Follower {
                 return;
             }
         };
-        let mut punctuated: Option<bytes::Bytes> = None;
         for kind in kinds {
             if job.results_written.iter().any(|k| k == kind) {
                 continue;
             }
             let source = if kind == "text" { "punctuated" } else { kind };
-            let body = match (&punctuated, source) {
-                (Some(b), "punctuated") => b.clone(),
-                _ => {
-                    self.limiter.acquire(1).await;
-                    match self.p.api.get_json(&endpoint(source, &iid)).await {
-                        Ok(b) => b,
-                        Err(e) => return self.on_error(&job, e, source).await,
-                    }
-                }
-            };
-            if source == "punctuated" {
-                punctuated = Some(body.clone());
-            }
-            let bytes: Vec<u8> = if kind == "text" {
-                match serde_json::from_slice::<serde_json::Value>(&body) {
-                    Ok(v) => render_text(&v).into_bytes(),
-                    Err(_) => Vec::new(),
-                }
-            } else {
-                body.to_vec()
-            };
             let path = result_path_for(&cfg.results.output_dir, &job, kind, later_call);
-            let p2 = path.clone();
-            let written = tokio::task::spawn_blocking(move || write_atomic(&p2, &bytes))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-            if let Err(e) = written {
+            let written = if kind == "text" {
+                // From the punctuated transcript already on disk when there is one.
+                let on_disk = job
+                    .results_written
+                    .iter()
+                    .any(|k| k == "punctuated")
+                    .then(|| {
+                        result_path_for(&cfg.results.output_dir, &job, "punctuated", later_call)
+                    })
+                    .filter(|p| p.is_file());
+                self.write_text(&iid, on_disk, &path).await
+            } else {
+                self.fetch_into(&endpoint(kind, &iid), &path).await
+            };
+            let failure = match written {
+                Ok(()) => None,
+                Err(Undelivered::Api(e)) => return self.on_error(&job, e, source).await,
+                Err(Undelivered::Write(m)) => Some(m),
+            };
+            if let Some(e) = failure {
                 // A full or unwritable results disk must not lose anything: ask again later.
                 error!(path = %path.display(), error = %e, "cannot write results; will try again");
                 let later = now_ms() + ms(cfg.results.poll_interval);
@@ -367,6 +457,56 @@ impl Follower {
                 error!(error = %e, "results written but the processed state could not be recorded; they will be written again")
             }
         }
+    }
+
+    /// Fetches one result document straight into `dest`.
+    async fn fetch_into(&self, tail: &str, dest: &Path) -> Result<(), Undelivered> {
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        self.limiter.acquire(1).await;
+        let (file, temp) =
+            fetch_to_temp(&self.p.api, tail, dir, self.p.cfg.results.max_bytes).await?;
+        let d = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || persist(file, temp, &d))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+            .map_err(|e| Undelivered::Write(e.to_string()))
+    }
+
+    /// Writes the text transcript, rendered from `punctuated` on disk, or from a fresh fetch of it
+    /// into a temporary file that is removed afterwards.
+    async fn write_text(
+        &self,
+        iid: &str,
+        punctuated: Option<PathBuf>,
+        dest: &Path,
+    ) -> Result<(), Undelivered> {
+        let temp = match punctuated {
+            Some(_) => None,
+            None => {
+                let dir = dest.parent().unwrap_or(Path::new("."));
+                self.limiter.acquire(1).await;
+                let (_, temp) = fetch_to_temp(
+                    &self.p.api,
+                    &endpoint("punctuated", iid),
+                    dir,
+                    self.p.cfg.results.max_bytes,
+                )
+                .await?;
+                Some(temp)
+            }
+        };
+        let source = punctuated
+            .unwrap_or_else(|| temp.as_ref().map(|t| t.to_path_buf()).unwrap_or_default());
+        let d = dest.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let text = render_text_file(&source)?;
+            // The temporary punctuated file goes when `temp` is dropped, here.
+            drop(temp);
+            write_atomic(&d, text.as_bytes())
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+        .map_err(|e| Undelivered::Write(e.to_string()))
     }
 
     async fn on_error(&self, job: &Job, e: ApiError, what: &str) {

@@ -127,9 +127,67 @@ async fn sit_out_stall(fault: Option<Fault>) -> Option<Fault> {
     }
 }
 
-/// Faults that replace the real work with a failure.
-fn refusal(fault: Option<&Fault>) -> Option<Response> {
+/// Size of the chunks the body faults send at full speed.
+const BODY_CHUNK: usize = 64 * 1024;
+
+/// Faults that replace the real work with a failure, or with an answer meant to hurt the client.
+/// `ok` is the operation's success status; `headers` are the request's (for what it presented).
+fn refusal(fault: Option<&Fault>, ok: StatusCode, headers: &HeaderMap) -> Option<Response> {
     let resp = match fault? {
+        Fault::Redirect { status, location } => {
+            let code = StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND);
+            let mut r = code.into_response();
+            if let Ok(v) = HeaderValue::from_str(location) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
+        Fault::EchoToken(code) => {
+            let presented = headers
+                .get("x-api-token")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let code = StatusCode::from_u16(*code).unwrap_or(StatusCode::UNAUTHORIZED);
+            let mut r = (
+                code,
+                Json(json!({
+                    "message": format!("API token '{presented}' is not valid for this account"),
+                    "detail": format!("<pre>X-API-Token: {presented}</pre>"),
+                })),
+            )
+                .into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("token={presented}")) {
+                r.headers_mut().insert("x-rejected-token", v);
+            }
+            r
+        }
+        Fault::HugeBody(n) => (ok, huge_body(*n)).into_response(),
+        Fault::EndlessBody => {
+            let chunk = Bytes::from(vec![b'x'; BODY_CHUNK]);
+            let head = futures_util::stream::once(async { Bytes::from_static(b"{\"pad\":\"") });
+            let body = head.chain(futures_util::stream::repeat(chunk));
+            (
+                ok,
+                Body::from_stream(body.map(Ok::<_, std::convert::Infallible>)),
+            )
+                .into_response()
+        }
+        Fault::SlowDrip(every) => {
+            let every = *every;
+            let drip = futures_util::stream::unfold((), move |()| async move {
+                tokio::time::sleep(every).await;
+                Some((
+                    Ok::<_, std::convert::Infallible>(Bytes::from_static(b" ")),
+                    (),
+                ))
+            });
+            (ok, Body::from_stream(drip)).into_response()
+        }
+        Fault::GarbageBytes(code) => {
+            let code = StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let junk: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+            (code, junk).into_response()
+        }
         Fault::Status(code) => json_error(
             StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             format!("injected {code}"),
@@ -154,6 +212,36 @@ fn refusal(fault: Option<&Fault>) -> Option<Response> {
         _ => return None,
     };
     Some(resp)
+}
+
+/// `{"pad":"xx…x"}` of exactly `n` bytes (or `n` bytes of `x` when that is too short for it),
+/// made chunk by chunk as it is sent.
+fn huge_body(n: u64) -> Body {
+    const HEAD: &[u8] = b"{\"pad\":\"";
+    const TAIL: &[u8] = b"\"}";
+    let framed = n >= (HEAD.len() + TAIL.len()) as u64;
+    let pad = if framed {
+        n - (HEAD.len() + TAIL.len()) as u64
+    } else {
+        n
+    };
+    let chunks = futures_util::stream::unfold(pad, |left| async move {
+        if left == 0 {
+            return None;
+        }
+        let take = left.min(BODY_CHUNK as u64);
+        Some((Bytes::from(vec![b'x'; take as usize]), left - take))
+    });
+    let (head, tail) = if framed {
+        (Bytes::from_static(HEAD), Bytes::from_static(TAIL))
+    } else {
+        (Bytes::new(), Bytes::new())
+    };
+    let body = futures_util::stream::once(async move { head })
+        .chain(chunks)
+        .chain(futures_util::stream::once(async move { tail }))
+        .map(Ok::<_, std::convert::Infallible>);
+    Body::from_stream(body)
 }
 
 fn other_success(code: StatusCode) -> StatusCode {
@@ -189,6 +277,9 @@ fn answer(code: StatusCode, body: Option<Value>, fault: Option<&Fault>) -> Respo
         )
             .into_response(),
         Some(Fault::MissingId) => (code, Json(json!({}))).into_response(),
+        Some(Fault::BadId(id)) => {
+            (code, Json(json!({ "interactionIdentifier": id }))).into_response()
+        }
         Some(Fault::WrongSuccess) => plain(other_success(code)),
         _ => plain(code),
     }
@@ -231,7 +322,7 @@ async fn declare(State(sh): State<Sh>, headers: HeaderMap, body: Bytes) -> Respo
         Ok(f) => sit_out_stall(f).await,
         Err(denied) => return denied.into_response(),
     };
-    if let Some(r) = refusal(fault.as_ref()) {
+    if let Some(r) = refusal(fault.as_ref(), StatusCode::CREATED, &headers) {
         return r;
     }
     let (value, include_ai) = match parse_declare(&body) {
@@ -438,12 +529,13 @@ async fn upload(State(sh): State<Sh>, Path(id): Path<String>, req: Request) -> R
         }
     };
     let stop_after = matches!(fault, Some(Fault::ResetBeforeStore)).then_some(RESET_READ_BYTES);
+    let parts_headers = parts.headers.clone();
     let received = receive(&sh, parts, body, stop_after).await;
 
     let mut guard = sh.lock();
     let st: &mut FakeState = &mut guard;
     let max_upload_bytes = st.max_upload_bytes;
-    let refused = refusal(fault.as_ref());
+    let refused = refusal(fault.as_ref(), StatusCode::CREATED, &parts_headers);
     let Some(interaction) = st.interactions.get_mut(&id) else {
         if let Some(r) = refused {
             return r;
@@ -503,7 +595,7 @@ async fn status(State(sh): State<Sh>, Path(id): Path<String>, headers: HeaderMap
         Ok(f) => sit_out_stall(f).await,
         Err(denied) => return denied.into_response(),
     };
-    if let Some(r) = refusal(fault.as_ref()) {
+    if let Some(r) = refusal(fault.as_ref(), StatusCode::OK, &headers) {
         return r;
     }
     let doc = {
@@ -547,7 +639,7 @@ async fn results(
         Ok(f) => sit_out_stall(f).await,
         Err(denied) => return denied.into_response(),
     };
-    if let Some(r) = refusal(fault.as_ref()) {
+    if let Some(r) = refusal(fault.as_ref(), StatusCode::OK, &headers) {
         return r;
     }
     let unavailable = {

@@ -12,6 +12,8 @@
 //! - fault injection: scripted faults per endpoint, seeded random faults,
 //!   latency, upload throttling, forced statuses, connection resets and a
 //!   whole-server outage (`go_down` / `come_up`);
+//! - a hostile server, as faults: redirects to another host, huge, endless or dripping bodies,
+//!   binary garbage, a 401 that quotes the token it was sent, a declare with an unusable id;
 //! - `/_fake/...` control routes (no auth) so a process other than the one
 //!   that started the fake (a benchmark against `callferry fake-api`) can
 //!   drive and inspect it.
@@ -100,6 +102,11 @@ pub enum Endpoint {
 /// still used up. On `Status` and `Results`, `ResetAfterStore` behaves like
 /// `ResetBeforeStore`, `MissingId` answers `{}` and `WrongSuccess` answers
 /// 201 instead of 200.
+///
+/// The hostile ones (`Redirect` to `BadId`) are a server that lies or attacks rather than one that
+/// fails: the daemon must neither follow it, nor hold it whole, nor repeat what it says about the
+/// token. Those that replace the answer (all but `BadId`) do no work; on an upload the audio is
+/// read first and not stored.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Fault {
     /// This status with the JSON body `{"message": "injected <code>"}`.
@@ -122,6 +129,23 @@ pub enum Fault {
     MissingId,
     /// 200 instead of 201 (declare: with a valid id; upload: stores the audio).
     WrongSuccess,
+    /// A redirect with this status (301, 302, 303, 307, 308) to `location`, e.g. another host.
+    Redirect { status: u16, location: String },
+    /// This status with a JSON message, a header and an HTML-ish tail that all quote the token the
+    /// request presented, as a careless 401 page does.
+    EchoToken(u16),
+    /// The normal success status with a body of this many bytes, made as it is sent: the JSON
+    /// object `{"pad":"xx…x"}` when there is room for it.
+    HugeBody(u64),
+    /// The normal success status with a body that never ends.
+    EndlessBody,
+    /// The normal success status, then one byte of a never-ending body every this long.
+    SlowDrip(Duration),
+    /// This status with a body of binary bytes: not UTF-8, control characters, NULs.
+    GarbageBytes(u16),
+    /// Declare: 201 with this `interactionIdentifier` (the interaction is created under its real
+    /// id, which nobody learns: an orphan).
+    BadId(String),
 }
 
 /// Seeded random faults for `Declare` and `Upload`, drawn when no scripted
@@ -268,6 +292,11 @@ impl FakeApi {
 
     pub fn push_fault(&self, endpoint: Endpoint, fault: Fault) {
         self.inner.shared.push_fault(endpoint, fault);
+    }
+
+    /// Drops every scripted fault not yet used.
+    pub fn clear_faults(&self) {
+        self.inner.shared.clear_faults();
     }
 
     /// Replaces the random-fault settings and reseeds the generator.

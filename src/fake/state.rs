@@ -161,6 +161,10 @@ impl Shared {
             .push_back(fault);
     }
 
+    pub fn clear_faults(&self) {
+        self.lock().faults.clear();
+    }
+
     pub fn set_random_faults(&self, f: RandomFaults) {
         let rng = StdRng::seed_from_u64(f.seed);
         self.lock().random = Some((f, rng));

@@ -8,6 +8,7 @@ mod flow;
 mod hardening;
 mod helpers;
 mod history;
+mod hostile_server;
 mod ops;
 mod pipeline;
 mod recorders;
