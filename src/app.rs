@@ -128,6 +128,7 @@ pub async fn run(
     let cfg = Arc::new(cfg);
     let token = cfg.api.token.load()?;
     crate::writers::ignore_lease_breaks();
+    raise_open_file_limit();
 
     let queue = Queue::open(&cfg.queue.database, OpenMode::Create).await?;
     let _lock = DaemonLock::acquire(&cfg.queue.database)?;
@@ -312,6 +313,38 @@ pub async fn run(
     queue.close().await;
     info!("stopped");
     Ok(())
+}
+
+/// Raises the soft limit on open descriptors to the hard one. The soft limit is often 1,024 while
+/// the hard one is far higher; every upload holds a recording and a socket, the queue its files,
+/// and each metrics connection one more. Under the packaged unit `LimitNOFILE=` sets both, and
+/// its system call filter forbids setrlimit, so there is nothing to do there.
+pub fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur >= lim.rlim_max {
+        info!(limit = lim.rlim_cur, "open-file limit");
+        return;
+    }
+    let from = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: setrlimit reads the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        info!(
+            from,
+            to = lim.rlim_max,
+            "raised the open-file limit to the hard limit"
+        );
+    } else {
+        let e = std::io::Error::last_os_error();
+        warn!(limit = from, hard = lim.rlim_max, error = %e, "cannot raise the open-file limit; set LimitNOFILE= in the unit");
+    }
 }
 
 /// Wakes idle workers when another process changed the queue: `callferry retry` and `enqueue` touch

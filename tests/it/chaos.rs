@@ -228,3 +228,233 @@ async fn sigterm_twice_then_sigint_stop_gracefully_and_nothing_is_lost() {
         "SIGTERM x2 during uploads: {after_term} in-flight finished, exit 0; restart + SIGINT: all {files} uploaded once"
     );
 }
+
+/// The daemon's resident memory now and at its peak, and its open descriptors.
+fn proc_figures(pid: i32) -> (u64, u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    (kib("VmRSS:"), kib("VmHWM:"), fds)
+}
+
+/// `callferry run` with its open-file limit set to `nofile` (soft and hard, so it cannot raise
+/// it), its log in `log`.
+fn spawn_limited(cfg: &Path, log: &Path, nofile: u64) -> tokio::process::Child {
+    let file = std::fs::File::create(log).unwrap();
+    let mut cmd = callferry();
+    cmd.arg("--config")
+        .arg(cfg)
+        .arg("run")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file);
+    // SAFETY: only async-signal-safe setrlimit between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: nofile,
+                rlim_max: nofile,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+async fn healthz(addr: std::net::SocketAddr) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        let text = String::from_utf8_lossy(&buf);
+        text.split_whitespace().nth(1)?.parse().ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Issue 17.2: 2,000 idle and 500 slow-header connections on the metrics port of a daemon limited
+/// to 1,024 descriptors (the default soft limit), while recordings arrive. Before the connection
+/// cap, 1,100 idle connections left no descriptor to open recordings or commit interaction ids,
+/// and 900 slow ones grew the daemon from 12.5 MB to 361 MB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_and_slow_connections_on_the_metrics_port_does_not_stop_uploads() {
+    use tokio::io::AsyncWriteExt;
+    const IDLE: usize = 2000;
+    const SLOW: usize = 500;
+    // The test holds every client end: make room for them (the daemon gets its own limit).
+    callferry::app::raise_open_file_limit();
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we own.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    let scale = if lim.rlim_cur < (IDLE + SLOW + 500) as u64 {
+        println!(
+            "open-file limit {} here: the flood is scaled down",
+            lim.rlim_cur
+        );
+        (lim.rlim_cur as usize).saturating_sub(500) as f64 / (IDLE + SLOW) as f64
+    } else {
+        1.0
+    };
+    let (idle_n, slow_n) = (
+        (IDLE as f64 * scale) as usize,
+        (SLOW as f64 * scale) as usize,
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    let fake = fake().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cfg = write_config(
+        dir.path(),
+        &fake.base_url(),
+        &format!("[upload]\nworkers = 8\n[metrics]\nlisten = \"{port}\"\n"),
+    );
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_limited(&cfg, &log, 1024);
+    let pid = child.id().unwrap() as i32;
+    poll_for("/healthz before the flood", || async {
+        (healthz(port).await == Some(200)).then_some(())
+    })
+    .await;
+    let (rss_before, _, fds_before) = proc_figures(pid);
+
+    // The flood: idle connections that never send a byte, then slow ones that send a header
+    // line now and then and never finish.
+    let mut idle = Vec::new();
+    let mut refused_connects = 0;
+    for _ in 0..idle_n {
+        match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(port))
+            .await
+        {
+            Ok(Ok(s)) => idle.push(s),
+            _ => refused_connects += 1,
+        }
+        // A listener that stopped accepting (out of descriptors) leaves connects hanging: that
+        // is the failure; do not spend 2 s on each of the rest.
+        assert!(
+            refused_connects < 20,
+            "the metrics port stopped accepting after {} connections",
+            idle.len()
+        );
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut slow = tokio::task::JoinSet::new();
+    for i in 0..slow_n {
+        let stop = stop.clone();
+        slow.spawn(async move {
+            let Ok(Ok(mut s)) =
+                tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(port))
+                    .await
+            else {
+                return;
+            };
+            if s.write_all(b"GET /metrics HTTP/1.1\r\n").await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                let line = format!("X-Slow-{i}: {}\r\n", "a".repeat(100));
+                if s.write_all(line.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    // While the flood holds: recordings arrive and are uploaded, /healthz answers.
+    let started = Instant::now();
+    let files = drop_recordings(&rec, "flood", 50) as u64;
+    let mut peak_fds = 0;
+    let mut peak_rss = 0;
+    let start = Instant::now();
+    loop {
+        let (rss, _, fds) = proc_figures(pid);
+        peak_fds = peak_fds.max(fds);
+        peak_rss = peak_rss.max(rss);
+        if fake.counters().uploads_stored >= files {
+            break;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!(
+                "the daemon exited ({st}) during the flood:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(
+            start.elapsed() < DEADLINE * 2,
+            "{} of {files} uploaded during the flood:\n{}",
+            fake.counters().uploads_stored,
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let uploaded_in = started.elapsed();
+    let health_start = Instant::now();
+    poll_for("/healthz to answer during the flood", || async {
+        (healthz(port).await == Some(200)).then_some(())
+    })
+    .await;
+    let health_after = health_start.elapsed();
+    let (rss, hwm, fds) = proc_figures(pid);
+    peak_fds = peak_fds.max(fds);
+    peak_rss = peak_rss.max(rss);
+    stop.cancel();
+    while slow.join_next().await.is_some() {}
+    drop(idle);
+
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let st = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert_eq!(st.code(), Some(0), "{st}");
+    assert_each_once(&fake, files);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!text.contains("Too many open files"), "{text}");
+    let refusal_lines = text.matches("too many connections open").count();
+    println!(
+        "metrics flood ({idle_n} idle + {slow_n} slow-header connections, nofile 1024, {refused_connects} connects timed out): \
+         {files} recordings uploaded in {:.1}s, /healthz 200 after {:.1}s, \
+         RSS {:.1} MB before, peak {:.1} MB (VmHWM {:.1} MB), descriptors {fds_before} before, peak {peak_fds}, \
+         {} log lines ({refusal_lines} about refused connections)",
+        uploaded_in.as_secs_f64(),
+        health_after.as_secs_f64(),
+        rss_before as f64 / 1024.0,
+        peak_rss as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        text.lines().count()
+    );
+    assert!(
+        peak_fds < fds_before + callferry::monitor::MAX_CONNECTIONS + 64,
+        "descriptors: {fds_before} before, {peak_fds} during the flood"
+    );
+    assert!(hwm < 128 * 1024, "peak RSS {hwm} KiB");
+}
