@@ -23,10 +23,15 @@ async fn fake() -> FakeApi {
 
 /// Drops `n` distinct recordings into the watched folder; returns their total.
 fn drop_recordings(rec: &Path, prefix: &str, n: usize) -> usize {
+    drop_recordings_of(rec, prefix, n, 0.2)
+}
+
+fn drop_recordings_of(rec: &Path, prefix: &str, n: usize, seconds: f64) -> usize {
     std::fs::create_dir_all(rec).unwrap();
     for i in 0..n {
         // Distinct content per file (a tone of its own), a valid WAV header.
-        let bytes = callferry::demo::wav_bytes(0.2, 200.0 + i as f64 + prefix.len() as f64 * 0.1);
+        let bytes =
+            callferry::demo::wav_bytes(seconds, 200.0 + i as f64 + prefix.len() as f64 * 0.1);
         let tmp = rec.join(format!(".{prefix}-{i}.wav.part"));
         std::fs::write(&tmp, &bytes).unwrap();
         std::fs::rename(&tmp, rec.join(format!("{prefix}-{i}.wav"))).unwrap();
@@ -457,4 +462,75 @@ async fn a_flood_of_idle_and_slow_connections_on_the_metrics_port_does_not_stop_
         "descriptors: {fds_before} before, {peak_fds} during the flood"
     );
     assert!(hwm < 128 * 1024, "peak RSS {hwm} KiB");
+}
+
+/// `ulimit -n 128` with 64 workers: descriptors run short (each upload holds a recording and a
+/// socket). Uploads must slow down, not burn declares or fail: every recording is uploaded, once,
+/// on one interaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ulimit_n_128_with_64_workers_uploads_everything_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    let fake = fake().await;
+    // Slow uploads (about 0.5 s each): all 64 workers hold a recording and a socket at once.
+    fake.set_upload_rate(Some(64_000));
+    // Attempts are not what this test is about (an EMFILE is not the job's fault, but today it
+    // still costs one): room enough that a loaded CI machine cannot fail a job on them. What it
+    // checks is that descriptors running short never cost a second declare or a lost file.
+    let cfg = write_config(
+        dir.path(),
+        &fake.base_url(),
+        "[upload]\nworkers = 64\nmax_attempts = 100\n",
+    );
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_limited(&cfg, &log, 128);
+    let pid = child.id().unwrap() as i32;
+    let files = drop_recordings_of(&rec, "nofile", 300, 2.0) as u64;
+    let started = Instant::now();
+    let mut peak_fds = 0;
+    loop {
+        peak_fds = peak_fds.max(proc_figures(pid).2);
+        if fake.counters().uploads_stored >= files {
+            break;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!(
+                "the daemon exited ({st}):\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(
+            started.elapsed() < DEADLINE * 4,
+            "{} of {files} uploaded with nofile 128; counters {:?}:\n{}",
+            fake.counters().uploads_stored,
+            fake.counters(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = started.elapsed();
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let st = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert_eq!(st.code(), Some(0), "{st}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let emfile_lines = text.matches("Too many open files").count();
+    if std::env::var_os("CALLFERRY_SHOW_LOG").is_some() {
+        for l in text.lines().filter(|l| l.contains("Too many open files")) {
+            println!("{l}");
+        }
+    }
+    let c = fake.counters();
+    println!(
+        "nofile 128, 64 workers: {files} recordings uploaded in {:.1}s with {} declares, peak {peak_fds} descriptors, \
+         {} log lines ({emfile_lines} mention EMFILE)",
+        took.as_secs_f64(),
+        c.declares,
+        text.lines().count()
+    );
+    assert_each_once(&fake, files);
 }
