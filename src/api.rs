@@ -444,13 +444,25 @@ impl ApiClient {
     ) -> Result<UploadOutcome, ApiError> {
         let name = path
             .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| ApiError::Local(format!("{} has no usable file name", path.display())))?
-            .to_string();
-        // Opened here, on the runtime's thread, like the `stat` before it: both are path lookups
-        // the worker has just made for the same file.
+            .ok_or_else(|| ApiError::Local(format!("{} has no file name", path.display())))?
+            .to_string_lossy()
+            .into_owned();
         let file = std::fs::File::open(path)
             .map_err(|e| ApiError::Local(format!("{}: {e}", path.display())))?;
+        self.upload_file(id, file, &name, path, size).await
+    }
+
+    /// As [`ApiClient::upload`], from a descriptor the caller opened (and checked) itself; `name`
+    /// is what the service is told the file is called, `path` only names it in errors.
+    pub async fn upload_file(
+        &self,
+        id: &str,
+        file: std::fs::File,
+        name: &str,
+        path: &Path,
+        size: u64,
+    ) -> Result<UploadOutcome, ApiError> {
+        let name = name.to_string();
         let progress = Progress::new();
         progress.touch();
         let prog = progress.clone();

@@ -185,6 +185,8 @@ pub struct Metrics {
     watcher_rescans: Counter,
     watcher_overflows: Counter,
     results_fetched: Family<OwnedLabel, Counter>,
+    /// The watcher's metrics (files refused, unhealthy roots, polled folders).
+    pub watch: crate::watchmetrics::WatchMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -271,6 +273,7 @@ impl Metrics {
             results_fetched.clone(),
         );
         registry.register(n::BUILD_INFO, help::BUILD_INFO, build_info);
+        let watch = crate::watchmetrics::WatchMetrics::register(&mut registry);
 
         Metrics {
             registry,
@@ -286,6 +289,7 @@ impl Metrics {
             watcher_rescans,
             watcher_overflows,
             results_fetched,
+            watch,
         }
     }
 

@@ -113,7 +113,9 @@ pub async fn run(
     let mut watcher = {
         let overflow = overflow.clone();
         let overflow_wake = overflow_wake.clone();
-        notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        // Links below a watched folder are never followed: a symbolic link to a folder outside
+        // the tree must not bring that folder's files in (the root itself may be a link).
+        let handler = move |res: notify::Result<notify::Event>| {
             // Opens say nothing about a file's content, and most are our own (header checks,
             // lease probes, uploads). Dropped here, before the bounded channel: otherwise reading
             // ~10k files fills it, the overflow triggers a rescan, the rescan reads every file
@@ -130,7 +132,11 @@ pub async fn run(
                 overflow.store(true, Ordering::Relaxed);
                 overflow_wake.notify_one();
             }
-        })?
+        };
+        notify::RecommendedWatcher::new(
+            handler,
+            notify::Config::default().with_follow_symlinks(false),
+        )?
     };
 
     let mut st = State {
@@ -358,8 +364,11 @@ impl State {
         let found = tokio::task::spawn_blocking(move || {
             let rules = name_rules(&cfg.watch);
             let mut out = Vec::new();
+            // A watched folder may itself be a link; a folder below it is not followed, even
+            // when it is the one being rescanned (a new folder swapped for a link since).
             let walk = walkdir::WalkDir::new(&dir)
                 .follow_links(false)
+                .follow_root_links(dir == root2)
                 .max_depth(if recursive { usize::MAX } else { 1 });
             for entry in walk.into_iter().filter_entry(|e| {
                 // Skip ignored folders (rsync's hidden temp dirs) without descending into them.
@@ -498,14 +507,14 @@ impl State {
         // Quiet long enough: now look inside each, on a fresh descriptor. That is file I/O (a
         // header read, the open-writer check), 20 µs a file and 2 s for a backlog of 100,000:
         // done on the blocking pool, so the runtime's one thread goes on serving uploads.
-        let to_look: Vec<PathBuf> = due
+        let to_look: Vec<(PathBuf, PathBuf)> = due
             .iter()
-            .filter(|p| {
-                self.candidates.get(*p).is_some_and(|c| {
-                    matches!(decide(&c.obs, now, timing.settle), Decision::Complete)
-                })
+            .filter_map(|p| {
+                self.candidates
+                    .get(p)
+                    .filter(|c| matches!(decide(&c.obs, now, timing.settle), Decision::Complete))
+                    .map(|c| (p.clone(), c.root.clone()))
             })
-            .cloned()
             .collect();
         let mut looked: HashMap<PathBuf, std::io::Result<(Stat, Facts)>> = if to_look.is_empty() {
             HashMap::new()
@@ -513,8 +522,8 @@ impl State {
             tokio::task::spawn_blocking(move || {
                 to_look
                     .into_iter()
-                    .map(|p| {
-                        let facts = gather_facts(&p);
+                    .map(|(p, root)| {
+                        let facts = gather_facts(&root, &p);
                         (p, facts)
                     })
                     .collect()
@@ -528,7 +537,10 @@ impl State {
             };
             let decision = match decide(&c.obs, now, timing.settle) {
                 Decision::Complete => {
-                    match looked.remove(&path).unwrap_or_else(|| gather_facts(&path)) {
+                    match looked
+                        .remove(&path)
+                        .unwrap_or_else(|| gather_facts(&c.root, &path))
+                    {
                         Ok((stat, facts)) => {
                             c.obs = observe(Some(&c.obs), stat, now);
                             c.observed_at_ms = now;
@@ -560,6 +572,14 @@ impl State {
                             d
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        // Replaced by a FIFO, a folder or a link: no longer a recording here.
+                        Err(e) if crate::safefs::not_regular_reason(&e).is_some() => {
+                            Decision::Reject(
+                                crate::safefs::not_regular_reason(&e)
+                                    .unwrap_or_default()
+                                    .to_string(),
+                            )
+                        }
                         Err(e) => {
                             let why = format!("cannot read it: {e}; will try again");
                             if c.note.as_deref() != Some(why.as_str()) {
@@ -591,6 +611,7 @@ impl State {
                     self.candidates.insert(path, c);
                 }
                 Decision::Reject(why) => {
+                    self.metrics.watch.file_not_queued();
                     if c.obs.stat.size == 0 {
                         debug!(path = %path.display(), reason = %why, "not queued");
                     } else {
@@ -711,10 +732,11 @@ impl State {
 }
 
 /// Looks inside a quiet file: a fresh stat of the opened descriptor, its header, and whether any
-/// process has it open for writing. Opens read-only; never modifies anything.
-pub fn gather_facts(path: &Path) -> std::io::Result<(Stat, Facts)> {
+/// process has it open for writing. Opens read-only, without following links below `root` and
+/// only a regular file (see [`crate::safefs`]); never modifies anything.
+pub fn gather_facts(root: &Path, path: &Path) -> std::io::Result<(Stat, Facts)> {
     use std::io::Read;
-    let f = std::fs::File::open(path)?;
+    let f = crate::safefs::open_beneath(root, path)?;
     let meta = f.metadata()?;
     let stat = stat_of(&meta);
     let writers = crate::writers::check(&f);
@@ -760,7 +782,7 @@ pub fn check_file(cfg: &Config, path: &Path, now: i64) -> Result<NewJob, String>
             ));
         }
     }
-    let (stat, facts) = gather_facts(&abs).map_err(|e| format!("cannot be read: {e}"))?;
+    let (stat, facts) = gather_facts(&root, &abs).map_err(|e| format!("cannot be read: {e}"))?;
     let _ = meta;
     let obs = observe(None, stat, now);
     let timing = Timing {

@@ -231,37 +231,28 @@ impl Pipeline {
     async fn process(&self, mut job: Job) {
         let path = PathBuf::from(&job.path);
 
-        // The version we queued must still be the one on disk.
-        match std::fs::metadata(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        // The version we queued must still be the one on disk, reached without links; the
+        // descriptor opened here is the one uploaded.
+        let file = match open_queued(&job) {
+            Checked::Ready(f) => f,
+            Checked::Gone(why) => {
+                if why != NOT_THERE {
+                    warn!(reason = %why, "the queued recording is not at its path any more");
+                }
                 self.file_missing(&job, &path).await;
                 return;
             }
-            Ok(meta) if left_its_path(&meta, &job) => {
-                self.file_missing(&job, &path).await;
+            Checked::Changed(msg) => {
+                warn!("{msg}");
+                self.record(self.commit(|| self.queue.fail(&job, &msg, now_ms())).await);
                 return;
             }
-            Err(e) => {
+            Checked::Unreadable(e) => {
                 let err = ApiError::Local(format!("cannot read {}: {e}", path.display()));
                 self.on_error(&job, err).await;
                 return;
             }
-            Ok(meta) => {
-                use std::os::unix::fs::MetadataExt;
-                let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
-                if meta.len() != job.size || mtime_ns != job.mtime_ns {
-                    let msg = format!(
-                        "file changed after it was queued (size {} -> {}); this version is gone, \
-                         the new version is queued on its own",
-                        job.size,
-                        meta.len()
-                    );
-                    warn!("{msg}");
-                    self.record(self.commit(|| self.queue.fail(&job, &msg, now_ms())).await);
-                    return;
-                }
-            }
-        }
+        };
         self.missing
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -309,7 +300,16 @@ impl Pipeline {
             return;
         };
         let started = std::time::Instant::now();
-        match self.api.upload(&iid, &path, job.size).await {
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        match self
+            .api
+            .upload_file(&iid, file, &name, &path, job.size)
+            .await
+        {
             Ok(outcome) => {
                 self.api_ok();
                 let status = outcome.status();
@@ -549,6 +549,60 @@ impl Pipeline {
             }
         }
     }
+}
+
+const NOT_THERE: &str = "it is not there";
+
+/// What the pre-upload check found at a job's path.
+enum Checked {
+    /// The queued version, opened (a regular file, reached without links).
+    Ready(std::fs::File),
+    /// Nothing usable is there any more (why): deleted, moved away, or replaced by a link, a FIFO,
+    /// a folder or another file.
+    Gone(String),
+    /// The file there is the one queued, but it changed since (the reason, for `last_error`).
+    Changed(String),
+    /// It could not be opened now (EACCES, EIO...): retried.
+    Unreadable(std::io::Error),
+}
+
+/// Opens a job's file as [`crate::safefs::open_beneath`] does and checks that the descriptor is
+/// the version that was judged complete: same size and mtime, and the same inode on the same
+/// device (rows queued before those were recorded have 0 there and skip that part).
+fn open_queued(job: &Job) -> Checked {
+    use std::os::unix::fs::MetadataExt;
+    let (root, path) = (Path::new(&job.root), Path::new(&job.path));
+    let file = match crate::safefs::open_beneath(root, path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Checked::Gone(NOT_THERE.into());
+        }
+        Err(e) => {
+            return match crate::safefs::not_regular_reason(&e) {
+                Some(why) => Checked::Gone(format!("its path is no longer a regular file: {why}")),
+                None => Checked::Unreadable(e),
+            };
+        }
+    };
+    let meta = match file.metadata() {
+        Ok(m) => m,
+        Err(e) => return Checked::Unreadable(e),
+    };
+    if job.ino != 0 && (meta.ino() != job.ino || meta.dev() != job.dev) {
+        return Checked::Gone(
+            "another file was put in its place (a different inode); the queued recording is not there"
+                .into(),
+        );
+    }
+    if !same_version(&meta, job) {
+        return Checked::Changed(format!(
+            "file changed after it was queued (size {} -> {}); this version is gone, \
+             the new version is queued on its own",
+            job.size,
+            meta.len()
+        ));
+    }
+    Checked::Ready(file)
 }
 
 /// Size and mtime of the database file and its WAL: a commit changes them.

@@ -5,6 +5,7 @@ mod bench_smoke;
 mod chaos;
 mod cli;
 mod flow;
+mod fsopen;
 mod hardening;
 mod helpers;
 mod history;

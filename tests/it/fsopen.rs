@@ -1,0 +1,166 @@
+//! Issue 12 items 4 and 8: a hostile file system under the watched folders. A pending recording
+//! swapped for a FIFO, a folder or a symbolic link, and a symlinked folder inside the tree, must
+//! neither stall the daemon nor bring anything from outside the tree to the API.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+
+use crate::helpers::*;
+
+/// A WAV whose header still has ffmpeg's placeholder size: never complete while it stays so, so
+/// the watcher keeps it as a candidate and looks at it again and again.
+fn unfinished_wav() -> Vec<u8> {
+    let mut b = wav(0.5);
+    b[4..8].copy_from_slice(&0xFFFF_FFFFu32.to_le_bytes());
+    b
+}
+
+fn mkfifo(p: &Path) {
+    let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid path string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+/// Replaces `path` atomically by what `make` creates at a temporary name beside it.
+fn swap(path: &Path, make: impl FnOnce(&Path)) {
+    let tmp = path.with_file_name(".swap.tmp");
+    make(&tmp);
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Candidates the watcher already has when `start` returns: files there before the daemon started
+/// (the startup scan sees them and judges them before the daemon reports ready).
+async fn start_with_candidates(names: &[&str]) -> TestApp {
+    let mut app = TestApp::start("").await;
+    app.stop().await;
+    for n in names {
+        std::fs::write(app.rec.join(n), unfinished_wav()).unwrap();
+    }
+    app.restart().await;
+    app
+}
+
+fn stored_sha256s(app: &TestApp) -> Vec<String> {
+    app.fake
+        .interactions()
+        .into_iter()
+        .flat_map(|i| i.uploads)
+        .filter(|u| u.stored)
+        .map(|u| u.sha256)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_file_swapped_for_a_fifo_or_a_folder_is_refused_and_the_watcher_goes_on() {
+    let mut app = start_with_candidates(&["fifo.wav", "dir.wav"]).await;
+    let before = app.handle.metrics.watch.files_not_queued();
+    // Before the fix the watcher blocked for good in open() of the FIFO, and the folder stayed a
+    // candidate forever ("cannot read it: Is a directory; will try again").
+    swap(&app.rec.join("fifo.wav"), mkfifo);
+    // rename() cannot put a folder over a file: remove, then create.
+    std::fs::remove_file(app.rec.join("dir.wav")).unwrap();
+    std::fs::create_dir(app.rec.join("dir.wav")).unwrap();
+    eventually("both to be refused", || async {
+        app.handle.metrics.watch.files_not_queued() >= before + 2
+    })
+    .await;
+    let b = wav(1.0);
+    let pb = app.drop_file("after.wav", &b);
+    let job = app.wait_state(&pb, "uploaded").await;
+    app.assert_uploaded_once(&job, &b);
+    for n in ["fifo.wav", "dir.wav"] {
+        assert!(app.job_for(&app.rec.join(n)).await.is_none(), "{n} queued");
+    }
+    // A watcher blocked in open() would also hold up the graceful stop.
+    tokio::time::timeout(DEADLINE, app.stop())
+        .await
+        .expect("the daemon stops");
+}
+
+fn private_recording(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
+    let secret = dir.join("secret.wav");
+    let bytes = wav(2.25);
+    std::fs::write(&secret, &bytes).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (secret, bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_file_swapped_for_a_link_to_a_private_file_outside_is_never_uploaded() {
+    let outside = tempfile::tempdir().unwrap();
+    let (secret, secret_bytes) = private_recording(outside.path());
+
+    // While the watcher waits on it.
+    let mut app = start_with_candidates(&["call.wav"]).await;
+    let before = app.handle.metrics.watch.files_not_queued();
+    let p = app.rec.join("call.wav");
+    swap(&p, |t| symlink(&secret, t).unwrap());
+    eventually("the link to be refused", || async {
+        app.handle.metrics.watch.files_not_queued() > before
+    })
+    .await;
+    assert!(app.job_for(&p).await.is_none(), "the link was queued");
+
+    // After it was queued, before its upload: the worker opens the path itself.
+    app.fake.go_down().await;
+    let q = app.drop_file("queued.wav", &wav(1.0));
+    let job = poll_for("the job to be queued", || async { app.job_for(&q).await }).await;
+    assert!(job.ino != 0);
+    swap(&q, |t| symlink(&secret, t).unwrap());
+    app.fake.come_up().await.unwrap();
+    // Refused: the job waits for its recording to turn up (it may have been moved), never
+    // declared on the link's target.
+    eventually("the worker to refuse the link", || async {
+        app.job_for(&q).await.is_some_and(|j| {
+            j.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("not at"))
+        })
+    })
+    .await;
+
+    // The watcher and the workers still work.
+    let b = wav(1.0);
+    let pb = app.drop_file("after.wav", &b);
+    let job = app.wait_state(&pb, "uploaded").await;
+    app.assert_uploaded_once(&job, &b);
+    assert!(
+        !stored_sha256s(&app).contains(&sha256(&secret_bytes)),
+        "the private file outside the tree reached the API"
+    );
+    assert_eq!(
+        app.fake.counters().declares,
+        1,
+        "only after.wav was declared"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_folder_inside_the_tree_is_not_followed() {
+    let outside = tempfile::tempdir().unwrap();
+    let mut app = TestApp::start("").await;
+    app.stop().await;
+    // One link there at start (the startup scan and the recursive watch), one made later (a
+    // new-folder event).
+    symlink(outside.path(), app.rec.join("linked")).unwrap();
+    std::fs::write(outside.path().join("early.wav"), wav(1.25)).unwrap();
+    app.restart().await;
+    symlink(outside.path(), app.rec.join("linked-later")).unwrap();
+    let late = wav(1.75);
+    std::fs::write(outside.path().join("late.wav"), &late).unwrap();
+    // Written after the link files, and settled the same way: by the time it is uploaded, a file
+    // seen through a link would have been queued too.
+    let b = wav(1.0);
+    let pb = app.drop_file("sub/after.wav", &b);
+    let job = app.wait_state(&pb, "uploaded").await;
+    app.assert_uploaded_once(&job, &b);
+    let jobs = app.jobs().await;
+    assert_eq!(jobs.len(), 1, "only sub/after.wav was queued: {jobs:?}");
+    let stored = stored_sha256s(&app);
+    assert!(!stored.contains(&sha256(&late)));
+    assert!(!stored.contains(&sha256(&wav(1.25))));
+    app.stop().await;
+}
