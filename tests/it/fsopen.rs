@@ -30,6 +30,30 @@ fn swap(path: &Path, make: impl FnOnce(&Path)) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// Replaces `path` by a folder in one step (rename() cannot put a folder over a file, and a
+/// remove-then-create lets the watcher forget the file in between): RENAME_EXCHANGE, then the old
+/// file, now at the (ignored) temporary name, is removed.
+fn exchange(path: &Path, make: impl FnOnce(&Path)) {
+    let tmp = path.with_file_name(".swap.tmp");
+    make(&tmp);
+    let (a, b) = (
+        CString::new(tmp.as_os_str().as_bytes()).unwrap(),
+        CString::new(path.as_os_str().as_bytes()).unwrap(),
+    );
+    // SAFETY: valid path strings.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(rc, 0, "renameat2: {}", std::io::Error::last_os_error());
+    std::fs::remove_file(&tmp).unwrap();
+}
+
 /// Candidates the watcher already has when `start` returns: files there before the daemon started
 /// (the startup scan sees them and judges them before the daemon reports ready).
 async fn start_with_candidates(names: &[&str]) -> TestApp {
@@ -59,9 +83,9 @@ async fn a_pending_file_swapped_for_a_fifo_or_a_folder_is_refused_and_the_watche
     // Before the fix the watcher blocked for good in open() of the FIFO, and the folder stayed a
     // candidate forever ("cannot read it: Is a directory; will try again").
     swap(&app.rec.join("fifo.wav"), mkfifo);
-    // rename() cannot put a folder over a file: remove, then create.
-    std::fs::remove_file(app.rec.join("dir.wav")).unwrap();
-    std::fs::create_dir(app.rec.join("dir.wav")).unwrap();
+    exchange(&app.rec.join("dir.wav"), |t| {
+        std::fs::create_dir(t).unwrap()
+    });
     eventually("both to be refused", || async {
         app.handle.metrics.watch.files_not_queued() >= before + 2
     })
