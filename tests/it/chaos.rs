@@ -534,3 +534,66 @@ async fn ulimit_n_128_with_64_workers_uploads_everything_once() {
     );
     assert_each_once(&fake, files);
 }
+
+/// Issue 17.13: with a short `WatchdogSec` the pings came a whole `WatchdogSec` apart (one late
+/// tick from a restart). Here 4 s: pings should come about every 2 s, while recordings upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_pings_come_at_about_half_a_short_watchdogsec() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    let fake = fake().await;
+    let cfg = write_config(dir.path(), &fake.base_url(), "");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut d = Daemon::spawn(
+        &cfg,
+        &log,
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "4000000"),
+        ],
+    );
+    let files = drop_recordings(&rec, "wd", 10) as u64;
+    let pings = tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        let mut at = Vec::new();
+        let mut buf = [0u8; 4096];
+        while at.len() < 6 && start.elapsed() < DEADLINE {
+            if let Ok(n) = sock.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "WATCHDOG=1")
+            {
+                at.push(Instant::now());
+            }
+        }
+        at
+    })
+    .await
+    .unwrap();
+    wait_stored(&fake, files, || d.exited().map(|st| st.to_string())).await;
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait(DEADLINE).await.code(), Some(0));
+    assert!(pings.len() >= 6, "{} pings in {DEADLINE:?}", pings.len());
+    // The first ping comes at start-up; the gaps after it are the schedule.
+    let mut gaps: Vec<f64> = pings
+        .windows(2)
+        .skip(1)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    let median = gaps[gaps.len() / 2];
+    println!("WatchdogSec=4s: gaps between pings {gaps:.2?} s (median {median:.2} s)");
+    // About 2 s. The old schedule gave 2 s with, now and then, a whole 4 s (a restart under
+    // systemd); that is pinned down by `health`'s unit test. A median, so one late tick on a
+    // loaded machine does not decide it here.
+    assert!(
+        median < 3.0,
+        "median gap {median:.2} s with WatchdogSec=4s: {gaps:?}"
+    );
+}
