@@ -4,6 +4,12 @@
 //! Failures that are not a job's fault land here instead of on the job, so an hour-long outage does
 //! not burn every job's attempts: workers wait at the gate, one probe at a time goes through, and
 //! the first success opens it for everyone.
+//!
+//! An API that answers but fails everything (a 5xx storm: 503 from an overloaded service or a
+//! broken proxy) is treated the same way, by a circuit breaker: [`BREAKER_THRESHOLD`] 5xx answers
+//! in a row, with no success between them, open it. Until then a 5xx is the job's own failure.
+//! Once open, the gate holds everyone back with capped backoff and lets one probe through at a
+//! time ([`Gate::admit`]), so a storm costs a bounded number of requests and no attempts.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +26,8 @@ pub enum Pause {
     Outage(String),
     /// The local database cannot be written (disk full, ...).
     Storage(String),
+    /// The API answers, but with 5xx to everything (the circuit breaker is open).
+    Failing(String),
 }
 
 impl Pause {
@@ -28,6 +36,48 @@ impl Pause {
             Pause::Auth(m) => format!("API token rejected: {m}"),
             Pause::Outage(m) => format!("API unreachable: {m}"),
             Pause::Storage(m) => format!("queue database not writable: {m}"),
+            Pause::Failing(m) => format!("API failing every request: {m}"),
+        }
+    }
+
+    /// An outage of the API, waited out with capped backoff and single probes.
+    fn is_outage(&self) -> bool {
+        matches!(self, Pause::Outage(_) | Pause::Failing(_))
+    }
+}
+
+/// Consecutive 5xx answers, with no success between them, that open the circuit breaker. High
+/// enough that a flaky service failing a third of its requests practically never opens it
+/// (0.3^10 ≈ 6·10⁻⁶ a request), low enough that a storm costs a handful of requests.
+pub const BREAKER_THRESHOLD: u32 = 10;
+
+/// What a 5xx answer did to the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Breaker {
+    /// Below the threshold: the job's own failure, counted as an attempt.
+    Closed,
+    /// This answer opened the breaker: everyone holds back for this long (log it, once).
+    Opened(Duration),
+    /// Already open (a probe that failed, or a request sent before it opened): not the job's fault.
+    Open,
+}
+
+impl Breaker {
+    /// Says so when the breaker opens (once; it says nothing for every failure while it is open:
+    /// the line that it closed again comes from whoever sees the first success). True if open:
+    /// the failure is the service's, not the job's.
+    pub fn report(self, error: &str) -> bool {
+        match self {
+            Breaker::Closed => false,
+            Breaker::Opened(d) => {
+                tracing::warn!(error, consecutive = BREAKER_THRESHOLD, retry_in = ?d,
+                    "the API answers every request with a server error: treated as an outage. Uploads and result polls hold back and one request at a time probes it, with capped backoff; attempts are not counted meanwhile");
+                true
+            }
+            Breaker::Open => {
+                tracing::debug!(error, "API still failing; holding back");
+                true
+            }
         }
     }
 }
@@ -38,6 +88,71 @@ pub struct GateState {
     /// Workers wait until this instant (outage backoff, Retry-After).
     pub hold_until: Option<Instant>,
     pub outage_failures: u32,
+    /// 5xx answers in a row, with no success between them.
+    pub server_errors: u32,
+    /// The probe let through while an outage's hold is over (half-open), by its number.
+    pub probing: Option<u64>,
+    probes: u64,
+}
+
+/// What a caller at the gate should do now.
+enum Turn {
+    Go { probe: Option<u64> },
+    Wait(Option<Instant>),
+}
+
+impl GateState {
+    fn turn(&mut self, may_probe: bool, now: Instant) -> Turn {
+        if matches!(self.pause, Some(Pause::Auth(_) | Pause::Storage(_))) {
+            return Turn::Wait(None);
+        }
+        if let Some(h) = self.hold_until.filter(|h| *h > now) {
+            return Turn::Wait(Some(h));
+        }
+        if !self.pause.as_ref().is_some_and(Pause::is_outage) {
+            return Turn::Go { probe: None };
+        }
+        // Half-open: the hold is over but nothing has succeeded yet. One request finds out.
+        if !may_probe || self.probing.is_some() {
+            return Turn::Wait(None);
+        }
+        self.probes += 1;
+        self.probing = Some(self.probes);
+        Turn::Go {
+            probe: self.probing,
+        }
+    }
+}
+
+/// Leave to talk to the API, from [`Gate::admit`]. Hold it for as long as the request that it
+/// admitted: a probe that ends without telling the gate (its file vanished, the service refused
+/// the file) hands the probe on when dropped.
+#[must_use]
+pub struct Admission<'a> {
+    gate: &'a Gate,
+    probe: Option<u64>,
+}
+
+impl Admission<'_> {
+    /// Whether this is the single request that probes an outage: send one request, not a batch.
+    pub fn is_probe(&self) -> bool {
+        self.probe.is_some()
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.probe {
+            self.gate.tx.send_if_modified(|s| {
+                if s.probing == Some(n) {
+                    s.probing = None;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -62,26 +177,49 @@ impl Gate {
         self.tx.subscribe()
     }
 
-    /// Waits until work may go on. Returns false if `cancel` fired first.
+    /// Whether a request that is not the probe may go out now.
+    pub fn is_open(&self) -> bool {
+        let mut st = self.state();
+        matches!(st.turn(false, Instant::now()), Turn::Go { .. })
+    }
+
+    /// Waits until the gate is fully open (an outage's probe is left to [`Gate::admit`] callers).
+    /// Returns false if `cancel` fired first.
     pub async fn wait_open(&self, cancel: &CancellationToken) -> bool {
+        self.wait_turn(cancel, false).await.is_some()
+    }
+
+    /// Waits until a request to the API may go out: the gate is open, or an outage's hold is over
+    /// and no other probe is out (this caller then is the probe). None if `cancel` fired first.
+    pub async fn admit(&self, cancel: &CancellationToken) -> Option<Admission<'_>> {
+        let probe = self.wait_turn(cancel, true).await?;
+        Some(Admission { gate: self, probe })
+    }
+
+    async fn wait_turn(&self, cancel: &CancellationToken, may_probe: bool) -> Option<Option<u64>> {
         let mut rx = self.tx.subscribe();
         loop {
             if cancel.is_cancelled() {
-                return false;
+                return None;
             }
-            let st = rx.borrow_and_update().clone();
-            let blocked_forever = matches!(st.pause, Some(Pause::Auth(_) | Pause::Storage(_)));
-            let hold = st.hold_until.filter(|h| *h > Instant::now());
-            if !blocked_forever && hold.is_none() {
-                return true;
-            }
+            rx.borrow_and_update();
+            let mut turn = Turn::Wait(None);
+            // Taking the probe notifies no one: the others are waiting for its outcome anyway.
+            self.tx.send_if_modified(|s| {
+                turn = s.turn(may_probe, Instant::now());
+                false
+            });
+            let hold = match turn {
+                Turn::Go { probe } => return Some(probe),
+                Turn::Wait(hold) => hold,
+            };
             tokio::select! {
-                _ = cancel.cancelled() => return false,
+                _ = cancel.cancelled() => return None,
                 _ = rx.changed() => {}
                 _ = async {
                     match hold {
-                        Some(h) if !blocked_forever => tokio::time::sleep_until(h.into()).await,
-                        _ => std::future::pending().await,
+                        Some(h) => tokio::time::sleep_until(h.into()).await,
+                        None => std::future::pending().await,
                     }
                 } => {}
             }
@@ -121,6 +259,7 @@ impl Gate {
             s.outage_failures += 1;
             let d = self.outage_backoff.delay(s.outage_failures, unit);
             s.hold_until = Some(Instant::now() + d);
+            s.probing = None;
             if !matches!(s.pause, Some(Pause::Auth(_))) {
                 s.pause = Some(Pause::Outage(message));
             }
@@ -128,6 +267,43 @@ impl Gate {
             true
         });
         set
+    }
+
+    /// The API answered 5xx. Counts toward opening the breaker; once open, every 5xx (a failed
+    /// probe) holds everyone back again, for a growing, capped delay.
+    pub fn server_error(&self, message: String, unit: f64) -> Breaker {
+        let mut out = Breaker::Closed;
+        self.tx.send_if_modified(|s| {
+            let now = Instant::now();
+            if s.pause.as_ref().is_some_and(Pause::is_outage) {
+                out = Breaker::Open;
+                if s.hold_until.is_some_and(|h| h > now) {
+                    // Sent before the hold began: it says nothing new.
+                    return false;
+                }
+                s.outage_failures += 1;
+                s.hold_until = Some(now + self.outage_backoff.delay(s.outage_failures, unit));
+                s.probing = None;
+                return true;
+            }
+            s.server_errors = s.server_errors.saturating_add(1);
+            if s.server_errors < BREAKER_THRESHOLD {
+                return false;
+            }
+            let d = self.outage_backoff.delay(1, unit);
+            s.outage_failures = 1;
+            s.hold_until = Some(now + d);
+            s.probing = None;
+            if !matches!(s.pause, Some(Pause::Auth(_))) {
+                s.pause = Some(Pause::Failing(format!(
+                    "{} answers in a row were 5xx, the last: {message}",
+                    s.server_errors
+                )));
+            }
+            out = Breaker::Opened(d);
+            true
+        });
+        out
     }
 
     /// The service asked us to slow down: hold everyone for `d`.
@@ -147,12 +323,15 @@ impl Gate {
     pub fn success(&self) -> Option<Pause> {
         let mut cleared = None;
         self.tx.send_if_modified(|s| {
+            // Kept without notifying anyone: only an open breaker makes waiters care.
+            s.server_errors = 0;
             if s.pause.is_none() && s.outage_failures == 0 {
                 return false;
             }
             cleared = s.pause.take();
             s.outage_failures = 0;
             s.hold_until = None;
+            s.probing = None;
             true
         });
         cleared
@@ -218,8 +397,72 @@ mod tests {
         assert_eq!(g.state().outage_failures, 1);
         let cancel = CancellationToken::new();
         let started = Instant::now();
-        assert!(g.wait_open(&cancel).await);
+        assert!(g.admit(&cancel).await.is_some_and(|a| a.is_probe()));
         assert!(started.elapsed() >= Duration::from_millis(90));
+    }
+
+    #[tokio::test]
+    async fn many_5xx_in_a_row_open_the_breaker_and_a_success_closes_it() {
+        let g = gate();
+        for _ in 1..BREAKER_THRESHOLD {
+            assert_eq!(g.server_error("503".into(), 0.0), Breaker::Closed);
+        }
+        // A success between them starts the count again.
+        assert!(g.success().is_none());
+        for _ in 1..BREAKER_THRESHOLD {
+            assert_eq!(g.server_error("503".into(), 0.0), Breaker::Closed);
+        }
+        assert!(matches!(
+            g.server_error("503".into(), 0.0),
+            Breaker::Opened(_)
+        ));
+        // Answers to requests sent before it opened do not lengthen the hold.
+        assert_eq!(g.server_error("503".into(), 0.0), Breaker::Open);
+        assert_eq!(g.state().outage_failures, 1);
+        assert!(matches!(g.state().pause, Some(Pause::Failing(_))));
+        assert!(g.state().hold_until.is_some());
+        assert!(matches!(g.success(), Some(Pause::Failing(_))));
+        assert!(g.state().pause.is_none() && g.state().hold_until.is_none());
+        assert_eq!(g.server_error("503".into(), 0.0), Breaker::Closed);
+    }
+
+    #[tokio::test]
+    async fn an_outage_lets_one_probe_through_at_a_time() {
+        let g = std::sync::Arc::new(gate());
+        let cancel = CancellationToken::new();
+        g.outage("refused".into(), 0.0).unwrap();
+        let probe = g.admit(&cancel).await.unwrap();
+        assert!(probe.is_probe(), "after the hold: a probe");
+        // Everyone else waits for the probe's outcome.
+        let g2 = g.clone();
+        let c2 = cancel.clone();
+        let other = tokio::spawn(async move { g2.admit(&c2).await.map(|a| a.is_probe()) });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !other.is_finished(),
+            "a second caller got through beside the probe"
+        );
+        // The probe failed: held again, longer, and the probe is handed on after that.
+        assert!(g.outage("refused".into(), 0.0).is_some());
+        drop(probe);
+        assert_eq!(g.state().outage_failures, 2);
+        let next = tokio::time::timeout(Duration::from_secs(5), other)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(next, Some(true), "the next caller is the next probe");
+        // That probe ended without a verdict (dropped): the probe passes on at once.
+        let again = tokio::time::timeout(Duration::from_secs(5), g.admit(&cancel))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(again.is_probe());
+        // A success opens the gate for everyone, without probes.
+        g.success();
+        drop(again);
+        let a = g.admit(&cancel).await.unwrap();
+        let b = g.admit(&cancel).await.unwrap();
+        assert!(!a.is_probe() && !b.is_probe());
     }
 
     #[tokio::test]

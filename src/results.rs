@@ -266,10 +266,16 @@ impl Follower {
     pub async fn run(self, cancel: CancellationToken) {
         debug!("results follower started");
         loop {
-            if cancel.is_cancelled() || !self.p.gate.wait_open(&cancel).await {
+            if cancel.is_cancelled() {
                 break;
             }
-            let due = match self.p.queue.due_followups(now_ms(), BATCH).await {
+            // Held for this round's requests; while the API is down, a probe's round is one job.
+            let Some(admission) = self.p.gate.admit(&cancel).await else {
+                break;
+            };
+            let probe = admission.is_probe();
+            let batch = if probe { 1 } else { BATCH };
+            let due = match self.p.queue.due_followups(now_ms(), batch).await {
                 Ok(d) => d,
                 Err(e) => {
                     error!(error = %e, "cannot read followed jobs; retrying in 1s");
@@ -280,6 +286,7 @@ impl Follower {
                 }
             };
             if due.is_empty() {
+                drop(admission);
                 let wait = match self.p.queue.next_followup().await {
                     Ok(Some(t)) => {
                         Duration::from_millis((t - now_ms()).clamp(0, ms(IDLE_POLL)) as u64)
@@ -296,7 +303,7 @@ impl Follower {
             let work = futures_util::stream::iter(due).for_each_concurrent(CONCURRENCY, |job| {
                 let span = info_span!("follow", job_id = job.id, path = %job.path,
                     interaction_id = job.interaction_id.as_deref().unwrap_or(""));
-                self.follow_one(job).instrument(span)
+                self.follow_one(job, probe).instrument(span)
             });
             tokio::select! {
                 // Abandoned requests leave the job as it was: it is asked about again later.
@@ -307,11 +314,16 @@ impl Follower {
         debug!("results follower stopped");
     }
 
-    async fn follow_one(&self, job: Job) {
+    async fn follow_one(&self, job: Job, probe: bool) {
         let Some(iid) = job.interaction_id.clone() else {
             return;
         };
         self.limiter.acquire(1).await;
+        if !probe && !self.p.gate.is_open() {
+            // Closed since this round began (a 5xx storm, an outage): the job stays due and is
+            // asked about once the gate lets requests through again.
+            return;
+        }
         let cfg = &self.p.cfg.results;
         let now = now_ms();
         match self.p.api.status(&iid).await {
@@ -547,6 +559,12 @@ impl Follower {
                         .await,
                 );
                 return;
+            }
+            ErrorClass::Transient
+                if matches!(e.status(), Some(500..=599))
+                    && self.p.gate.server_error(msg.clone(), unit).report(&msg) =>
+            {
+                now + poll
             }
             ErrorClass::Transient => {
                 let d = Backoff {

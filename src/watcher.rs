@@ -96,6 +96,10 @@ struct State {
     writer_check_warned: bool,
     /// New folders to look into again: (when, unix ms; folder).
     dir_rescans: Vec<(i64, PathBuf)>,
+    /// Files judged not to be recordings, as they were then. Said once: a poll or rescan that
+    /// finds one unchanged passes over it (a polled folder used to repeat the warning for every
+    /// such file at every poll). A change makes it a candidate again. Entries go when the file does.
+    rejected: HashMap<PathBuf, Stat>,
 }
 
 pub async fn run(
@@ -151,6 +155,7 @@ pub async fn run(
         metrics,
         writer_check_warned: false,
         dir_rescans: Vec::new(),
+        rejected: HashMap::new(),
     };
     for root in &cfg.watch.paths {
         st.add_root(&mut watcher, root.clone());
@@ -326,6 +331,7 @@ impl State {
             warn!(path = %r.display(), "watched folder disappeared; waiting for it to come back");
             let _ = watcher.unwatch(&r);
             self.candidates.retain(|p, _| !p.starts_with(&r));
+            self.rejected.retain(|p, _| !p.starts_with(&r));
             self.missing.push(r);
         }
         let missing = std::mem::take(&mut self.missing);
@@ -359,6 +365,7 @@ impl State {
         };
         let recursive = self.cfg.watch.recursive;
         let cfg = self.cfg.clone();
+        let scanned = dir.to_path_buf();
         let dir = dir.to_path_buf();
         let root2 = root.clone();
         let found = tokio::task::spawn_blocking(move || {
@@ -403,6 +410,12 @@ impl State {
         })
         .await
         .unwrap_or_default();
+        if !self.rejected.is_empty() {
+            let present: std::collections::HashSet<&PathBuf> =
+                found.iter().map(|(p, _)| p).collect();
+            self.rejected
+                .retain(|p, _| !p.starts_with(&scanned) || present.contains(p));
+        }
         let now = now_ms();
         for (path, stat) in found {
             self.observe(path, root.clone(), stat, now);
@@ -410,6 +423,12 @@ impl State {
     }
 
     fn observe(&mut self, path: PathBuf, root: PathBuf, stat: Stat, now: i64) {
+        if let Some(seen) = self.rejected.get(&path) {
+            if *seen == stat {
+                return;
+            }
+            self.rejected.remove(&path);
+        }
         let prev = self.candidates.get(&path).map(|c| c.obs);
         let note = self.candidates.get(&path).and_then(|c| c.note.clone());
         let obs = observe(prev.as_ref(), stat, now);
@@ -484,6 +503,9 @@ impl State {
                     // Gone (renamed away, deleted): forget it and anything below it.
                     if self.candidates.remove(&path).is_none() {
                         self.candidates.retain(|p, _| !p.starts_with(&path));
+                    }
+                    if self.rejected.remove(&path).is_none() {
+                        self.rejected.retain(|p, _| !p.starts_with(&path));
                     }
                 }
             }
@@ -617,6 +639,7 @@ impl State {
                     } else {
                         warn!(path = %path.display(), reason = %why, "not queued: not a recording");
                     }
+                    self.rejected.insert(path, c.obs.stat);
                 }
             }
         }
@@ -646,7 +669,8 @@ impl State {
                                 supersedes: None,
                             } => {
                                 new += 1;
-                                info!(job_id = id, path = %j.path.display(), size = j.size, "queued");
+                                // The upload's line is the one at info (one per file).
+                                debug!(job_id = id, path = %j.path.display(), size = j.size, "queued");
                             }
                             Enqueued::SameFile { existing, path } => {
                                 same.push((j.clone(), existing, path));

@@ -84,13 +84,22 @@ impl Pipeline {
         // waiting at the gate, because that retry is what finds out that space is back.
         let mut probe = false;
         loop {
-            if self.stop_claiming.is_cancelled()
-                || (!probe && !self.gate.wait_open(&self.stop_claiming).await)
-            {
+            // Held for this turn's requests: while the API is down, the one probe is one job.
+            let admission = if probe {
+                None
+            } else {
+                self.gate.admit(&self.stop_claiming).await
+            };
+            if self.stop_claiming.is_cancelled() || (!probe && admission.is_none()) {
                 break;
             }
             probe = false;
-            match self.queue.claim(now_ms()).await {
+            let claimed = self.queue.claim(now_ms()).await;
+            if !matches!(claimed, Ok(Some(_))) {
+                // Nothing to send: an outage's probe passes to a worker that has a job.
+                drop(admission);
+            }
+            match claimed {
                 Ok(Some(job)) => {
                     self.storage_recovered().await;
                     let id = job.id;
@@ -275,7 +284,7 @@ impl Pipeline {
                         return;
                     }
                     tracing::Span::current().record("interaction_id", iid.as_str());
-                    info!(interaction_id = %iid, "declared");
+                    debug!(interaction_id = %iid, "declared");
                     job.interaction_id = Some(iid);
                     job.state = State::Uploading;
                 }
@@ -428,6 +437,11 @@ impl Pipeline {
         }
     }
 
+    /// Reports a 5xx to the circuit breaker; true if it is open.
+    fn api_failing(&self, msg: &str, unit: f64) -> bool {
+        self.gate.server_error(msg.to_string(), unit).report(msg)
+    }
+
     fn api_ok(&self) {
         if let Some(p) = self.gate.success() {
             info!(was = %p.reason(), "API reachable and token accepted again; uploads resume");
@@ -474,6 +488,15 @@ impl Pipeline {
             ErrorClass::Rejected => {
                 warn!(error = %msg, "the API refused this file; job failed (`callferry retry {}` after fixing it)", job.id);
                 self.record(self.commit(|| self.queue.fail(job, &msg, now)).await);
+            }
+            ErrorClass::Transient
+                if matches!(err.status(), Some(500..=599)) && self.api_failing(&msg, unit) =>
+            {
+                // A 5xx storm is the service's outage, not this job's failure: no attempt.
+                self.record(
+                    self.commit(|| self.queue.reschedule(job, Some(&msg), now, false, now))
+                        .await,
+                );
             }
             ErrorClass::Transient => {
                 let attempts = job.attempts + 1;
@@ -540,7 +563,8 @@ impl Pipeline {
         };
         match result {
             Ok(what) => {
-                info!(action = %what, "after-upload action done");
+                // The upload's line said it all at info; the job's events keep the action.
+                debug!(action = %what, "after-upload action done");
                 self.record(self.queue.mark_disposed(job.id, &what, now_ms()).await);
             }
             Err(e) => {
