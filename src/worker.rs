@@ -118,7 +118,9 @@ impl Pipeline {
                     self.idle().await;
                 }
                 Err(e) => {
-                    probe = e.is_disk_full();
+                    // Tried again by this worker itself, not after the gate: that retry is what
+                    // finds out that the database takes writes again.
+                    probe = e.is_transient();
                     self.storage_error(&e).await;
                 }
             }
@@ -171,13 +173,18 @@ impl Pipeline {
         }
     }
 
+    /// A write the queue refused. Any error that may pass (full, busy, an I/O error) pauses every
+    /// worker until a write goes through again: taking more work would only pile up outcomes that
+    /// cannot be recorded, each a declare the service has made and we might forget.
     async fn storage_error(&self, e: &QueueError) {
-        if e.is_disk_full() {
-            if self.gate.pause_storage(e.to_string()) {
+        if !e.is_transient() {
+            error!(error = %e, "queue database error");
+        } else if self.gate.pause_storage(e.to_string()) {
+            if e.is_disk_full() {
                 error!(error = %e, "queue database cannot be written: disk full? Uploads pause; every job is kept and work resumes by itself when space is freed");
+            } else {
+                error!(error = %e, "queue database cannot be written: uploads pause; every job is kept and work resumes by itself once a write goes through");
             }
-        } else {
-            error!(error = %e, "queue database error; retrying in 1s");
         }
         tokio::select! {
             _ = self.stop_claiming.cancelled() => {}
@@ -191,10 +198,12 @@ impl Pipeline {
         }
     }
 
-    /// Writes one outcome to the queue, waiting out a full disk: the outcome (an interaction id, an
-    /// upload's status, a retry) stays in memory and is written as soon as the database takes it,
-    /// so a running daemon never forgets an interaction id nor leaves a job in flight until the
-    /// next start. Other errors are returned at once. At shutdown the grace's abort ends the wait.
+    /// Writes one outcome to the queue, waiting out any error that may pass (a full disk, "database
+    /// is locked", an I/O error, a failed flush): the outcome (an interaction id, an upload's
+    /// status, a retry) stays in memory and is written again every second until the database takes
+    /// it, while every worker pauses. So a running daemon never forgets an interaction id nor
+    /// leaves a job in flight until the next start. Only a write that lost its race is returned.
+    /// At shutdown the grace's abort ends the wait.
     async fn commit<F, Fut>(&self, mut write: F) -> Result<(), QueueError>
     where
         F: FnMut() -> Fut,
@@ -206,9 +215,9 @@ impl Pipeline {
                     self.storage_recovered().await;
                     return Ok(());
                 }
-                Err(e) if e.is_disk_full() => {
+                Err(e) if e.is_transient() => {
                     if self.gate.pause_storage(e.to_string()) {
-                        error!(error = %e, "queue database cannot be written: disk full? Uploads pause; this job's outcome is kept in memory and written when space is freed");
+                        error!(error = %e, "queue database cannot be written: uploads pause; this job's outcome is kept in memory and written again every second until the database takes it");
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -277,10 +286,9 @@ impl Pipeline {
                         .commit(|| self.queue.mark_declared(job.id, &iid, now_ms()))
                         .await
                     {
-                        // The interaction exists but we could not record it; the job stays
-                        // `declaring` and is declared again after recovery. Say so loudly.
+                        // Only a lost race gets here (the row was changed under us, by hand):
+                        // there is no job left to record the id on. Say so loudly, with the id.
                         error!(interaction_id = %iid, error = %e, "declared but could not record the interaction id");
-                        self.storage_error(&e).await;
                         return;
                     }
                     tracing::Span::current().record("interaction_id", iid.as_str());

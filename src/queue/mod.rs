@@ -30,6 +30,9 @@ pub use state::State;
 /// Written into the database header so a foreign SQLite file is never mistaken for ours.
 pub const APPLICATION_ID: i32 = 0x4346_4552; // "CFER"
 
+/// How long a statement waits for another connection's lock before "database is locked".
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,12 @@ pub enum QueueError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The guarded row was not in the state the transition leaves. Writing again cannot help.
+    #[error("job {id} was not in state {from} (lost a race, or the row was changed by hand)")]
+    NotInState { id: i64, from: String },
+    /// After a failed flush, the queue could not yet prove its commits durable (see `sync_wal`).
+    #[error("queue database not yet durable after a failed flush: {0}")]
+    NotDurable(String),
 }
 
 impl QueueError {
@@ -59,6 +68,47 @@ impl QueueError {
             }
             _ => false,
         }
+    }
+
+    /// Whether writing the same thing again later may succeed: the database was busy, full, or
+    /// failed an I/O. False for a write that lost its race ([`QueueError::NotInState`]) and for a
+    /// database that cannot be used at all.
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            QueueError::NotInState { .. } | QueueError::Unusable { .. } | QueueError::Migrate(_)
+        )
+    }
+}
+
+/// Test hooks: faults the queue injects into its own writes and flushes (see
+/// [`Queue::inject_fault`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `mark_declared` fails before reaching SQLite, as with "database is locked".
+    Declared,
+    /// `mark_uploaded` fails the same way.
+    Uploaded,
+    /// Any outcome write (declared, uploaded, retry, failed, dropped, after-upload) fails.
+    Write,
+    /// The next WAL flush fails with EIO after its commit went in.
+    Sync,
+}
+
+#[derive(Debug, Default)]
+struct Faults([std::sync::atomic::AtomicU32; 4]);
+
+impl Faults {
+    /// Consumes one armed fault of `kind` (or of the catch-all `Write` for writes).
+    fn take(&self, kind: Fault) -> bool {
+        use std::sync::atomic::Ordering;
+        let dec = |i: usize| {
+            self.0[i]
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok()
+        };
+        dec(kind as usize) || (kind != Fault::Sync && dec(Fault::Write as usize))
     }
 }
 
@@ -176,6 +226,10 @@ pub struct Queue {
     path: PathBuf,
     /// Makes the write-ahead log durable for [`Queue::sync_wal`].
     wal_sync: Arc<walsync::WalSync>,
+    /// Set when a flush of the WAL failed: until a checkpoint has put everything into the
+    /// database file, a later flush that succeeds proves nothing (see `sync_wal`).
+    wal_suspect: Arc<std::sync::atomic::AtomicBool>,
+    faults: Arc<Faults>,
 }
 
 impl std::fmt::Debug for Queue {
@@ -231,7 +285,7 @@ impl Queue {
             // (`sync_wal`). An fsync per state change would cap throughput near 100 jobs per
             // second on the disk measured.
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         // One connection: SQLite has one writer at a time anyway, and with several connections
         // the losers of each race sleep in SQLite's busy handler (1, 2, 5, 10 ... 100 ms steps).
@@ -264,7 +318,25 @@ impl Queue {
             pool,
             path: path.to_path_buf(),
             wal_sync: Arc::new(walsync::WalSync::new(PathBuf::from(wal))),
+            wal_suspect: Default::default(),
+            faults: Default::default(),
         })
+    }
+
+    /// Test hook: the next `n` operations of `kind` fail (see [`Fault`]). Shared by every clone of
+    /// this queue, so a test arms the daemon's own queue through its handle.
+    #[doc(hidden)]
+    pub fn inject_fault(&self, kind: Fault, n: u32) {
+        self.faults.0[kind as usize].store(n, std::sync::atomic::Ordering::Release);
+    }
+
+    fn fault(&self, kind: Fault) -> Result<(), QueueError> {
+        if self.faults.take(kind) {
+            return Err(QueueError::Db(sqlx::Error::Io(std::io::Error::other(
+                "database is locked (injected test fault)",
+            ))));
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -445,12 +517,13 @@ impl Queue {
     /// Makes every commit so far durable against power loss (they are NORMAL commits, safe against
     /// a crash but not a power cut). Called before a recording is moved or deleted, so the
     /// `uploaded` record that allowed it cannot be rolled back while the file is already gone.
+    ///
+    /// A flush of the WAL, as for the interaction id, not a checkpoint: a FULL checkpoint waits for
+    /// every reader (`callferry list` on a big queue holds one for seconds) on the daemon's only
+    /// connection, so one reader stalled every worker for the 10 s busy timeout, and its "busy"
+    /// answer (nothing made durable) was ignored anyway (issue 17).
     pub async fn make_durable(&self) -> Result<(), QueueError> {
-        // A FULL checkpoint syncs the WAL and copies it into the database file, which it syncs too.
-        sqlx::query("PRAGMA wal_checkpoint(FULL)")
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.sync_wal().await
     }
 
     /// Records the interaction id *before* the upload starts: from here on the job is never
@@ -464,6 +537,7 @@ impl Queue {
         interaction_id: &str,
         now: i64,
     ) -> Result<(), QueueError> {
+        self.fault(Fault::Declared)?;
         // One statement; the `declared` event is written by a trigger in the same transaction.
         let n = sqlx::query(
             "UPDATE jobs SET state = 'uploading', interaction_id = ?1, updated_at = ?2, last_error = NULL \
@@ -481,8 +555,61 @@ impl Queue {
     }
 
     /// Makes every commit so far survive power loss (see `walsync`).
+    ///
+    /// After a failed flush this is not enough. A failed writeback leaves the kernel's pages
+    /// marked clean, so the next fdatasync may succeed without writing them (PostgreSQL's
+    /// "fsyncgate"), and a WAL frame missing on disk ends SQLite's recovery there, dropping every
+    /// later commit too. So once a flush failed, durability is proven only by a checkpoint that
+    /// copies the whole WAL into the database file, syncs it, and restarts the WAL (new salts, so
+    /// no later frame follows a bad one). Until one succeeds, this returns an error and the caller
+    /// keeps its outcome in memory and tries again.
     pub async fn sync_wal(&self) -> Result<(), QueueError> {
-        self.wal_sync.sync().await.map_err(|e| self.wal_error(e))
+        use std::sync::atomic::Ordering;
+        if self.wal_suspect.load(Ordering::Acquire) {
+            return self.checkpoint_after_failed_flush().await;
+        }
+        let r = if self.faults.take(Fault::Sync) {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            self.wal_sync.sync().await
+        };
+        r.map_err(|e| {
+            self.wal_suspect.store(true, Ordering::Release);
+            self.wal_error(e)
+        })
+    }
+
+    async fn checkpoint_after_failed_flush(&self) -> Result<(), QueueError> {
+        if self.faults.take(Fault::Sync) {
+            return Err(self.wal_error(std::io::Error::from_raw_os_error(libc::EIO)));
+        }
+        // An answer of "busy" means the WAL was not wholly copied, or not restarted, and nothing is
+        // proven yet. RESTART would wait the busy timeout for readers of the old WAL, holding the
+        // daemon's only connection for 10 s; the caller tries again every second instead.
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("PRAGMA busy_timeout = 0")
+            .execute(&mut *conn)
+            .await?;
+        let r: Result<(i64, i64, i64), sqlx::Error> =
+            sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
+                .fetch_one(&mut *conn)
+                .await;
+        sqlx::query(AssertSqlSafe(format!(
+            "PRAGMA busy_timeout = {}",
+            BUSY_TIMEOUT.as_millis()
+        )))
+        .execute(&mut *conn)
+        .await?;
+        let (busy, log, done) = r?;
+        if busy != 0 || done < log {
+            return Err(QueueError::NotDurable(format!(
+                "a reader holds the database, so the write-ahead log could not be checkpointed \
+                 ({done} of {log} frames copied)"
+            )));
+        }
+        self.wal_suspect
+            .store(false, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     fn wal_error(&self, source: std::io::Error) -> QueueError {
@@ -518,6 +645,9 @@ impl Queue {
 
     /// `uploading` → `uploaded`, with the status that proved it (201, or 409). `follow_at`: when
     /// to first ask for its processing status (results enabled), or None.
+    ///
+    /// Idempotent for the same arguments: a commit whose answer was an I/O error may have gone in,
+    /// and the caller's second try must not then fail as a lost race.
     pub async fn mark_uploaded(
         &self,
         id: i64,
@@ -525,14 +655,15 @@ impl Queue {
         follow_at: Option<i64>,
         now: i64,
     ) -> Result<(), QueueError> {
+        self.fault(Fault::Uploaded)?;
         // One statement; the `uploaded` event is written by a trigger in the same transaction.
         let n = sqlx::query(
-            "UPDATE jobs SET state = 'uploaded', upload_status = ?, updated_at = ?, last_error = NULL, \
-             uploaded_at = ?, follow_at = ?, follow_attempts = 0 \
-             WHERE id = ? AND state = 'uploading'",
+            "UPDATE jobs SET state = 'uploaded', upload_status = ?1, updated_at = ?2, last_error = NULL, \
+             uploaded_at = ?2, follow_at = ?3, follow_attempts = 0 \
+             WHERE id = ?4 AND (state = 'uploading' \
+             OR (state = 'uploaded' AND upload_status = ?1 AND uploaded_at = ?2))",
         )
         .bind(status as i64)
-        .bind(now)
         .bind(now)
         .bind(follow_at)
         .bind(id)
@@ -563,6 +694,7 @@ impl Queue {
                 ))));
             }
         };
+        self.fault(Fault::Write)?;
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "UPDATE jobs SET state = ?, attempts = attempts + ?, next_attempt_at = ?, \
@@ -589,6 +721,7 @@ impl Queue {
     /// A claimed job that was never declared, whose file vanished: removed from the queue (there is
     /// nothing to upload and nothing at the service to account for).
     pub async fn drop_undeclared(&self, job: &Job) -> Result<(), QueueError> {
+        self.fault(Fault::Write)?;
         let n =
             sqlx::query("DELETE FROM jobs WHERE id = ? AND state = ? AND interaction_id IS NULL")
                 .bind(job.id)
@@ -601,6 +734,7 @@ impl Queue {
 
     /// A claimed job needs an operator: → `failed`, keeping the reason.
     pub async fn fail(&self, job: &Job, error: &str, now: i64) -> Result<(), QueueError> {
+        self.fault(Fault::Write)?;
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "UPDATE jobs SET state = 'failed', last_error = ?, updated_at = ?, \
@@ -930,6 +1064,7 @@ impl Queue {
     }
 
     pub async fn mark_disposed(&self, id: i64, what: &str, now: i64) -> Result<(), QueueError> {
+        self.fault(Fault::Write)?;
         let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE jobs SET disposed = 1, updated_at = ? WHERE id = ?")
             .bind(now)
@@ -1062,9 +1197,10 @@ fn expect_one(n: u64, id: i64, from: &str) -> Result<(), QueueError> {
     if n == 1 {
         Ok(())
     } else {
-        Err(QueueError::Db(sqlx::Error::Protocol(format!(
-            "job {id} was not in state {from} (lost a race, or the row was changed by hand)"
-        ))))
+        Err(QueueError::NotInState {
+            id,
+            from: from.to_string(),
+        })
     }
 }
 

@@ -355,3 +355,69 @@ fn zero_extend_appends_and_never_overwrites() {
     super::walsync::zero_extend(&p, 10).unwrap();
     assert_eq!(std::fs::read(&p).unwrap(), bytes);
 }
+
+#[tokio::test]
+async fn after_a_failed_flush_only_a_whole_checkpoint_proves_durability() {
+    use sqlx::Connection;
+    let (d, q) = fresh().await;
+    q.enqueue(&[nj("/rec/a.wav", 10, 1)], 100).await.unwrap();
+    let j = q.claim(100).await.unwrap().unwrap();
+    // A reader on an old snapshot: the WAL's later frames cannot be checkpointed past it.
+    let mut reader = sqlx::SqliteConnection::connect_with(
+        &SqliteConnectOptions::new()
+            .filename(d.path().join("state/queue.db"))
+            .busy_timeout(Duration::from_millis(50)),
+    )
+    .await
+    .unwrap();
+    sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
+    sqlx::query("SELECT COUNT(*) FROM jobs")
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+    q.inject_fault(Fault::Sync, 1);
+    let e = q.mark_declared(j.id, "iid-1", 101).await.unwrap_err();
+    assert!(e.is_transient() && e.to_string().contains("flush"), "{e}");
+    // The id is committed; a flush that now "succeeds" would prove nothing, so the queue insists
+    // on a checkpoint, which the reader blocks.
+    let e = q.mark_declared(j.id, "iid-1", 102).await.unwrap_err();
+    assert!(
+        matches!(e, QueueError::NotDurable(_)) && e.is_transient(),
+        "{e}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut reader).await.unwrap();
+    q.mark_declared(j.id, "iid-1", 103).await.unwrap();
+    // Proven: everything is in the database file, and later flushes are plain ones again.
+    q.sync_wal().await.unwrap();
+    let j = q.get(j.id).await.unwrap().unwrap();
+    assert_eq!(j.interaction_id.as_deref(), Some("iid-1"));
+    assert_eq!(j.state, State::Uploading);
+}
+
+#[tokio::test]
+async fn injected_write_faults_are_transient_and_a_lost_race_is_not() {
+    let (_d, q) = fresh().await;
+    q.enqueue(&[nj("/rec/a.wav", 10, 1)], 100).await.unwrap();
+    let j = q.claim(100).await.unwrap().unwrap();
+    q.inject_fault(Fault::Write, 1);
+    let e = q
+        .reschedule(&j, Some("x"), 100, true, 100)
+        .await
+        .unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    q.reschedule(&j, Some("x"), 100, true, 100).await.unwrap();
+    let e = q
+        .reschedule(&j, Some("x"), 100, true, 100)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, QueueError::NotInState { .. }) && !e.is_transient(),
+        "{e}"
+    );
+    // An upload's outcome written twice (the first answer lost) is not a lost race.
+    let j = q.claim(100).await.unwrap().unwrap();
+    q.mark_declared(j.id, "iid", 101).await.unwrap();
+    q.mark_uploaded(j.id, 201, None, 102).await.unwrap();
+    q.mark_uploaded(j.id, 201, None, 102).await.unwrap();
+    assert_eq!(q.counts().await.unwrap().uploaded, 1);
+}

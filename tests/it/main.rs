@@ -4,6 +4,7 @@
 mod bench_smoke;
 mod chaos;
 mod cli;
+mod durability;
 mod flow;
 mod fsopen;
 mod hardening;
