@@ -126,3 +126,83 @@ async fn a_long_reader_holds_up_neither_uploads_nor_deletes() {
     sqlx::query("ROLLBACK").execute(&mut reader).await.unwrap();
     app.stop().await;
 }
+
+/// `callferry enqueue` of a backlog while the daemon uploads: every file is queued (before, a
+/// deferred transaction's upgrade to a writer failed at once with "database is locked" as soon as
+/// the daemon wrote in between, and the command stopped there without waking the daemon).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_of_a_backlog_beside_a_busy_daemon_queues_every_file() {
+    const BACKLOG: usize = 2_000;
+    const LIVE: usize = 150;
+    let mut app = TestApp::start("").await;
+    let backlog = app.dir.path().join("backlog");
+    std::fs::create_dir_all(&backlog).unwrap();
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    let bytes = callferry::demo::wav_bytes(0.01, 440.0);
+    let mut args = Vec::new();
+    for i in 0..BACKLOG {
+        let p = backlog.join(format!("old-{i:05}.wav"));
+        std::fs::write(&p, &bytes).unwrap();
+        // Long finished: complete at once, with no settle period to wait out.
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        args.push(p);
+    }
+    // The daemon busy with recordings of its own while the command runs.
+    for i in 0..LIVE {
+        app.drop_file(&format!("live-{i:03}.wav"), &bytes);
+    }
+    eventually("the daemon to be uploading", || async {
+        app.handle.queue.counts().await.unwrap().uploaded > 0
+    })
+    .await;
+    let cfg = app.dir.path().join("callferry.toml");
+    std::fs::write(
+        &cfg,
+        config_text(&app.fake.base_url(), app.dir.path(), &app.extra_toml),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_callferry"))
+            .env_remove("CALLFERRY_CONFIG")
+            .env_remove("RUST_LOG")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("enqueue")
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let queued = stdout.lines().filter(|l| l.starts_with("queued")).count();
+    let busy_meanwhile = app.handle.queue.counts().await.unwrap();
+    eprintln!("enqueue: {queued} of {BACKLOG} queued; daemon meanwhile: {busy_meanwhile:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        stderr.lines().take(5).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(queued, BACKLOG, "every file queued");
+    let jobs = app.jobs().await;
+    let in_db = jobs
+        .iter()
+        .filter(|j| j.path.contains("/backlog/old-"))
+        .count();
+    assert_eq!(in_db, BACKLOG);
+    // The daemon was woken and takes the backlog (no idle recheck to wait for).
+    eventually("the daemon to take the backlog", || async {
+        app.jobs().await.iter().any(|j| {
+            j.path.contains("/backlog/old-") && j.state == callferry::queue::State::Uploaded
+        })
+    })
+    .await;
+    app.stop().await;
+}
