@@ -597,3 +597,55 @@ async fn watchdog_pings_come_at_about_half_a_short_watchdogsec() {
         "median gap {median:.2} s with WatchdogSec=4s: {gaps:?}"
     );
 }
+
+/// Issue 17.6's condition (fixed by the queue: durability no longer waits on a checkpoint): another process holds a read transaction on the queue (a `list`
+/// streamed into a pager, a backup, `sqlite3` left open) while recordings arrive and
+/// `after_upload = "delete"` needs the uploaded state durable before it deletes. The uploads and
+/// deletes must go on at their usual pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_holding_the_database_does_not_stall_uploads_or_deletes() {
+    use sqlx::{ConnectOptions, Connection};
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    let fake = fake().await;
+    let cfg = write_config(
+        dir.path(),
+        &fake.base_url(),
+        "[after_upload]\naction = \"delete\"\n",
+    );
+    let log = dir.path().join("daemon.log");
+    let mut d = Daemon::spawn(&cfg, &log, &[]);
+    d.wait_log("callferry running").await;
+    let db = dir.path().join("state/queue.db");
+    let mut reader = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&db)
+        .read_only(true)
+        .connect()
+        .await
+        .unwrap();
+    let mut tx = reader.begin().await.unwrap();
+    let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    // The read transaction now pins a snapshot until it ends.
+    let started = Instant::now();
+    let files = drop_recordings(&rec, "held", 20) as u64;
+    wait_stored(&fake, files, || d.exited().map(|st| st.to_string())).await;
+    poll_for("the uploaded recordings to be deleted", || async {
+        let left = std::fs::read_dir(&rec).map_or(0, |d| d.count());
+        (left == 0).then_some(())
+    })
+    .await;
+    let took = started.elapsed();
+    tx.rollback().await.unwrap();
+    reader.close().await.unwrap();
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait(DEADLINE).await.code(), Some(0));
+    assert_each_once(&fake, files);
+    println!(
+        "a reader holding a snapshot ({seen} jobs): {files} recordings uploaded and deleted in {:.1}s",
+        took.as_secs_f64()
+    );
+}
