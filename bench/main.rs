@@ -13,6 +13,7 @@
 //! works and that every file arrives exactly once, and asserts nothing about speed.
 
 mod harness;
+mod history;
 mod peers;
 mod scenarios;
 
@@ -32,7 +33,7 @@ pub struct Args {
     /// CI smoke run: tiny sizes, no peers; checks correctness only, never speed.
     #[arg(long, conflicts_with = "quick")]
     smoke: bool,
-    /// Only these scenarios (1-6), comma-separated.
+    /// Only these scenarios (1-7), comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Skip the Python and curl peers.
@@ -248,7 +249,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     ) -> std::pin::Pin<
         Box<dyn std::future::Future<Output = anyhow::Result<()>> + 'a>,
     >;
-    let all: [(u8, &str, Scenario); 6] = [
+    let all: [(u8, &str, Scenario); 7] = [
         (1, "many small files", |c, r| {
             Box::pin(scenarios::many_small(c, r))
         }),
@@ -259,6 +260,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         (6, "bandwidth limit", |c, r| {
             Box::pin(scenarios::bandwidth(c, r))
         }),
+        (7, "history", |c, r| Box::pin(history::history(c, r))),
     ];
     for (n, name, f) in all {
         if !want(n) {

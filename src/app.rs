@@ -189,7 +189,7 @@ pub async fn run(
     }
     let follow_wake = Arc::new(Notify::new());
     // Workers that find a job's file gone ask the watcher to look for it (it may have moved).
-    let search = Arc::new(Notify::new());
+    let search = Arc::new(crate::watcher::Search::default());
     let pipeline = Arc::new(Pipeline {
         cfg: cfg.clone(),
         queue: queue.clone(),
@@ -261,6 +261,13 @@ pub async fn run(
     if cfg.results.enabled {
         tasks.spawn(crate::results::Follower::new(pipeline.clone()).run(background.clone()));
     }
+    // Old jobs go, fingerprints stay (queue.keep_history); a move/delete still to do keeps its job.
+    tasks.spawn(crate::queue::prune_task(
+        queue.clone(),
+        cfg.queue.keep_history,
+        cfg.after_upload.action == AfterUploadAction::Keep,
+        background.clone(),
+    ));
     let mut workers = JoinSet::new();
     for n in 0..cfg.upload.workers {
         workers.spawn(pipeline.clone().run_worker(n));

@@ -144,6 +144,9 @@ pub struct WatchConfig {
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
     pub database: PathBuf,
+    /// Jobs done longer ago than this are pruned, keeping a fingerprint that still prevents a
+    /// re-upload; zero keeps everything. Extension.
+    pub keep_history: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -330,12 +333,14 @@ impl Default for RawWatch {
 #[serde(default, deny_unknown_fields)]
 struct RawQueue {
     database: String,
+    keep_history: String,
 }
 
 impl Default for RawQueue {
     fn default() -> Self {
         RawQueue {
             database: "/var/lib/callferry/queue.db".into(),
+            keep_history: "90d".into(),
         }
     }
 }
@@ -660,7 +665,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "rescan_interval",
         ],
     ),
-    ("queue", &["database"]),
+    ("queue", &["database", "keep_history"]),
     (
         "upload",
         &[
@@ -1084,6 +1089,7 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
     // [queue]
     let queue = QueueConfig {
         database: non_empty_path("queue.database", &raw.queue.database)?,
+        keep_history: parse_duration("queue.keep_history", &raw.queue.keep_history)?,
     };
 
     // [upload]

@@ -345,6 +345,11 @@ impl Metrics {
         self.watcher_rescans.inc();
     }
 
+    /// The value of `callferry_watcher_rescans_total` (for tests).
+    pub fn watcher_rescans(&self) -> u64 {
+        self.watcher_rescans.get()
+    }
+
     pub fn watcher_overflow(&self) {
         self.watcher_overflows.inc();
     }

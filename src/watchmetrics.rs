@@ -17,6 +17,8 @@ pub struct WatchMetrics {
     not_queued: Counter,
     roots_unhealthy: Gauge,
     folders_polled: Gauge,
+    /// Full scans finished (not exported; tests wait on it, the startup scan runs after READY).
+    scans_done: std::sync::atomic::AtomicU64,
 }
 
 impl WatchMetrics {
@@ -39,6 +41,16 @@ impl WatchMetrics {
             m.folders_polled.clone(),
         );
         m
+    }
+
+    pub fn scan_done(&self) {
+        self.scans_done
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Full scans of every watched folder finished so far (the first is the startup scan).
+    pub fn scans_done(&self) -> u64 {
+        self.scans_done.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn file_not_queued(&self) {

@@ -49,8 +49,9 @@ pub struct Pipeline {
     /// then need no polling at all to notice a `callferry retry` or `enqueue`.
     pub db_events: std::sync::atomic::AtomicBool,
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// Asks the watcher to rescan: a job's file left its path (moved inside the watched folders?).
-    pub search: Arc<Notify>,
+    /// Asks the watcher to look for a job's recording: its file left its path (moved inside the
+    /// watched folders?).
+    pub search: Arc<crate::watcher::Search>,
     /// Jobs whose file is not at their path, and since when (unix ms). In memory only: a restart
     /// starts the wait again, and its startup scan is a search of its own.
     pub missing: std::sync::Mutex<std::collections::HashMap<i64, i64>>,
@@ -271,10 +272,15 @@ impl Pipeline {
                 return;
             }
         };
-        self.missing
+        if self
+            .missing
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&job.id);
+            .remove(&job.id)
+            .is_some()
+        {
+            self.search.done(&job);
+        }
 
         if job.state == State::Declaring {
             let req = self.declare_request(&job, &path);
@@ -393,6 +399,7 @@ impl Pipeline {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&job.id);
+            self.search.done(job);
             let waited =
                 humantime::format_duration(Duration::from_secs(((now - since) / 1000) as u64));
             let msg = match &job.interaction_id {
@@ -419,7 +426,7 @@ impl Pipeline {
                 "file is not at its path any more (moved?); looking for it in the watched folders"
             );
         }
-        self.search.notify_one();
+        self.search.want(job);
         let msg = format!(
             "file not at {} (moved?); looking for it in the watched folders",
             path.display()

@@ -25,6 +25,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 
+pub use history::{fingerprint, prune_task};
 pub use state::State;
 
 /// Written into the database header so a foreign SQLite file is never mistaken for ours.
@@ -407,6 +408,11 @@ impl Queue {
         // waiting) when another process wrote meanwhile: `callferry enqueue` beside a busy daemon
         // queued 0 to 11 of 10,000 files (issue 17).
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // Uploaded long ago and pruned since (`queue.keep_history`): their fingerprints know them.
+        let all: Vec<usize> = (0..jobs.len()).collect();
+        let pruned = Self::pruned_versions(&mut tx, jobs, &all).await?;
+        let first: Vec<usize> = first.into_iter().filter(|i| !pruned.contains(i)).collect();
+        let again: Vec<usize> = again.into_iter().filter(|i| !pruned.contains(i)).collect();
         let mut queued: Vec<i64> = Vec::new();
         if !first.is_empty() {
             let json = batch(&first);

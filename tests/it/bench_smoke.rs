@@ -1,5 +1,5 @@
 //! The benchmarks' CI smoke run: `callferry-bench --smoke` drives the real binaries (daemon and
-//! fake as child processes) through all six scenarios at tiny sizes. It checks that each works and
+//! fake as child processes) through all seven scenarios at tiny sizes. It checks that each works and
 //! that every file arrives exactly once; it asserts nothing about speed, and needs no Python or curl.
 
 use std::process::Command;
@@ -29,6 +29,7 @@ fn benchmarks_smoke_run() {
         "| 4 |",
         "| 5 |",
         "| 6 |",
+        "| 7 |",
     ] {
         assert!(stdout.contains(scenario), "no {scenario} row in:\n{stdout}");
     }

@@ -54,8 +54,8 @@ fn exchange(path: &Path, make: impl FnOnce(&Path)) {
     std::fs::remove_file(&tmp).unwrap();
 }
 
-/// Candidates the watcher already has when `start` returns: files there before the daemon started
-/// (the startup scan sees them and judges them before the daemon reports ready).
+/// Candidates the watcher already has when this returns: files there before the daemon started,
+/// seen by the startup scan (which runs right after READY).
 async fn start_with_candidates(names: &[&str]) -> TestApp {
     let mut app = TestApp::start("").await;
     app.stop().await;
@@ -63,6 +63,10 @@ async fn start_with_candidates(names: &[&str]) -> TestApp {
         std::fs::write(app.rec.join(n), unfinished_wav()).unwrap();
     }
     app.restart().await;
+    eventually("the startup scan", || async {
+        app.handle.metrics.watch.scans_done() >= 1
+    })
+    .await;
     app
 }
 

@@ -220,3 +220,64 @@ async fn a_recording_replaced_by_another_call_at_its_path_is_followed_to_where_i
     assert_eq!(app.fake.counters().declares, 2);
     app.stop().await;
 }
+
+/// Opens of `name` in `dir` seen by inotify, counted from now on.
+fn count_opens(
+    dir: &Path,
+    name: &'static str,
+) -> (
+    notify::RecommendedWatcher,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use notify::Watcher;
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let n2 = n.clone();
+    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(ev) = ev
+            && matches!(
+                ev.kind,
+                notify::EventKind::Access(notify::event::AccessKind::Open(_))
+            )
+            && ev
+                .paths
+                .iter()
+                .any(|p| p.file_name() == Some(name.as_ref()))
+        {
+            n2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
+    .unwrap();
+    w.watch(dir, notify::RecursiveMode::NonRecursive).unwrap();
+    (w, n)
+}
+
+async fn wait_rescans(app: &TestApp, more: u64) {
+    let from = app.handle.metrics.watcher_rescans();
+    eventually(&format!("{more} more rescans"), || async {
+        app.handle.metrics.watcher_rescans() >= from + more
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rescan_costs_a_known_unchanged_recording_one_stat_and_never_an_open() {
+    let mut app = TestApp::start("[watch]\nrescan_interval = \"1s\"\n").await;
+    let a = wav(1.0);
+    let p = app.drop_file("known.wav", &a);
+    app.wait_state(&p, "uploaded").await;
+    let (_w, opens) = count_opens(&app.rec, "known.wav");
+    // Periodic rescans see it again and again: before, each one re-opened it (header, lease
+    // probe) and asked the queue about it.
+    wait_rescans(&app, 3).await;
+    // A marker dropped now and uploaded proves the watcher was working all along.
+    let m = app.drop_file("marker.wav", &wav(0.5));
+    app.wait_state(&m, "uploaded").await;
+    assert_eq!(opens.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // After a restart too: the known versions are loaded from the queue, not found by opening.
+    app.stop().await;
+    app.restart().await;
+    wait_rescans(&app, 2).await;
+    assert_eq!(opens.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(app.fake.counters().declares, 2);
+    app.stop().await;
+}
