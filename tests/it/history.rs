@@ -118,13 +118,17 @@ async fn after_upload_move_never_replaces_an_earlier_call_with_the_same_name() {
     .await;
     assert_eq!(std::fs::read(&dest).unwrap(), a, "the first call is kept");
     assert_eq!(std::fs::read(&dest2).unwrap(), b);
-    let events = app.handle.queue.events(v[1].id).await.unwrap();
-    assert!(
-        events
+    // Recorded after the move itself, so polled for.
+    eventually("the move to be recorded under its own name", || async {
+        app.handle
+            .queue
+            .events(v[1].id)
+            .await
+            .unwrap()
             .iter()
-            .any(|(_, e, d)| e == "after-upload" && d.as_deref().unwrap_or("").contains(&iid2)),
-        "{events:?}"
-    );
+            .any(|(_, e, d)| e == "after-upload" && d.as_deref().unwrap_or("").contains(&iid2))
+    })
+    .await;
     app.stop().await;
 }
 /// Where a test moves a recording to, inside the watched tree.
