@@ -442,11 +442,13 @@ impl ApiClient {
         path: &Path,
         size: u64,
     ) -> Result<UploadOutcome, ApiError> {
-        let name = path
-            .file_name()
-            .ok_or_else(|| ApiError::Local(format!("{} has no file name", path.display())))?
-            .to_string_lossy()
-            .into_owned();
+        if path.file_name().is_none() {
+            return Err(ApiError::Local(format!(
+                "{} has no file name",
+                path.display()
+            )));
+        }
+        let name = crate::worker::wire_name(path);
         let file = std::fs::File::open(path)
             .map_err(|e| ApiError::Local(format!("{}: {e}", path.display())))?;
         self.upload_file(id, file, &name, path, size).await
@@ -492,7 +494,13 @@ impl ApiClient {
                 .file_name(name.clone())
                 .mime_str("application/octet-stream")
                 .map_err(|e| ApiError::Protocol(e.to_string()))?;
-        let form = reqwest::multipart::Form::new().part(name, part);
+        // Names as browsers send them: raw UTF-8 in quotes. reqwest's default percent-encodes a
+        // non-ASCII field name into `name*=utf-8''...`, which leaves the plain `name` empty, so a
+        // recording called "José.wav" was refused (400) as having no field name. The caller's
+        // name has no quotes, backslashes or control characters (see `worker::wire_name`).
+        let form = reqwest::multipart::Form::new()
+            .percent_encode_noop()
+            .part(name, part);
         let url = self.url(&format!("interactions/{id}/upload"));
         let r = self.guarded(&progress, async {
             let resp = self

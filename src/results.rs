@@ -46,9 +46,9 @@ pub fn result_path(output_dir: &Path, job: &Job, kind: &str) -> PathBuf {
 /// per day), so this one's results carry its interaction id (`<rel>.<interaction id>.<kind>.json`)
 /// and never replace the first call's, which keeps the plain name it always had.
 pub fn result_path_for(output_dir: &Path, job: &Job, kind: &str, later_call: bool) -> PathBuf {
-    let path = Path::new(&job.path);
+    let (path, root) = (job.fs_path(), job.fs_root());
     let rel = path
-        .strip_prefix(&job.root)
+        .strip_prefix(&root)
         .ok()
         .filter(|r| !r.as_os_str().is_empty())
         .unwrap_or_else(|| Path::new(path.file_name().unwrap_or_default()));

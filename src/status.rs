@@ -302,7 +302,7 @@ pub fn list_text_row(j: &Job, now: i64) -> String {
             j.attempts,
             next,
             j.interaction_id.as_deref().unwrap_or("-"),
-            j.path
+            j.display_path()
         ));
         if let Some(e) = &j.last_error
             && j.state.public().as_str() != "uploaded"

@@ -843,7 +843,7 @@ impl State {
     async fn follow_moves(&mut self, same: Vec<(NewJob, i64, String)>) {
         let olds: Vec<(PathBuf, u64, u64)> = same
             .iter()
-            .map(|(j, _, old)| (PathBuf::from(old), j.dev, j.ino))
+            .map(|(j, _, old)| (crate::queue::decode_path(old), j.dev, j.ino))
             .collect();
         let left: Vec<bool> = tokio::task::spawn_blocking(move || {
             olds.iter()
@@ -857,9 +857,11 @@ impl State {
         .unwrap_or_default();
         let mut followed = false;
         for ((j, existing, old), left) in same.into_iter().zip(left) {
-            let new_path = j.path.to_string_lossy();
+            let new_path = crate::queue::encode_path(&j.path);
+            let shown = j.path.display();
+            let was = crate::queue::display_path(&old);
             if left {
-                let root = j.root.to_string_lossy();
+                let root = crate::queue::encode_path(&j.root);
                 match self
                     .queue
                     .follow_move(existing, &old, &new_path, &root, now_ms())
@@ -867,19 +869,19 @@ impl State {
                 {
                     Ok(true) => {
                         followed = true;
-                        info!(job_id = existing, path = %new_path, was = %old,
+                        info!(job_id = existing, path = %shown, was = %was,
                             "recording moved while its job waited: the job follows it and uploads it from here");
                         continue;
                     }
                     Ok(false) => {}
                     Err(e) => {
                         // Found again at the next rescan; the worker meanwhile waits for it.
-                        warn!(job_id = existing, path = %new_path, error = %e, "cannot record that a recording moved");
+                        warn!(job_id = existing, path = %shown, error = %e, "cannot record that a recording moved");
                         continue;
                     }
                 }
             }
-            info!(path = %new_path, same_as = %old, job_id = existing,
+            info!(path = %shown, same_as = %was, job_id = existing,
                 "same recording as an already queued file (hard link or move): not uploaded again");
         }
         if followed {

@@ -104,7 +104,7 @@ impl Pipeline {
                 Ok(Some(job)) => {
                     self.storage_recovered().await;
                     let id = job.id;
-                    let span = info_span!("job", job_id = job.id, path = %job.path,
+                    let span = info_span!("job", job_id = job.id, path = %job.display_path(),
                         interaction_id = job.interaction_id.as_deref().unwrap_or(""),
                         attempt = job.attempts + 1);
                     tokio::select! {
@@ -248,7 +248,7 @@ impl Pipeline {
     }
 
     async fn process(&self, mut job: Job) {
-        let path = PathBuf::from(&job.path);
+        let path = job.fs_path();
 
         // The version we queued must still be the one on disk, reached without links; the
         // descriptor opened here is the one uploaded.
@@ -323,11 +323,7 @@ impl Pipeline {
             return;
         };
         let started = std::time::Instant::now();
-        let name = path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
+        let name = wire_name(&path);
         match self
             .api
             .upload_file(&iid, file, &name, &path, job.size)
@@ -555,7 +551,7 @@ impl Pipeline {
         if action == AfterUploadAction::Keep {
             return;
         }
-        let path = PathBuf::from(&job.path);
+        let path = job.fs_path();
         if let Err(e) = self.queue.make_durable().await {
             // Without a durable `uploaded` record the file must stay: tried again at next start.
             warn!(error = %e, "cannot make the upload record durable; the recording stays where it is for now");
@@ -566,7 +562,7 @@ impl Pipeline {
             AfterUploadAction::Move => {
                 let dest_root = self.cfg.after_upload.move_to.clone().unwrap_or_default();
                 let rel = path
-                    .strip_prefix(&job.root)
+                    .strip_prefix(job.fs_root())
                     .unwrap_or(Path::new(path.file_name().unwrap_or_default()));
                 let dest = dest_root.join(rel);
                 let (p, j) = (path.clone(), job.clone());
@@ -590,6 +586,24 @@ impl Pipeline {
     }
 }
 
+/// The file's name as the service is told it (form field name and filename): bytes that are not
+/// UTF-8 as U+FFFD, and the characters that would break out of a quoted multipart header value
+/// (quotes, backslashes, control characters) as `_`.
+pub fn wire_name(path: &Path) -> String {
+    path.file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c == '"' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
 const NOT_THERE: &str = "it is not there";
 
 /// What the pre-upload check found at a job's path.
@@ -610,8 +624,7 @@ enum Checked {
 /// device (rows queued before those were recorded have 0 there and skip that part).
 fn open_queued(job: &Job) -> Checked {
     use std::os::unix::fs::MetadataExt;
-    let (root, path) = (Path::new(&job.root), Path::new(&job.path));
-    let file = match crate::safefs::open_beneath(root, path) {
+    let file = match crate::safefs::open_beneath(&job.fs_root(), &job.fs_path()) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Checked::Gone(NOT_THERE.into());
@@ -860,6 +873,14 @@ fn move_across(src: &Path, dest: &Path, job: &Job) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wire_name_cannot_break_out_of_its_header() {
+        use std::os::unix::ffi::OsStrExt;
+        let p = Path::new(std::ffi::OsStr::from_bytes(b"/r/O\"Bri\xe9n\r\n\\x.wav"));
+        assert_eq!(wire_name(p), "O_Bri\u{FFFD}n___x.wav");
+        assert_eq!(wire_name(Path::new("/r/José.wav")), "José.wav");
+    }
 
     fn job_for(path: &Path, iid: &str) -> Job {
         use std::os::unix::fs::MetadataExt;

@@ -14,7 +14,7 @@ impl Queue {
         )
         .bind(&job.path)
         .bind(job.id)
-        .bind(fingerprint::path(job.path.as_bytes()))
+        .bind(fingerprint::path(&raw(&job.path)))
         .fetch_one(&self.pool)
         .await?;
         Ok(earlier)
@@ -66,6 +66,12 @@ impl Queue {
 /// builds and processes (unlike std's hasher). A collision needs 2^32 fingerprints to become
 /// likely; at ten million it is about one in 10^5, and it would only make a file be taken for
 /// one already uploaded.
+/// A stored path's bytes, as the watcher fingerprints them (see [`super::paths`]).
+fn raw(stored: &str) -> Vec<u8> {
+    use std::os::unix::ffi::OsStringExt;
+    super::decode_path(stored).into_os_string().into_vec()
+}
+
 pub mod fingerprint {
     use sha2::{Digest, Sha256};
 
@@ -147,7 +153,7 @@ impl Queue {
             .await?;
         out.extend(
             rows.iter()
-                .map(|(p, size, mtime)| fingerprint::version(p.as_bytes(), *size as u64, *mtime)),
+                .map(|(p, size, mtime)| fingerprint::version(&raw(p), *size as u64, *mtime)),
         );
         Ok(out)
     }
@@ -184,8 +190,9 @@ impl Queue {
             let mut ids = Vec::with_capacity(rows.len());
             for (id, path, size, mtime, dev, ino) in &rows {
                 ids.push(*id);
-                prints.push(fingerprint::version(path.as_bytes(), *size as u64, *mtime));
-                prints.push(fingerprint::path(path.as_bytes()));
+                let path = raw(path);
+                prints.push(fingerprint::version(&path, *size as u64, *mtime));
+                prints.push(fingerprint::path(&path));
                 if *ino != 0 {
                     prints.push(fingerprint::inode(
                         *dev as u64,

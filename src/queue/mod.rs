@@ -8,6 +8,7 @@
 //! this database is the truth.
 
 mod history;
+mod paths;
 mod state;
 mod stats;
 mod walsync;
@@ -26,6 +27,7 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 
 pub use history::{fingerprint, prune_task};
+pub use paths::{decode_path, display_path, encode_path};
 pub use state::State;
 
 /// Written into the database header so a foreign SQLite file is never mistaken for ours.
@@ -117,7 +119,11 @@ impl Faults {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Job {
     pub id: i64,
+    /// The path as stored (see [`encode_path`]): exact in SQL, [`Job::fs_path`] for the file
+    /// system, [`Job::display_path`] for people. Listed (`--json`) as displayed.
+    #[serde(serialize_with = "paths::serialize_display")]
     pub path: String,
+    #[serde(serialize_with = "paths::serialize_display")]
     pub root: String,
     pub size: u64,
     pub mtime_ns: i64,
@@ -140,6 +146,23 @@ pub struct Job {
     pub service_status: Option<String>,
     /// Result kinds already written to disk.
     pub results_written: Vec<String>,
+}
+
+impl Job {
+    /// The recording's path, byte for byte (a name need not be UTF-8).
+    pub fn fs_path(&self) -> PathBuf {
+        decode_path(&self.path)
+    }
+
+    /// The watched folder it was found under, byte for byte.
+    pub fn fs_root(&self) -> PathBuf {
+        decode_path(&self.root)
+    }
+
+    /// The path for logs and listings: bytes that are not UTF-8 shown as U+FFFD.
+    pub fn display_path(&self) -> String {
+        display_path(&self.path)
+    }
 }
 
 const JOB_COLUMNS: &str = "id, path, root, size, mtime_ns, dev, ino, state, attempts, \
@@ -391,8 +414,8 @@ impl Queue {
                         let j = &jobs[i];
                         serde_json::json!({
                             "i": i,
-                            "path": j.path.to_string_lossy(),
-                            "root": j.root.to_string_lossy(),
+                            "path": encode_path(&j.path),
+                            "root": encode_path(&j.root),
                             "size": j.size as i64,
                             "mtime": j.mtime_ns,
                             "dev": j.dev as i64,
@@ -452,7 +475,7 @@ impl Queue {
                     .iter()
                     .map(|&i| {
                         let j = &jobs[i];
-                        let path = j.path.to_string_lossy().into_owned();
+                        let path = encode_path(&j.path).into_owned();
                         ((path, j.size as i64, j.mtime_ns), i)
                     })
                     .collect();
@@ -474,7 +497,7 @@ impl Queue {
             .bind(j.dev as i64)
             .bind(j.size as i64)
             .bind(j.mtime_ns)
-            .bind(j.path.to_string_lossy().as_ref())
+            .bind(encode_path(&j.path).as_ref())
             .fetch_optional(&mut *tx)
             .await?;
             out[i] = same.map(|(existing, path)| Enqueued::SameFile { existing, path });
@@ -1052,7 +1075,7 @@ impl Queue {
             .map(|r| {
                 Ok((
                     r.try_get("job_id")?,
-                    r.try_get("path")?,
+                    display_path(&r.try_get::<String, _>("path")?),
                     r.try_get::<Option<String>, _>("detail")?
                         .unwrap_or_default(),
                     r.try_get("at")?,

@@ -192,3 +192,42 @@ async fn a_symlinked_folder_inside_the_tree_is_not_followed() {
     assert!(!stored.contains(&sha256(&wav(1.25))));
     app.stop().await;
 }
+
+/// Issue 12 item 3: a name that is not UTF-8 (a Latin-1 caller name). Stored lossily, the path no
+/// longer named the file: the job "vanished" and the file was queued again at every rescan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latin1_named_recording_is_uploaded_once_and_not_queued_again_by_rescans() {
+    use std::os::unix::ffi::OsStrExt;
+    let mut app = TestApp::start("[watch]\nrescan_interval = \"1s\"\n").await;
+    let name = std::ffi::OsStr::from_bytes(b"Jos\xe9 Mu\xf1oz 2026-12-01.wav");
+    let dir = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    std::fs::create_dir(app.rec.join(dir)).unwrap();
+    let p = app.rec.join(dir).join(name);
+    let tmp = app.rec.join(dir).join(".incoming.part");
+    let bytes = wav(1.0);
+    std::fs::write(&tmp, &bytes).unwrap();
+    std::fs::rename(&tmp, &p).unwrap();
+
+    let find = || async { app.jobs().await.into_iter().find(|j| j.fs_path() == p) };
+    let job = poll_for("the Latin-1 recording to be uploaded", || async {
+        find()
+            .await
+            .filter(|j| j.state.public().as_str() == "uploaded")
+    })
+    .await;
+    assert_eq!(job.display_path(), p.to_string_lossy());
+    let rescans = app.handle.metrics.watcher_rescans();
+    eventually("three more rescans", || async {
+        app.handle.metrics.watcher_rescans() >= rescans + 3
+    })
+    .await;
+    let jobs = app.jobs().await;
+    assert_eq!(jobs.len(), 1, "queued once: {jobs:?}");
+    assert_eq!(app.fake.counters().declares, 1);
+    let stored = stored_sha256s(&app);
+    assert_eq!(stored, vec![sha256(&bytes)]);
+    // Listed for people as the lossy name.
+    let listed = serde_json::to_value(&jobs[0]).unwrap();
+    assert_eq!(listed["path"], p.to_string_lossy().as_ref());
+    app.stop().await;
+}
