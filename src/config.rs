@@ -153,6 +153,9 @@ pub struct QueueConfig {
 pub struct UploadConfig {
     pub workers: usize,
     pub max_attempts: u32,
+    /// Declares per recording version whose answer may have been lost (each may have created an
+    /// interaction at the service) before the job fails. Extension.
+    pub max_declares: u32,
     pub max_age: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -352,6 +355,8 @@ struct RawUpload {
     workers: i64,
     #[serde(deserialize_with = "lenient")]
     max_attempts: i64,
+    #[serde(deserialize_with = "lenient")]
+    max_declares: i64,
     max_age: String,
     backoff_initial: String,
     backoff_max: String,
@@ -365,6 +370,7 @@ impl Default for RawUpload {
         RawUpload {
             workers: 4,
             max_attempts: 12,
+            max_declares: 3,
             max_age: "7d".into(),
             backoff_initial: "2s".into(),
             backoff_max: "10m".into(),
@@ -671,6 +677,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
         &[
             "workers",
             "max_attempts",
+            "max_declares",
             "max_age",
             "backoff_initial",
             "backoff_max",
@@ -1105,6 +1112,12 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
             "must be at least 1",
         ));
     }
+    if raw.upload.max_declares < 1 {
+        return Err(ConfigError::new(
+            "upload.max_declares",
+            "must be at least 1 (one declare per recording)",
+        ));
+    }
     if raw.upload.max_bytes_per_sec < 0 {
         return Err(ConfigError::new(
             "upload.max_bytes_per_sec",
@@ -1114,6 +1127,7 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
     let upload = UploadConfig {
         workers: raw.upload.workers as usize,
         max_attempts: raw.upload.max_attempts.min(u32::MAX as i64) as u32,
+        max_declares: raw.upload.max_declares.min(u32::MAX as i64) as u32,
         max_age: parse_duration("upload.max_age", &raw.upload.max_age)?,
         backoff_initial: parse_duration("upload.backoff_initial", &raw.upload.backoff_initial)?,
         backoff_max: parse_duration("upload.backoff_max", &raw.upload.backoff_max)?,

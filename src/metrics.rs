@@ -51,6 +51,8 @@ pub mod names {
     pub const RESULTS_FETCHED: &str = "callferry_results_fetched";
     /// `callferry_build_info{version}`
     pub const BUILD_INFO: &str = "callferry_build_info";
+    /// `callferry_orphan_declares_total`
+    pub const ORPHAN_DECLARES: &str = "callferry_orphan_declares";
 }
 
 mod help {
@@ -74,6 +76,10 @@ mod help {
         "File event bursts that overflowed the event queue or the kernel's; each causes a rescan";
     pub const RESULTS_FETCHED: &str = "Results files written, by kind (transcript, punctuated, ai fetched from the API; text made from punctuated)";
     pub const BUILD_INFO: &str = "Always 1; the version label says which callferry runs";
+    pub const ORPHAN_DECLARES: &str = "Declares whose answer was lost or unusable (reset, stall, \
+         gateway 5xx, unusable id, a crash in between), each of which may have left an interaction \
+         without audio at ElevateAI; read from the queue database at scrape time, so it survives \
+         restarts";
 }
 
 /// The label values of `callferry_uploads_total{outcome}`.
@@ -116,6 +122,8 @@ pub struct Snapshot {
     pub counts: Counts,
     pub oldest_pending_age_s: Option<f64>,
     pub paused: bool,
+    /// Declares whose answer was lost or unusable, in the life of the database.
+    pub orphan_declares: u64,
 }
 
 /// When the pipeline last did something, on a monotonic clock. Two notions:
@@ -187,6 +195,7 @@ pub struct Metrics {
     results_fetched: Family<OwnedLabel, Counter>,
     /// The watcher's metrics (files refused, unhealthy roots, polled folders).
     pub watch: crate::watchmetrics::WatchMetrics,
+    orphan_declares: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -217,6 +226,7 @@ impl Metrics {
         let watcher_overflows = Counter::default();
         let results_fetched = Family::<OwnedLabel, Counter>::default();
         let build_info = Family::<Label, Gauge>::default();
+        let orphan_declares = Counter::default();
 
         // Every label value exists from the start, so a rate() over a fresh series works.
         for s in JOB_STATES {
@@ -274,6 +284,11 @@ impl Metrics {
         );
         registry.register(n::BUILD_INFO, help::BUILD_INFO, build_info);
         let watch = crate::watchmetrics::WatchMetrics::register(&mut registry);
+        registry.register(
+            n::ORPHAN_DECLARES,
+            help::ORPHAN_DECLARES,
+            orphan_declares.clone(),
+        );
 
         Metrics {
             registry,
@@ -290,6 +305,7 @@ impl Metrics {
             watcher_overflows,
             results_fetched,
             watch,
+            orphan_declares,
         }
     }
 
@@ -387,6 +403,12 @@ impl Metrics {
         self.oldest_pending_age
             .set(snap.oldest_pending_age_s.unwrap_or(0.0));
         self.api_paused.set(i64::from(snap.paused));
+        // A fact of the database exposed as a counter: it only grows there, so the series only
+        // grows here.
+        let seen = self.orphan_declares.get();
+        if snap.orphan_declares > seen {
+            self.orphan_declares.inc_by(snap.orphan_declares - seen);
+        }
         let unix_now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -443,6 +465,7 @@ mod tests {
             "callferry_watcher_rescans_total",
             "callferry_watcher_overflows_total",
             "callferry_results_fetched_total",
+            "callferry_orphan_declares_total",
         ] {
             assert!(text.contains(&format!("# TYPE {n} ")), "{n} missing");
         }
@@ -474,8 +497,10 @@ mod tests {
             },
             oldest_pending_age_s: Some(12.5),
             paused: true,
+            orphan_declares: 4,
         };
         let t = m.render(&snap);
+        assert_eq!(value(&t, "callferry_orphan_declares_total"), Some(4.0));
         assert_eq!(value(&t, "callferry_files_discovered_total"), Some(3.0));
         assert_eq!(
             value(&t, "callferry_uploads_total{outcome=\"created\"}"),

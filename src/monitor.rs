@@ -60,6 +60,11 @@ impl Monitor {
             counts,
             oldest_pending_age_s: oldest,
             paused: self.gate.state().pause.is_some(),
+            orphan_declares: self
+                .queue
+                .orphan_declares()
+                .await
+                .map_err(|e| e.to_string())?,
         })
     }
 

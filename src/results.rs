@@ -628,6 +628,7 @@ mod tests {
             follow_attempts: 0,
             service_status: None,
             results_written: vec![],
+            orphans: 0,
         }
     }
 

@@ -28,6 +28,9 @@ pub struct StatusReport {
     pub last_error: Option<String>,
     pub recent_errors: Vec<RecentError>,
     pub database: String,
+    /// Declares whose answer was lost or unusable (each may have left an interaction without audio
+    /// at ElevateAI), in the life of the database.
+    pub orphan_declares: u64,
     /// Uploads recorded in the last hour: (jobs, bytes). For the table only; `--json` keeps its
     /// documented shape.
     #[serde(skip)]
@@ -59,6 +62,7 @@ pub async fn gather(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError
         })
         .collect();
     let last_hour = queue.uploaded_since(now - 3_600_000).await?;
+    let orphan_declares = queue.orphan_declares().await?;
     Ok(StatusReport {
         last_hour,
         counts,
@@ -69,6 +73,7 @@ pub async fn gather(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError
         last_error: recent.first().map(|e| e.error.clone()),
         recent_errors: recent,
         database: db.display().to_string(),
+        orphan_declares,
     })
 }
 
@@ -137,6 +142,14 @@ pub fn render_text(r: &StatusReport, style: Style) -> String {
     match r.oldest_pending_age_s {
         Some(age) => out.push_str(&format!("oldest      waiting for {}\n", human_age(age))),
         None => out.push_str("oldest      nothing waiting\n"),
+    }
+    if r.orphan_declares > 0 {
+        // Only when there are some: a line for a rare event that needs no action by itself.
+        out.push_str(&format!(
+            "orphans     {} declare(s) whose answer was lost; each may be an interaction \
+             without audio at ElevateAI\n",
+            r.orphan_declares
+        ));
     }
     out.push('\n');
     out.push_str(&style.bold(&format!("{:<12}{:>8}", "STATE", "JOBS")));
@@ -338,6 +351,7 @@ mod tests {
                 at: now_ms() - 180_000,
             }],
             database: "/var/lib/callferry/queue.db".into(),
+            orphan_declares: 2,
             last_hour: (42, 325_000_000),
         }
     }
@@ -349,6 +363,7 @@ mod tests {
         assert!(t.contains("uploads     PAUSED: API token rejected"), "{t}");
         assert!(t.contains("last hour   42 uploaded, 309.9 MiB"), "{t}");
         assert!(t.contains("oldest      waiting for 2m05s"), "{t}");
+        assert!(t.contains("orphans     2 declare(s)"), "{t}");
         assert!(t.contains("uploaded        1203"), "{t}");
         assert!(t.contains("failed             1"), "{t}");
         assert!(
@@ -359,6 +374,7 @@ mod tests {
         );
         let json = serde_json::to_value(report()).unwrap();
         assert!(json.get("last_hour").is_none(), "--json keeps its shape");
+        assert_eq!(json["orphan_declares"], 2);
     }
 
     #[test]
@@ -390,6 +406,7 @@ mod tests {
             follow_attempts: 0,
             service_status: None,
             results_written: vec!["transcript".into()],
+            orphans: 0,
         };
         for n in [0, 1, 3] {
             let jobs: Vec<Job> = (1..=n).map(job).collect();

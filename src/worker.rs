@@ -205,16 +205,16 @@ impl Pipeline {
     /// it, while every worker pauses. So a running daemon never forgets an interaction id nor
     /// leaves a job in flight until the next start. Only a write that lost its race is returned.
     /// At shutdown the grace's abort ends the wait.
-    async fn commit<F, Fut>(&self, mut write: F) -> Result<(), QueueError>
+    async fn commit<T, F, Fut>(&self, mut write: F) -> Result<T, QueueError>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(), QueueError>>,
+        Fut: std::future::Future<Output = Result<T, QueueError>>,
     {
         loop {
             match write().await {
-                Ok(()) => {
+                Ok(v) => {
                     self.storage_recovered().await;
-                    return Ok(());
+                    return Ok(v);
                 }
                 Err(e) if e.is_transient() => {
                     if self.gate.pause_storage(e.to_string()) {
@@ -282,6 +282,13 @@ impl Pipeline {
             self.search.done(&job);
         }
 
+        if job.state == State::Declaring && job.orphans >= self.cfg.upload.max_declares {
+            // Declares lost in a crash are counted at recovery; the cap holds across restarts.
+            let msg = self.too_many_declares(&job, job.orphans, "the last one was interrupted");
+            error!(error = %msg, "job failed");
+            self.record(self.commit(|| self.queue.fail(&job, &msg, now_ms())).await);
+            return;
+        }
         if job.state == State::Declaring {
             let req = self.declare_request(&job, &path);
             match self.api.declare(&req).await {
@@ -444,13 +451,26 @@ impl Pipeline {
             model: d.model.clone(),
             include_ai_results: d.include_ai_results,
             original_filename: path.file_name().map(|n| n.to_string_lossy().into_owned()),
-            external_identifier: Some(format!("callferry-{}-{}", job.id, job.mtime_ns)),
+            external_identifier: Some(external_identifier(job)),
         }
     }
 
     /// Reports a 5xx to the circuit breaker; true if it is open.
     fn api_failing(&self, msg: &str, unit: f64) -> bool {
         self.gate.server_error(msg.to_string(), unit).report(msg)
+    }
+
+    /// Why a job fails at `[upload] max_declares`: an operator's reason, with what to look for at
+    /// the service.
+    fn too_many_declares(&self, job: &Job, n: u32, last: &str) -> String {
+        format!(
+            "declared {n} time(s) without a usable answer (upload.max_declares = {}; last: {last}); \
+             each may have left an interaction without audio at ElevateAI, with externalIdentifier \
+             {}. `callferry retry {}` declares it again",
+            self.cfg.upload.max_declares,
+            external_identifier(job),
+            job.id
+        )
     }
 
     fn api_ok(&self) {
@@ -465,6 +485,21 @@ impl Pipeline {
         let unit: f64 = rand::random();
         let msg = err.to_string();
         self.metrics.attempt_failed(&err);
+        if job.state == State::Declaring && declare_may_have_created(&err) {
+            match self
+                .commit(|| self.queue.count_orphan(job.id, &msg, now))
+                .await
+            {
+                Ok(n) if n >= self.cfg.upload.max_declares => {
+                    let full = self.too_many_declares(job, n, &msg);
+                    error!(error = %full, "job failed");
+                    self.record(self.commit(|| self.queue.fail(job, &full, now)).await);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => error!(error = %e, "could not count a declare whose answer was lost"),
+            }
+        }
         match err.class() {
             ErrorClass::Auth => {
                 if self.gate.pause_auth(msg.clone()) {
@@ -655,6 +690,24 @@ fn open_queued(job: &Job) -> Checked {
         ));
     }
     Checked::Ready(file)
+}
+
+/// The `externalIdentifier` of every declare of one recording version: the same across re-declares
+/// and restarts, so the interactions a lost answer left behind can be found at the service.
+pub fn external_identifier(job: &Job) -> String {
+    format!("callferry-{}-{}", job.id, job.mtime_ns)
+}
+
+/// Whether a failed declare may have created its interaction: the request went out and the answer
+/// was lost (a reset, a stall, a gateway's 500/502/504) or unusable (a 201 without a usable id, a
+/// body that is not the expected JSON). Not a refusal (4xx, 429, 503) nor a connection that never
+/// opened.
+fn declare_may_have_created(err: &ApiError) -> bool {
+    match err {
+        ApiError::Transport(_) | ApiError::Stalled(_) | ApiError::Protocol(_) => true,
+        ApiError::Status { status, .. } => matches!(status, 500 | 502 | 504),
+        _ => false,
+    }
 }
 
 /// Size and mtime of the database file and its WAL: a commit changes them.
@@ -906,6 +959,7 @@ mod tests {
             follow_attempts: 0,
             service_status: None,
             results_written: vec![],
+            orphans: 0,
         }
     }
 

@@ -146,6 +146,8 @@ pub struct Job {
     pub service_status: Option<String>,
     /// Result kinds already written to disk.
     pub results_written: Vec<String>,
+    /// Declares of this version whose answer was lost or unusable, since its last `retry`.
+    pub orphans: u32,
 }
 
 impl Job {
@@ -167,7 +169,7 @@ impl Job {
 
 const JOB_COLUMNS: &str = "id, path, root, size, mtime_ns, dev, ino, state, attempts, \
     next_attempt_at, interaction_id, upload_status, last_error, created_at, updated_at, \
-    uploaded_at, follow_at, follow_attempts, service_status, results_written";
+    uploaded_at, follow_at, follow_attempts, service_status, results_written, orphans";
 
 fn job_from_row(r: &SqliteRow) -> Result<Job, sqlx::Error> {
     let state: String = r.try_get("state")?;
@@ -199,6 +201,7 @@ fn job_from_row(r: &SqliteRow) -> Result<Job, sqlx::Error> {
             .filter(|k| !k.is_empty())
             .map(str::to_string)
             .collect(),
+        orphans: r.try_get::<i64, _>("orphans")? as u32,
     })
 }
 
@@ -765,6 +768,44 @@ impl Queue {
         expect_one(n, job.id, job.state.as_str())
     }
 
+    /// A declare of this `declaring` job went out and its answer was lost or unusable, so the
+    /// service may have created an interaction that will never get audio. Counted on the job (for
+    /// `[upload] max_declares`) and in the database's total. Returns the job's count.
+    pub async fn count_orphan(&self, id: i64, detail: &str, now: i64) -> Result<u32, QueueError> {
+        self.fault(Fault::Write)?;
+        let mut tx = self.pool.begin().await?;
+        let n: Option<i64> = sqlx::query_scalar(
+            "UPDATE jobs SET orphans = orphans + 1, updated_at = ? \
+             WHERE id = ? AND state = 'declaring' RETURNING orphans",
+        )
+        .bind(now)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(n) = n else {
+            return Err(QueueError::NotInState {
+                id,
+                from: "declaring".into(),
+            });
+        };
+        sqlx::query("UPDATE counters SET n = n + 1 WHERE name = 'orphan_declares'")
+            .execute(&mut *tx)
+            .await?;
+        event(&mut tx, id, now, "declare-lost", Some(detail)).await?;
+        tx.commit().await?;
+        Ok(n as u32)
+    }
+
+    /// Declares whose answer was lost or unusable, in the life of this database (see
+    /// [`Queue::count_orphan`]).
+    pub async fn orphan_declares(&self) -> Result<u64, QueueError> {
+        let n: Option<i64> =
+            sqlx::query_scalar("SELECT n FROM counters WHERE name = 'orphan_declares'")
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(n.unwrap_or(0).max(0) as u64)
+    }
+
     /// A claimed job needs an operator: → `failed`, keeping the reason.
     pub async fn fail(&self, job: &Job, error: &str, now: i64) -> Result<(), QueueError> {
         self.fault(Fault::Write)?;
@@ -791,13 +832,22 @@ impl Queue {
     /// uploaded again on it (a 409 then proves the earlier attempt got through).
     pub async fn recover(&self, now: i64) -> Result<(u64, u64), QueueError> {
         let mut tx = self.pool.begin().await?;
+        // A declare in flight at the crash may have created its interaction: counted as an orphan
+        // (an upper bound: it may also never have left).
         let a = sqlx::query(
-            "UPDATE jobs SET state = 'pending', updated_at = ? WHERE state = 'declaring'",
+            "UPDATE jobs SET state = 'pending', orphans = orphans + 1, updated_at = ? \
+             WHERE state = 'declaring'",
         )
         .bind(now)
         .execute(&mut *tx)
         .await?
         .rows_affected();
+        if a > 0 {
+            sqlx::query("UPDATE counters SET n = n + ? WHERE name = 'orphan_declares'")
+                .bind(a as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
         let b = sqlx::query(
             "UPDATE jobs SET state = 'declared', updated_at = ? WHERE state = 'uploading'",
         )
@@ -820,7 +870,7 @@ impl Queue {
         let base = "UPDATE jobs SET state = CASE WHEN interaction_id IS NULL THEN 'pending' \
                     WHEN upload_status IS NOT NULL THEN 'uploaded' ELSE 'declared' END, \
                     follow_at = CASE WHEN interaction_id IS NOT NULL AND upload_status IS NOT NULL \
-                    THEN ?1 ELSE NULL END, follow_attempts = 0, \
+                    THEN ?1 ELSE NULL END, follow_attempts = 0, orphans = 0, \
                     attempts = 0, next_attempt_at = ?1, created_at = ?1, updated_at = ?1 WHERE state = 'failed'";
         let mut n = 0;
         match ids {

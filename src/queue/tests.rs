@@ -421,3 +421,35 @@ async fn injected_write_faults_are_transient_and_a_lost_race_is_not() {
     q.mark_uploaded(j.id, 201, None, 102).await.unwrap();
     assert_eq!(q.counts().await.unwrap().uploaded, 1);
 }
+
+#[tokio::test]
+async fn lost_declare_answers_are_counted_per_version_and_in_total() {
+    let (_d, q) = fresh().await;
+    q.enqueue(&[nj("/rec/a.wav", 10, 1), nj("/rec/b.wav", 10, 1)], 100)
+        .await
+        .unwrap();
+    let a = q.claim(100).await.unwrap().unwrap();
+    assert_eq!(q.count_orphan(a.id, "reset", 101).await.unwrap(), 1);
+    q.reschedule(&a, Some("reset"), 100, true, 101)
+        .await
+        .unwrap();
+    // Only a job that is declaring can have lost a declare's answer.
+    assert!(matches!(
+        q.count_orphan(a.id, "reset", 102).await,
+        Err(QueueError::NotInState { .. })
+    ));
+    // A crash with a declare in flight: counted at recovery, on the job and in the total.
+    let a = q.claim(100).await.unwrap().unwrap();
+    let b = q.claim(100).await.unwrap().unwrap();
+    q.mark_declared(b.id, "iid-b", 103).await.unwrap();
+    assert_eq!(q.recover(104).await.unwrap(), (1, 1));
+    assert_eq!(q.get(a.id).await.unwrap().unwrap().orphans, 2);
+    assert_eq!(q.get(b.id).await.unwrap().unwrap().orphans, 0);
+    assert_eq!(q.orphan_declares().await.unwrap(), 2);
+    // `retry` gives the version a fresh budget; the total stays.
+    let a = q.claim(100).await.unwrap().unwrap();
+    q.fail(&a, "declared 2 times", 105).await.unwrap();
+    assert_eq!(q.retry(Some(&[a.id]), 106).await.unwrap(), 1);
+    assert_eq!(q.get(a.id).await.unwrap().unwrap().orphans, 0);
+    assert_eq!(q.orphan_declares().await.unwrap(), 2);
+}

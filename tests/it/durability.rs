@@ -3,8 +3,9 @@
 //! crash), an upload's outcome is never left in flight, and a long reader does not hold up the
 //! workers or the after-upload action.
 
+use callferry::fake::{Endpoint, Fault};
 use callferry::gate::Pause;
-use callferry::queue::Fault;
+use callferry::queue::Fault as QueueFault;
 
 use crate::helpers::*;
 
@@ -28,7 +29,7 @@ async fn storage_pause(app: &TestApp) -> String {
     .await
 }
 
-async fn one_file_through(fault: Fault, n: u32, expect_in_reason: &str) {
+async fn one_file_through(fault: QueueFault, n: u32, expect_in_reason: &str) {
     let mut app = TestApp::start("").await;
     app.handle.queue.inject_fault(fault, n);
     let bytes = wav(0.2);
@@ -54,18 +55,18 @@ async fn one_file_through(fault: Fault, n: u32, expect_in_reason: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_locked_database_after_a_declare_keeps_the_interaction_id() {
-    one_file_through(Fault::Declared, 3, "database is locked").await;
+    one_file_through(QueueFault::Declared, 3, "database is locked").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_flush_of_the_interaction_id_is_made_good_before_the_upload() {
     // EIO from fdatasync, twice: the id was committed but not proven durable.
-    one_file_through(Fault::Sync, 2, "flush").await;
+    one_file_through(QueueFault::Sync, 2, "flush").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_outcome_that_cannot_be_written_does_not_stick_in_uploading() {
-    one_file_through(Fault::Uploaded, 3, "database is locked").await;
+    one_file_through(QueueFault::Uploaded, 3, "database is locked").await;
 }
 
 /// A reader holding a read transaction (a `callferry list` of a big queue) while recordings are
@@ -204,5 +205,125 @@ async fn enqueue_of_a_backlog_beside_a_busy_daemon_queues_every_file() {
         })
     })
     .await;
+    app.stop().await;
+}
+
+/// Interactions the fake created for `name`: their ids and `externalIdentifier`s.
+fn declares_of(app: &TestApp, name: &str) -> Vec<(String, String, bool)> {
+    app.fake
+        .interactions()
+        .into_iter()
+        .filter(|i| i.declare_body["originalFilename"] == name)
+        .map(|i| {
+            (
+                i.id.clone(),
+                i.declare_body["externalIdentifier"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+                i.uploads.iter().any(|u| u.stored),
+            )
+        })
+        .collect()
+}
+
+async fn orphans_in_status_and_metrics(app: &TestApp) -> (u64, f64, String) {
+    let q = open_queue(&app.db_path()).await;
+    let report = callferry::status::gather(&q, &app.db_path()).await.unwrap();
+    q.close().await;
+    let json = serde_json::to_value(&report).unwrap();
+    let text = callferry::status::render_text(&report, callferry::status::Style { colour: false });
+    let addr = app.handle.metrics_addr.expect("metrics are served");
+    let body = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metric = body
+        .lines()
+        .find_map(|l| l.strip_prefix("callferry_orphan_declares_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no orphan series in:\n{body}"));
+    (json["orphan_declares"].as_u64().unwrap(), metric, text)
+}
+
+const METRICS: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+
+/// Every declare answer lost (reset after the service created the interaction, a 201 without an
+/// id): the recording is declared `max_declares` times, then fails with the reason. Each orphan is
+/// counted, and all carry the same `externalIdentifier`, so they can be found at the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declares_whose_answer_is_lost_are_capped_counted_and_findable() {
+    let mut app = TestApp::start(&format!("{METRICS}[upload]\nmax_declares = 3\n")).await;
+    for f in [
+        Fault::ResetAfterStore,
+        Fault::MissingId,
+        Fault::ResetAfterStore,
+    ] {
+        app.fake.push_fault(Endpoint::Declare, f);
+    }
+    let path = app.drop_file("lost.wav", &wav(0.2));
+    let job = app.wait_state(&path, "failed").await;
+    let err = job.last_error.clone().unwrap();
+    assert!(
+        err.contains("declared 3 time(s)") && err.contains("upload.max_declares = 3"),
+        "{err}"
+    );
+    let ext = format!("callferry-{}-{}", job.id, job.mtime_ns);
+    assert!(err.contains(&ext), "{err}");
+    // From the fake's records: three interactions, no fourth declare, none with audio, one
+    // identifier.
+    let made = declares_of(&app, "lost.wav");
+    assert_eq!(made.len(), 3, "{made:?}");
+    assert_eq!(app.fake.counters().declares, 3);
+    assert!(
+        made.iter().all(|(_, e, stored)| e == &ext && !stored),
+        "{made:?}"
+    );
+    let (json, metric, text) = orphans_in_status_and_metrics(&app).await;
+    assert_eq!((json, metric), (3, 3.0));
+    assert!(text.contains("orphans     3 declare(s)"), "{text}");
+    // `retry` gives the version a fresh budget: declared again, and uploaded this time.
+    let q = open_queue(&app.db_path()).await;
+    assert_eq!(
+        q.retry(Some(&[job.id]), callferry::clock::now_ms())
+            .await
+            .unwrap(),
+        1
+    );
+    q.close().await;
+    let job = app.wait_state(&path, "uploaded").await;
+    let made = declares_of(&app, "lost.wav");
+    assert_eq!(made.len(), 4);
+    assert!(
+        made.iter().all(|(_, e, _)| e == &ext),
+        "same identifier after retry"
+    );
+    let stored: Vec<_> = made.iter().filter(|m| m.2).collect();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(Some(stored[0].0.as_str()), job.interaction_id.as_deref());
+    app.stop().await;
+}
+
+/// Two lost answers, then a good one: uploaded once, two orphans counted (exactly the
+/// interactions the fake holds without audio), no failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_under_the_cap_cost_one_orphan_each_and_the_upload_goes_on() {
+    let mut app = TestApp::start(METRICS).await;
+    app.fake
+        .push_fault(Endpoint::Declare, Fault::ResetAfterStore);
+    app.fake.push_fault(Endpoint::Declare, Fault::MissingId);
+    let bytes = wav(0.2);
+    let path = app.drop_file("twice.wav", &bytes);
+    let job = app.wait_state(&path, "uploaded").await;
+    app.assert_uploaded_once(&job, &bytes);
+    assert_eq!(job.orphans, 2);
+    let made = declares_of(&app, "twice.wav");
+    assert_eq!(made.len(), 3);
+    let orphans = made.iter().filter(|m| !m.2).count();
+    let (json, metric, _) = orphans_in_status_and_metrics(&app).await;
+    assert_eq!((json, metric), (orphans as u64, orphans as f64));
+    assert!(made.windows(2).all(|w| w[0].1 == w[1].1), "{made:?}");
     app.stop().await;
 }

@@ -291,11 +291,13 @@ async fn hostile_answers_on_every_call_cost_no_recording_and_leave_no_partial_re
     let out = tempfile::tempdir().unwrap();
     let app = TestApp::start(&format!(
         "[api]\nstall_timeout = \"2s\"\n[results]\nenabled = true\noutput_dir = \"{}\"\n\
-         poll_interval = \"200ms\"\nmax_bytes = 1048576\nformat = \"text\"\n",
+         poll_interval = \"200ms\"\nmax_bytes = 1048576\nformat = \"text\"\n\
+         [upload]\nmax_declares = 4\n",
         out.path().display()
     ))
     .await;
     let f = &app.fake;
+    // Three unusable declare answers: three possible orphans, one under `max_declares`.
     f.push_fault(Endpoint::Declare, Fault::HugeBody(3 * MIB));
     f.push_fault(Endpoint::Declare, Fault::EndlessBody);
     f.push_fault(Endpoint::Declare, Fault::MissingId);
