@@ -28,6 +28,8 @@ pub enum Pause {
     Storage(String),
     /// The API answers, but with 5xx to everything (the circuit breaker is open).
     Failing(String),
+    /// The process ran out of file descriptors (EMFILE/ENFILE); held back like an outage.
+    Descriptors(String),
 }
 
 impl Pause {
@@ -36,13 +38,19 @@ impl Pause {
             Pause::Auth(m) => format!("API token rejected: {m}"),
             Pause::Outage(m) => format!("API unreachable: {m}"),
             Pause::Storage(m) => format!("queue database not writable: {m}"),
+            Pause::Descriptors(m) => {
+                format!("out of file descriptors (raise LimitNOFILE, or lower upload.workers): {m}")
+            }
             Pause::Failing(m) => format!("API failing every request: {m}"),
         }
     }
 
     /// An outage of the API, waited out with capped backoff and single probes.
     fn is_outage(&self) -> bool {
-        matches!(self, Pause::Outage(_) | Pause::Failing(_))
+        matches!(
+            self,
+            Pause::Outage(_) | Pause::Failing(_) | Pause::Descriptors(_)
+        )
     }
 }
 
@@ -304,6 +312,28 @@ impl Gate {
             true
         });
         out
+    }
+
+    /// The process ran out of file descriptors (EMFILE/ENFILE): neither the API's fault nor the
+    /// job's. Held back like an outage (a growing, capped delay; no attempt counted), under its own
+    /// reason, until descriptors are free again. Returns the delay if this call set it.
+    pub fn out_of_descriptors(&self, message: String, unit: f64) -> Option<Duration> {
+        let mut set = None;
+        self.tx.send_if_modified(|s| {
+            if s.hold_until.is_some_and(|h| h > Instant::now()) {
+                return false;
+            }
+            s.outage_failures += 1;
+            let d = self.outage_backoff.delay(s.outage_failures, unit);
+            s.hold_until = Some(Instant::now() + d);
+            s.probing = None;
+            if !matches!(s.pause, Some(Pause::Auth(_) | Pause::Storage(_))) {
+                s.pause = Some(Pause::Descriptors(message));
+            }
+            set = Some(d);
+            true
+        });
+        set
     }
 
     /// The service asked us to slow down: hold everyone for `d`.

@@ -485,6 +485,18 @@ impl Pipeline {
         let unit: f64 = rand::random();
         let msg = err.to_string();
         self.metrics.attempt_failed(&err);
+        if out_of_descriptors(&err) {
+            // Ours, not the API's nor the job's: every worker holds back, and nothing was sent
+            // that could have created an interaction (a socket or file that could not be opened).
+            if let Some(d) = self.gate.out_of_descriptors(msg.clone(), unit) {
+                warn!(error = %msg, retry_in = ?d, "out of file descriptors: all workers hold back (attempts are not counted). Raise LimitNOFILE (systemd) or ulimit -n, or lower upload.workers");
+            }
+            self.record(
+                self.commit(|| self.queue.reschedule(job, Some(&msg), now, false, now))
+                    .await,
+            );
+            return;
+        }
         if job.state == State::Declaring && declare_may_have_created(&err) {
             match self
                 .commit(|| self.queue.count_orphan(job.id, &msg, now))
@@ -696,6 +708,16 @@ fn open_queued(job: &Job) -> Checked {
 /// and restarts, so the interactions a lost answer left behind can be found at the service.
 pub fn external_identifier(job: &Job) -> String {
     format!("callferry-{}-{}", job.id, job.mtime_ns)
+}
+
+/// EMFILE or ENFILE anywhere in the failure: a socket for the API or the recording could not be
+/// opened because the process (or the system) has no descriptor left. The API client flattens its
+/// errors to text, which carries the OS error's number, as std's `io::Error` prints it.
+fn out_of_descriptors(err: &ApiError) -> bool {
+    let text = err.to_string();
+    [libc::EMFILE, libc::ENFILE]
+        .iter()
+        .any(|n| text.contains(&format!("(os error {n})")))
 }
 
 /// Whether a failed declare may have created its interaction: the request went out and the answer
@@ -933,6 +955,32 @@ mod tests {
         let p = Path::new(std::ffi::OsStr::from_bytes(b"/r/O\"Bri\xe9n\r\n\\x.wav"));
         assert_eq!(wire_name(p), "O_Bri\u{FFFD}n___x.wav");
         assert_eq!(wire_name(Path::new("/r/José.wav")), "José.wav");
+    }
+
+    #[test]
+    fn running_out_of_descriptors_is_its_own_class() {
+        let os = |n| std::io::Error::from_raw_os_error(n).to_string();
+        // As the API client reports a socket that could not be opened, and a recording.
+        assert!(out_of_descriptors(&ApiError::Unreachable(format!(
+            "error sending request: client error (Connect): tcp open error: {}",
+            os(libc::EMFILE)
+        ))));
+        assert!(out_of_descriptors(&ApiError::Local(format!(
+            "/rec/a.wav: {}",
+            os(libc::ENFILE)
+        ))));
+        assert!(!out_of_descriptors(&ApiError::Unreachable(format!(
+            "tcp connect error: {}",
+            os(libc::ECONNREFUSED)
+        ))));
+        assert!(!out_of_descriptors(&ApiError::Local(format!(
+            "/rec/a.wav: {}",
+            os(libc::ENOENT)
+        ))));
+        // Nothing was sent: not a lost declare answer either.
+        assert!(!declare_may_have_created(&ApiError::Unreachable(os(
+            libc::EMFILE
+        ))));
     }
 
     fn job_for(path: &Path, iid: &str) -> Job {

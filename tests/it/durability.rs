@@ -7,6 +7,8 @@ use callferry::fake::{Endpoint, Fault};
 use callferry::gate::Pause;
 use callferry::queue::Fault as QueueFault;
 
+use callferry::queue::{OpenMode, Queue};
+
 use crate::helpers::*;
 
 /// Interactions the fake created for the recording named `name` (by its declare's filename).
@@ -326,4 +328,104 @@ async fn lost_answers_under_the_cap_cost_one_orphan_each_and_the_upload_goes_on(
     assert_eq!((json, metric), (orphans as u64, orphans as f64));
     assert!(made.windows(2).all(|w| w[0].1 == w[1].1), "{made:?}");
     app.stop().await;
+}
+
+/// Out of file descriptors (a low `RLIMIT_NOFILE`, many workers): the workers hold back under
+/// their own reason instead of logging "API unreachable" and trying again at once, no attempt is
+/// counted, no declare is wasted, and everything is uploaded. The daemon runs as a child process
+/// with soft and hard limits lowered, so the test process keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_descriptors_holds_the_workers_back_and_loses_nothing() {
+    use std::os::unix::process::CommandExt;
+    const N: usize = 40;
+    const LIMIT: u64 = 48;
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    let fake = callferry::fake::FakeApi::start(callferry::fake::FakeOptions {
+        token: TOKEN.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Slow answers keep every worker's connection and file open at once.
+    fake.set_latency(std::time::Duration::from_millis(150));
+    let cfg = dir.path().join("callferry.toml");
+    std::fs::write(
+        &cfg,
+        config_text(
+            &fake.base_url(),
+            dir.path(),
+            "[upload]\nworkers = 40\nmax_attempts = 2\n[log]\nlevel = \"info\"\n",
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callferry"));
+    cmd.env_remove("CALLFERRY_CONFIG")
+        .env_remove("RUST_LOG")
+        .arg("--config")
+        .arg(&cfg)
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: LIMIT,
+                rlim_max: LIMIT,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let bytes = callferry::demo::wav_bytes(0.05, 440.0);
+    for i in 0..N {
+        let p = rec.join(format!("fd-{i:02}.wav"));
+        std::fs::write(&p, &bytes).unwrap();
+    }
+    let db = dir.path().join("state/queue.db");
+    let mut last = None;
+    let start = std::time::Instant::now();
+    let mut done = false;
+    while start.elapsed() < DEADLINE * 2 {
+        if db.exists() {
+            if let Ok(q) = Queue::open(&db, OpenMode::Existing).await {
+                let c = q.counts().await.unwrap();
+                q.close().await;
+                last = Some(c.clone());
+                if c.uploaded == N as u64 {
+                    done = true;
+                    break;
+                }
+                assert_eq!(
+                    c.failed,
+                    0,
+                    "{c:?}\n{}",
+                    std::fs::read_to_string(&log).unwrap()
+                );
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(done, "not all uploaded: {last:?}\n{text}");
+    assert!(
+        text.contains("out of file descriptors"),
+        "the limit was never reached; lower it:\n{text}"
+    );
+    assert!(!text.contains("API unreachable"), "{text}");
+    assert_eq!(fake.counters().declares, N as u64, "no declare wasted");
+    eprintln!(
+        "RLIMIT_NOFILE {LIMIT}, 40 workers: {N} uploaded, {} declares, {} hold-back lines",
+        fake.counters().declares,
+        text.matches("out of file descriptors").count()
+    );
 }
