@@ -130,8 +130,11 @@ pub async fn run(
     crate::writers::ignore_lease_breaks();
     raise_open_file_limit();
 
-    let queue = Queue::open(&cfg.queue.database, OpenMode::Create).await?;
+    // The lock first: a second daemon (a newer build, say) must not migrate the schema under one
+    // that is still working on it.
+    crate::queue::create_folder(&cfg.queue.database)?;
     let _lock = DaemonLock::acquire(&cfg.queue.database)?;
+    let queue = Queue::open(&cfg.queue.database, OpenMode::Create).await?;
     let (declaring, uploading) = queue.recover(now_ms()).await?;
     if declaring + uploading > 0 {
         info!(

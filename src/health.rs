@@ -24,6 +24,8 @@ pub struct HealthInputs {
     pub pause: Option<Pause>,
     /// The result of a small write to the queue database.
     pub database: Result<(), String>,
+    /// Why results cannot be written (`[results] output_dir`), while they cannot.
+    pub results: Option<String>,
     /// Jobs due now or in flight.
     pub work_waiting: u64,
     /// Time since the last upload answered, result fetched or upload byte sent.
@@ -42,6 +44,9 @@ pub fn assess(i: &HealthInputs) -> Result<(), String> {
     }
     if let Some(p @ Pause::Storage(_)) = &i.pause {
         return Err(format!("uploads paused: {}", p.reason()));
+    }
+    if let Some(why) = &i.results {
+        return Err(format!("results cannot be written: {why}"));
     }
     if i.work_waiting > 0 && i.since_progress > i.unhealthy_after {
         let mut why = format!(
@@ -98,6 +103,7 @@ mod tests {
         HealthInputs {
             pause: None,
             database: Ok(()),
+            results: None,
             work_waiting: 0,
             since_progress: Duration::from_secs(3600),
             unhealthy_after: Duration::from_secs(600),
@@ -117,6 +123,20 @@ mod tests {
         };
         let e = assess(&i).unwrap_err();
         assert!(e.contains("token rejected"), "{e}");
+    }
+
+    #[test]
+    fn results_that_cannot_be_written_are_unhealthy_until_they_can() {
+        let i = HealthInputs {
+            results: Some("cannot create a file in /srv/t: Not a directory".into()),
+            ..healthy()
+        };
+        let e = assess(&i).unwrap_err();
+        assert!(
+            e.contains("results cannot be written") && e.contains("/srv/t"),
+            "{e}"
+        );
+        assert!(assess(&healthy()).is_ok());
     }
 
     #[test]

@@ -196,6 +196,9 @@ pub struct Metrics {
     /// The watcher's metrics (files refused, unhealthy roots, polled folders).
     pub watch: crate::watchmetrics::WatchMetrics,
     orphan_declares: Counter,
+    /// Why results cannot be written right now (e.g. an unwritable `output_dir`); held until one
+    /// is written, for `/healthz`.
+    results_blocked: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -306,7 +309,28 @@ impl Metrics {
             results_fetched,
             watch,
             orphan_declares,
+            results_blocked: Default::default(),
         }
+    }
+
+    /// Results could not be written (`Some(why)`), or one was written (`None`). Returns true when
+    /// this changed whether they are blocked, so the caller logs the change once.
+    pub fn results_blocked(&self, why: Option<String>) -> bool {
+        let mut b = self
+            .results_blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let changed = b.is_some() != why.is_some();
+        *b = why;
+        changed
+    }
+
+    /// Why results cannot be written, while they cannot.
+    pub fn results_blocked_reason(&self) -> Option<String> {
+        self.results_blocked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     // --- events -------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ impl Monitor {
         health::assess(&HealthInputs {
             pause: self.gate.state().pause,
             database,
+            results: self.metrics.results_blocked_reason(),
             work_waiting,
             since_progress: self.metrics.progress.since_progress(),
             unhealthy_after: self.unhealthy_after,

@@ -441,8 +441,13 @@ impl Follower {
                 Err(Undelivered::Write(m)) => Some(m),
             };
             if let Some(e) = failure {
-                // A full or unwritable results disk must not lose anything: ask again later.
-                error!(path = %path.display(), error = %e, "cannot write results; will try again");
+                // A full or unwritable results disk must not lose anything: ask again later. Held
+                // as an error `/healthz` reports until a result is written, and logged once.
+                if self.p.metrics.results_blocked(Some(e.clone())) {
+                    error!(path = %path.display(), error = %e, "cannot write results: /healthz reports it, and every followed job is asked about again each results.poll_interval until one is written");
+                } else {
+                    debug!(path = %path.display(), error = %e, "cannot write results; will try again");
+                }
                 let later = now_ms() + ms(cfg.results.poll_interval);
                 let msg = format!("cannot write {}: {e}", path.display());
                 self.record(
@@ -454,6 +459,9 @@ impl Follower {
                 return;
             }
             debug!(kind, path = %path.display(), "result written");
+            if self.p.metrics.results_blocked(None) {
+                info!("results can be written again");
+            }
             self.p.metrics.result_fetched(kind);
             self.record(self.p.queue.result_written(&job, kind, now_ms()).await);
             job.results_written.push(kind.to_string());

@@ -104,9 +104,7 @@ impl Pipeline {
                 Ok(Some(job)) => {
                     self.storage_recovered().await;
                     let id = job.id;
-                    let span = info_span!("job", job_id = job.id, path = %job.display_path(),
-                        interaction_id = job.interaction_id.as_deref().unwrap_or(""),
-                        attempt = job.attempts + 1);
+                    let span = job_span(&job);
                     tokio::select! {
                         _ = self.process(job).instrument(span.clone()) => {}
                         _ = self.abort.cancelled() => {
@@ -710,6 +708,19 @@ pub fn external_identifier(job: &Job) -> String {
     format!("callferry-{}-{}", job.id, job.mtime_ns)
 }
 
+/// The span of one job's turn. Its `interaction_id` is empty until known: set to "" at the claim
+/// of a new recording and recorded after the declare, the text log printed both
+/// (`interaction_id="" ... interaction_id="…"`).
+fn job_span(job: &Job) -> tracing::Span {
+    let span = info_span!("job", job_id = job.id, path = %job.display_path(),
+        interaction_id = tracing::field::Empty,
+        attempt = job.attempts + 1);
+    if let Some(iid) = job.interaction_id.as_deref() {
+        span.record("interaction_id", iid);
+    }
+    span
+}
+
 /// EMFILE or ENFILE anywhere in the failure: a socket for the API or the recording could not be
 /// opened because the process (or the system) has no descriptor left. The API client flattens its
 /// errors to text, which carries the OS error's number, as std's `io::Error` prints it.
@@ -955,6 +966,46 @@ mod tests {
         let p = Path::new(std::ffi::OsStr::from_bytes(b"/r/O\"Bri\xe9n\r\n\\x.wav"));
         assert_eq!(wire_name(p), "O_Bri\u{FFFD}n___x.wav");
         assert_eq!(wire_name(Path::new("/r/José.wav")), "José.wav");
+    }
+
+    #[test]
+    fn the_text_log_names_the_interaction_once() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            // A new recording: no id at the claim, recorded after the declare.
+            let mut j = job_for(&std::env::current_exe().unwrap(), "x");
+            j.interaction_id = None;
+            let span = job_span(&j);
+            span.record("interaction_id", "iid-new");
+            span.in_scope(|| info!("uploaded"));
+            // A recording declared earlier: the id from the start.
+            j.interaction_id = Some("iid-old".into());
+            job_span(&j).in_scope(|| info!("uploaded"));
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for (l, iid) in lines.iter().zip(["iid-new", "iid-old"]) {
+            assert_eq!(l.matches("interaction_id=").count(), 1, "{l}");
+            assert!(l.contains(&format!("interaction_id=\"{iid}\"")), "{l}");
+        }
     }
 
     #[test]

@@ -1343,17 +1343,8 @@ fn check_sqlite_magic(path: &Path) -> Result<(), String> {
 /// `.<name>.new-*` file behind, removed by a later start once it is a minute old.
 async fn create_private(path: &Path) -> Result<(), String> {
     use sqlx::{ConnectOptions, Connection};
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot create folder {}: {e}", dir.display()))?;
-    }
+    let dir = folder_of(path);
+    make_folder(dir)?;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}.new-"))
@@ -1392,6 +1383,32 @@ async fn create_private(path: &Path) -> Result<(), String> {
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+fn folder_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+fn make_folder(dir: &Path) -> Result<(), String> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create folder {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Creates the database's folder (0700) if it is missing, so the daemon can take its lock file
+/// there before it opens the database.
+pub fn create_folder(path: &Path) -> Result<(), QueueError> {
+    make_folder(folder_of(path)).map_err(|message| QueueError::Unusable {
+        path: path.to_path_buf(),
+        message,
+    })
 }
 
 /// Removes what killed creations left (see [`create_private`]), once it is a minute old: never the

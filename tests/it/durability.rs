@@ -429,3 +429,99 @@ async fn running_out_of_descriptors_holds_the_workers_back_and_loses_nothing() {
         text.matches("out of file descriptors").count()
     );
 }
+
+/// Results for an `output_dir` that cannot be written: a clear error that `/healthz` reports (and
+/// holds) until results can be written again; then they are, and it is healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_results_folder_is_a_held_error_on_healthz() {
+    // A regular file where a folder should be: unwritable even for root.
+    let base = tempfile::tempdir().unwrap();
+    let blocker = base.path().join("blocker");
+    std::fs::write(&blocker, b"not a folder").unwrap();
+    let out = blocker.join("results");
+    let mut app = TestApp::start_with(
+        &format!(
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n[results]\nenabled = true\noutput_dir = \"{}\"\npoll_interval = \"200ms\"\n",
+            out.display()
+        ),
+        callferry::fake::FakeOptions {
+            token: TOKEN.into(),
+            processing_time: std::time::Duration::from_millis(100),
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = app.handle.metrics_addr.unwrap();
+    let healthz = || async move {
+        let r = reqwest::get(format!("http://{addr}/healthz"))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    let path = app.drop_file("call.wav", &wav(0.2));
+    let why = poll_for("/healthz to report the results folder", || async {
+        let (code, body) = healthz().await;
+        (code == 503).then_some(body)
+    })
+    .await;
+    assert!(
+        why.contains("results cannot be written") && why.contains("blocker"),
+        "{why}"
+    );
+    // Held: still reported a moment later, while the job waits (not failed, nothing lost).
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(healthz().await.0, 503);
+    assert_eq!(app.job_for(&path).await.unwrap().state.as_str(), "uploaded");
+    // Fixed: the results are written and /healthz is 200 again.
+    std::fs::remove_file(&blocker).unwrap();
+    app.wait_state(&path, "processed").await;
+    assert!(
+        out.join("call.wav.transcript.json").is_file()
+            || std::fs::read_dir(&out).unwrap().count() > 0
+    );
+    eventually("/healthz 200 again", || async { healthz().await.0 == 200 }).await;
+    app.stop().await;
+}
+
+/// A second daemon (a newer build, say) on a database whose lock is held refuses before it touches
+/// the schema: migrations ran before the lock was taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_refuses_before_migrating() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load_config(&config_text("http://127.0.0.1:9/v1", dir.path(), ""));
+    let db = cfg.queue.database.clone();
+    Queue::open(&db, OpenMode::Create)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    // As if the running daemon were an older build: the newest migration not applied.
+    let mut c = sqlx::SqliteConnection::connect_with(
+        &sqlx::sqlite::SqliteConnectOptions::new().filename(&db),
+    )
+    .await
+    .unwrap();
+    let newest: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = ?")
+        .bind(newest)
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let _running = callferry::app::DaemonLock::acquire(&db).unwrap();
+    let r = callferry::app::run(cfg, tokio_util::sync::CancellationToken::new(), None).await;
+    assert!(
+        matches!(r, Err(callferry::app::AppError::Locked(_))),
+        "{r:?}"
+    );
+    let applied: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE version = ?")
+            .bind(newest)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+    assert_eq!(applied, 0, "the schema was left alone");
+}
