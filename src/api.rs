@@ -288,7 +288,16 @@ impl std::fmt::Debug for ApiClient {
 
 impl ApiClient {
     pub fn new(cfg: &Config, token: Secret) -> Result<ApiClient, ApiError> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        // Trust: the system's store (or SSL_CERT_FILE / SSL_CERT_DIR, as curl and git read them)
+        // and the built-in roots, both by reqwest's features; plus api.ca_file. There is no switch
+        // to trust less: an unknown certificate is an error (see `from_reqwest`).
+        if let Some(f) = &cfg.api.ca_file {
+            for cert in crate::config::load_ca_file(f).map_err(ApiError::Protocol)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .user_agent(concat!("callferry/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(cfg.api.connect_timeout)
             // No `read_timeout`: reqwest's runs from the start of the request to the response's

@@ -67,6 +67,9 @@ pub struct ApiConfig {
     pub stall_timeout: Duration,
     /// How often a paused pipeline (401) re-checks the token. Extension.
     pub pause_recheck: Duration,
+    /// One more CA (PEM, may hold several certificates) trusted for the API, on top of the
+    /// system's store, `SSL_CERT_FILE` and the built-in roots. Read and checked at load. Extension.
+    pub ca_file: Option<PathBuf>,
 }
 
 // By hand: `base_url` may carry credentials (`https://user:pass@host`), which `Url`'s own Debug
@@ -79,6 +82,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("stall_timeout", &self.stall_timeout)
             .field("pause_recheck", &self.pause_recheck)
+            .field("ca_file", &self.ca_file)
             .finish_non_exhaustive()
     }
 }
@@ -256,6 +260,7 @@ struct RawApi {
     pause_recheck: String,
     #[serde(deserialize_with = "lenient")]
     allow_insecure_http: bool,
+    ca_file: String,
 }
 
 impl Default for RawApi {
@@ -268,6 +273,7 @@ impl Default for RawApi {
             stall_timeout: "60s".into(),
             pause_recheck: "60s".into(),
             allow_insecure_http: false,
+            ca_file: String::new(),
         }
     }
 }
@@ -646,6 +652,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "stall_timeout",
             "pause_recheck",
             "allow_insecure_http",
+            "ca_file",
         ],
     ),
     (
@@ -950,6 +957,21 @@ fn split_level(directive: &str) -> Option<(&str, &str)> {
     at.map(|i| (&directive[..i], &directive[i + 1..]))
 }
 
+/// The certificates of `[api] ca_file`, or why it cannot be used: a missing file, or one with no
+/// PEM certificate in it, is a configuration error, not a silently smaller trust store.
+pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no certificate (expected one or more \"-----BEGIN CERTIFICATE-----\" blocks)",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
 fn validate(raw: Raw) -> Result<Config, ConfigError> {
     // [api]
     let base = raw.api.base_url.trim().trim_end_matches('/');
@@ -1002,7 +1024,14 @@ fn validate(raw: Raw) -> Result<Config, ConfigError> {
         connect_timeout: parse_duration("api.connect_timeout", &raw.api.connect_timeout)?,
         stall_timeout: parse_duration("api.stall_timeout", &raw.api.stall_timeout)?,
         pause_recheck: parse_duration("api.pause_recheck", &raw.api.pause_recheck)?,
+        ca_file: match raw.api.ca_file.trim() {
+            "" => None,
+            f => Some(PathBuf::from(f)),
+        },
     };
+    if let Some(f) = &api.ca_file {
+        load_ca_file(f).map_err(|m| ConfigError::new("api.ca_file", m))?;
+    }
     if api.stall_timeout.is_zero() {
         return Err(ConfigError::new(
             "api.stall_timeout",

@@ -232,6 +232,7 @@ struct Inner {
     addr: SocketAddr,
     shared: Arc<Shared>,
     router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     /// `None` while down.
     running: tokio::sync::Mutex<Option<server::Running>>,
 }
@@ -243,18 +244,57 @@ impl FakeApi {
     }
 
     pub async fn start_on(addr: SocketAddr, opts: FakeOptions) -> std::io::Result<FakeApi> {
+        Self::start_inner(addr, opts, None).await
+    }
+
+    /// Starts on an ephemeral port of 127.0.0.1, serving HTTPS with this certificate chain and
+    /// private key (PEM): for tests of which certificates callferry trusts.
+    pub async fn start_tls(
+        opts: FakeOptions,
+        cert_chain_pem: &[u8],
+        key_pem: &[u8],
+    ) -> std::io::Result<FakeApi> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
+        let certs = CertificateDer::pem_slice_iter(cert_chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad(&e))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&e))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad(&e))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Self::start_inner(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            opts,
+            Some(acceptor),
+        )
+        .await
+    }
+
+    async fn start_inner(
+        addr: SocketAddr,
+        opts: FakeOptions,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<FakeApi> {
         let listener = server::bind(addr)?;
         // Port 0 resolved once, so `come_up` returns to the same port.
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(opts));
         let router = handlers::router(shared.clone());
-        let running = server::spawn(listener, router.clone());
+        let running = server::spawn(listener, router.clone(), tls.clone());
         tracing::debug!(%addr, "fake ElevateAI API listening");
         Ok(FakeApi {
             inner: Arc::new(Inner {
                 addr,
                 shared,
                 router,
+                tls,
                 running: tokio::sync::Mutex::new(Some(running)),
             }),
         })
@@ -264,9 +304,14 @@ impl FakeApi {
         self.inner.addr
     }
 
-    /// `http://HOST:PORT/v1`, without a trailing slash.
+    /// `http://HOST:PORT/v1` (`https://` when serving TLS), without a trailing slash.
     pub fn base_url(&self) -> String {
-        format!("http://{}/v1", self.inner.addr)
+        let scheme = if self.inner.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}/v1", self.inner.addr)
     }
 
     pub fn set_token(&self, token: &str) {
@@ -330,7 +375,11 @@ impl FakeApi {
         let mut running = self.inner.running.lock().await;
         if running.is_none() {
             let listener = server::bind(self.inner.addr)?;
-            *running = Some(server::spawn(listener, self.inner.router.clone()));
+            *running = Some(server::spawn(
+                listener,
+                self.inner.router.clone(),
+                self.inner.tls.clone(),
+            ));
         }
         Ok(())
     }

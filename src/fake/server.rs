@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::response::Response;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tower::ServiceExt;
@@ -69,13 +69,24 @@ pub(super) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-pub(super) fn spawn(listener: TcpListener, router: Router) -> Running {
+/// With `tls`, every connection is served over TLS with that identity (tests of callferry's
+/// certificate trust); a failed handshake just ends the connection.
+pub(super) fn spawn(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Running {
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(listener, router, stopped));
+    let task = tokio::spawn(accept_loop(listener, router, tls, stopped));
     Running { stop, task }
 }
 
-async fn accept_loop(listener: TcpListener, router: Router, mut stopped: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -83,7 +94,21 @@ async fn accept_loop(listener: TcpListener, router: Router, mut stopped: watch::
             _ = stopped.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    conns.spawn(serve_connection(stream, router.clone()));
+                    let _ = stream.set_nodelay(true);
+                    let router = router.clone();
+                    match tls.clone() {
+                        None => {
+                            conns.spawn(serve_connection(stream, router));
+                        }
+                        Some(acceptor) => {
+                            conns.spawn(async move {
+                                match acceptor.accept(stream).await {
+                                    Ok(s) => serve_connection(s, router).await,
+                                    Err(e) => tracing::debug!(error = %e, "fake ElevateAI: TLS handshake failed"),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -98,8 +123,10 @@ async fn accept_loop(listener: TcpListener, router: Router, mut stopped: watch::
     conns.shutdown().await;
 }
 
-async fn serve_connection(stream: TcpStream, router: Router) {
-    let _ = stream.set_nodelay(true);
+async fn serve_connection<S>(stream: S, router: Router)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let router = router.clone();
         async move {

@@ -605,3 +605,197 @@ async fn credentials_in_base_url_are_never_printed() {
     assert!(t.contains("api.base_url"), "{t}");
     assert!(!t.contains("Pa55-w0rd-7781"), "{t}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// HTTPS trust (issue 12.12): a CA made here, at test time, with the openssl command line.
+
+struct TestPki {
+    ca_pem: std::path::PathBuf,
+    server_pem: Vec<u8>,
+    server_key: Vec<u8>,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("the openssl command (Debian's openssl package)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A private CA and a server certificate it signed for 127.0.0.1.
+fn make_pki(dir: &Path) -> TestPki {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=callferry test CA",
+    ]);
+    openssl(dir, &ca);
+    let mut csr = vec!["req"];
+    csr.extend(ec);
+    csr.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    openssl(dir, &csr);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ],
+    );
+    TestPki {
+        ca_pem: dir.join("ca.pem"),
+        server_pem: std::fs::read(dir.join("server.pem")).unwrap(),
+        server_key: std::fs::read(dir.join("server.key")).unwrap(),
+    }
+}
+
+async fn check_online(cfg: &Path, ssl_cert_file: Option<&Path>) -> (Option<i32>, String) {
+    let mut c = callferry();
+    c.arg("--config")
+        .arg(cfg)
+        .args(["check-config", "--online"])
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR");
+    if let Some(f) = ssl_cert_file {
+        c.env("SSL_CERT_FILE", f);
+    }
+    let o = c.output().await.unwrap();
+    (
+        o.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_ca_is_trusted_through_ca_file_or_ssl_cert_file_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("rec")).unwrap();
+    let pki = make_pki(dir.path());
+    let fake = FakeApi::start_tls(
+        FakeOptions {
+            token: TOKEN.into(),
+            ..Default::default()
+        },
+        &pki.server_pem,
+        &pki.server_key,
+    )
+    .await
+    .unwrap();
+    assert!(fake.base_url().starts_with("https://127.0.0.1:"));
+
+    // Not trusted: a clear error, never a fallback to no verification.
+    let cfg = crate::hardening::proc::write_config(dir.path(), &fake.base_url(), "");
+    let (code, t) = check_online(&cfg, None).await;
+    assert_ne!(code, Some(0), "{t}");
+    assert!(t.contains("certificate is not trusted"), "{t}");
+    assert!(t.contains("ca_file"), "says what to do: {t}");
+    let api = ApiClient::new(
+        &load_config(&std::fs::read_to_string(&cfg).unwrap()),
+        Secret::new(TOKEN),
+    )
+    .unwrap();
+    let e = api
+        .declare(&declare_request(Some("a.wav")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Unreachable, "{e}");
+    assert_eq!(fake.counters().requests, 0, "nothing was sent over it");
+
+    // SSL_CERT_FILE, as curl and git read it.
+    let (code, t) = check_online(&cfg, Some(&pki.ca_pem)).await;
+    assert_eq!(code, Some(0), "{t}");
+    assert!(t.contains("accepts the token"), "{t}");
+
+    // [api] ca_file: the daemon uploads.
+    let cfg = crate::hardening::proc::write_config(
+        dir.path(),
+        &fake.base_url(),
+        &format!("[api]\nca_file = \"{}\"\n", pki.ca_pem.display()),
+    );
+    let (code, t) = check_online(&cfg, None).await;
+    assert_eq!(code, Some(0), "{t}");
+    let mut d = Daemon::spawn(&cfg, &dir.path().join("daemon.log"), &[]);
+    d.wait_log("callferry running").await;
+    let bytes = wav(0.5);
+    std::fs::write(dir.path().join("rec/tls.wav"), &bytes).unwrap();
+    let q = queue_when_ready(&dir.path().join("state/queue.db")).await;
+    eventually("the upload over HTTPS", || async {
+        q.counts().await.unwrap().uploaded == 1
+    })
+    .await;
+    q.close().await;
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait(DEADLINE).await.code(), Some(0));
+    let stored: Vec<_> = fake
+        .interactions()
+        .into_iter()
+        .flat_map(|i| i.uploads)
+        .filter(|u| u.stored)
+        .collect();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].sha256, sha256(&bytes));
+
+    // A ca_file that cannot be used is a configuration error that names the key.
+    for (what, path) in [
+        ("missing", dir.path().join("nope.pem")),
+        ("not PEM", dir.path().join("server.ext")),
+    ] {
+        let cfg = crate::hardening::proc::write_config(
+            dir.path(),
+            &fake.base_url(),
+            &format!("[api]\nca_file = \"{}\"\n", path.display()),
+        );
+        let (code, t) = cli_text(&cfg, &["check-config"]).await;
+        assert_eq!(code, Some(78), "{what}: {t}");
+        assert!(t.contains("api.ca_file"), "{what}: {t}");
+    }
+}
