@@ -634,9 +634,14 @@ impl ApiClient {
         match self.status("00000000-0000-0000-0000-000000000000").await {
             Ok(_) => Ok(()),
             Err(e) if e.class() == ErrorClass::Auth => Err(e),
-            Err(e @ (ApiError::Unreachable(_) | ApiError::Transport(_) | ApiError::Stalled(_))) => {
-                Err(e)
-            }
+            // A redirect says nothing about the token: `check-config --online` must not report
+            // "accepts the token" for a base_url that points somewhere else.
+            Err(
+                e @ (ApiError::Unreachable(_)
+                | ApiError::Transport(_)
+                | ApiError::Stalled(_)
+                | ApiError::Redirected { .. }),
+            ) => Err(e),
             Err(_) => Ok(()),
         }
     }

@@ -178,6 +178,17 @@ async fn the_client_names_a_redirects_host_and_cuts_off_huge_endless_and_drippin
     assert!(e.to_string().contains(&witness.origin()), "{e}");
     assert!(!e.to_string().contains("elsewhere"), "only the origin: {e}");
     witness.assert_untouched();
+    // Nor is a redirected token check a pass (check-config --online, the 401 re-check).
+    app.fake.push_fault(
+        Endpoint::Status,
+        Fault::Redirect {
+            status: 307,
+            location: format!("{}/v1/interactions/x/status", witness.origin()),
+        },
+    );
+    let e = api.probe_auth().await.unwrap_err();
+    assert!(matches!(e, ApiError::Redirected { status: 307, .. }), "{e}");
+    witness.assert_untouched();
 
     // JSON answers: 1 MiB at most, whatever the server sends.
     app.fake
