@@ -293,7 +293,9 @@ impl ApiClient {
         // and the built-in roots, both by reqwest's features; plus api.ca_file. There is no switch
         // to trust less: an unknown certificate is an error (see `from_reqwest`).
         if let Some(f) = &cfg.api.ca_file {
-            for cert in crate::config::load_ca_file(f).map_err(ApiError::Protocol)? {
+            for cert in
+                crate::config::load_ca_file(f).map_err(|e| ApiError::Protocol(e.to_string()))?
+            {
                 builder = builder.add_root_certificate(cert);
             }
         }

@@ -1,0 +1,322 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::raw::KNOWN_KEYS;
+use super::*;
+
+fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+const MINIMAL: &str = r#"
+        [api]
+        token = "t0k3n"
+        [watch]
+        paths = ["/tmp/rec"]
+    "#;
+
+#[test]
+fn minimal_config_gets_the_documented_defaults() {
+    let c = from_toml_str(MINIMAL, &env(&[]), "test").unwrap();
+    assert_eq!(c.api.base_url.as_str(), "https://api.elevateai.com/v1");
+    assert_eq!(c.watch.settle, Duration::from_secs(5));
+    assert_eq!(c.upload.workers, 4);
+    assert_eq!(c.upload.max_attempts, 12);
+    assert_eq!(c.upload.max_age, Duration::from_secs(7 * 86400));
+    assert_eq!(
+        c.queue.database,
+        PathBuf::from("/var/lib/callferry/queue.db")
+    );
+    assert_eq!(c.after_upload.action, AfterUploadAction::Keep);
+    assert!(c.watch.extensions.contains(&"wav".to_string()));
+}
+
+#[test]
+fn unknown_key_is_named_with_its_section_and_a_suggestion() {
+    let text = format!("{MINIMAL}\nsetle = \"3s\"\n");
+    let err = from_toml_str(&text, &env(&[]), "test").unwrap_err();
+    assert_eq!(err.key, "watch.setle");
+    assert!(err.message.contains("did you mean `settle`"), "{err}");
+}
+
+#[test]
+fn unknown_section_is_named() {
+    let text = format!("{MINIMAL}\n[uplod]\nworkers = 2\n");
+    let err = from_toml_str(&text, &env(&[]), "test").unwrap_err();
+    assert_eq!(err.key, "uplod");
+    assert!(err.message.contains("did you mean `upload`"), "{err}");
+}
+
+#[test]
+fn bad_duration_names_the_key() {
+    let text = format!("{MINIMAL}\nsettle = \"5 parsecs\"\n");
+    let err = from_toml_str(&text, &env(&[]), "test").unwrap_err();
+    assert_eq!(err.key, "watch.settle");
+}
+
+#[test]
+fn missing_token_and_paths_are_reported() {
+    let err = from_toml_str("[watch]\npaths=[\"/x\"]\n", &env(&[]), "t").unwrap_err();
+    assert_eq!(err.key, "api.token");
+    let err = from_toml_str("[api]\ntoken=\"x\"\n", &env(&[]), "t").unwrap_err();
+    assert_eq!(err.key, "watch.paths");
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let c = from_toml_str(
+        MINIMAL,
+        &env(&[
+            ("CALLFERRY_UPLOAD__WORKERS", "9"),
+            ("CALLFERRY_API__TOKEN", "12345"),
+            ("CALLFERRY_WATCH__PATHS", "/a,/b"),
+            ("CALLFERRY_RESULTS__ENABLED", "true"),
+            ("CALLFERRY_CONFIG", "/etc/other.toml"),
+        ]),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.upload.workers, 9);
+    assert_eq!(
+        c.watch.paths,
+        vec![PathBuf::from("/a"), PathBuf::from("/b")]
+    );
+    assert!(c.results.enabled);
+    match c.api.token {
+        TokenSource::Inline(s) => assert_eq!(s.expose(), "12345"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_env_key_is_an_error_too() {
+    let err = from_toml_str(MINIMAL, &env(&[("CALLFERRY_UPLOAD__WORKRES", "2")]), "t").unwrap_err();
+    assert_eq!(err.key, "upload.workres");
+}
+
+#[test]
+fn plain_http_is_refused_unless_loopback_or_allowed() {
+    let t = |url: &str, allow: bool| {
+        from_toml_str(
+            &format!(
+                "[api]\ntoken=\"x\"\nbase_url=\"{url}\"\nallow_insecure_http={allow}\n[watch]\npaths=[\"/x\"]\n"
+            ),
+            &env(&[]),
+            "t",
+        )
+    };
+    assert!(t("http://127.0.0.1:8080/v1", false).is_ok());
+    assert!(t("http://localhost:8080/v1", false).is_ok());
+    assert!(t("http://[::1]:8080/v1", false).is_ok());
+    assert_eq!(
+        t("http://example.com/v1", false).unwrap_err().key,
+        "api.base_url"
+    );
+    assert!(t("http://example.com/v1", true).is_ok());
+    assert_eq!(
+        t("ftp://example.com/v1", true).unwrap_err().key,
+        "api.base_url"
+    );
+}
+
+#[test]
+fn debug_output_never_contains_the_token() {
+    let c = from_toml_str(MINIMAL, &env(&[]), "t").unwrap();
+    assert!(!format!("{c:?}").contains("t0k3n"));
+}
+
+#[test]
+fn broken_toml_is_reported_as_such() {
+    let err = from_toml_str("[api\ntoken=", &env(&[]), "my.toml").unwrap_err();
+    assert_eq!(err.key, "my.toml");
+    assert!(err.message.contains("not valid TOML"), "{err}");
+}
+
+#[test]
+fn broken_toml_is_located_without_quoting_the_token() {
+    let err = from_toml_str("[api]\ntoken = \"s3cr3t\" x\n", &env(&[]), "my.toml").unwrap_err();
+    assert!(err.message.contains("line 2, column 18"), "{err}");
+    assert!(!err.to_string().contains("s3cr3t"), "{err}");
+}
+
+#[test]
+fn move_into_a_watched_folder_is_refused() {
+    let text = format!("{MINIMAL}\n[after_upload]\naction=\"move\"\nmove_to=\"/tmp/rec/done\"\n");
+    let err = from_toml_str(&text, &env(&[]), "t").unwrap_err();
+    assert_eq!(err.key, "after_upload.move_to");
+}
+
+#[test]
+fn the_shipped_example_config_is_valid_and_spells_out_the_defaults() {
+    let text = include_str!("../../config/callferry.toml");
+    let c = from_toml_str(text, &env(&[]), "config/callferry.toml").unwrap();
+    let d = from_toml_str(MINIMAL, &env(&[]), "t").unwrap();
+    assert_eq!(c.watch.settle, d.watch.settle);
+    assert_eq!(c.upload.workers, d.upload.workers);
+    assert_eq!(c.watch.extensions, d.watch.extensions);
+    assert_eq!(c.watch.ignore, d.watch.ignore);
+    assert_eq!(c.results.kinds, d.results.kinds);
+    assert_eq!(c.queue.database, d.queue.database);
+    assert!(matches!(c.api.token, TokenSource::File(_)));
+    // Every known key appears in the example.
+    for (section, keys) in KNOWN_KEYS.iter() {
+        assert!(
+            text.contains(&format!("[{section}]")),
+            "[{section}] missing from the example"
+        );
+        for k in *keys {
+            assert!(
+                text.contains(&format!("{k} =")),
+                "{section}.{k} missing from the example"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_systemd_credential_is_the_token_when_none_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "from-credential\n").unwrap();
+    let creds = dir.path().to_string_lossy().into_owned();
+    let only_paths = "[watch]\npaths=[\"/x\"]\n";
+    let c = from_toml_str(only_paths, &env(&[("CREDENTIALS_DIRECTORY", &creds)]), "t").unwrap();
+    match &c.api.token {
+        TokenSource::File(p) => assert_eq!(p, &dir.path().join("token")),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(c.api.token.load().unwrap().expose(), "from-credential");
+    // A token the configuration names wins.
+    let c = from_toml_str(MINIMAL, &env(&[("CREDENTIALS_DIRECTORY", &creds)]), "t").unwrap();
+    assert!(matches!(c.api.token, TokenSource::Inline(_)));
+    // No credential file there: still the usual error naming api.token.
+    let empty = tempfile::tempdir().unwrap();
+    let e = from_toml_str(
+        only_paths,
+        &env(&[("CREDENTIALS_DIRECTORY", &empty.path().to_string_lossy())]),
+        "t",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "api.token");
+}
+
+#[test]
+fn empty_token_file_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("token");
+    std::fs::write(&f, "  \n").unwrap();
+    let err = TokenSource::File(f.clone()).load().unwrap_err();
+    assert_eq!(err.key, "api.token_file");
+    std::fs::write(&f, "abc\n").unwrap();
+    assert_eq!(TokenSource::File(f).load().unwrap().expose(), "abc");
+}
+
+#[test]
+fn a_mistyped_log_level_is_refused_with_a_suggestion() {
+    for (typo, meant) in [("warning", "warn"), ("inof", "info"), ("debugg", "debug")] {
+        let text = format!("{MINIMAL}\n[log]\nlevel = \"{typo}\"\n");
+        let e = from_toml_str(&text, &env(&[]), "t").unwrap_err();
+        assert_eq!(e.key, "log.level");
+        assert!(
+            e.message.contains(&format!("did you mean `{meant}`")),
+            "{typo}: {e}"
+        );
+    }
+    for bad in ["", " , ", "callferry=loud", "nonsense"] {
+        assert!(check_log_filter("RUST_LOG", bad).is_err(), "{bad:?}");
+    }
+    for good in [
+        "info",
+        "WARN",
+        "off",
+        "callferry=debug,warn",
+        "callferry::worker=trace",
+        "h2[stream{id=1}]=debug,info",
+    ] {
+        check_log_filter("RUST_LOG", good).unwrap_or_else(|e| panic!("{good:?}: {e}"));
+    }
+}
+
+#[test]
+fn intervals_that_pace_requests_have_floors() {
+    for (section, key, value) in [
+        ("api", "pause_recheck", "0s"),
+        ("api", "pause_recheck", "99ms"),
+        ("api", "stall_timeout", "1ms"),
+        ("upload", "backoff_initial", "1ns"),
+        ("upload", "backoff_max", "50ms"),
+        ("results", "poll_interval", "1ms"),
+        ("watch", "poll_interval", "1ms"),
+        ("watch", "rescan_interval", "10ms"),
+    ] {
+        let var = format!(
+            "CALLFERRY_{}__{}",
+            section.to_uppercase(),
+            key.to_uppercase()
+        );
+        let vars = [("CALLFERRY_UPLOAD__BACKOFF_INITIAL", "10ms"), (&var, value)];
+        let e = from_toml_str(MINIMAL, &env(&vars), "t").unwrap_err();
+        assert_eq!(e.key, format!("{section}.{key}"), "{e}");
+        assert!(e.message.contains("below the floor"), "{e}");
+    }
+    // Off is off, and the floors themselves are accepted.
+    let ok = env(&[
+        ("CALLFERRY_WATCH__POLL_INTERVAL", "0s"),
+        ("CALLFERRY_WATCH__RESCAN_INTERVAL", "0"),
+        ("CALLFERRY_API__PAUSE_RECHECK", "100ms"),
+        ("CALLFERRY_UPLOAD__BACKOFF_INITIAL", "10ms"),
+        ("CALLFERRY_UPLOAD__BACKOFF_MAX", "100ms"),
+    ]);
+    from_toml_str(MINIMAL, &ok, "t").unwrap();
+    let e = from_toml_str(
+        MINIMAL,
+        &env(&[("CALLFERRY_RESULTS__MAX_REQUESTS_PER_SEC", "100000")]),
+        "t",
+    )
+    .unwrap_err();
+    assert_eq!(e.key, "results.max_requests_per_sec");
+}
+
+#[test]
+fn the_known_keys_are_read_from_the_raw_structs() {
+    let sections: Vec<&str> = KNOWN_KEYS.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        sections,
+        [
+            "api",
+            "declare",
+            "watch",
+            "queue",
+            "upload",
+            "after_upload",
+            "results",
+            "metrics",
+            "log"
+        ]
+    );
+    let keys = |section: &str| KNOWN_KEYS.iter().find(|(s, _)| *s == section).unwrap().1;
+    // Keys with a custom deserializer or an Option are there as well as plain ones.
+    assert!(keys("api").contains(&"allow_insecure_http"));
+    assert!(keys("api").contains(&"token_file"));
+    assert!(keys("after_upload").contains(&"when"));
+    assert_eq!(keys("queue"), ["database", "keep_history"]);
+    // Every key is accepted as a key (its value may still be refused).
+    for (section, keys) in KNOWN_KEYS.iter() {
+        for key in *keys {
+            let name = format!(
+                "CALLFERRY_{}__{}",
+                section.to_uppercase(),
+                key.to_uppercase()
+            );
+            if let Err(e) = from_toml_str(MINIMAL, &env(&[(&name, "1")]), "t") {
+                assert!(
+                    !e.message.contains("unknown key"),
+                    "{section}.{key} is refused as unknown: {e}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The typed configuration: what the daemon uses, every value parsed and checked. Built only by
+//! [`super::validate`]; nothing here knows the file's shape or its defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use globset::GlobSet;
+
+use super::ConfigError;
+use crate::secret::Secret;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this was read from, if any (for messages).
+    pub source: Option<PathBuf>,
+    pub api: ApiConfig,
+    pub declare: DeclareConfig,
+    pub watch: WatchConfig,
+    pub queue: QueueConfig,
+    pub upload: UploadConfig,
+    pub after_upload: AfterUploadConfig,
+    pub results: ResultsConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone)]
+pub struct ApiConfig {
+    pub base_url: reqwest::Url,
+    pub token: TokenSource,
+    pub connect_timeout: Duration,
+    pub stall_timeout: Duration,
+    /// How often a paused pipeline (401) re-checks the token. Extension.
+    pub pause_recheck: Duration,
+    /// One more CA (PEM, may hold several certificates) trusted for the API, on top of the
+    /// system's store, `SSL_CERT_FILE` and the built-in roots. Read and checked at load. Extension.
+    pub ca_file: Option<PathBuf>,
+}
+
+// By hand: `base_url` may carry credentials (`https://user:pass@host`), which `Url`'s own Debug
+// would print.
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("base_url", &crate::secret::display_url(&self.base_url))
+            .field("token", &self.token)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("stall_timeout", &self.stall_timeout)
+            .field("pause_recheck", &self.pause_recheck)
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the token comes from. A file is re-read when the API rejects the token, so an operator can
+/// fix it without a restart.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    Inline(Secret),
+    File(PathBuf),
+}
+
+impl TokenSource {
+    /// Reads the current token. Errors name the key or file, never the value.
+    pub fn load(&self) -> Result<Secret, ConfigError> {
+        match self {
+            TokenSource::Inline(s) => Ok(s.clone()),
+            TokenSource::File(path) => {
+                let raw = super::read_regular_file(path).map_err(|e| {
+                    ConfigError::new(
+                        "api.token_file",
+                        format!("cannot read token file {}: {e}", path.display()),
+                    )
+                })?;
+                let token = Secret::new(raw.trim().to_string());
+                if token.is_empty() {
+                    return Err(ConfigError::new(
+                        "api.token_file",
+                        format!("token file {} is empty", path.display()),
+                    ));
+                }
+                Ok(token)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DeclareConfig {
+    pub language_tag: String,
+    pub vertical: String,
+    pub model: Option<String>,
+    pub transcription_mode: Option<String>,
+    pub include_ai_results: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct WatchConfig {
+    pub paths: Vec<PathBuf>,
+    pub recursive: bool,
+    /// Lower-case, without the dot.
+    pub extensions: Vec<String>,
+    pub ignore: Vec<String>,
+    pub ignore_set: GlobSet,
+    pub settle: Duration,
+    /// A file whose header never becomes consistent, with no writer, is uploaded anyway after
+    /// this long (a recorder that died). Extension.
+    pub orphan_grace: Duration,
+    pub poll_interval: Duration,
+    pub rescan_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub database: PathBuf,
+    /// Jobs done longer ago than this are pruned, keeping a fingerprint that still prevents a
+    /// re-upload; zero keeps everything. Extension.
+    pub keep_history: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UploadConfig {
+    pub workers: usize,
+    pub max_attempts: u32,
+    /// Declares per recording version whose answer may have been lost (each may have created an
+    /// interaction at the service) before the job fails. Extension.
+    pub max_declares: u32,
+    pub max_age: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub max_bytes_per_sec: u64,
+    /// How long in-flight uploads may run on after SIGTERM. Extension.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterUploadAction {
+    Keep,
+    Move,
+    Delete,
+}
+
+/// When the after-upload action happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterUploadWhen {
+    /// As soon as the service has the audio.
+    Uploaded,
+    /// Only once the results are written (needs `[results] enabled`).
+    Processed,
+}
+
+#[derive(Debug, Clone)]
+pub struct AfterUploadConfig {
+    pub action: AfterUploadAction,
+    pub move_to: Option<PathBuf>,
+    pub when: AfterUploadWhen,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultsFormat {
+    /// The JSON documents only.
+    Json,
+    /// Also a plain-text transcript (`.txt`), one line per speaker turn.
+    Text,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResultsConfig {
+    pub enabled: bool,
+    pub output_dir: PathBuf,
+    pub kinds: Vec<String>,
+    pub poll_interval: Duration,
+    pub max_wait: Duration,
+    /// Cap on status polls and result fetches, all jobs together. Extension.
+    pub max_requests_per_sec: f64,
+    pub format: ResultsFormat,
+    /// Largest result document accepted; it is streamed to disk, never held whole. Extension.
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub listen: Option<SocketAddr>,
+    /// `/healthz` turns 503 when work waits and nothing progressed for this long. Extension.
+    pub unhealthy_after: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
