@@ -4,11 +4,7 @@
 //! [`run`] is a library function so tests start the daemon in-process exactly as production does;
 //! one [`CancellationToken`] stops it.
 
-use std::fs::File;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -24,12 +20,10 @@ use crate::config::{AfterUploadAction, AfterUploadWhen, Config, ConfigError};
 use crate::gate::Gate;
 use crate::metrics::Metrics;
 use crate::monitor::{self, Monitor};
-use crate::queue::{OpenMode, Queue, QueueError};
+use crate::queue::{DaemonLock, OpenMode, PAUSE_KEY, Queue, QueueError};
 use crate::retry::Backoff;
 use crate::systemd;
 use crate::worker::Pipeline;
-
-pub const PAUSE_KEY: &str = "pause";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -37,8 +31,6 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Queue(#[from] QueueError),
-    #[error("another callferry daemon is already running on {0} (its lock is held); stop it first")]
-    Locked(PathBuf),
     #[error("{0}")]
     Other(String),
     /// Writing a command's output failed; a closed pipe ends the command quietly (exit 0).
@@ -54,53 +46,6 @@ impl AppError {
             AppError::Queue(QueueError::Unusable { .. }) => 78,
             AppError::Output(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
             _ => 1,
-        }
-    }
-}
-
-/// The exclusive lock that makes this process the database's only worker. Released by the kernel
-/// when the process dies, however it dies.
-pub struct DaemonLock {
-    _file: File,
-}
-
-pub fn lock_path(db: &Path) -> PathBuf {
-    let mut s = db.as_os_str().to_owned();
-    s.push(".lock");
-    PathBuf::from(s)
-}
-
-impl DaemonLock {
-    pub fn acquire(db: &Path) -> Result<DaemonLock, AppError> {
-        let path = lock_path(db);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| {
-                AppError::Other(format!("cannot open lock file {}: {e}", path.display()))
-            })?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            return Err(AppError::Locked(db.to_path_buf()));
-        }
-        Ok(DaemonLock { _file: file })
-    }
-
-    /// Whether a daemon holds the lock right now (for `status`). None if we cannot tell.
-    pub fn is_held(db: &Path) -> Option<bool> {
-        let file = File::open(lock_path(db)).ok()?;
-        // SAFETY: as above.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-        if rc == 0 {
-            // SAFETY: as above.
-            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
-            Some(false)
-        } else {
-            Some(true)
         }
     }
 }

@@ -679,7 +679,7 @@ async fn check_config(cfg: &Config, online: bool) -> Result<i32, AppError> {
         // The daemon binds before READY and refuses to start on a taken port: try it here too.
         match std::net::TcpListener::bind(addr) {
             Ok(_) => say(Some(true), format!("metrics.listen {addr} free")),
-            Err(e) if crate::app::DaemonLock::is_held(db) == Some(true) => say(
+            Err(e) if crate::queue::DaemonLock::is_held(db) == Some(true) => say(
                 None,
                 format!("metrics.listen {addr}: {e} (probably the running daemon's own)"),
             ),

@@ -5,9 +5,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::app::{DaemonLock, PAUSE_KEY};
 use crate::clock::now_ms;
-use crate::queue::{Counts, Job, Queue, QueueError};
+use crate::queue::{Counts, DaemonLock, Job, PAUSE_KEY, Queue, QueueError};
 
 #[derive(Debug, Serialize)]
 pub struct RecentError {

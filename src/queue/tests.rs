@@ -1,3 +1,8 @@
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use sqlx::sqlite::SqliteConnectOptions;
+
 use super::*;
 
 async fn fresh() -> (tempfile::TempDir, Queue) {

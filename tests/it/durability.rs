@@ -511,10 +511,15 @@ async fn a_second_daemon_refuses_before_migrating() {
         .execute(&mut c)
         .await
         .unwrap();
-    let _running = callferry::app::DaemonLock::acquire(&db).unwrap();
+    let _running = callferry::queue::DaemonLock::acquire(&db).unwrap();
     let r = callferry::app::run(cfg, tokio_util::sync::CancellationToken::new(), None).await;
     assert!(
-        matches!(r, Err(callferry::app::AppError::Locked(_))),
+        matches!(
+            r,
+            Err(callferry::app::AppError::Queue(
+                callferry::queue::QueueError::Locked(_)
+            ))
+        ),
         "{r:?}"
     );
     let applied: i64 =

@@ -1,0 +1,118 @@
+//! Following uploaded jobs until their results are written (`[results] enabled`).
+
+use sqlx::AssertSqlSafe;
+
+use super::{JOB_COLUMNS, Job, Queue, QueueError, event, expect_one, job_from_row};
+
+impl Queue {
+    /// Uploaded jobs whose next status poll is due, soonest first.
+    pub async fn due_followups(&self, now: i64, limit: u32) -> Result<Vec<Job>, QueueError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE follow_at IS NOT NULL AND follow_at <= ? \
+             AND state = 'uploaded' ORDER BY follow_at LIMIT ?"
+        )))
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// When the next status poll falls due, if any job is followed.
+    pub async fn next_followup(&self) -> Result<Option<i64>, QueueError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(follow_at) FROM jobs WHERE follow_at IS NOT NULL AND state = 'uploaded'",
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Still processing (or a transient failure): ask again at `next_at`.
+    pub async fn follow_later(
+        &self,
+        id: i64,
+        next_at: i64,
+        service_status: Option<&str>,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        sqlx::query(
+            "UPDATE jobs SET follow_at = ?, service_status = COALESCE(?, service_status), \
+             follow_attempts = CASE WHEN ? IS NULL THEN 0 ELSE follow_attempts + 1 END, \
+             last_error = COALESCE(?, last_error), updated_at = ? WHERE id = ? AND state = 'uploaded'",
+        )
+        .bind(next_at)
+        .bind(service_status)
+        .bind(error)
+        .bind(error)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// One result kind is on disk (so a restart does not fetch it again).
+    pub async fn result_written(&self, job: &Job, kind: &str, now: i64) -> Result<(), QueueError> {
+        let mut kinds = job.results_written.clone();
+        if !kinds.iter().any(|k| k == kind) {
+            kinds.push(kind.to_string());
+        }
+        sqlx::query("UPDATE jobs SET results_written = ?, updated_at = ? WHERE id = ?")
+            .bind(kinds.join(","))
+            .bind(now)
+            .bind(job.id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Every result is written: `uploaded` → `processed`.
+    pub async fn mark_processed(&self, id: i64, now: i64) -> Result<(), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'processed', follow_at = NULL, service_status = 'processed', \
+             last_error = NULL, updated_at = ? WHERE id = ? AND state = 'uploaded'",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, id, "uploaded")?;
+        event(&mut tx, id, now, "processed", None).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Following ended in a failure the service reported (or `max_wait`). `lost_file`: the service
+    /// no longer has the audio, so `retry` uploads it again (on the same id).
+    pub async fn fail_following(
+        &self,
+        id: i64,
+        error: &str,
+        service_status: Option<&str>,
+        lost_file: bool,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'failed', follow_at = NULL, last_error = ?, \
+             service_status = COALESCE(?, service_status), \
+             upload_status = CASE WHEN ? THEN NULL ELSE upload_status END, updated_at = ? \
+             WHERE id = ? AND state = 'uploaded'",
+        )
+        .bind(error)
+        .bind(service_status)
+        .bind(lost_file)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, id, "uploaded")?;
+        event(&mut tx, id, now, "failed", Some(error)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,411 @@
+//! Every state transition a job makes, from queueing to `retry`.
+
+use sqlx::AssertSqlSafe;
+
+use super::{
+    Enqueued, Fault, JOB_COLUMNS, Job, NewJob, Queue, QueueError, State, encode_path, event,
+    expect_one, job_from_row,
+};
+
+impl Queue {
+    /// Queues file versions in one transaction. A version already known (any state) is not queued
+    /// again.
+    ///
+    /// Set-based: a batch is one statement to find the versions already queued under another path
+    /// (hard links, moves), one insert, and one for the events, whatever its size. Statements, not
+    /// rows, are what costs here (each is a round trip to SQLite's thread): row by row, 100,000
+    /// files found at start took 8 s to queue (issue 8).
+    pub async fn enqueue(&self, jobs: &[NewJob], now: i64) -> Result<Vec<Enqueued>, QueueError> {
+        let mut out: Vec<Option<Enqueued>> = vec![None; jobs.len()];
+        // The same recording twice in one batch (two hard links found together) is resolved row
+        // by row after the rest, when the first one is in the table to be found.
+        let mut seen = std::collections::HashSet::new();
+        let (first, again): (Vec<usize>, Vec<usize>) = (0..jobs.len()).partition(|&i| {
+            let j = &jobs[i];
+            j.ino == 0 || seen.insert((j.dev, j.ino, j.size, j.mtime_ns))
+        });
+        let batch = |idx: &[usize]| {
+            serde_json::Value::Array(
+                idx.iter()
+                    .map(|&i| {
+                        let j = &jobs[i];
+                        serde_json::json!({
+                            "i": i,
+                            "path": encode_path(&j.path),
+                            "root": encode_path(&j.root),
+                            "size": j.size as i64,
+                            "mtime": j.mtime_ns,
+                            "dev": j.dev as i64,
+                            "ino": j.ino as i64,
+                        })
+                    })
+                    .collect(),
+            )
+            .to_string()
+        };
+        // IMMEDIATE: the write lock first, waiting the busy timeout for it. A deferred transaction
+        // reads first, and its upgrade to a writer fails at once ("database is locked", no
+        // waiting) when another process wrote meanwhile: `callferry enqueue` beside a busy daemon
+        // queued 0 to 11 of 10,000 files (issue 17).
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // Uploaded long ago and pruned since (`queue.keep_history`): their fingerprints know them.
+        let all: Vec<usize> = (0..jobs.len()).collect();
+        let pruned = Self::pruned_versions(&mut tx, jobs, &all).await?;
+        let first: Vec<usize> = first.into_iter().filter(|i| !pruned.contains(i)).collect();
+        let again: Vec<usize> = again.into_iter().filter(|i| !pruned.contains(i)).collect();
+        let mut queued: Vec<i64> = Vec::new();
+        if !first.is_empty() {
+            let json = batch(&first);
+            let same: Vec<(i64, i64, String)> = sqlx::query_as(
+                "SELECT b.value ->> 'i', MIN(j.id), j.path FROM json_each(?) b \
+                 JOIN jobs j ON j.ino = b.value ->> 'ino' AND j.dev = b.value ->> 'dev' \
+                 AND j.size = b.value ->> 'size' AND j.mtime_ns = b.value ->> 'mtime' \
+                 AND j.path <> b.value ->> 'path' \
+                 WHERE b.value ->> 'ino' <> 0 GROUP BY b.value ->> 'i'",
+            )
+            .bind(&json)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut skip = std::collections::HashSet::new();
+            for (i, existing, path) in same {
+                skip.insert(i as usize);
+                out[i as usize] = Some(Enqueued::SameFile { existing, path });
+            }
+            let rest: Vec<usize> = first.into_iter().filter(|i| !skip.contains(i)).collect();
+            if !rest.is_empty() {
+                // `WHERE true`: SQLite's parser needs it between a SELECT and ON CONFLICT.
+                let rows: Vec<(i64, String, i64, i64, Option<i64>)> = sqlx::query_as(
+                    "INSERT INTO jobs (path, root, size, mtime_ns, dev, ino, state, next_attempt_at, \
+                     created_at, updated_at) \
+                     SELECT b.value ->> 'path', b.value ->> 'root', b.value ->> 'size', \
+                     b.value ->> 'mtime', b.value ->> 'dev', b.value ->> 'ino', 'pending', ?2, ?2, ?2 \
+                     FROM json_each(?1) b WHERE true ORDER BY b.key \
+                     ON CONFLICT (path, size, mtime_ns) DO NOTHING \
+                     RETURNING id, path, size, mtime_ns, \
+                     (SELECT MAX(o.id) FROM jobs o WHERE o.path = jobs.path AND o.id <> jobs.id)",
+                )
+                .bind(batch(&rest))
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut index: std::collections::HashMap<(String, i64, i64), usize> = rest
+                    .iter()
+                    .map(|&i| {
+                        let j = &jobs[i];
+                        let path = encode_path(&j.path).into_owned();
+                        ((path, j.size as i64, j.mtime_ns), i)
+                    })
+                    .collect();
+                for (id, path, size, mtime_ns, supersedes) in rows {
+                    if let Some(i) = index.remove(&(path, size, mtime_ns)) {
+                        queued.push(id);
+                        out[i] = Some(Enqueued::New { id, supersedes });
+                    }
+                }
+            }
+        }
+        for i in again {
+            let j = &jobs[i];
+            let same: Option<(i64, String)> = sqlx::query_as(
+                "SELECT id, path FROM jobs WHERE ino = ? AND dev = ? AND size = ? AND mtime_ns = ? \
+                 AND path <> ? ORDER BY id LIMIT 1",
+            )
+            .bind(j.ino as i64)
+            .bind(j.dev as i64)
+            .bind(j.size as i64)
+            .bind(j.mtime_ns)
+            .bind(encode_path(&j.path).as_ref())
+            .fetch_optional(&mut *tx)
+            .await?;
+            out[i] = same.map(|(existing, path)| Enqueued::SameFile { existing, path });
+        }
+        if !queued.is_empty() {
+            let ids = serde_json::to_string(&queued).unwrap_or_else(|_| "[]".into());
+            sqlx::query(
+                "INSERT INTO job_events (job_id, at, event) SELECT value, ?, 'queued' FROM json_each(?)",
+            )
+            .bind(now)
+            .bind(ids)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        // Not inserted and not the same file elsewhere: this exact version was there already.
+        Ok(out
+            .into_iter()
+            .map(|o| o.unwrap_or(Enqueued::Known))
+            .collect())
+    }
+
+    /// Takes the next due job for a worker, atomically: `pending` becomes `declaring`, `declared`
+    /// becomes `uploading`. The daemon holds the database's lock file, so no other process claims.
+    pub async fn claim(&self, now: i64) -> Result<Option<Job>, QueueError> {
+        let sql = format!(
+            "UPDATE jobs SET state = CASE state WHEN 'pending' THEN 'declaring' ELSE 'uploading' END, \
+             updated_at = ?1 \
+             WHERE id = (SELECT id FROM jobs WHERE state IN ('pending', 'declared') \
+                         AND next_attempt_at <= ?1 ORDER BY next_attempt_at, id LIMIT 1) \
+             RETURNING {JOB_COLUMNS}"
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(job_from_row).transpose()?)
+    }
+
+    /// Records the interaction id *before* the upload starts: from here on the job is never
+    /// declared again. `declaring` → `uploading`. Returns once the record survives power loss.
+    ///
+    /// Idempotent for the same id and interaction id, so a caller may repeat it after a failed
+    /// sync (a full disk) without tripping over its own earlier commit.
+    pub async fn mark_declared(
+        &self,
+        id: i64,
+        interaction_id: &str,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        self.fault(Fault::Declared)?;
+        // One statement; the `declared` event is written by a trigger in the same transaction.
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'uploading', interaction_id = ?1, updated_at = ?2, last_error = NULL \
+             WHERE id = ?3 AND (state = 'declaring' OR (state = 'uploading' AND interaction_id = ?1))",
+        )
+        .bind(interaction_id)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        expect_one(n, id, "declaring")?;
+        // This one commit must survive power loss (see `open`).
+        self.sync_wal().await
+    }
+
+    /// `uploading` → `uploaded`, with the status that proved it (201, or 409). `follow_at`: when
+    /// to first ask for its processing status (results enabled), or None.
+    ///
+    /// Idempotent for the same arguments: a commit whose answer was an I/O error may have gone in,
+    /// and the caller's second try must not then fail as a lost race.
+    pub async fn mark_uploaded(
+        &self,
+        id: i64,
+        status: u16,
+        follow_at: Option<i64>,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        self.fault(Fault::Uploaded)?;
+        // One statement; the `uploaded` event is written by a trigger in the same transaction.
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'uploaded', upload_status = ?1, updated_at = ?2, last_error = NULL, \
+             uploaded_at = ?2, follow_at = ?3, follow_attempts = 0 \
+             WHERE id = ?4 AND (state = 'uploading' \
+             OR (state = 'uploaded' AND upload_status = ?1 AND uploaded_at = ?2))",
+        )
+        .bind(status as i64)
+        .bind(now)
+        .bind(follow_at)
+        .bind(id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        expect_one(n, id, "uploading")
+    }
+
+    /// Puts a claimed job back to wait until `next_at`: `declaring` → `pending`, `uploading` →
+    /// `declared`. `count_attempt` is false when the failure was not the job's (auth pause, outage,
+    /// shutdown).
+    pub async fn reschedule(
+        &self,
+        job: &Job,
+        error: Option<&str>,
+        next_at: i64,
+        count_attempt: bool,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        let (from, to) = match job.state {
+            State::Declaring => ("declaring", "pending"),
+            State::Uploading => ("uploading", "declared"),
+            other => {
+                return Err(QueueError::Db(sqlx::Error::Protocol(format!(
+                    "job {} cannot be rescheduled from state {other}",
+                    job.id
+                ))));
+            }
+        };
+        self.fault(Fault::Write)?;
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = ?, attempts = attempts + ?, next_attempt_at = ?, \
+             last_error = COALESCE(?, last_error), updated_at = ? WHERE id = ? AND state = ?",
+        )
+        .bind(to)
+        .bind(i64::from(count_attempt))
+        .bind(next_at)
+        .bind(error)
+        .bind(now)
+        .bind(job.id)
+        .bind(from)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, job.id, from)?;
+        if let Some(e) = error {
+            event(&mut tx, job.id, now, "retry", Some(e)).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A claimed job that was never declared, whose file vanished: removed from the queue (there is
+    /// nothing to upload and nothing at the service to account for).
+    pub async fn drop_undeclared(&self, job: &Job) -> Result<(), QueueError> {
+        self.fault(Fault::Write)?;
+        let n =
+            sqlx::query("DELETE FROM jobs WHERE id = ? AND state = ? AND interaction_id IS NULL")
+                .bind(job.id)
+                .bind(job.state.as_str())
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        expect_one(n, job.id, job.state.as_str())
+    }
+
+    /// A declare of this `declaring` job went out and its answer was lost or unusable, so the
+    /// service may have created an interaction that will never get audio. Counted on the job (for
+    /// `[upload] max_declares`) and in the database's total. Returns the job's count.
+    pub async fn count_orphan(&self, id: i64, detail: &str, now: i64) -> Result<u32, QueueError> {
+        self.fault(Fault::Write)?;
+        let mut tx = self.pool.begin().await?;
+        let n: Option<i64> = sqlx::query_scalar(
+            "UPDATE jobs SET orphans = orphans + 1, updated_at = ? \
+             WHERE id = ? AND state = 'declaring' RETURNING orphans",
+        )
+        .bind(now)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(n) = n else {
+            return Err(QueueError::NotInState {
+                id,
+                from: "declaring".into(),
+            });
+        };
+        sqlx::query("UPDATE counters SET n = n + 1 WHERE name = 'orphan_declares'")
+            .execute(&mut *tx)
+            .await?;
+        event(&mut tx, id, now, "declare-lost", Some(detail)).await?;
+        tx.commit().await?;
+        Ok(n as u32)
+    }
+
+    /// A claimed job needs an operator: → `failed`, keeping the reason.
+    pub async fn fail(&self, job: &Job, error: &str, now: i64) -> Result<(), QueueError> {
+        self.fault(Fault::Write)?;
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET state = 'failed', last_error = ?, updated_at = ?, \
+             attempts = attempts + 1 WHERE id = ? AND state = ?",
+        )
+        .bind(error)
+        .bind(now)
+        .bind(job.id)
+        .bind(job.state.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, job.id, job.state.as_str())?;
+        event(&mut tx, job.id, now, "failed", Some(error)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// After a crash or a restart: jobs a worker held are put back. With the daemon's exclusive lock
+    /// no other process can be working on them. An `uploading` job keeps its interaction id and is
+    /// uploaded again on it (a 409 then proves the earlier attempt got through).
+    pub async fn recover(&self, now: i64) -> Result<(u64, u64), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        // A declare in flight at the crash may have created its interaction: counted as an orphan
+        // (an upper bound: it may also never have left).
+        let a = sqlx::query(
+            "UPDATE jobs SET state = 'pending', orphans = orphans + 1, updated_at = ? \
+             WHERE state = 'declaring'",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if a > 0 {
+            sqlx::query("UPDATE counters SET n = n + ? WHERE name = 'orphan_declares'")
+                .bind(a as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let b = sqlx::query(
+            "UPDATE jobs SET state = 'declared', updated_at = ? WHERE state = 'uploading'",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok((a, b))
+    }
+
+    /// `retry`: failed jobs go back to the queue, due now, with fresh attempts. A job that already
+    /// has an interaction id is uploaded again on it, never declared again. A running daemon is
+    /// woken to take them at once.
+    pub async fn retry(&self, ids: Option<&[i64]>, now: i64) -> Result<u64, QueueError> {
+        // IMMEDIATE, as `enqueue`: run beside a busy daemon, it waits for the write lock.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // No id: declare again. Uploaded (the service has the file): follow it again. Otherwise
+        // (never uploaded, or the service lost the file): upload again on the same id.
+        let base = "UPDATE jobs SET state = CASE WHEN interaction_id IS NULL THEN 'pending' \
+                    WHEN upload_status IS NOT NULL THEN 'uploaded' ELSE 'declared' END, \
+                    follow_at = CASE WHEN interaction_id IS NOT NULL AND upload_status IS NOT NULL \
+                    THEN ?1 ELSE NULL END, follow_attempts = 0, orphans = 0, \
+                    attempts = 0, next_attempt_at = ?1, created_at = ?1, updated_at = ?1 WHERE state = 'failed'";
+        let mut n = 0;
+        match ids {
+            None => {
+                n += sqlx::query(base)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            Some(ids) => {
+                for id in ids {
+                    let k = sqlx::query(AssertSqlSafe(format!("{base} AND id = ?2")))
+                        .bind(now)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if k > 0 {
+                        event(&mut tx, *id, now, "retry-requested", None).await?;
+                    }
+                    n += k;
+                }
+            }
+        }
+        tx.commit().await?;
+        if n > 0 {
+            self.wake_daemon();
+        }
+        Ok(n)
+    }
+
+    pub async fn mark_disposed(&self, id: i64, what: &str, now: i64) -> Result<(), QueueError> {
+        self.fault(Fault::Write)?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE jobs SET disposed = 1, updated_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        event(&mut tx, id, now, "after-upload", Some(what)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
