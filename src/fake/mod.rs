@@ -235,6 +235,8 @@ struct Inner {
     tls: Option<tokio_rustls::TlsAcceptor>,
     /// `None` while down.
     running: tokio::sync::Mutex<Option<server::Running>>,
+    /// While down: the port, bound but not listening (see `server::hold`).
+    held: std::sync::Mutex<Option<tokio::net::TcpSocket>>,
 }
 
 impl FakeApi {
@@ -282,6 +284,11 @@ impl FakeApi {
         opts: FakeOptions,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> std::io::Result<FakeApi> {
+        if addr.port() != 0 {
+            // The listener allows SO_REUSEPORT (see `server::hold`), which would let a second
+            // fake on a fixed port share it silently; a plain bind first refuses that.
+            drop(std::net::TcpListener::bind(addr)?);
+        }
         let listener = server::bind(addr)?;
         // Port 0 resolved once, so `come_up` returns to the same port.
         let addr = listener.local_addr()?;
@@ -296,6 +303,7 @@ impl FakeApi {
                 router,
                 tls,
                 running: tokio::sync::Mutex::new(Some(running)),
+                held: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -365,8 +373,12 @@ impl FakeApi {
     /// Stops listening and kills open connections; returns once the port
     /// refuses connections. A no-op when already down.
     pub async fn go_down(&self) {
-        if let Some(running) = self.inner.running.lock().await.take() {
-            running.stop().await;
+        let mut running = self.inner.running.lock().await;
+        if let Some(up) = running.take() {
+            // Held before the listener closes, so the port is never free in between. A failure
+            // only loses that protection.
+            *self.inner.held.lock().unwrap() = server::hold(self.inner.addr).ok();
+            up.stop().await;
         }
     }
 
@@ -380,6 +392,7 @@ impl FakeApi {
                 self.inner.router.clone(),
                 self.inner.tls.clone(),
             ));
+            self.inner.held.lock().unwrap().take();
         }
         Ok(())
     }

@@ -57,6 +57,18 @@ impl Running {
 }
 
 pub(super) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    bound(addr)?.listen(1024)
+}
+
+/// A socket bound to the fake's port but not listening, held while the fake is down: a client
+/// still gets "connection refused", and no other socket (another test's server, an outgoing
+/// connection's ephemeral port) can take the port before `come_up` binds it again. Without it
+/// a parallel test occasionally got the port, and `come_up` failed with "address in use".
+pub(super) fn hold(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    bound(addr)
+}
+
+fn bound(addr: SocketAddr) -> std::io::Result<TcpSocket> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -65,8 +77,10 @@ pub(super) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     // `come_up` rebinds the port whose server-side connections were just
     // closed and sit in TIME_WAIT.
     socket.set_reuseaddr(true)?;
+    // The listener and the placeholder of `hold` overlap for a moment on each transition.
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    Ok(socket)
 }
 
 /// With `tls`, every connection is served over TLS with that identity (tests of callferry's

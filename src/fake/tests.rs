@@ -771,6 +771,33 @@ async fn go_down_refuses_connections_and_come_up_keeps_state() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_fake_keeps_its_port_and_a_second_fake_cannot_take_it() {
+    let api = fake().await;
+    let err = FakeApi::start_on(api.addr(), FakeOptions::default())
+        .await
+        .err()
+        .expect("the port is taken");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+
+    // Down, with no connection ever made (so no TIME_WAIT holds the port): refused, yet not free,
+    // so no other test's server can take it before `come_up`. A socket without SO_REUSEADDR
+    // (std's bind sets it, and Linux then lets a listener share a port whose other socket is not
+    // listening).
+    api.go_down().await;
+    let raw = tokio::net::TcpStream::connect(api.addr())
+        .await
+        .unwrap_err();
+    assert_eq!(raw.kind(), std::io::ErrorKind::ConnectionRefused);
+    let other = tokio::net::TcpSocket::new_v4().unwrap();
+    let taken = other.bind(api.addr()).unwrap_err();
+    assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+    drop(other);
+    api.come_up().await.unwrap();
+    assert!(tokio::net::TcpStream::connect(api.addr()).await.is_ok());
+    api.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_a_64_mib_upload() {
     const CHUNK: usize = 1024 * 1024;
     const CHUNKS: usize = 64;

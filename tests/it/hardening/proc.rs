@@ -119,6 +119,43 @@ impl Daemon {
     }
 }
 
+/// Prints the tail of a daemon's log if the test fails while it is alive: a failure in CI (a
+/// deadline missed under load) is then diagnosable from the test's own output.
+pub struct ShowLogOnPanic(pub PathBuf);
+
+impl Drop for ShowLogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.0).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(150)..];
+            eprintln!(
+                "--- last {} lines of {} ---\n{}",
+                tail.len(),
+                self.0.display(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Only this run's part: earlier runs' lines were shown by their own guard or passed.
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let run = text.get(self.log_start..).unwrap_or(&text);
+            let lines: Vec<&str> = run.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(150)..];
+            eprintln!(
+                "--- this daemon run's log, last {} lines ---\n{}",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
 /// Opens the queue database once the daemon has created it (and its tables).
 pub async fn queue_when_ready(db: &Path) -> Queue {
     poll_for("the queue database", || async {

@@ -8,7 +8,7 @@ use std::process::Output;
 use callferry::fake::{Endpoint, FakeApi, FakeOptions, Fault};
 use callferry::queue::State;
 
-use super::proc::{Daemon, callferry, queue_when_ready, write_config};
+use super::proc::{Daemon, ShowLogOnPanic, callferry, queue_when_ready, write_config};
 use crate::helpers::*;
 
 const SECRET: &str = "tok-S3CR3T-5b9e7f0d2c41a8";
@@ -205,6 +205,7 @@ async fn the_database_its_journal_and_lock_are_private_whatever_the_umask() {
         });
     }
     let mut child = cmd.spawn().unwrap();
+    let _show = ShowLogOnPanic(log.clone());
     std::fs::write(dir.path().join("rec/a.wav"), wav(0.5)).unwrap();
     let db = dir.path().join("state/queue.db");
     let q = queue_when_ready(&db).await;
