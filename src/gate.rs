@@ -259,6 +259,17 @@ impl Gate {
     /// reported while the gate is already held (other workers' requests of the same moment) do not
     /// grow it further. Returns the delay if this call set it.
     pub fn outage(&self, message: String, unit: f64) -> Option<Duration> {
+        self.hold_back(
+            Pause::Outage(message),
+            |p| matches!(p, Pause::Auth(_)),
+            unit,
+        )
+    }
+
+    /// Holds every worker back for the outage backoff under `pause`, unless a hold is already
+    /// running; a pause for which `outranks` is true stays the one shown. Returns the delay if this
+    /// call set it.
+    fn hold_back(&self, pause: Pause, outranks: fn(&Pause) -> bool, unit: f64) -> Option<Duration> {
         let mut set = None;
         self.tx.send_if_modified(|s| {
             if s.hold_until.is_some_and(|h| h > Instant::now()) {
@@ -268,8 +279,8 @@ impl Gate {
             let d = self.outage_backoff.delay(s.outage_failures, unit);
             s.hold_until = Some(Instant::now() + d);
             s.probing = None;
-            if !matches!(s.pause, Some(Pause::Auth(_))) {
-                s.pause = Some(Pause::Outage(message));
+            if !s.pause.as_ref().is_some_and(outranks) {
+                s.pause = Some(pause);
             }
             set = Some(d);
             true
@@ -318,22 +329,11 @@ impl Gate {
     /// job's. Held back like an outage (a growing, capped delay; no attempt counted), under its own
     /// reason, until descriptors are free again. Returns the delay if this call set it.
     pub fn out_of_descriptors(&self, message: String, unit: f64) -> Option<Duration> {
-        let mut set = None;
-        self.tx.send_if_modified(|s| {
-            if s.hold_until.is_some_and(|h| h > Instant::now()) {
-                return false;
-            }
-            s.outage_failures += 1;
-            let d = self.outage_backoff.delay(s.outage_failures, unit);
-            s.hold_until = Some(Instant::now() + d);
-            s.probing = None;
-            if !matches!(s.pause, Some(Pause::Auth(_) | Pause::Storage(_))) {
-                s.pause = Some(Pause::Descriptors(message));
-            }
-            set = Some(d);
-            true
-        });
-        set
+        self.hold_back(
+            Pause::Descriptors(message),
+            |p| matches!(p, Pause::Auth(_) | Pause::Storage(_)),
+            unit,
+        )
     }
 
     /// The service asked us to slow down: hold everyone for `d`.
