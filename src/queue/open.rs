@@ -98,6 +98,8 @@ impl Queue {
             .execute(&pool)
             .await?;
             MIGRATOR.run(&pool).await?;
+        } else {
+            check_schema_current(&pool).await.map_err(unusable)?;
         }
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
@@ -167,6 +169,27 @@ impl Queue {
             Some(r) => Some((r.try_get("value")?, r.try_get("updated_at")?)),
             None => None,
         })
+    }
+}
+
+/// A reader (`status`, `list`, `retry`) of a database the daemon has not finished migrating (it is
+/// starting, or an upgrade has not run yet) would fail on a missing column with SQLite's words;
+/// this names the cause instead. Each migration commits with its row in `_sqlx_migrations`, so the
+/// latest row means the whole schema is there.
+async fn check_schema_current(pool: &sqlx::SqlitePool) -> Result<(), String> {
+    let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+            .fetch_one(pool)
+            .await
+            .unwrap_or(None);
+    match applied {
+        Some(v) if v >= latest => Ok(()),
+        v => Err(format!(
+            "its schema is at version {} and this callferry needs {latest}: the daemon upgrades it \
+             when it starts (`callferry run`); if it is starting now, try again in a moment",
+            v.unwrap_or(0)
+        )),
     }
 }
 

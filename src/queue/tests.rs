@@ -292,6 +292,44 @@ async fn existing_mode_does_not_create() {
 }
 
 #[tokio::test]
+async fn a_reader_waits_for_a_schema_the_daemon_has_not_finished_migrating() {
+    let (dir, q) = fresh().await;
+    let db = dir.path().join("state/queue.db");
+    let latest: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(&q.pool)
+        .await
+        .unwrap();
+    // As a reader sees it while the daemon is between two migrations.
+    for sql in [
+        "CREATE TABLE saved AS SELECT * FROM _sqlx_migrations WHERE version = ?",
+        "DELETE FROM _sqlx_migrations WHERE version = ?",
+    ] {
+        sqlx::query(sql)
+            .bind(latest)
+            .execute(&q.pool)
+            .await
+            .unwrap();
+    }
+    let err = Queue::open(&db, OpenMode::Existing).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("needs {latest}")) && text.contains("callferry run"),
+        "{text}"
+    );
+    // Once the last migration has committed, readers get in.
+    for sql in [
+        "INSERT INTO _sqlx_migrations SELECT * FROM saved",
+        "DROP TABLE saved",
+    ] {
+        sqlx::query(sql).execute(&q.pool).await.unwrap();
+    }
+    let reader = Queue::open(&db, OpenMode::Existing).await.unwrap();
+    assert_eq!(reader.counts().await.unwrap().total(), 0);
+    reader.close().await;
+    q.close().await;
+}
+
+#[tokio::test]
 async fn counts_kept_by_triggers_follow_every_transition() {
     let (_d, q) = fresh().await;
     q.enqueue(
