@@ -1,7 +1,8 @@
 //! callferry: ferries call recordings from a recorder's disk into ElevateAI speech analytics.
 //!
-//! The daemon is [`app::run`]; `main.rs` only parses the command line. See ARCHITECTURE.md for the
-//! flow (watcher → queue → workers → API → queue) and its invariants.
+//! The daemon is [`app::run`]; the command line is parsed and dispatched by [`cli`], and `main.rs`
+//! only hands over its exit code. See ARCHITECTURE.md for the flow (watcher → queue → workers →
+//! API → queue) and its invariants.
 
 pub mod api;
 pub mod app;

@@ -14,6 +14,7 @@
 //!   whole-server outage (`go_down` / `come_up`);
 //! - a hostile server, as faults: redirects to another host, huge, endless or dripping bodies,
 //!   binary garbage, a 401 that quotes the token it was sent, a declare with an unusable id;
+//! - sample recordings ([`wav_bytes`]) for the demo, tests and benchmarks;
 //! - `/_fake/...` control routes (no auth) so a process other than the one
 //!   that started the fake (a benchmark against `callferry fake-api`) can
 //!   drive and inspect it.
@@ -45,6 +46,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 mod timer;
+mod wav;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -54,6 +56,7 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 
 use state::Shared;
+pub use wav::{wav_bytes, wav_header};
 
 /// Start-up settings; all but `max_upload_bytes` can be changed later
 /// through [`FakeApi`].

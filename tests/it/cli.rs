@@ -555,3 +555,55 @@ async fn create_queue(db: &std::path::Path) {
         .close()
         .await;
 }
+
+/// Waits for a spawned command, killing it (and failing) after a generous deadline.
+fn wait_within(mut child: std::process::Child, what: &str) -> std::process::Output {
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(120) {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what}: still running after 120 s\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `callferry demo`, the README's first command, end to end; and `callferry demo | head -1`: once
+/// its reader is gone the demo stops quietly with status 0 (its `println!` panicked: exit 101).
+#[test]
+fn the_demo_runs_through_and_stops_quietly_when_its_reader_goes() {
+    use std::process::Stdio;
+    let whole = callferry()
+        .arg("demo")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_within(whole, "demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{err}");
+    assert!(
+        text.contains("5/5 recordings uploaded exactly once and transcribed"),
+        "{text}"
+    );
+    assert!(text.contains("uploaded via 409"), "{text}");
+
+    let cut = callferry()
+        .arg("demo")
+        .stdin(Stdio::null())
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_within(cut, "demo into a closed pipe");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}

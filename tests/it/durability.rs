@@ -95,7 +95,7 @@ async fn a_long_reader_holds_up_neither_uploads_nor_deletes() {
     let started = std::time::Instant::now();
     let files: Vec<_> = (0..N)
         .map(|i| {
-            let b = callferry::demo::wav_bytes(0.05, 300.0 + i as f64);
+            let b = callferry::fake::wav_bytes(0.05, 300.0 + i as f64);
             (app.drop_file(&format!("r{i}.wav"), &b), b)
         })
         .collect();
@@ -141,7 +141,7 @@ async fn enqueue_of_a_backlog_beside_a_busy_daemon_queues_every_file() {
     let backlog = app.dir.path().join("backlog");
     std::fs::create_dir_all(&backlog).unwrap();
     let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-    let bytes = callferry::demo::wav_bytes(0.01, 440.0);
+    let bytes = callferry::fake::wav_bytes(0.01, 440.0);
     let mut args = Vec::new();
     for i in 0..BACKLOG {
         let p = backlog.join(format!("old-{i:05}.wav"));
@@ -383,7 +383,7 @@ async fn running_out_of_descriptors_holds_the_workers_back_and_loses_nothing() {
         });
     }
     let mut child = cmd.spawn().unwrap();
-    let bytes = callferry::demo::wav_bytes(0.05, 440.0);
+    let bytes = callferry::fake::wav_bytes(0.05, 440.0);
     for i in 0..N {
         let p = rec.join(format!("fd-{i:02}.wav"));
         std::fs::write(&p, &bytes).unwrap();

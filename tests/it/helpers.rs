@@ -33,7 +33,7 @@ pub fn sha256(bytes: &[u8]) -> String {
 }
 
 pub fn wav(seconds: f64) -> Vec<u8> {
-    callferry::demo::wav_bytes(seconds, 440.0)
+    callferry::fake::wav_bytes(seconds, 440.0)
 }
 
 /// Polls `cond` until it is true or the deadline passes.

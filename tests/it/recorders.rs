@@ -6,7 +6,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use callferry::demo::{wav_bytes, wav_header};
+use callferry::fake::{wav_bytes, wav_header};
 
 use crate::helpers::*;
 

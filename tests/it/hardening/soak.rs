@@ -135,7 +135,7 @@ fn write_files(rec: &Path, n: usize, seed: u64, spread: Duration) -> Vec<Written
         let dest = rec.join(&rel);
         std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
         let secs = rng.random_range(0.1..4.0);
-        let bytes = callferry::demo::wav_bytes(secs, 200.0 + i as f64);
+        let bytes = callferry::fake::wav_bytes(secs, 200.0 + i as f64);
         if rng.random_bool(0.15) {
             use std::io::Write;
             let mut f = std::fs::File::create(&dest).unwrap();

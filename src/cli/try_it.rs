@@ -1,0 +1,38 @@
+//! `callferry demo` and `callferry fake-api`: trying callferry out with nothing set up. Neither
+//! reads a configuration.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::{EXIT_FAILURE, EXIT_OK, finish, init_logging, tell};
+use crate::config::LogFormat;
+
+pub(super) async fn demo(env: &BTreeMap<String, String>) -> i32 {
+    init_logging(LogFormat::Text, "warn", env);
+    finish(crate::demo::run(&mut std::io::stdout()).await)
+}
+
+pub(super) async fn fake_api(
+    listen: SocketAddr,
+    token: String,
+    processing_time: Duration,
+    env: &BTreeMap<String, String>,
+) -> i32 {
+    init_logging(LogFormat::Text, "info", env);
+    let opts = crate::fake::FakeOptions {
+        token,
+        processing_time,
+        ..Default::default()
+    };
+    tell(&format!(
+        "fake ElevateAI API on http://{listen}/v1 (control: http://{listen}/_fake/)"
+    ));
+    match crate::fake::serve_forever(listen, opts).await {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            tell(&format!("callferry: fake API: {e}"));
+            EXIT_FAILURE
+        }
+    }
+}
