@@ -174,7 +174,7 @@ pub fn main() -> i32 {
     // The daemon runs its tasks on one thread. Its work is waiting (on the network, on SQLite's own
     // thread, on the blocking pool that fsyncs and reads uncached files); with a second runtime
     // thread, tasks bounced between the two and every hand-over was a context switch. Measured
-    // with callferry-bench (issue 8): 15 % fewer context switches and 5-8 % more files per
+    // with callferry-bench: 15 % fewer context switches and 5-8 % more files per
     // second. The fake and the demo (a server and a daemon in one process) keep a thread per core.
     let mut builder = match cli.command {
         Command::Run => tokio::runtime::Builder::new_current_thread(),
