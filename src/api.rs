@@ -103,6 +103,19 @@ impl ApiError {
         }
     }
 
+    /// The `outcome` label of `callferry_uploads_total` for this failure.
+    pub fn outcome(&self) -> &'static str {
+        use crate::metrics::outcome;
+        match (self, self.class()) {
+            (ApiError::Local(_), _) => outcome::LOCAL,
+            (_, ErrorClass::Transient) => outcome::RETRY,
+            (_, ErrorClass::Rejected) => outcome::REJECTED,
+            (_, ErrorClass::Auth) => outcome::UNAUTHORIZED,
+            (_, ErrorClass::RateLimited(_)) => outcome::RATE_LIMITED,
+            (_, ErrorClass::Unreachable) => outcome::UNREACHABLE,
+        }
+    }
+
     pub fn status(&self) -> Option<u16> {
         match self {
             ApiError::Status { status, .. } | ApiError::Redirected { status, .. } => Some(*status),

@@ -21,7 +21,6 @@ use crate::gate::Gate;
 use crate::metrics::Metrics;
 use crate::monitor::{self, Monitor};
 use crate::queue::{DaemonLock, OpenMode, PAUSE_KEY, Queue, QueueError};
-use crate::retry::Backoff;
 use crate::systemd;
 use crate::worker::Pipeline;
 
@@ -95,10 +94,7 @@ pub async fn run(
     }
 
     let api = ApiClient::new(&cfg, token).map_err(|e| AppError::Other(e.to_string()))?;
-    let gate = Arc::new(Gate::new(Backoff {
-        initial: cfg.upload.backoff_initial,
-        max: cfg.upload.backoff_max,
-    }));
+    let gate = Arc::new(Gate::new(crate::policy::upload_backoff(&cfg)));
     let wake = Arc::new(Notify::new());
     let metrics = Arc::new(Metrics::new());
     let monitor = Monitor {

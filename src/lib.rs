@@ -17,6 +17,7 @@ pub mod gate;
 pub mod health;
 pub mod metrics;
 pub mod monitor;
+pub mod policy;
 pub mod queue;
 pub mod ratelimit;
 pub mod results;

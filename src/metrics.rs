@@ -18,7 +18,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::api::{ApiError, ErrorClass};
 use crate::queue::Counts;
 
 /// The `Content-Type` of `/metrics` (Prometheus text format 0.0.4).
@@ -352,17 +351,10 @@ impl Metrics {
         }
     }
 
-    /// A declare or upload attempt failed; the class says how.
-    pub fn attempt_failed(&self, err: &ApiError) {
-        let o = match (err, err.class()) {
-            (ApiError::Local(_), _) => outcome::LOCAL,
-            (_, ErrorClass::Transient) => outcome::RETRY,
-            (_, ErrorClass::Rejected) => outcome::REJECTED,
-            (_, ErrorClass::Auth) => outcome::UNAUTHORIZED,
-            (_, ErrorClass::RateLimited(_)) => outcome::RATE_LIMITED,
-            (_, ErrorClass::Unreachable) => outcome::UNREACHABLE,
-        };
-        self.count(o);
+    /// A declare or upload attempt failed; `outcome` says how (one of [`outcome::ALL`], as
+    /// `ApiError::outcome` picks it).
+    pub fn attempt_failed(&self, outcome: &'static str) {
+        self.count(outcome);
     }
 
     fn count(&self, o: &'static str) {
@@ -501,16 +493,16 @@ mod tests {
         m.files_discovered(3);
         m.uploaded(201, 1000, Duration::from_millis(300));
         m.uploaded(409, 1000, Duration::from_millis(300));
-        m.attempt_failed(&ApiError::Status {
-            status: 503,
-            message: "x".into(),
-            retry_after: None,
-        });
-        m.attempt_failed(&ApiError::Status {
-            status: 401,
-            message: "x".into(),
-            retry_after: None,
-        });
+        for status in [503, 401] {
+            m.attempt_failed(
+                crate::api::ApiError::Status {
+                    status,
+                    message: "x".into(),
+                    retry_after: None,
+                }
+                .outcome(),
+            );
+        }
         m.watcher_rescan();
         m.watcher_overflow();
         let snap = Snapshot {

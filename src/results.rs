@@ -19,12 +19,12 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::api::{ApiError, ErrorClass};
+use crate::api::ApiError;
 use crate::clock::{ms, now_ms};
 use crate::config::{AfterUploadWhen, ResultsFormat};
+use crate::policy::{self, Failure, Hold, Limits, Verdict};
 use crate::queue::Job;
 use crate::ratelimit::RateLimiter;
-use crate::retry::Backoff;
 use crate::worker::Pipeline;
 
 /// Jobs looked at per round; bounds memory whatever the number of followed jobs.
@@ -534,31 +534,46 @@ impl Follower {
         let msg = format!("{what}: {e}");
         let poll = ms(self.p.cfg.results.poll_interval);
         let unit: f64 = rand::random();
-        let next = match e.class() {
-            ErrorClass::Auth => {
+        let failure = Failure::of(&e);
+        let breaker_open = failure == Failure::ServerError
+            && self.p.gate.server_error(msg.clone(), unit).report(&msg);
+        let limits = Limits::following(&self.p.cfg);
+        let attempts = job.follow_attempts + 1;
+        let next = match policy::decide(
+            failure,
+            attempts,
+            Duration::ZERO,
+            breaker_open,
+            &limits,
+            unit,
+        ) {
+            Verdict::Hold(Hold::Auth) => {
                 if self.p.gate.pause_auth(msg.clone()) {
                     error!(error = %msg, "the API rejected the token: ALL work is paused and every job is kept. Fix api.token_file (it is re-read) — work resumes by itself");
                 }
                 now + poll
             }
-            ErrorClass::Unreachable => {
+            Verdict::Hold(Hold::Outage) => {
                 if let Some(d) = self.p.gate.outage(msg.clone(), unit) {
                     warn!(error = %msg, retry_in = ?d, "API unreachable; holding back");
                 }
                 now + poll
             }
-            ErrorClass::RateLimited(ra) => {
-                let d = Backoff {
-                    initial: self.p.cfg.upload.backoff_initial,
-                    max: self.p.cfg.upload.backoff_max,
+            Verdict::Hold(Hold::Descriptors) => {
+                if let Some(d) = self.p.gate.out_of_descriptors(msg.clone(), unit) {
+                    warn!(error = %msg, retry_in = ?d, "out of file descriptors: holding back. Raise LimitNOFILE (systemd) or ulimit -n");
                 }
-                .next_delay(1, unit, ra);
+                now + poll
+            }
+            Verdict::Hold(Hold::Failing) => now + poll,
+            Verdict::SlowDown(d) => {
                 self.p.gate.hold(d);
                 now + ms(d).max(poll)
             }
-            ErrorClass::Rejected => {
+            Verdict::Fail(_) => {
                 // The service does not know the interaction (deleted, or past its 45-day
-                // retention) or refuses this request: an operator must look.
+                // retention) or refuses this request: an operator must look. (Following never
+                // gives up by attempts or age.)
                 warn!(error = %msg, "results cannot be fetched");
                 self.record(
                     self.p
@@ -568,23 +583,7 @@ impl Follower {
                 );
                 return;
             }
-            ErrorClass::Transient
-                if matches!(e.status(), Some(500..=599))
-                    && self.p.gate.server_error(msg.clone(), unit).report(&msg) =>
-            {
-                now + poll
-            }
-            ErrorClass::Transient => {
-                let d = Backoff {
-                    initial: self.p.cfg.upload.backoff_initial,
-                    max: self
-                        .p
-                        .cfg
-                        .upload
-                        .backoff_max
-                        .max(self.p.cfg.results.poll_interval),
-                }
-                .delay(job.follow_attempts + 1, unit);
+            Verdict::Retry(d) => {
                 warn!(error = %msg, retry_in = ?d, "will ask again");
                 now + ms(d)
             }

@@ -13,12 +13,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::api::{ApiClient, ApiError, DeclareRequest, ErrorClass};
+use crate::api::{ApiClient, ApiError, DeclareRequest};
 use crate::clock::{ms, now_ms};
 use crate::config::{AfterUploadAction, AfterUploadWhen, Config};
 use crate::gate::Gate;
+use crate::policy::{self, Failure, Hold, Limits, Verdict};
 use crate::queue::{Job, Queue, QueueError, State};
-use crate::retry::{Backoff, give_up};
 
 /// Without a watched wake file: how long an idle worker sleeps at most before looking at the queue
 /// again, so jobs another process made due (`callferry retry`, `enqueue`) are picked up without a
@@ -72,13 +72,6 @@ fn left_its_path(meta: &std::fs::Metadata, job: &Job) -> bool {
 }
 
 impl Pipeline {
-    fn backoff(&self) -> Backoff {
-        Backoff {
-            initial: self.cfg.upload.backoff_initial,
-            max: self.cfg.upload.backoff_max,
-        }
-    }
-
     pub async fn run_worker(self: Arc<Self>, n: usize) {
         debug!(worker = n, "worker started");
         // Set when this worker's claim hit a full disk: it then tries again by itself instead of
@@ -477,25 +470,20 @@ impl Pipeline {
         }
     }
 
-    /// Maps a failure onto the job's next state.
+    /// Carries out the policy's verdict on a failure: the gate for every worker, the queue for
+    /// the job.
     async fn on_error(&self, job: &Job, err: ApiError) {
         let now = now_ms();
         let unit: f64 = rand::random();
         let msg = err.to_string();
-        self.metrics.attempt_failed(&err);
-        if out_of_descriptors(&err) {
-            // Ours, not the API's nor the job's: every worker holds back, and nothing was sent
-            // that could have created an interaction (a socket or file that could not be opened).
-            if let Some(d) = self.gate.out_of_descriptors(msg.clone(), unit) {
-                warn!(error = %msg, retry_in = ?d, "out of file descriptors: all workers hold back (attempts are not counted). Raise LimitNOFILE (systemd) or ulimit -n, or lower upload.workers");
-            }
-            self.record(
-                self.commit(|| self.queue.reschedule(job, Some(&msg), now, false, now))
-                    .await,
-            );
-            return;
-        }
-        if job.state == State::Declaring && declare_may_have_created(&err) {
+        self.metrics.attempt_failed(err.outcome());
+        let failure = Failure::of(&err);
+        // Out of descriptors, nothing was sent that could have created an interaction (a socket
+        // or file that could not be opened).
+        if failure != Failure::Descriptors
+            && job.state == State::Declaring
+            && declare_may_have_created(&err)
+        {
             match self
                 .commit(|| self.queue.count_orphan(job.id, &msg, now))
                 .await
@@ -510,74 +498,68 @@ impl Pipeline {
                 Err(e) => error!(error = %e, "could not count a declare whose answer was lost"),
             }
         }
-        match err.class() {
-            ErrorClass::Auth => {
-                if self.gate.pause_auth(msg.clone()) {
-                    error!(error = %msg, "the API rejected the token: ALL uploads are paused and every job is kept. Fix api.token_file (it is re-read) — work resumes by itself, no restart needed");
-                }
-                self.record(
-                    self.commit(|| self.queue.reschedule(job, Some(&msg), now, false, now))
-                        .await,
-                );
+        let attempts = job.attempts + 1;
+        let age = Duration::from_millis((now - job.created_at).max(0) as u64);
+        let breaker_open = failure == Failure::ServerError && self.api_failing(&msg, unit);
+        let limits = Limits::upload(&self.cfg);
+        let (at, counted) = match policy::decide(
+            failure,
+            attempts,
+            age,
+            breaker_open,
+            &limits,
+            unit,
+        ) {
+            Verdict::Hold(hold) => {
+                self.hold_all(hold, &msg, unit);
+                (now, false)
             }
-            ErrorClass::Unreachable => {
-                if let Some(d) = self.gate.outage(msg.clone(), unit) {
-                    warn!(error = %msg, retry_in = ?d, "API unreachable; all workers hold back (attempts are not counted during an outage)");
-                }
-                self.record(
-                    self.commit(|| self.queue.reschedule(job, Some(&msg), now, false, now))
-                        .await,
-                );
-            }
-            ErrorClass::RateLimited(retry_after) => {
-                let d = self.backoff().next_delay(1, unit, retry_after);
+            Verdict::SlowDown(d) => {
                 warn!(error = %msg, wait = ?d, "API asks us to slow down; all workers hold back");
                 self.gate.hold(d);
-                self.record(
-                    self.commit(|| {
-                        self.queue
-                            .reschedule(job, Some(&msg), now + ms(d), false, now)
-                    })
-                    .await,
-                );
+                (now + ms(d), false)
             }
-            ErrorClass::Rejected => {
+            Verdict::Retry(d) => {
+                warn!(error = %msg, attempt = attempts, retry_in = ?d, "will retry");
+                (now + ms(d), true)
+            }
+            Verdict::Fail(None) => {
                 warn!(error = %msg, "the API refused this file; job failed (`callferry retry {}` after fixing it)", job.id);
                 self.record(self.commit(|| self.queue.fail(job, &msg, now)).await);
+                return;
             }
-            ErrorClass::Transient
-                if matches!(err.status(), Some(500..=599)) && self.api_failing(&msg, unit) =>
-            {
-                // A 5xx storm is the service's outage, not this job's failure: no attempt.
-                self.record(
-                    self.commit(|| self.queue.reschedule(job, Some(&msg), now, false, now))
-                        .await,
-                );
+            Verdict::Fail(Some(why)) => {
+                let full = format!("{msg}; {why}");
+                error!(error = %full, "job failed");
+                self.record(self.commit(|| self.queue.fail(job, &full, now)).await);
+                return;
             }
-            ErrorClass::Transient => {
-                let attempts = job.attempts + 1;
-                let age = Duration::from_millis((now - job.created_at).max(0) as u64);
-                if let Some(why) = give_up(
-                    attempts,
-                    self.cfg.upload.max_attempts,
-                    age,
-                    self.cfg.upload.max_age,
-                ) {
-                    let full = format!("{msg}; {why}");
-                    error!(error = %full, "job failed");
-                    self.record(self.commit(|| self.queue.fail(job, &full, now)).await);
-                } else {
-                    let d = self.backoff().delay(attempts, unit);
-                    warn!(error = %msg, attempt = attempts, retry_in = ?d, "will retry");
-                    self.record(
-                        self.commit(|| {
-                            self.queue
-                                .reschedule(job, Some(&msg), now + ms(d), true, now)
-                        })
-                        .await,
-                    );
+        };
+        self.record(
+            self.commit(|| self.queue.reschedule(job, Some(&msg), at, counted, now))
+                .await,
+        );
+    }
+
+    /// Holds every worker back (a 5xx storm was already reported to the gate by `api_failing`).
+    fn hold_all(&self, hold: Hold, msg: &str, unit: f64) {
+        match hold {
+            Hold::Descriptors => {
+                if let Some(d) = self.gate.out_of_descriptors(msg.to_string(), unit) {
+                    warn!(error = %msg, retry_in = ?d, "out of file descriptors: all workers hold back (attempts are not counted). Raise LimitNOFILE (systemd) or ulimit -n, or lower upload.workers");
                 }
             }
+            Hold::Auth => {
+                if self.gate.pause_auth(msg.to_string()) {
+                    error!(error = %msg, "the API rejected the token: ALL uploads are paused and every job is kept. Fix api.token_file (it is re-read) — work resumes by itself, no restart needed");
+                }
+            }
+            Hold::Outage => {
+                if let Some(d) = self.gate.outage(msg.to_string(), unit) {
+                    warn!(error = %msg, retry_in = ?d, "API unreachable; all workers hold back (attempts are not counted during an outage)");
+                }
+            }
+            Hold::Failing => {}
         }
     }
 
@@ -719,16 +701,6 @@ fn job_span(job: &Job) -> tracing::Span {
         span.record("interaction_id", iid);
     }
     span
-}
-
-/// EMFILE or ENFILE anywhere in the failure: a socket for the API or the recording could not be
-/// opened because the process (or the system) has no descriptor left. The API client flattens its
-/// errors to text, which carries the OS error's number, as std's `io::Error` prints it.
-fn out_of_descriptors(err: &ApiError) -> bool {
-    let text = err.to_string();
-    [libc::EMFILE, libc::ENFILE]
-        .iter()
-        .any(|n| text.contains(&format!("(os error {n})")))
 }
 
 /// Whether a failed declare may have created its interaction: the request went out and the answer
@@ -1011,20 +983,21 @@ mod tests {
     #[test]
     fn running_out_of_descriptors_is_its_own_class() {
         let os = |n| std::io::Error::from_raw_os_error(n).to_string();
+        let is_emfile = |e: &ApiError| Failure::of(e) == Failure::Descriptors;
         // As the API client reports a socket that could not be opened, and a recording.
-        assert!(out_of_descriptors(&ApiError::Unreachable(format!(
+        assert!(is_emfile(&ApiError::Unreachable(format!(
             "error sending request: client error (Connect): tcp open error: {}",
             os(libc::EMFILE)
         ))));
-        assert!(out_of_descriptors(&ApiError::Local(format!(
+        assert!(is_emfile(&ApiError::Local(format!(
             "/rec/a.wav: {}",
             os(libc::ENFILE)
         ))));
-        assert!(!out_of_descriptors(&ApiError::Unreachable(format!(
+        assert!(!is_emfile(&ApiError::Unreachable(format!(
             "tcp connect error: {}",
             os(libc::ECONNREFUSED)
         ))));
-        assert!(!out_of_descriptors(&ApiError::Local(format!(
+        assert!(!is_emfile(&ApiError::Local(format!(
             "/rec/a.wav: {}",
             os(libc::ENOENT)
         ))));
