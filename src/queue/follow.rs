@@ -2,6 +2,7 @@
 
 use sqlx::AssertSqlSafe;
 
+use super::machine::Transition;
 use super::{JOB_COLUMNS, Job, Queue, QueueError, event, expect_one, job_from_row};
 
 impl Queue {
@@ -67,19 +68,24 @@ impl Queue {
         Ok(())
     }
 
-    /// Every result is written: `uploaded` → `processed`.
+    /// Every result is written ([`Transition::Processed`]).
     pub async fn mark_processed(&self, id: i64, now: i64) -> Result<(), QueueError> {
+        let [(from, to)] = *Transition::Processed.edges() else {
+            unreachable!("one edge")
+        };
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
-            "UPDATE jobs SET state = 'processed', follow_at = NULL, service_status = 'processed', \
-             last_error = NULL, updated_at = ? WHERE id = ? AND state = 'uploaded'",
+            "UPDATE jobs SET state = ?, follow_at = NULL, service_status = 'processed', \
+             last_error = NULL, updated_at = ? WHERE id = ? AND state = ?",
         )
+        .bind(to.as_str())
         .bind(now)
         .bind(id)
+        .bind(from.as_str())
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        expect_one(n, id, "uploaded")?;
+        expect_one(n, &mut *tx, id, &[from]).await?;
         event(&mut tx, id, now, "processed", None).await?;
         tx.commit().await?;
         Ok(())
@@ -95,22 +101,27 @@ impl Queue {
         lost_file: bool,
         now: i64,
     ) -> Result<(), QueueError> {
+        let [(from, to)] = *Transition::FailFollowing.edges() else {
+            unreachable!("one edge")
+        };
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
-            "UPDATE jobs SET state = 'failed', follow_at = NULL, last_error = ?, \
+            "UPDATE jobs SET state = ?, follow_at = NULL, last_error = ?, \
              service_status = COALESCE(?, service_status), \
              upload_status = CASE WHEN ? THEN NULL ELSE upload_status END, updated_at = ? \
-             WHERE id = ? AND state = 'uploaded'",
+             WHERE id = ? AND state = ?",
         )
+        .bind(to.as_str())
         .bind(error)
         .bind(service_status)
         .bind(lost_file)
         .bind(now)
         .bind(id)
+        .bind(from.as_str())
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        expect_one(n, id, "uploaded")?;
+        expect_one(n, &mut *tx, id, &[from]).await?;
         event(&mut tx, id, now, "failed", Some(error)).await?;
         tx.commit().await?;
         Ok(())

@@ -1,7 +1,12 @@
 //! The queue's memory of recordings over time: later calls recorded at a reused path, recordings
 //! that moved while their job waited, and (with pruning) what is kept of old jobs.
 
-use super::{Job, NewJob, Queue, QueueError};
+use std::sync::LazyLock;
+
+use sqlx::AssertSqlSafe;
+
+use super::machine::{DONE, NOT_UPLOADED, sql_in};
+use super::{Job, NewJob, Queue, QueueError, State};
 
 impl Queue {
     /// Whether an earlier job was recorded at this job's path: then this is a later call under a
@@ -34,23 +39,27 @@ impl Queue {
         new_root: &str,
         now: i64,
     ) -> Result<bool, QueueError> {
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            let mut movable = NOT_UPLOADED.to_vec();
+            movable.push(State::Failed);
+            format!(
+                "UPDATE jobs SET path = ?1, root = ?2, next_attempt_at = MIN(next_attempt_at, ?3), \
+                 updated_at = ?3 WHERE id = ?4 AND path = ?5 AND state IN {} \
+                 AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.path = ?1 AND o.size = jobs.size \
+                                 AND o.mtime_ns = jobs.mtime_ns)",
+                sql_in(&movable)
+            )
+        });
         let mut tx = self.pool.begin().await?;
-        let n = sqlx::query(
-            "UPDATE jobs SET path = ?1, root = ?2, next_attempt_at = MIN(next_attempt_at, ?3), \
-             updated_at = ?3 \
-             WHERE id = ?4 AND path = ?5 \
-             AND state IN ('pending', 'declaring', 'declared', 'uploading', 'failed') \
-             AND NOT EXISTS (SELECT 1 FROM jobs o WHERE o.path = ?1 AND o.size = jobs.size \
-                             AND o.mtime_ns = jobs.mtime_ns)",
-        )
-        .bind(new_path)
-        .bind(new_root)
-        .bind(now)
-        .bind(id)
-        .bind(old_path)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        let n = sqlx::query(AssertSqlSafe(SQL.as_str()))
+            .bind(new_path)
+            .bind(new_root)
+            .bind(now)
+            .bind(id)
+            .bind(old_path)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         if n == 1 {
             let detail = format!("{old_path} -> {new_path}");
             super::event(&mut tx, id, now, "moved", Some(&detail)).await?;
@@ -166,22 +175,34 @@ impl Queue {
     /// start-up tidy-up needs it). Failed jobs are kept: they wait for an operator. Returns how
     /// many jobs went. In batches, one transaction each.
     pub async fn prune(&self, cutoff: i64, undisposed_too: bool) -> Result<u64, QueueError> {
+        static PRUNABLE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "SELECT id, path, size, mtime_ns, dev, ino FROM jobs NOT INDEXED \
+                 WHERE id > ? AND state IN {} AND updated_at < ? \
+                 AND follow_at IS NULL AND (? OR disposed = 1) ORDER BY id LIMIT ?",
+                sql_in(&DONE)
+            )
+        });
+        static PRUNE: LazyLock<String> = LazyLock::new(|| {
+            format!(
+                "DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?1)) \
+                 AND state IN {} AND updated_at < ?2 AND follow_at IS NULL",
+                sql_in(&DONE)
+            )
+        });
         let mut total = 0;
         let mut after = 0i64;
         loop {
             // One pass in id order, from where the last batch ended (`NOT INDEXED`: through the
             // state index, every batch sorted all the matching jobs again: 200,000 took 74 s).
-            let rows: Vec<(i64, String, i64, i64, i64, i64)> = sqlx::query_as(
-                "SELECT id, path, size, mtime_ns, dev, ino FROM jobs NOT INDEXED \
-                 WHERE id > ? AND state IN ('uploaded', 'processed') AND updated_at < ? \
-                 AND follow_at IS NULL AND (? OR disposed = 1) ORDER BY id LIMIT ?",
-            )
-            .bind(after)
-            .bind(cutoff)
-            .bind(undisposed_too)
-            .bind(PRUNE_BATCH)
-            .fetch_all(&self.pool)
-            .await?;
+            let rows: Vec<(i64, String, i64, i64, i64, i64)> =
+                sqlx::query_as(AssertSqlSafe(PRUNABLE.as_str()))
+                    .bind(after)
+                    .bind(cutoff)
+                    .bind(undisposed_too)
+                    .bind(PRUNE_BATCH)
+                    .fetch_all(&self.pool)
+                    .await?;
             let Some(last) = rows.last() else {
                 return Ok(total);
             };
@@ -208,15 +229,12 @@ impl Queue {
                 .execute(&mut *tx)
                 .await?;
             // Guarded again: a job changed since the read above (a `retry`) stays.
-            let n = sqlx::query(
-                "DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?1)) \
-                 AND state IN ('uploaded', 'processed') AND updated_at < ?2 AND follow_at IS NULL",
-            )
-            .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
-            .bind(cutoff)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            let n = sqlx::query(AssertSqlSafe(PRUNE.as_str()))
+                .bind(serde_json::to_string(&ids).unwrap_or_else(|_| "[]".into()))
+                .bind(cutoff)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             tx.commit().await?;
             total += n;
             if (rows.len() as i64) < PRUNE_BATCH {

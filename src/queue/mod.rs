@@ -14,6 +14,7 @@
 mod durable;
 mod follow;
 mod history;
+mod machine;
 mod open;
 mod paths;
 mod read;
@@ -29,9 +30,10 @@ use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{Row, Sqlite, Transaction};
 
 pub use history::{fingerprint, prune_task};
+pub use machine::Transition;
 pub use open::{APPLICATION_ID, DaemonLock, OpenMode, PAUSE_KEY, create_folder, lock_path};
 pub use paths::{decode_path, display_path, encode_path};
-pub use state::State;
+pub use state::{State, UnknownState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -46,9 +48,18 @@ pub enum QueueError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The guarded row was not in the state the transition leaves. Writing again cannot help.
-    #[error("job {id} was not in state {from} (lost a race, or the row was changed by hand)")]
-    NotInState { id: i64, from: String },
+    /// The guarded row was not in a state the transition leaves (see [`Transition`]). Writing
+    /// again cannot help. `found`: None when the job is gone.
+    #[error(
+        "job {job} is {}, not {} (lost a race, or the row was changed by hand)",
+        found.map_or("gone", State::as_str),
+        state::one_of(expected)
+    )]
+    NotInState {
+        job: i64,
+        expected: Vec<State>,
+        found: Option<State>,
+    },
     /// After a failed flush, the queue could not yet prove its commits durable (see `sync_wal`).
     #[error("queue database not yet durable after a failed flush: {0}")]
     NotDurable(String),
@@ -315,14 +326,38 @@ async fn event(
     Ok(())
 }
 
-fn expect_one(n: u64, id: i64, from: &str) -> Result<(), QueueError> {
-    if n == 1 {
-        Ok(())
-    } else {
-        Err(QueueError::NotInState {
-            id,
-            from: from.to_string(),
-        })
+/// After a guarded statement: `n` rows changed, or the reason none did.
+async fn expect_one<'c>(
+    n: u64,
+    exec: impl sqlx::SqliteExecutor<'c>,
+    job: i64,
+    expected: &[State],
+) -> Result<(), QueueError> {
+    match n {
+        1 => Ok(()),
+        _ => Err(not_in_state(exec, job, expected).await),
+    }
+}
+
+/// A failed guard, with the state the job is in now (None: it is gone). If even that cannot be
+/// read, the database's error, which may be transient: the caller's next try then tells.
+async fn not_in_state<'c>(
+    exec: impl sqlx::SqliteExecutor<'c>,
+    job: i64,
+    expected: &[State],
+) -> QueueError {
+    let found: Result<Option<String>, _> =
+        sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?")
+            .bind(job)
+            .fetch_optional(exec)
+            .await;
+    match found {
+        Ok(found) => QueueError::NotInState {
+            job,
+            expected: expected.to_vec(),
+            found: found.and_then(|s| State::from_str(&s).ok()),
+        },
+        Err(e) => e.into(),
     }
 }
 

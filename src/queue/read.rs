@@ -1,20 +1,23 @@
 //! Read-only views of the queue: one job, listings, counts and figures for `status`.
 
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 use sqlx::{AssertSqlSafe, Row};
 
+use super::machine::{NOT_UPLOADED, Transition, sql_in};
 use super::{Counts, JOB_COLUMNS, Job, Queue, QueueError, State, display_path, job_from_row};
 
 impl Queue {
     /// When the next job falls due, if any job waits at all.
     pub async fn next_due(&self) -> Result<Option<i64>, QueueError> {
-        let v: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(next_attempt_at) FROM jobs WHERE state IN ('pending', 'declared')",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(v)
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            let due = Transition::Claim.sql_guard();
+            format!("SELECT MIN(next_attempt_at) FROM jobs WHERE {due}")
+        });
+        Ok(sqlx::query_scalar(AssertSqlSafe(SQL.as_str()))
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
@@ -29,29 +32,13 @@ impl Queue {
 
     /// Jobs, newest first, optionally of one user-facing state.
     pub async fn list(&self, state: Option<State>, limit: u32) -> Result<Vec<Job>, QueueError> {
-        let rows = match state {
-            Some(s) => {
-                let internal: Vec<&str> = s.internal_states().to_vec();
-                let placeholders = vec!["?"; internal.len()].join(", ");
-                let sql = format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({placeholders}) ORDER BY id DESC LIMIT ?"
-                );
-                let mut q = sqlx::query(AssertSqlSafe(sql));
-                for st in internal {
-                    q = q.bind(st);
-                }
-                q.bind(limit as i64).fetch_all(&self.pool).await?
-            }
-            None => {
-                sqlx::query(AssertSqlSafe(format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?"
-                )))
-                .bind(limit as i64)
-                .fetch_all(&self.pool)
-                .await?
-            }
-        };
-        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+        let mut jobs = Vec::new();
+        self.list_each(state, limit, |job| {
+            jobs.push(job);
+            Ok::<_, QueueError>(())
+        })
+        .await?;
+        Ok(jobs)
     }
 
     /// [`Queue::list`] one row at a time, handed to `each` as it is read, so `list --limit
@@ -64,19 +51,13 @@ impl Queue {
         mut each: impl FnMut(Job) -> Result<(), E>,
     ) -> Result<(), E> {
         use futures_util::TryStreamExt;
-        let internal: Vec<&'static str> =
-            state.map_or(Vec::new(), |s| s.internal_states().to_vec());
-        let filter = if internal.is_empty() {
-            String::new()
-        } else {
-            format!("WHERE state IN ({})", vec!["?"; internal.len()].join(", "))
+        let filter = match state {
+            Some(s) => format!("WHERE state IN {}", sql_in(&s.internal_states())),
+            None => String::new(),
         };
-        let mut q = sqlx::query(AssertSqlSafe(format!(
+        let q = sqlx::query(AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS} FROM jobs {filter} ORDER BY id DESC LIMIT ?"
         )));
-        for st in internal {
-            q = q.bind(st);
-        }
         let mut rows = q.bind(limit as i64).fetch(&self.pool);
         while let Some(row) = rows.try_next().await.map_err(QueueError::from)? {
             each(job_from_row(&row).map_err(QueueError::from)?)?;
@@ -108,11 +89,13 @@ impl Queue {
 
     /// Creation time of the oldest job not yet uploaded.
     pub async fn oldest_waiting(&self) -> Result<Option<i64>, QueueError> {
-        Ok(sqlx::query_scalar(
-            "SELECT MIN(created_at) FROM jobs WHERE state IN ('pending', 'declaring', 'declared', 'uploading')",
-        )
-        .fetch_one(&self.pool)
-        .await?)
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            let waiting = sql_in(&NOT_UPLOADED);
+            format!("SELECT MIN(created_at) FROM jobs WHERE state IN {waiting}")
+        });
+        Ok(sqlx::query_scalar(AssertSqlSafe(SQL.as_str()))
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// The most recent errors, newest first: (job id, path, error, when).
@@ -140,10 +123,9 @@ impl Queue {
 
     /// Jobs in `states` whose after-upload action (move/delete) is not yet done.
     pub async fn undisposed(&self, states: &[State]) -> Result<Vec<Job>, QueueError> {
-        let list: Vec<String> = states.iter().map(|s| format!("'{}'", s.as_str())).collect();
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ({}) AND disposed = 0",
-            list.join(", ")
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN {} AND disposed = 0",
+            sql_in(states)
         )))
         .fetch_all(&self.pool)
         .await?;

@@ -54,14 +54,21 @@ impl State {
     }
 
     /// Internal states that a user-facing state stands for.
-    pub fn internal_states(self) -> &'static [&'static str] {
-        match self.public() {
-            State::Pending => &["pending", "declaring"],
-            State::Declared => &["declared"],
-            State::Uploading => &["uploading"],
-            State::Uploaded => &["uploaded"],
-            State::Processed => &["processed"],
-            _ => &["failed"],
+    pub fn internal_states(self) -> Vec<State> {
+        ALL.into_iter()
+            .filter(|s| s.public() == self.public())
+            .collect()
+    }
+}
+
+/// `a, b or c`, for messages.
+pub fn one_of(states: &[State]) -> String {
+    match states {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => {
+            let rest: Vec<&str> = rest.iter().map(|s| s.as_str()).collect();
+            format!("{} or {last}", rest.join(", "))
         }
     }
 }
@@ -72,17 +79,28 @@ impl fmt::Display for State {
     }
 }
 
+/// A state name that is none of ours (`list --state`, or a row changed by hand).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown state {:?}; one of {}", .0, public_names())]
+pub struct UnknownState(pub String);
+
+/// The names users see, in order.
+fn public_names() -> String {
+    let names: Vec<&str> = ALL
+        .into_iter()
+        .filter(|s| s.public() == *s)
+        .map(State::as_str)
+        .collect();
+    names.join(", ")
+}
+
 impl FromStr for State {
-    type Err = String;
+    type Err = UnknownState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         ALL.iter()
             .copied()
             .find(|st| st.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown state {s:?}; one of pending, declared, uploading, uploaded, processed, failed"
-                )
-            })
+            .ok_or_else(|| UnknownState(s.to_string()))
     }
 }
 

@@ -496,3 +496,60 @@ async fn lost_declare_answers_are_counted_per_version_and_in_total() {
     assert_eq!(q.get(a.id).await.unwrap().unwrap().orphans, 0);
     assert_eq!(q.orphan_declares().await.unwrap(), 2);
 }
+
+#[tokio::test]
+async fn a_failed_guard_says_what_was_expected_and_what_was_found() {
+    use State::*;
+    let (_d, q) = fresh().await;
+    q.enqueue(&[nj("/rec/a.wav", 10, 1)], 100).await.unwrap();
+    let held = q.claim(100).await.unwrap().unwrap();
+    q.fail(&held, "400", 101).await.unwrap();
+    let failed = q.get(held.id).await.unwrap().unwrap();
+    let not_in_state = |e: QueueError| match e {
+        QueueError::NotInState {
+            job,
+            expected,
+            found,
+        } if job == held.id => (expected, found),
+        other => panic!("{other}"),
+    };
+    // A job that is not held cannot be put back. It once failed as a transient database error,
+    // which a worker would have written again every second for ever.
+    let e = q
+        .reschedule(&failed, None, 200, false, 200)
+        .await
+        .unwrap_err();
+    assert!(!e.is_transient(), "{e}");
+    assert_eq!(not_in_state(e), (vec![Declaring, Uploading], Some(Failed)));
+    let e = q.fail(&failed, "again", 200).await.unwrap_err();
+    assert_eq!(not_in_state(e), (vec![Declaring, Uploading], Some(Failed)));
+    // The row changed under a worker's copy: the state found is the row's.
+    let e = q.fail(&held, "again", 200).await.unwrap_err();
+    assert_eq!(not_in_state(e), (vec![Declaring], Some(Failed)));
+    let e = q.mark_declared(held.id, "iid", 200).await.unwrap_err();
+    assert_eq!(not_in_state(e), (vec![Declaring], Some(Failed)));
+    let e = q.mark_uploaded(held.id, 201, None, 200).await.unwrap_err();
+    assert_eq!(not_in_state(e), (vec![Uploading], Some(Failed)));
+    let e = q.mark_processed(held.id, 200).await.unwrap_err();
+    assert_eq!(not_in_state(e), (vec![Uploaded], Some(Failed)));
+    let e = q.count_orphan(held.id, "x", 200).await.unwrap_err();
+    assert_eq!(not_in_state(e), (vec![Declaring], Some(Failed)));
+    assert!(
+        e_text(q.fail_following(held.id, "x", None, false, 200).await)
+            .contains("is failed, not uploaded")
+    );
+    // Nothing was written by any of them.
+    assert_eq!(
+        q.get(held.id).await.unwrap().unwrap().last_error.as_deref(),
+        Some("400")
+    );
+    let gone = q.mark_declared(held.id + 1, "iid", 200).await.unwrap_err();
+    assert!(
+        matches!(gone, QueueError::NotInState { found: None, .. }),
+        "{gone}"
+    );
+}
+
+fn e_text(r: Result<(), QueueError>) -> String {
+    r.unwrap_err().to_string()
+}

@@ -1,10 +1,13 @@
 //! Every state transition a job makes, from queueing to `retry`.
 
+use std::sync::LazyLock;
+
 use sqlx::AssertSqlSafe;
 
+use super::machine::Transition;
 use super::{
     Enqueued, Fault, JOB_COLUMNS, Job, NewJob, Queue, QueueError, State, encode_path, event,
-    expect_one, job_from_row,
+    expect_one, job_from_row, not_in_state,
 };
 
 impl Queue {
@@ -137,17 +140,23 @@ impl Queue {
             .collect())
     }
 
-    /// Takes the next due job for a worker, atomically: `pending` becomes `declaring`, `declared`
-    /// becomes `uploading`. The daemon holds the database's lock file, so no other process claims.
+    /// Takes the next due job for a worker, atomically ([`Transition::Claim`]: `pending` becomes
+    /// `declaring`, `declared` becomes `uploading`). The daemon holds the database's lock file, so
+    /// no other process claims.
     pub async fn claim(&self, now: i64) -> Result<Option<Job>, QueueError> {
-        let sql = format!(
-            "UPDATE jobs SET state = CASE state WHEN 'pending' THEN 'declaring' ELSE 'uploading' END, \
-             updated_at = ?1 \
-             WHERE id = (SELECT id FROM jobs WHERE state IN ('pending', 'declared') \
-                         AND next_attempt_at <= ?1 ORDER BY next_attempt_at, id LIMIT 1) \
-             RETURNING {JOB_COLUMNS}"
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            let (to, due) = (
+                Transition::Claim.sql_target(),
+                Transition::Claim.sql_guard(),
+            );
+            format!(
+                "UPDATE jobs SET state = {to}, updated_at = ?1 \
+                 WHERE id = (SELECT id FROM jobs WHERE {due} \
+                             AND next_attempt_at <= ?1 ORDER BY next_attempt_at, id LIMIT 1) \
+                 RETURNING {JOB_COLUMNS}"
+            )
+        });
+        let row = sqlx::query(AssertSqlSafe(SQL.as_str()))
             .bind(now)
             .fetch_optional(&self.pool)
             .await?;
@@ -155,7 +164,7 @@ impl Queue {
     }
 
     /// Records the interaction id *before* the upload starts: from here on the job is never
-    /// declared again. `declaring` → `uploading`. Returns once the record survives power loss.
+    /// declared again ([`Transition::Declared`]). Returns once the record survives power loss.
     ///
     /// Idempotent for the same id and interaction id, so a caller may repeat it after a failed
     /// sync (a full disk) without tripping over its own earlier commit.
@@ -165,25 +174,32 @@ impl Queue {
         interaction_id: &str,
         now: i64,
     ) -> Result<(), QueueError> {
+        const T: Transition = Transition::Declared;
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            let (to, from) = (T.sql_target(), T.sql_guard());
+            format!(
+                "UPDATE jobs SET state = {to}, interaction_id = ?1, updated_at = ?2, \
+                 last_error = NULL WHERE id = ?3 \
+                 AND ({from} OR (state = '{}' AND interaction_id = ?1))",
+                State::Uploading
+            )
+        });
         self.fault(Fault::Declared)?;
         // One statement; the `declared` event is written by a trigger in the same transaction.
-        let n = sqlx::query(
-            "UPDATE jobs SET state = 'uploading', interaction_id = ?1, updated_at = ?2, last_error = NULL \
-             WHERE id = ?3 AND (state = 'declaring' OR (state = 'uploading' AND interaction_id = ?1))",
-        )
-        .bind(interaction_id)
-        .bind(now)
-        .bind(id)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        expect_one(n, id, "declaring")?;
+        let n = sqlx::query(AssertSqlSafe(SQL.as_str()))
+            .bind(interaction_id)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        expect_one(n, &self.pool, id, &T.from_states()).await?;
         // This one commit must survive power loss (see `open`).
         self.sync_wal().await
     }
 
-    /// `uploading` → `uploaded`, with the status that proved it (201, or 409). `follow_at`: when
-    /// to first ask for its processing status (results enabled), or None.
+    /// [`Transition::Uploaded`], with the status that proved it (201, or 409). `follow_at`: when to
+    /// first ask for its processing status (results enabled), or None.
     ///
     /// Idempotent for the same arguments: a commit whose answer was an I/O error may have gone in,
     /// and the caller's second try must not then fail as a lost race.
@@ -194,27 +210,32 @@ impl Queue {
         follow_at: Option<i64>,
         now: i64,
     ) -> Result<(), QueueError> {
+        const T: Transition = Transition::Uploaded;
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            let (to, from) = (T.sql_target(), T.sql_guard());
+            format!(
+                "UPDATE jobs SET state = {to}, upload_status = ?1, updated_at = ?2, \
+                 last_error = NULL, uploaded_at = ?2, follow_at = ?3, follow_attempts = 0 \
+                 WHERE id = ?4 AND ({from} \
+                 OR (state = '{}' AND upload_status = ?1 AND uploaded_at = ?2))",
+                State::Uploaded
+            )
+        });
         self.fault(Fault::Uploaded)?;
         // One statement; the `uploaded` event is written by a trigger in the same transaction.
-        let n = sqlx::query(
-            "UPDATE jobs SET state = 'uploaded', upload_status = ?1, updated_at = ?2, last_error = NULL, \
-             uploaded_at = ?2, follow_at = ?3, follow_attempts = 0 \
-             WHERE id = ?4 AND (state = 'uploading' \
-             OR (state = 'uploaded' AND upload_status = ?1 AND uploaded_at = ?2))",
-        )
-        .bind(status as i64)
-        .bind(now)
-        .bind(follow_at)
-        .bind(id)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        expect_one(n, id, "uploading")
+        let n = sqlx::query(AssertSqlSafe(SQL.as_str()))
+            .bind(status as i64)
+            .bind(now)
+            .bind(follow_at)
+            .bind(id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        expect_one(n, &self.pool, id, &T.from_states()).await
     }
 
-    /// Puts a claimed job back to wait until `next_at`: `declaring` → `pending`, `uploading` →
-    /// `declared`. `count_attempt` is false when the failure was not the job's (auth pause, outage,
-    /// shutdown).
+    /// Puts a claimed job back to wait until `next_at` ([`Transition::PutBack`]). `count_attempt`
+    /// is false when the failure was not the job's (auth pause, outage, shutdown).
     pub async fn reschedule(
         &self,
         job: &Job,
@@ -223,33 +244,29 @@ impl Queue {
         count_attempt: bool,
         now: i64,
     ) -> Result<(), QueueError> {
-        let (from, to) = match job.state {
-            State::Declaring => ("declaring", "pending"),
-            State::Uploading => ("uploading", "declared"),
-            other => {
-                return Err(QueueError::Db(sqlx::Error::Protocol(format!(
-                    "job {} cannot be rescheduled from state {other}",
-                    job.id
-                ))));
-            }
-        };
+        const T: Transition = Transition::PutBack;
+        let to = T.target(job.state).ok_or_else(|| QueueError::NotInState {
+            job: job.id,
+            expected: T.from_states(),
+            found: Some(job.state),
+        })?;
         self.fault(Fault::Write)?;
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "UPDATE jobs SET state = ?, attempts = attempts + ?, next_attempt_at = ?, \
              last_error = COALESCE(?, last_error), updated_at = ? WHERE id = ? AND state = ?",
         )
-        .bind(to)
+        .bind(to.as_str())
         .bind(i64::from(count_attempt))
         .bind(next_at)
         .bind(error)
         .bind(now)
         .bind(job.id)
-        .bind(from)
+        .bind(job.state.as_str())
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        expect_one(n, job.id, from)?;
+        expect_one(n, &mut *tx, job.id, &[job.state]).await?;
         if let Some(e) = error {
             event(&mut tx, job.id, now, "retry", Some(e)).await?;
         }
@@ -257,39 +274,24 @@ impl Queue {
         Ok(())
     }
 
-    /// A claimed job that was never declared, whose file vanished: removed from the queue (there is
-    /// nothing to upload and nothing at the service to account for).
-    pub async fn drop_undeclared(&self, job: &Job) -> Result<(), QueueError> {
-        self.fault(Fault::Write)?;
-        let n =
-            sqlx::query("DELETE FROM jobs WHERE id = ? AND state = ? AND interaction_id IS NULL")
-                .bind(job.id)
-                .bind(job.state.as_str())
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
-        expect_one(n, job.id, job.state.as_str())
-    }
-
     /// A declare of this `declaring` job went out and its answer was lost or unusable, so the
     /// service may have created an interaction that will never get audio. Counted on the job (for
-    /// `[upload] max_declares`) and in the database's total. Returns the job's count.
+    /// `[upload] max_declares`) and in the database's total. Returns the job's count. Not a
+    /// transition: guarded by the state only.
     pub async fn count_orphan(&self, id: i64, detail: &str, now: i64) -> Result<u32, QueueError> {
         self.fault(Fault::Write)?;
         let mut tx = self.pool.begin().await?;
         let n: Option<i64> = sqlx::query_scalar(
             "UPDATE jobs SET orphans = orphans + 1, updated_at = ? \
-             WHERE id = ? AND state = 'declaring' RETURNING orphans",
+             WHERE id = ? AND state = ? RETURNING orphans",
         )
         .bind(now)
         .bind(id)
+        .bind(State::Declaring.as_str())
         .fetch_optional(&mut *tx)
         .await?;
         let Some(n) = n else {
-            return Err(QueueError::NotInState {
-                id,
-                from: "declaring".into(),
-            });
+            return Err(not_in_state(&mut *tx, id, &[State::Declaring]).await);
         };
         sqlx::query("UPDATE counters SET n = n + 1 WHERE name = 'orphan_declares'")
             .execute(&mut *tx)
@@ -299,14 +301,21 @@ impl Queue {
         Ok(n as u32)
     }
 
-    /// A claimed job needs an operator: → `failed`, keeping the reason.
+    /// A claimed job needs an operator ([`Transition::Fail`]), keeping the reason.
     pub async fn fail(&self, job: &Job, error: &str, now: i64) -> Result<(), QueueError> {
+        const T: Transition = Transition::Fail;
+        let to = T.target(job.state).ok_or_else(|| QueueError::NotInState {
+            job: job.id,
+            expected: T.from_states(),
+            found: Some(job.state),
+        })?;
         self.fault(Fault::Write)?;
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
-            "UPDATE jobs SET state = 'failed', last_error = ?, updated_at = ?, \
+            "UPDATE jobs SET state = ?, last_error = ?, updated_at = ?, \
              attempts = attempts + 1 WHERE id = ? AND state = ?",
         )
+        .bind(to.as_str())
         .bind(error)
         .bind(now)
         .bind(job.id)
@@ -314,61 +323,74 @@ impl Queue {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        expect_one(n, job.id, job.state.as_str())?;
+        expect_one(n, &mut *tx, job.id, &[job.state]).await?;
         event(&mut tx, job.id, now, "failed", Some(error)).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    /// After a crash or a restart: jobs a worker held are put back. With the daemon's exclusive lock
-    /// no other process can be working on them. An `uploading` job keeps its interaction id and is
-    /// uploaded again on it (a 409 then proves the earlier attempt got through).
+    /// After a crash or a restart: jobs a worker held are put back ([`Transition::PutBack`], one
+    /// statement). With the daemon's exclusive lock no other process can be working on them. An
+    /// `uploading` job keeps its interaction id and is uploaded again on it (a 409 then proves the
+    /// earlier attempt got through). Returns how many were `declaring` and `uploading`.
     pub async fn recover(&self, now: i64) -> Result<(u64, u64), QueueError> {
-        let mut tx = self.pool.begin().await?;
+        const T: Transition = Transition::PutBack;
         // A declare in flight at the crash may have created its interaction: counted as an orphan
         // (an upper bound: it may also never have left).
-        let a = sqlx::query(
-            "UPDATE jobs SET state = 'pending', orphans = orphans + 1, updated_at = ? \
-             WHERE state = 'declaring'",
-        )
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            let (to, from) = (T.sql_target(), T.sql_guard());
+            format!(
+                "UPDATE jobs SET state = {to}, orphans = orphans + (state = '{}'), \
+                 updated_at = ? WHERE {from} RETURNING state",
+                State::Declaring
+            )
+        });
+        let mut tx = self.pool.begin().await?;
+        let put_back: Vec<String> = sqlx::query_scalar(AssertSqlSafe(SQL.as_str()))
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        let declaring = T.target(State::Declaring).map(State::as_str);
+        let a = put_back
+            .iter()
+            .filter(|s| Some(s.as_str()) == declaring)
+            .count() as u64;
+        let b = put_back.len() as u64 - a;
         if a > 0 {
             sqlx::query("UPDATE counters SET n = n + ? WHERE name = 'orphan_declares'")
                 .bind(a as i64)
                 .execute(&mut *tx)
                 .await?;
         }
-        let b = sqlx::query(
-            "UPDATE jobs SET state = 'declared', updated_at = ? WHERE state = 'uploading'",
-        )
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
         tx.commit().await?;
         Ok((a, b))
     }
 
-    /// `retry`: failed jobs go back to the queue, due now, with fresh attempts. A job that already
-    /// has an interaction id is uploaded again on it, never declared again. A running daemon is
-    /// woken to take them at once.
+    /// `retry` ([`Transition::Retry`]): failed jobs go back to the queue, due now, with fresh
+    /// attempts. A job that already has an interaction id is uploaded again on it, never declared
+    /// again. A running daemon is woken to take them at once.
     pub async fn retry(&self, ids: Option<&[i64]>, now: i64) -> Result<u64, QueueError> {
-        // IMMEDIATE, as `enqueue`: run beside a busy daemon, it waits for the write lock.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // No id: declare again. Uploaded (the service has the file): follow it again. Otherwise
         // (never uploaded, or the service lost the file): upload again on the same id.
-        let base = "UPDATE jobs SET state = CASE WHEN interaction_id IS NULL THEN 'pending' \
-                    WHEN upload_status IS NOT NULL THEN 'uploaded' ELSE 'declared' END, \
-                    follow_at = CASE WHEN interaction_id IS NOT NULL AND upload_status IS NOT NULL \
-                    THEN ?1 ELSE NULL END, follow_attempts = 0, orphans = 0, \
-                    attempts = 0, next_attempt_at = ?1, created_at = ?1, updated_at = ?1 WHERE state = 'failed'";
+        static SQL: LazyLock<String> = LazyLock::new(|| {
+            let [(_, no_id), (_, has_audio), (_, on_same_id)] = *Transition::Retry.edges() else {
+                unreachable!("Retry has three edges")
+            };
+            format!(
+                "UPDATE jobs SET state = CASE WHEN interaction_id IS NULL THEN '{no_id}' \
+                 WHEN upload_status IS NOT NULL THEN '{has_audio}' ELSE '{on_same_id}' END, \
+                 follow_at = CASE WHEN interaction_id IS NOT NULL AND upload_status IS NOT NULL \
+                 THEN ?1 ELSE NULL END, follow_attempts = 0, orphans = 0, attempts = 0, \
+                 next_attempt_at = ?1, created_at = ?1, updated_at = ?1 WHERE {}",
+                Transition::Retry.sql_guard()
+            )
+        });
+        // IMMEDIATE, as `enqueue`: run beside a busy daemon, it waits for the write lock.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut n = 0;
         match ids {
             None => {
-                n += sqlx::query(base)
+                n += sqlx::query(AssertSqlSafe(SQL.as_str()))
                     .bind(now)
                     .execute(&mut *tx)
                     .await?
@@ -376,7 +398,7 @@ impl Queue {
             }
             Some(ids) => {
                 for id in ids {
-                    let k = sqlx::query(AssertSqlSafe(format!("{base} AND id = ?2")))
+                    let k = sqlx::query(AssertSqlSafe(format!("{} AND id = ?2", *SQL)))
                         .bind(now)
                         .bind(id)
                         .execute(&mut *tx)
