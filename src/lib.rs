@@ -11,6 +11,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod dispose;
 pub mod fake;
 pub mod filestream;
 pub mod gate;

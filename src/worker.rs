@@ -5,7 +5,7 @@
 //! uploaded state is committed before the file is moved or deleted, and nothing is held in a
 //! transaction while the network is in use.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +15,8 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::api::{ApiClient, ApiError, DeclareRequest};
 use crate::clock::{ms, now_ms};
-use crate::config::{AfterUploadAction, AfterUploadWhen, Config};
+use crate::config::{AfterUploadWhen, Config};
+use crate::dispose;
 use crate::gate::Gate;
 use crate::policy::{self, Failure, Hold, Limits, Verdict};
 use crate::queue::{Job, Queue, QueueError, State};
@@ -68,7 +69,7 @@ pub fn missing_grace(cfg: &Config) -> Duration {
 /// inode of another size or age: a recorder that reused the name after the call was moved away).
 fn left_its_path(meta: &std::fs::Metadata, job: &Job) -> bool {
     use std::os::unix::fs::MetadataExt;
-    job.ino != 0 && (meta.dev(), meta.ino()) != (job.dev, job.ino) && !same_version(meta, job)
+    job.ino != 0 && (meta.dev(), meta.ino()) != (job.dev, job.ino) && !job.is_version(meta)
 }
 
 impl Pipeline {
@@ -571,43 +572,19 @@ impl Pipeline {
         }
     }
 
-    /// Moves or deletes the recording once its upload is committed. Idempotent: safe to run again
-    /// after a crash between the commit and the file operation.
+    /// Moves or deletes the recording once its upload is committed (see [`dispose`]), and
+    /// records what was done. Idempotent: safe to run again after a crash between the commit and
+    /// the file operation; a failure leaves the recording where it is, for the next start.
     pub async fn after_upload(&self, job: &Job) {
-        let action = self.cfg.after_upload.action;
-        if action == AfterUploadAction::Keep {
-            return;
-        }
-        let path = job.fs_path();
-        if let Err(e) = self.queue.make_durable().await {
-            // Without a durable `uploaded` record the file must stay: tried again at next start.
-            warn!(error = %e, "cannot make the upload record durable; the recording stays where it is for now");
-            return;
-        }
-        let result = match action {
-            AfterUploadAction::Delete => dispose_delete(&path, job),
-            AfterUploadAction::Move => {
-                let dest_root = self.cfg.after_upload.move_to.clone().unwrap_or_default();
-                let rel = path
-                    .strip_prefix(job.fs_root())
-                    .unwrap_or(Path::new(path.file_name().unwrap_or_default()));
-                let dest = dest_root.join(rel);
-                let (p, j) = (path.clone(), job.clone());
-                tokio::task::spawn_blocking(move || dispose_move(&p, &dest, &j))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("move task failed: {e}")))
-            }
-            AfterUploadAction::Keep => unreachable!(),
-        };
-        match result {
-            Ok(what) => {
+        match dispose::after_upload(&self.cfg, &self.queue, job).await {
+            Ok(None) => {}
+            Ok(Some(what)) => {
                 // The upload's line said it all at info; the job's events keep the action.
                 debug!(action = %what, "after-upload action done");
                 self.record(self.queue.mark_disposed(job.id, &what, now_ms()).await);
             }
             Err(e) => {
-                // The job is uploaded; only the tidy-up failed. It is tried again at the next start.
-                warn!(error = %e, "after-upload action failed; the recording stays where it is");
+                warn!(error = %e, "after-upload action failed; the recording stays where it is for now")
             }
         }
     }
@@ -673,7 +650,7 @@ fn open_queued(job: &Job) -> Checked {
                 .into(),
         );
     }
-    if !same_version(&meta, job) {
+    if !job.is_version(&meta) {
         return Checked::Changed(format!(
             "file changed after it was queued (size {} -> {}); this version is gone, \
              the new version is queued on its own",
@@ -729,208 +706,10 @@ fn db_stamp(db: &Path) -> DbStamp {
     [look(db), look(Path::new(&wal))]
 }
 
-fn same_version(meta: &std::fs::Metadata, job: &Job) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    meta.len() == job.size && meta.mtime() * 1_000_000_000 + meta.mtime_nsec() == job.mtime_ns
-}
-
-fn dispose_delete(path: &Path, job: &Job) -> Result<String, String> {
-    match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("deleted (already gone)".into()),
-        Err(e) => Err(format!("cannot stat {}: {e}", path.display())),
-        Ok(m) if !same_version(&m, job) => {
-            Ok("kept: the file changed after upload (a new version)".into())
-        }
-        Ok(_) => std::fs::remove_file(path)
-            .map(|_| "deleted".to_string())
-            .map_err(|e| format!("cannot delete {}: {e}", path.display())),
-    }
-}
-
-/// The names a moved recording may take at `dest`, in order: the plain name first, then (if another
-/// call already holds it, recorders reuse names) the name with this call's interaction id before
-/// the extension, then that with a counter. Deterministic, so a re-run after a crash finds them.
-fn move_names(dest: &Path, job: &Job) -> impl Iterator<Item = PathBuf> {
-    let tag = job
-        .interaction_id
-        .clone()
-        .unwrap_or_else(|| format!("job-{}", job.id));
-    let stem = dest
-        .file_stem()
-        .map(|s| s.to_os_string())
-        .unwrap_or_default();
-    let ext = dest.extension().map(|e| e.to_os_string());
-    let first = dest.to_path_buf();
-    let dest = dest.to_path_buf();
-    std::iter::once(first).chain((1..=MOVE_NAME_TRIES).map(move |n| {
-        let mut name = stem.clone();
-        name.push(format!(".{tag}"));
-        if n > 1 {
-            name.push(format!(".{n}"));
-        }
-        if let Some(ext) = &ext {
-            name.push(".");
-            name.push(ext);
-        }
-        dest.with_file_name(name)
-    }))
-}
-
-/// Suffixed names tried before a move gives up (each taken by another file).
-const MOVE_NAME_TRIES: u32 = 100;
-
-fn same_inode(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    a.dev() == b.dev() && a.ino() == b.ino()
-}
-
-/// How a file is put at a name that must not exist yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum NoReplace {
-    /// `renameat2(RENAME_NOREPLACE)`: atomic, the kernel refuses an existing name.
-    Rename,
-    /// `link` then `unlink`, for file systems without RENAME_NOREPLACE: `link` refuses an existing
-    /// name just as atomically; a crash between the two leaves both names, which a re-run sees.
-    /// In the daemon it is reached through `Rename`'s fallback; only the tests ask for it first.
-    #[cfg_attr(not(test), allow(dead_code))]
-    LinkUnlink,
-}
-
-/// Moves `src` to `dst` unless `dst` exists (`AlreadyExists`). Never replaces a file.
-fn rename_noreplace(src: &Path, dst: &Path, how: NoReplace) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    if how == NoReplace::Rename {
-        let c = |p: &Path| {
-            std::ffi::CString::new(p.as_os_str().as_bytes())
-                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-        };
-        let (s, d) = (c(src)?, c(dst)?);
-        // SAFETY: two valid NUL-terminated paths, relative to the working directory.
-        let r = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                s.as_ptr(),
-                libc::AT_FDCWD,
-                d.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        // EINVAL/ENOSYS/EOPNOTSUPP: this file system (or kernel) has no RENAME_NOREPLACE.
-        if !matches!(
-            e.raw_os_error(),
-            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-        ) {
-            return Err(e);
-        }
-    }
-    std::fs::hard_link(src, dst)?;
-    std::fs::remove_file(src)
-}
-
-fn dispose_move(src: &Path, dest: &Path, job: &Job) -> Result<String, String> {
-    dispose_move_with(src, dest, job, NoReplace::Rename)
-}
-
-fn dispose_move_with(src: &Path, dest: &Path, job: &Job, how: NoReplace) -> Result<String, String> {
-    let done = |at: &Path| format!("moved to {}", at.display());
-    let src_meta = match std::fs::symlink_metadata(src) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // Moved by an earlier run whose record a crash prevented, or removed by someone. The
-            // moved file keeps its inode on one file system; a copy across file systems does not.
-            let names: Vec<PathBuf> = move_names(dest, job).collect();
-            let same = names.iter().find(|n| {
-                use std::os::unix::fs::MetadataExt;
-                std::fs::symlink_metadata(n).is_ok_and(|m| m.ino() == job.ino && m.dev() == job.dev)
-            });
-            return match same.or_else(|| names.iter().find(|n| n.exists())) {
-                Some(at) => Ok(done(at)),
-                None => Err(format!(
-                    "{} is gone and {} does not exist",
-                    src.display(),
-                    dest.display()
-                )),
-            };
-        }
-        Err(e) => return Err(format!("cannot stat {}: {e}", src.display())),
-        Ok(m) if !same_version(&m, job) => {
-            return Ok("kept: the file changed after upload (a new version)".into());
-        }
-        Ok(m) => m,
-    };
-    if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    for at in move_names(dest, job) {
-        match rename_noreplace(src, &at, how) {
-            Ok(()) => return Ok(done(&at)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                // Our own link from a run that a crash stopped before the unlink: finish it.
-                if std::fs::symlink_metadata(&at).is_ok_and(|m| same_inode(&m, &src_meta)) {
-                    std::fs::remove_file(src)
-                        .map_err(|e| format!("cannot remove {}: {e}", src.display()))?;
-                    return Ok(done(&at));
-                }
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                return move_across(src, dest, job);
-            }
-            Err(e) => {
-                return Err(format!(
-                    "cannot move {} to {}: {e}",
-                    src.display(),
-                    at.display()
-                ));
-            }
-        }
-    }
-    Err(format!(
-        "cannot move {}: {} and {MOVE_NAME_TRIES} suffixed names are taken",
-        src.display(),
-        dest.display()
-    ))
-}
-
-/// Across file systems: copy to a temporary name beside the destination, flush, link it into place
-/// under the first free name (never replacing one), then remove the source. A crash at any point
-/// leaves the source intact.
-fn move_across(src: &Path, dest: &Path, job: &Job) -> Result<String, String> {
-    let dir = dest.parent().unwrap_or(Path::new("/"));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".callferry-move-")
-        .tempfile_in(dir)
-        .map_err(|e| format!("cannot create a temporary file in {}: {e}", dir.display()))?;
-    let mut input =
-        std::fs::File::open(src).map_err(|e| format!("cannot open {}: {e}", src.display()))?;
-    std::io::copy(&mut input, tmp.as_file_mut()).map_err(|e| format!("copy failed: {e}"))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| format!("fsync failed: {e}"))?;
-    for at in move_names(dest, job) {
-        match tmp.persist_noclobber(&at) {
-            Ok(_) => {
-                std::fs::remove_file(src)
-                    .map_err(|e| format!("copied, but cannot remove {}: {e}", src.display()))?;
-                return Ok(format!("moved to {}", at.display()));
-            }
-            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => tmp = e.file,
-            Err(e) => return Err(format!("cannot rename into place: {}", e.error)),
-        }
-    }
-    Err(format!(
-        "cannot move {}: {} and {MOVE_NAME_TRIES} suffixed names are taken",
-        src.display(),
-        dest.display()
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dispose::tests::job_for;
 
     #[test]
     fn the_wire_name_cannot_break_out_of_its_header() {
@@ -1005,86 +784,5 @@ mod tests {
         assert!(!declare_may_have_created(&ApiError::Unreachable(os(
             libc::EMFILE
         ))));
-    }
-
-    fn job_for(path: &Path, iid: &str) -> Job {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).unwrap();
-        Job {
-            id: 7,
-            path: path.to_string_lossy().into_owned(),
-            root: path.parent().unwrap().to_string_lossy().into_owned(),
-            size: m.len(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-            dev: m.dev(),
-            ino: m.ino(),
-            state: State::Uploaded,
-            attempts: 0,
-            next_attempt_at: 0,
-            interaction_id: Some(iid.into()),
-            upload_status: Some(201),
-            last_error: None,
-            created_at: 0,
-            updated_at: 0,
-            uploaded_at: Some(0),
-            follow_at: None,
-            follow_attempts: 0,
-            service_status: None,
-            results_written: vec![],
-            orphans: 0,
-        }
-    }
-
-    /// Both ways of moving without replacing: a second call with the same name lands beside the
-    /// first under its interaction id, a third under the id and a counter; a re-run is a no-op.
-    #[test]
-    fn moves_never_replace_and_rerun_cleanly() {
-        for how in [NoReplace::Rename, NoReplace::LinkUnlink] {
-            let d = tempfile::tempdir().unwrap();
-            let (rec, done) = (d.path().join("rec"), d.path().join("done"));
-            std::fs::create_dir_all(&rec).unwrap();
-            let src = rec.join("call.wav");
-            let dest = done.join("call.wav");
-            let mut placed = Vec::new();
-            for (n, iid) in ["first", "second", "second"].iter().enumerate() {
-                std::fs::write(&src, format!("call {n}")).unwrap();
-                let job = job_for(&src, iid);
-                let what = dispose_move_with(&src, &dest, &job, how).unwrap();
-                assert!(!src.exists());
-                // Run again (a crash before the record): nothing moves, the same place is named.
-                assert_eq!(dispose_move_with(&src, &dest, &job, how).unwrap(), what);
-                placed.push(what);
-            }
-            assert_eq!(std::fs::read(&dest).unwrap(), b"call 0", "{how:?}");
-            assert_eq!(
-                std::fs::read(done.join("call.second.wav")).unwrap(),
-                b"call 1"
-            );
-            assert_eq!(
-                std::fs::read(done.join("call.second.2.wav")).unwrap(),
-                b"call 2"
-            );
-            assert!(placed[2].ends_with("call.second.2.wav"), "{placed:?}");
-        }
-    }
-
-    /// A crash between the link and the unlink of the fallback leaves both names: the re-run
-    /// removes the source instead of making a third name.
-    #[test]
-    fn an_interrupted_link_then_unlink_is_finished() {
-        let d = tempfile::tempdir().unwrap();
-        let src = d.path().join("call.wav");
-        std::fs::write(&src, b"audio").unwrap();
-        let job = job_for(&src, "iid");
-        let dest = d.path().join("done/call.wav");
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::hard_link(&src, &dest).unwrap();
-        let what = dispose_move_with(&src, &dest, &job, NoReplace::LinkUnlink).unwrap();
-        assert_eq!(what, format!("moved to {}", dest.display()));
-        assert!(!src.exists());
-        assert_eq!(
-            std::fs::read_dir(dest.parent().unwrap()).unwrap().count(),
-            1
-        );
     }
 }

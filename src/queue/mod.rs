@@ -183,6 +183,13 @@ impl Job {
     pub fn display_path(&self) -> String {
         display_path(&self.path)
     }
+
+    /// Whether `meta` describes the version this job queued: same size and mtime (an inode may
+    /// differ: a copy, a move across file systems).
+    pub fn is_version(&self, meta: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        meta.len() == self.size && meta.mtime() * 1_000_000_000 + meta.mtime_nsec() == self.mtime_ns
+    }
 }
 
 const JOB_COLUMNS: &str = "id, path, root, size, mtime_ns, dev, ino, state, attempts, \
