@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::api::ApiClient;
+use crate::api::{ApiClient, ApiError};
 use crate::clock::now_ms;
 use crate::config::{AfterUploadAction, AfterUploadWhen, Config, ConfigError};
 use crate::gate::Gate;
@@ -30,6 +30,10 @@ pub enum AppError {
     Config(#[from] ConfigError),
     #[error("{0}")]
     Queue(#[from] QueueError),
+    /// The HTTP client could not be built (an unreadable `api.ca_file`, say).
+    #[error("{0}")]
+    Api(#[from] ApiError),
+    /// Free text, for the commands' own messages.
     #[error("{0}")]
     Other(String),
     /// Writing a command's output failed; a closed pipe ends the command quietly (exit 0).
@@ -73,11 +77,21 @@ pub async fn run(
     let token = cfg.api.token.load()?;
     crate::writers::ignore_lease_breaks();
     raise_open_file_limit();
+    let (_lock, queue) = open_queue(&cfg).await?;
+    let api = ApiClient::new(&cfg, token)?;
+    let mut daemon = Daemon::start(cfg, queue, api).await?;
+    daemon.announce(&shutdown, started).await;
+    shutdown.cancelled().await;
+    daemon.drain().await;
+    Ok(())
+}
 
+/// Takes the lock, opens (and migrates) the queue, and puts back the jobs a stopped daemon held.
+async fn open_queue(cfg: &Config) -> Result<(DaemonLock, Queue), AppError> {
     // The lock first: a second daemon (a newer build, say) must not migrate the schema under one
     // that is still working on it.
     crate::queue::create_folder(&cfg.queue.database)?;
-    let _lock = DaemonLock::acquire(&cfg.queue.database)?;
+    let lock = DaemonLock::acquire(&cfg.queue.database)?;
     let queue = Queue::open(&cfg.queue.database, OpenMode::Create).await?;
     let (declaring, uploading) = queue.recover(now_ms()).await?;
     if declaring + uploading > 0 {
@@ -92,20 +106,164 @@ pub async fn run(
     if let Err(e) = queue.prepare_wal(8 << 20).await {
         warn!(error = %e, "cannot pre-zero the queue's write-ahead log; the first uploads after this start will be slower");
     }
+    Ok((lock, queue))
+}
 
-    let api = ApiClient::new(&cfg, token).map_err(|e| AppError::Other(e.to_string()))?;
-    let gate = Arc::new(Gate::new(crate::policy::upload_backoff(&cfg)));
-    let wake = Arc::new(Notify::new());
-    let metrics = Arc::new(Metrics::new());
-    let monitor = Monitor {
-        queue: queue.clone(),
-        gate: gate.clone(),
-        metrics: metrics.clone(),
-        bytes_sent: api.bytes_sent.clone(),
-        stall_timeout: cfg.api.stall_timeout,
-        unhealthy_after: cfg.metrics.unhealthy_after,
-    };
-    // Bound before READY, so a taken port fails the start instead of going unnoticed.
+/// The running daemon's parts, from [`Daemon::start`] to [`Daemon::drain`].
+struct Daemon {
+    cfg: Arc<Config>,
+    queue: Queue,
+    pipeline: Arc<Pipeline>,
+    /// Everything but the upload workers: stopped after them.
+    tasks: JoinSet<()>,
+    background: CancellationToken,
+    workers: JoinSet<()>,
+    /// Fired by the watcher once the first scan is queued.
+    ready_rx: oneshot::Receiver<()>,
+    /// Tells the watchdog ticker that start-up is over.
+    ready_flag: Arc<AtomicBool>,
+    handle: Handle,
+    /// Kept alive for the daemon's life: dropping it stops the events.
+    _db_watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Daemon {
+    /// Spawns every task: the monitor first (it feeds the watchdog through a long start-up), the
+    /// start-up tidy-up, the background tasks, then the workers.
+    async fn start(cfg: Arc<Config>, queue: Queue, api: ApiClient) -> Result<Daemon, AppError> {
+        let gate = Arc::new(Gate::new(crate::policy::upload_backoff(&cfg)));
+        let metrics = Arc::new(Metrics::new());
+        let background = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let ready_flag = Arc::new(AtomicBool::new(false));
+        let monitor = Monitor {
+            queue: queue.clone(),
+            gate: gate.clone(),
+            metrics: metrics.clone(),
+            bytes_sent: api.bytes_sent.clone(),
+            stall_timeout: cfg.api.stall_timeout,
+            unhealthy_after: cfg.metrics.unhealthy_after,
+        };
+        let metrics_addr =
+            spawn_monitor(&cfg, monitor, &ready_flag, &mut tasks, &background).await?;
+        let pipeline = Arc::new(Pipeline {
+            cfg: cfg.clone(),
+            queue: queue.clone(),
+            api: api.clone(),
+            gate: gate.clone(),
+            wake: Arc::new(Notify::new()),
+            follow_wake: Arc::new(Notify::new()),
+            stop_claiming: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            idle_watch: Default::default(),
+            db_events: Default::default(),
+            metrics: metrics.clone(),
+            // Workers that find a job's file gone ask the watcher to look for it (it may have
+            // moved).
+            search: Arc::new(crate::watcher::Search::default()),
+            missing: Default::default(),
+        });
+        let db_watcher =
+            watch_wake_file(&queue, pipeline.wake.clone(), pipeline.follow_wake.clone());
+        if db_watcher.is_some() {
+            pipeline.db_events.store(true, Ordering::Relaxed);
+        }
+        tidy_up(&cfg, &queue, &pipeline).await?;
+        let recheck_now = Arc::new(Notify::new());
+        let ready_rx = spawn_background(&pipeline, &recheck_now, &mut tasks, &background);
+        let mut workers = JoinSet::new();
+        for n in 0..cfg.upload.workers {
+            workers.spawn(pipeline.clone().run_worker(n));
+        }
+        let handle = Handle {
+            queue: queue.clone(),
+            gate,
+            api,
+            metrics,
+            metrics_addr,
+            auth_recheck: recheck_now,
+        };
+        Ok(Daemon {
+            cfg,
+            queue,
+            pipeline,
+            tasks,
+            background,
+            workers,
+            ready_rx,
+            ready_flag,
+            handle,
+            _db_watcher: db_watcher,
+        })
+    }
+
+    /// Once the first scan is queued (or a stop came first): READY to systemd, the handle to
+    /// whoever started us.
+    async fn announce(
+        &mut self,
+        shutdown: &CancellationToken,
+        started: Option<oneshot::Sender<Handle>>,
+    ) {
+        tokio::select! {
+            _ = &mut self.ready_rx => {}
+            _ = shutdown.cancelled() => {}
+        }
+        let cfg = &self.cfg;
+        info!(
+            workers = cfg.upload.workers,
+            database = %cfg.queue.database.display(),
+            api = %crate::secret::display_url(&cfg.api.base_url),
+            "callferry running"
+        );
+        systemd::ready();
+        self.ready_flag.store(true, Ordering::Relaxed);
+        if let Some(tx) = started {
+            let _ = tx.send(self.handle.clone());
+        }
+    }
+
+    /// The graceful stop: no new claims, in-flight uploads finish within `upload.shutdown_grace`,
+    /// then the rest are abandoned (they stay queued) and the background tasks stop.
+    async fn drain(mut self) {
+        systemd::stopping();
+        let grace = self.cfg.upload.shutdown_grace;
+        info!(grace = ?grace, "stopping: no new uploads; in-flight uploads may finish within the grace period");
+        self.pipeline.stop_claiming.cancel();
+        let workers = &mut self.workers;
+        let drained = tokio::time::timeout(grace, async {
+            while workers.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
+        if !drained {
+            warn!(
+                "shutdown grace over; abandoning in-flight uploads (they resume at the next start)"
+            );
+            self.pipeline.abort.cancel();
+            while self.workers.join_next().await.is_some() {}
+        }
+        self.background.cancel();
+        let tasks = &mut self.tasks;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        let _ = self.queue.set_daemon_state(PAUSE_KEY, None, now_ms()).await;
+        self.queue.close().await;
+        info!("stopped");
+    }
+}
+
+/// The watchdog ticker, and `/metrics` and `/healthz` when `[metrics] listen` is set. The port is
+/// bound before READY, so a taken one fails the start instead of going unnoticed. Returns the
+/// address served.
+async fn spawn_monitor(
+    cfg: &Config,
+    monitor: Monitor,
+    ready_flag: &Arc<AtomicBool>,
+    tasks: &mut JoinSet<()>,
+    cancel: &CancellationToken,
+) -> Result<Option<SocketAddr>, AppError> {
     let listener = match cfg.metrics.listen {
         // A taken or foreign address is the operator's to fix in the configuration: exit 78,
         // which systemd does not restart-loop on.
@@ -117,153 +275,81 @@ pub async fn run(
         })?),
         None => None,
     };
-    let metrics_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
-    let background = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-    // Started first: it feeds the watchdog through a long start-up (recovery, first scan).
-    let ready_flag = Arc::new(AtomicBool::new(false));
+    let addr = listener.as_ref().and_then(|l| l.local_addr().ok());
     tasks.spawn(monitor::ticker(
         monitor.clone(),
         ready_flag.clone(),
-        background.clone(),
+        cancel.clone(),
     ));
     if let Some(listener) = listener {
-        info!(address = %metrics_addr.map(|a| a.to_string()).unwrap_or_default(), "serving /metrics and /healthz");
-        tasks.spawn(monitor::serve(listener, monitor, background.clone()));
+        info!(address = %addr.map(|a| a.to_string()).unwrap_or_default(), "serving /metrics and /healthz");
+        tasks.spawn(monitor::serve(listener, monitor, cancel.clone()));
     }
-    let follow_wake = Arc::new(Notify::new());
-    // Workers that find a job's file gone ask the watcher to look for it (it may have moved).
-    let search = Arc::new(crate::watcher::Search::default());
-    let pipeline = Arc::new(Pipeline {
-        cfg: cfg.clone(),
-        queue: queue.clone(),
-        api: api.clone(),
-        gate: gate.clone(),
-        wake: wake.clone(),
-        follow_wake: follow_wake.clone(),
-        stop_claiming: CancellationToken::new(),
-        abort: CancellationToken::new(),
-        idle_watch: Default::default(),
-        db_events: Default::default(),
-        metrics: metrics.clone(),
-        search: search.clone(),
-        missing: Default::default(),
-    });
-    // Kept alive for the daemon's life: dropping it stops the events.
-    let _db_watcher = watch_wake_file(&queue, wake.clone(), follow_wake.clone());
-    if _db_watcher.is_some() {
-        pipeline
-            .db_events
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
+    Ok(addr)
+}
 
-    // Tidy-up that a crash interrupted: uploaded files whose move/delete did not happen yet.
-    if cfg.after_upload.action != AfterUploadAction::Keep {
-        let states: &[crate::queue::State] = match cfg.after_upload.when {
-            AfterUploadWhen::Uploaded => &[
-                crate::queue::State::Uploaded,
-                crate::queue::State::Processed,
-            ],
-            AfterUploadWhen::Processed => &[crate::queue::State::Processed],
-        };
-        for job in queue.undisposed(states).await? {
-            pipeline.after_upload(&job).await;
-        }
+/// Tidy-up that a crash interrupted: uploaded files whose move/delete did not happen yet.
+async fn tidy_up(cfg: &Config, queue: &Queue, pipeline: &Pipeline) -> Result<(), AppError> {
+    use crate::queue::State;
+    let states: &[State] = match (cfg.after_upload.action, cfg.after_upload.when) {
+        (AfterUploadAction::Keep, _) => return Ok(()),
+        (_, AfterUploadWhen::Uploaded) => &[State::Uploaded, State::Processed],
+        (_, AfterUploadWhen::Processed) => &[State::Processed],
+    };
+    for job in queue.undisposed(states).await? {
+        pipeline.after_upload(&job).await;
     }
+    Ok(())
+}
 
+/// The tasks beside the workers: the pause's record for `status`, the 401 re-check, the folder
+/// watcher, the results follower and pruning. Returns what fires once the first scan is queued.
+fn spawn_background(
+    pipeline: &Arc<Pipeline>,
+    recheck_now: &Arc<Notify>,
+    tasks: &mut JoinSet<()>,
+    cancel: &CancellationToken,
+) -> oneshot::Receiver<()> {
+    let p = pipeline;
+    let cfg = &p.cfg;
     tasks.spawn(persist_pause(
-        gate.clone(),
-        queue.clone(),
-        background.clone(),
+        p.gate.clone(),
+        p.queue.clone(),
+        cancel.clone(),
     ));
-    let recheck_now = Arc::new(Notify::new());
     tasks.spawn(auth_recheck(
         cfg.clone(),
-        api.clone(),
-        gate.clone(),
+        p.api.clone(),
+        p.gate.clone(),
         recheck_now.clone(),
-        background.clone(),
+        cancel.clone(),
     ));
     let (ready_tx, ready_rx) = oneshot::channel();
-    {
-        let (cfg, queue, wake, cancel, metrics, search) = (
-            cfg.clone(),
-            queue.clone(),
-            wake.clone(),
-            background.clone(),
-            metrics.clone(),
-            search.clone(),
-        );
-        tasks.spawn(async move {
-            if let Err(e) =
-                crate::watcher::run(cfg, queue, wake, cancel, ready_tx, metrics, search).await
-            {
-                error!(error = %e, "the folder watcher stopped; files are no longer discovered until restart");
-            }
-        });
-    }
+    let watcher = crate::watcher::run(
+        cfg.clone(),
+        p.queue.clone(),
+        p.wake.clone(),
+        cancel.clone(),
+        ready_tx,
+        p.metrics.clone(),
+        p.search.clone(),
+    );
+    tasks.spawn(async move {
+        if let Err(e) = watcher.await {
+            error!(error = %e, "the folder watcher stopped; files are no longer discovered until restart");
+        }
+    });
     if cfg.results.enabled {
-        tasks.spawn(crate::results::Follower::new(pipeline.clone()).run(background.clone()));
+        tasks.spawn(crate::results::Follower::new(p.clone()).run(cancel.clone()));
     }
     // Old jobs go, fingerprints stay (queue.keep_history); a move/delete still to do keeps its job.
     tasks.spawn(crate::queue::prune_task(
-        queue.clone(),
+        p.queue.clone(),
         cfg.queue.keep_history,
         cfg.after_upload.action == AfterUploadAction::Keep,
-        background.clone(),
+        cancel.clone(),
     ));
-    let mut workers = JoinSet::new();
-    for n in 0..cfg.upload.workers {
-        workers.spawn(pipeline.clone().run_worker(n));
-    }
-
-    tokio::select! {
-        _ = ready_rx => {}
-        _ = shutdown.cancelled() => {}
-    }
-    info!(
-        workers = cfg.upload.workers,
-        database = %cfg.queue.database.display(),
-        api = %crate::secret::display_url(&cfg.api.base_url),
-        "callferry running"
-    );
-    systemd::ready();
-    ready_flag.store(true, Ordering::Relaxed);
-    if let Some(tx) = started {
-        let _ = tx.send(Handle {
-            queue: queue.clone(),
-            gate: gate.clone(),
-            api: api.clone(),
-            metrics: metrics.clone(),
-            metrics_addr,
-            auth_recheck: recheck_now.clone(),
-        });
-    }
-
-    shutdown.cancelled().await;
-    systemd::stopping();
-    let grace = cfg.upload.shutdown_grace;
-    info!(grace = ?grace, "stopping: no new uploads; in-flight uploads may finish within the grace period");
-    pipeline.stop_claiming.cancel();
-    let drained = tokio::time::timeout(grace, async {
-        while workers.join_next().await.is_some() {}
-    })
-    .await
-    .is_ok();
-    if !drained {
-        warn!("shutdown grace over; abandoning in-flight uploads (they resume at the next start)");
-        pipeline.abort.cancel();
-        while workers.join_next().await.is_some() {}
-    }
-    background.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    let _ = queue.set_daemon_state(PAUSE_KEY, None, now_ms()).await;
-    queue.close().await;
-    info!("stopped");
-    Ok(())
+    ready_rx
 }
 
 /// Raises the soft limit on open descriptors to the hard one. The soft limit is often 1,024 while

@@ -66,10 +66,10 @@ impl Queue {
         .await?;
         let (busy, log, done) = r?;
         if busy != 0 || done < log {
-            return Err(QueueError::NotDurable(format!(
-                "a reader holds the database, so the write-ahead log could not be checkpointed \
-                 ({done} of {log} frames copied)"
-            )));
+            return Err(QueueError::NotDurable {
+                copied: done,
+                frames: log,
+            });
         }
         self.wal_suspect
             .store(false, std::sync::atomic::Ordering::Release);

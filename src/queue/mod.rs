@@ -12,6 +12,7 @@
 //! `history` (moves, reused names, pruning) and `durable` (flushes, over `walsync`).
 
 mod durable;
+mod error;
 mod follow;
 mod history;
 mod machine;
@@ -29,78 +30,12 @@ use std::sync::Arc;
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{Row, Sqlite, Transaction};
 
+pub use error::{DbError, QueueError, Unusable};
 pub use history::{fingerprint, prune_task};
 pub use machine::Transition;
 pub use open::{APPLICATION_ID, DaemonLock, OpenMode, PAUSE_KEY, create_folder, lock_path};
 pub use paths::{decode_path, display_path, encode_path};
 pub use state::{State, UnknownState};
-
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error("{path}: {message}")]
-    Unusable { path: PathBuf, message: String },
-    #[error("queue database error: {0}")]
-    Db(#[from] sqlx::Error),
-    #[error("queue database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("cannot flush the queue database to disk ({path}): {source}")]
-    Sync {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    /// The guarded row was not in a state the transition leaves (see [`Transition`]). Writing
-    /// again cannot help. `found`: None when the job is gone.
-    #[error(
-        "job {job} is {}, not {} (lost a race, or the row was changed by hand)",
-        found.map_or("gone", State::as_str),
-        state::one_of(expected)
-    )]
-    NotInState {
-        job: i64,
-        expected: Vec<State>,
-        found: Option<State>,
-    },
-    /// After a failed flush, the queue could not yet prove its commits durable (see `sync_wal`).
-    #[error("queue database not yet durable after a failed flush: {0}")]
-    NotDurable(String),
-    /// Another daemon holds the database's lock ([`DaemonLock`]).
-    #[error("another callferry daemon is already running on {0} (its lock is held); stop it first")]
-    Locked(PathBuf),
-    #[error("cannot open lock file {}: {source}", path.display())]
-    LockFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-}
-
-impl QueueError {
-    /// SQLITE_FULL (13): the disk is full. The caller pauses rather than failing jobs.
-    pub fn is_disk_full(&self) -> bool {
-        match self {
-            QueueError::Db(sqlx::Error::Database(e)) => {
-                e.code().as_deref() == Some("13") || e.message().contains("full")
-            }
-            QueueError::Sync { source, .. } => {
-                matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-            }
-            _ => false,
-        }
-    }
-
-    /// Whether writing the same thing again later may succeed: the database was busy, full, or
-    /// failed an I/O. False for a write that lost its race ([`QueueError::NotInState`]) and for a
-    /// database that cannot be used at all.
-    pub fn is_transient(&self) -> bool {
-        !matches!(
-            self,
-            QueueError::NotInState { .. }
-                | QueueError::Unusable { .. }
-                | QueueError::Migrate(_)
-                | QueueError::Locked(_)
-                | QueueError::LockFile { .. }
-        )
-    }
-}
 
 /// Test hooks: faults the queue injects into its own writes and flushes (see
 /// [`Queue::inject_fault`]).
@@ -300,9 +235,10 @@ impl Queue {
 
     fn fault(&self, kind: Fault) -> Result<(), QueueError> {
         if self.faults.take(kind) {
-            return Err(QueueError::Db(sqlx::Error::Io(std::io::Error::other(
+            return Err(sqlx::Error::Io(std::io::Error::other(
                 "database is locked (injected test fault)",
-            ))));
+            ))
+            .into());
         }
         Ok(())
     }

@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{Queue, QueueError, walsync};
+use super::{Queue, QueueError, Unusable, walsync};
 
 /// The `daemon_state` key under which a running daemon publishes why it is paused, for `status`.
 pub const PAUSE_KEY: &str = "pause";
@@ -37,56 +39,15 @@ pub enum OpenMode {
 }
 impl Queue {
     pub async fn open(path: &Path, mode: OpenMode) -> Result<Queue, QueueError> {
-        let unusable = |message: String| QueueError::Unusable {
+        let unusable = |reason: Unusable| QueueError::Unusable {
             path: path.to_path_buf(),
-            message,
+            reason,
         };
-        match std::fs::metadata(path) {
-            Ok(m) if !m.is_file() => return Err(unusable("is not a regular file".into())),
-            Ok(m) if m.len() > 0 => check_sqlite_magic(path).map_err(unusable)?,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match mode {
-                OpenMode::Existing => {
-                    return Err(unusable(
-                        "no queue database here yet; has `callferry run` been started with this \
-                         config (queue.database)?"
-                            .into(),
-                    ));
-                }
-                OpenMode::Create => create_private(path).await.map_err(unusable)?,
-            },
-            Err(e) => return Err(unusable(format!("cannot access: {e}"))),
-        }
-
+        check_file(path, mode).await.map_err(unusable)?;
         // Look before touching: a read-only probe, so a foreign database is not even switched to
         // WAL mode before we refuse it.
         check_ownership(path).await.map_err(unusable)?;
-
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(false)
-            .journal_mode(SqliteJournalMode::Wal)
-            // NORMAL (in WAL mode): every commit survives a process crash; a power cut may roll
-            // back the last few, which is safe for every transition but one — the commit that
-            // records an interaction id — which `mark_declared` makes durable by syncing the WAL
-            // (`sync_wal`). An fsync per state change would cap throughput near 100 jobs per
-            // second on the disk measured.
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
-        // One connection: SQLite has one writer at a time anyway, and with several connections
-        // the losers of each race sleep in SQLite's busy handler (1, 2, 5, 10 ... 100 ms steps).
-        // Measured with callferry-bench: 8 workers uploaded half as many files per second as 4.
-        // In-process callers now queue for the connection instead, in order, without sleeping.
-        // Never recycled: a closed last connection checkpoints and deletes the WAL, and a new one
-        // loses the prepared statements; the pool's default idle and lifetime limits did both.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(opts)
-            .await
-            .map_err(|e| unusable(format!("cannot open as a SQLite database: {e}")))?;
+        let pool = connect(path).await.map_err(unusable)?;
         if mode == OpenMode::Create {
             remove_stale_creations(path);
             // Marked ours before the schema goes in: a first start killed in between leaves a
@@ -172,11 +133,54 @@ impl Queue {
     }
 }
 
+/// The path is a file that looks like a SQLite database, or there is none and `mode` creates it.
+async fn check_file(path: &Path, mode: OpenMode) -> Result<(), Unusable> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => Err(Unusable::NotAFile),
+        Ok(m) if m.len() > 0 => check_sqlite_magic(path),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match mode {
+            OpenMode::Existing => Err(Unusable::Missing),
+            OpenMode::Create => create_private(path).await,
+        },
+        Err(e) => Err(Unusable::Access(e)),
+    }
+}
+
+/// The daemon's (or a command's) connection, in WAL mode.
+async fn connect(path: &Path) -> Result<SqlitePool, Unusable> {
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(false)
+        .journal_mode(SqliteJournalMode::Wal)
+        // NORMAL (in WAL mode): every commit survives a process crash; a power cut may roll
+        // back the last few, which is safe for every transition but one — the commit that
+        // records an interaction id — which `mark_declared` makes durable by syncing the WAL
+        // (`sync_wal`). An fsync per state change would cap throughput near 100 jobs per
+        // second on the disk measured.
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(BUSY_TIMEOUT)
+        .foreign_keys(true);
+    // One connection: SQLite has one writer at a time anyway, and with several connections
+    // the losers of each race sleep in SQLite's busy handler (1, 2, 5, 10 ... 100 ms steps).
+    // Measured with callferry-bench: 8 workers uploaded half as many files per second as 4.
+    // In-process callers now queue for the connection instead, in order, without sleeping.
+    // Never recycled: a closed last connection checkpoints and deletes the WAL, and a new one
+    // loses the prepared statements; the pool's default idle and lifetime limits did both.
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_with(opts)
+        .await
+        .map_err(|e| Unusable::NotOpenable(e.into()))
+}
+
 /// A reader (`status`, `list`, `retry`) of a database the daemon has not finished migrating (it is
 /// starting, or an upgrade has not run yet) would fail on a missing column with SQLite's words;
 /// this names the cause instead. Each migration commits with its row in `_sqlx_migrations`, so the
 /// latest row means the whole schema is there.
-async fn check_schema_current(pool: &sqlx::SqlitePool) -> Result<(), String> {
+async fn check_schema_current(pool: &SqlitePool) -> Result<(), Unusable> {
     let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
     let applied: Option<i64> =
         sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
@@ -185,15 +189,14 @@ async fn check_schema_current(pool: &sqlx::SqlitePool) -> Result<(), String> {
             .unwrap_or(None);
     match applied {
         Some(v) if v >= latest => Ok(()),
-        v => Err(format!(
-            "its schema is at version {} and this callferry needs {latest}: the daemon upgrades it \
-             when it starts (`callferry run`); if it is starting now, try again in a moment",
-            v.unwrap_or(0)
-        )),
+        v => Err(Unusable::SchemaBehind {
+            at: v.unwrap_or(0),
+            needs: latest,
+        }),
     }
 }
 
-async fn check_ownership(path: &Path) -> Result<(), String> {
+async fn check_ownership(path: &Path) -> Result<(), Unusable> {
     use sqlx::Connection;
     let opts = SqliteConnectOptions::new()
         .filename(path)
@@ -201,38 +204,30 @@ async fn check_ownership(path: &Path) -> Result<(), String> {
         .busy_timeout(Duration::from_secs(10));
     let mut conn = sqlx::SqliteConnection::connect_with(&opts)
         .await
-        .map_err(|e| format!("cannot open as a SQLite database: {e}"))?;
+        .map_err(|e| Unusable::NotOpenable(e.into()))?;
     let app_id: i32 = sqlx::query_scalar("PRAGMA application_id")
         .fetch_one(&mut conn)
         .await
-        .map_err(|e| format!("cannot read the database (corrupt?): {e}"))?;
+        .map_err(|e| Unusable::Corrupt(e.into()))?;
     let tables: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name <> '_sqlx_migrations'",
     )
     .fetch_one(&mut conn)
     .await
-    .map_err(|e| format!("cannot read the database (corrupt?): {e}"))?;
+    .map_err(|e| Unusable::Corrupt(e.into()))?;
     let _ = conn.close().await;
     if app_id != APPLICATION_ID && (app_id != 0 || tables > 0) {
-        return Err(
-            "is a SQLite database that callferry did not create; refusing to touch it \
-                    (point queue.database at a new path)"
-                .into(),
-        );
+        return Err(Unusable::Foreign);
     }
     Ok(())
 }
 
-fn check_sqlite_magic(path: &Path) -> Result<(), String> {
+fn check_sqlite_magic(path: &Path) -> Result<(), Unusable> {
     let mut head = [0u8; 16];
-    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let n = f.read(&mut head).map_err(|e| format!("cannot read: {e}"))?;
+    let mut f = std::fs::File::open(path).map_err(Unusable::Open)?;
+    let n = f.read(&mut head).map_err(Unusable::Read)?;
     if n < 16 || &head != b"SQLite format 3\0" {
-        return Err(
-            "is not a SQLite database (corrupt, or some other file); refusing to overwrite it. \
-             Move it aside or point queue.database at another path"
-                .into(),
-        );
+        return Err(Unusable::NotSqlite);
     }
     Ok(())
 }
@@ -246,7 +241,7 @@ fn check_sqlite_magic(path: &Path) -> Result<(), String> {
 /// `kill -9` at that moment left a hot journal that the read-only ownership probe cannot roll back:
 /// every later start refused the database (exit 78). A killed creation leaves only a hidden
 /// `.<name>.new-*` file behind, removed by a later start once it is a minute old.
-async fn create_private(path: &Path) -> Result<(), String> {
+async fn create_private(path: &Path) -> Result<(), Unusable> {
     use sqlx::{ConnectOptions, Connection};
     let dir = folder_of(path);
     make_folder(dir)?;
@@ -255,35 +250,33 @@ async fn create_private(path: &Path) -> Result<(), String> {
         .prefix(&format!(".{name}.new-"))
         .permissions(std::fs::Permissions::from_mode(0o600))
         .tempfile_in(dir)
-        .map_err(|e| format!("cannot create: {e}"))?;
+        .map_err(Unusable::Create)?;
     let mut conn = SqliteConnectOptions::new()
         .filename(tmp.path())
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .connect()
         .await
-        .map_err(|e| format!("cannot create: {e}"))?;
+        .map_err(|e| Unusable::CreateDb(e.into()))?;
     sqlx::query(AssertSqlSafe(format!(
         "PRAGMA application_id = {APPLICATION_ID}"
     )))
     .execute(&mut conn)
     .await
-    .map_err(|e| format!("cannot create: {e}"))?;
+    .map_err(|e| Unusable::CreateDb(e.into()))?;
     // The last connection's close checkpoints and removes the -wal and -shm files.
     conn.close()
         .await
-        .map_err(|e| format!("cannot create: {e}"))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| format!("cannot create: {e}"))?;
+        .map_err(|e| Unusable::CreateDb(e.into()))?;
+    tmp.as_file().sync_all().map_err(Unusable::Create)?;
     match tmp.persist_noclobber(path) {
         Ok(_) => {}
         // Another process (`callferry enqueue`) created it a moment ago: use that one.
         Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(format!("cannot create: {}", e.error)),
+        Err(e) => return Err(Unusable::Create(e.error)),
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("cannot set permissions: {e}"))?;
+        .map_err(Unusable::Permissions)?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -296,13 +289,16 @@ fn folder_of(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
-fn make_folder(dir: &Path) -> Result<(), String> {
+fn make_folder(dir: &Path) -> Result<(), Unusable> {
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
-            .map_err(|e| format!("cannot create folder {}: {e}", dir.display()))?;
+            .map_err(|source| Unusable::Folder {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
     }
     Ok(())
 }
@@ -310,9 +306,9 @@ fn make_folder(dir: &Path) -> Result<(), String> {
 /// Creates the database's folder (0700) if it is missing, so the daemon can take its lock file
 /// there before it opens the database.
 pub fn create_folder(path: &Path) -> Result<(), QueueError> {
-    make_folder(folder_of(path)).map_err(|message| QueueError::Unusable {
+    make_folder(folder_of(path)).map_err(|reason| QueueError::Unusable {
         path: path.to_path_buf(),
-        message,
+        reason,
     })
 }
 

@@ -425,7 +425,7 @@ async fn after_a_failed_flush_only_a_whole_checkpoint_proves_durability() {
     // on a checkpoint, which the reader blocks.
     let e = q.mark_declared(j.id, "iid-1", 102).await.unwrap_err();
     assert!(
-        matches!(e, QueueError::NotDurable(_)) && e.is_transient(),
+        matches!(e, QueueError::NotDurable { .. }) && e.is_transient(),
         "{e}"
     );
     sqlx::query("ROLLBACK").execute(&mut reader).await.unwrap();
