@@ -2,7 +2,7 @@
 
 use std::sync::LazyLock;
 
-use sqlx::AssertSqlSafe;
+use sqlx::{AssertSqlSafe, Sqlite, Transaction};
 
 use super::machine::Transition;
 use super::{
@@ -27,25 +27,6 @@ impl Queue {
             let j = &jobs[i];
             j.ino == 0 || seen.insert((j.dev, j.ino, j.size, j.mtime_ns))
         });
-        let batch = |idx: &[usize]| {
-            serde_json::Value::Array(
-                idx.iter()
-                    .map(|&i| {
-                        let j = &jobs[i];
-                        serde_json::json!({
-                            "i": i,
-                            "path": encode_path(&j.path),
-                            "root": encode_path(&j.root),
-                            "size": j.size as i64,
-                            "mtime": j.mtime_ns,
-                            "dev": j.dev as i64,
-                            "ino": j.ino as i64,
-                        })
-                    })
-                    .collect(),
-            )
-            .to_string()
-        };
         // IMMEDIATE: the write lock first, waiting the busy timeout for it. A deferred transaction
         // reads first, and its upgrade to a writer fails at once ("database is locked", no
         // waiting) when another process wrote meanwhile: `callferry enqueue` beside a busy daemon
@@ -58,69 +39,13 @@ impl Queue {
         let again: Vec<usize> = again.into_iter().filter(|i| !pruned.contains(i)).collect();
         let mut queued: Vec<i64> = Vec::new();
         if !first.is_empty() {
-            let json = batch(&first);
-            let same: Vec<(i64, i64, String)> = sqlx::query_as(
-                "SELECT b.value ->> 'i', MIN(j.id), j.path FROM json_each(?) b \
-                 JOIN jobs j ON j.ino = b.value ->> 'ino' AND j.dev = b.value ->> 'dev' \
-                 AND j.size = b.value ->> 'size' AND j.mtime_ns = b.value ->> 'mtime' \
-                 AND j.path <> b.value ->> 'path' \
-                 WHERE b.value ->> 'ino' <> 0 GROUP BY b.value ->> 'i'",
-            )
-            .bind(&json)
-            .fetch_all(&mut *tx)
-            .await?;
-            let mut skip = std::collections::HashSet::new();
-            for (i, existing, path) in same {
-                skip.insert(i as usize);
-                out[i as usize] = Some(Enqueued::SameFile { existing, path });
-            }
-            let rest: Vec<usize> = first.into_iter().filter(|i| !skip.contains(i)).collect();
+            let rest = same_files_elsewhere(&mut tx, jobs, first, &mut out).await?;
             if !rest.is_empty() {
-                // `WHERE true`: SQLite's parser needs it between a SELECT and ON CONFLICT.
-                let rows: Vec<(i64, String, i64, i64, Option<i64>)> = sqlx::query_as(
-                    "INSERT INTO jobs (path, root, size, mtime_ns, dev, ino, state, next_attempt_at, \
-                     created_at, updated_at) \
-                     SELECT b.value ->> 'path', b.value ->> 'root', b.value ->> 'size', \
-                     b.value ->> 'mtime', b.value ->> 'dev', b.value ->> 'ino', 'pending', ?2, ?2, ?2 \
-                     FROM json_each(?1) b WHERE true ORDER BY b.key \
-                     ON CONFLICT (path, size, mtime_ns) DO NOTHING \
-                     RETURNING id, path, size, mtime_ns, \
-                     (SELECT MAX(o.id) FROM jobs o WHERE o.path = jobs.path AND o.id <> jobs.id)",
-                )
-                .bind(batch(&rest))
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await?;
-                let mut index: std::collections::HashMap<(String, i64, i64), usize> = rest
-                    .iter()
-                    .map(|&i| {
-                        let j = &jobs[i];
-                        let path = encode_path(&j.path).into_owned();
-                        ((path, j.size as i64, j.mtime_ns), i)
-                    })
-                    .collect();
-                for (id, path, size, mtime_ns, supersedes) in rows {
-                    if let Some(i) = index.remove(&(path, size, mtime_ns)) {
-                        queued.push(id);
-                        out[i] = Some(Enqueued::New { id, supersedes });
-                    }
-                }
+                queued = insert_new(&mut tx, jobs, &rest, now, &mut out).await?;
             }
         }
         for i in again {
-            let j = &jobs[i];
-            let same: Option<(i64, String)> = sqlx::query_as(
-                "SELECT id, path FROM jobs WHERE ino = ? AND dev = ? AND size = ? AND mtime_ns = ? \
-                 AND path <> ? ORDER BY id LIMIT 1",
-            )
-            .bind(j.ino as i64)
-            .bind(j.dev as i64)
-            .bind(j.size as i64)
-            .bind(j.mtime_ns)
-            .bind(encode_path(&j.path).as_ref())
-            .fetch_optional(&mut *tx)
-            .await?;
-            out[i] = same.map(|(existing, path)| Enqueued::SameFile { existing, path });
+            out[i] = same_file_elsewhere(&mut tx, &jobs[i]).await?;
         }
         if !queued.is_empty() {
             let ids = serde_json::to_string(&queued).unwrap_or_else(|_| "[]".into());
@@ -430,4 +355,118 @@ impl Queue {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// The batch's versions `idx` as one JSON array for `json_each`, each with its index `i`.
+fn batch_json(jobs: &[NewJob], idx: &[usize]) -> String {
+    serde_json::Value::Array(
+        idx.iter()
+            .map(|&i| {
+                let j = &jobs[i];
+                serde_json::json!({
+                    "i": i,
+                    "path": encode_path(&j.path),
+                    "root": encode_path(&j.root),
+                    "size": j.size as i64,
+                    "mtime": j.mtime_ns,
+                    "dev": j.dev as i64,
+                    "ino": j.ino as i64,
+                })
+            })
+            .collect(),
+    )
+    .to_string()
+}
+
+/// Marks in `out` the versions of `idx` already queued under another path (the same device,
+/// inode, size and mtime: a hard link, or a move), in one statement. Returns the others.
+async fn same_files_elsewhere(
+    tx: &mut Transaction<'_, Sqlite>,
+    jobs: &[NewJob],
+    idx: Vec<usize>,
+    out: &mut [Option<Enqueued>],
+) -> Result<Vec<usize>, QueueError> {
+    let same: Vec<(i64, i64, String)> = sqlx::query_as(
+        "SELECT b.value ->> 'i', MIN(j.id), j.path FROM json_each(?) b \
+         JOIN jobs j ON j.ino = b.value ->> 'ino' AND j.dev = b.value ->> 'dev' \
+         AND j.size = b.value ->> 'size' AND j.mtime_ns = b.value ->> 'mtime' \
+         AND j.path <> b.value ->> 'path' \
+         WHERE b.value ->> 'ino' <> 0 GROUP BY b.value ->> 'i'",
+    )
+    .bind(batch_json(jobs, &idx))
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut skip = std::collections::HashSet::new();
+    for (i, existing, path) in same {
+        skip.insert(i as usize);
+        out[i as usize] = Some(Enqueued::SameFile { existing, path });
+    }
+    Ok(idx.into_iter().filter(|i| !skip.contains(i)).collect())
+}
+
+/// [`same_files_elsewhere`] for one version, against rows this transaction may have just written.
+async fn same_file_elsewhere(
+    tx: &mut Transaction<'_, Sqlite>,
+    j: &NewJob,
+) -> Result<Option<Enqueued>, QueueError> {
+    let same: Option<(i64, String)> = sqlx::query_as(
+        "SELECT id, path FROM jobs WHERE ino = ? AND dev = ? AND size = ? AND mtime_ns = ? \
+         AND path <> ? ORDER BY id LIMIT 1",
+    )
+    .bind(j.ino as i64)
+    .bind(j.dev as i64)
+    .bind(j.size as i64)
+    .bind(j.mtime_ns)
+    .bind(encode_path(&j.path).as_ref())
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(same.map(|(existing, path)| Enqueued::SameFile { existing, path }))
+}
+
+/// Inserts the versions `idx` as `pending` jobs, in one statement; a version already there (any
+/// state) is skipped. Marks in `out` the new ones and the job each supersedes at its path.
+/// Returns the new jobs' ids.
+async fn insert_new(
+    tx: &mut Transaction<'_, Sqlite>,
+    jobs: &[NewJob],
+    idx: &[usize],
+    now: i64,
+    out: &mut [Option<Enqueued>],
+) -> Result<Vec<i64>, QueueError> {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        // `WHERE true`: SQLite's parser needs it between a SELECT and ON CONFLICT.
+        format!(
+            "INSERT INTO jobs (path, root, size, mtime_ns, dev, ino, state, next_attempt_at, \
+             created_at, updated_at) \
+             SELECT b.value ->> 'path', b.value ->> 'root', b.value ->> 'size', \
+             b.value ->> 'mtime', b.value ->> 'dev', b.value ->> 'ino', '{}', ?2, ?2, ?2 \
+             FROM json_each(?1) b WHERE true ORDER BY b.key \
+             ON CONFLICT (path, size, mtime_ns) DO NOTHING \
+             RETURNING id, path, size, mtime_ns, \
+             (SELECT MAX(o.id) FROM jobs o WHERE o.path = jobs.path AND o.id <> jobs.id)",
+            State::Pending
+        )
+    });
+    let rows: Vec<(i64, String, i64, i64, Option<i64>)> =
+        sqlx::query_as(AssertSqlSafe(SQL.as_str()))
+            .bind(batch_json(jobs, idx))
+            .bind(now)
+            .fetch_all(&mut **tx)
+            .await?;
+    let mut index: std::collections::HashMap<(String, i64, i64), usize> = idx
+        .iter()
+        .map(|&i| {
+            let j = &jobs[i];
+            let path = encode_path(&j.path).into_owned();
+            ((path, j.size as i64, j.mtime_ns), i)
+        })
+        .collect();
+    let mut queued = Vec::new();
+    for (id, path, size, mtime_ns, supersedes) in rows {
+        if let Some(i) = index.remove(&(path, size, mtime_ns)) {
+            queued.push(id);
+            out[i] = Some(Enqueued::New { id, supersedes });
+        }
+    }
+    Ok(queued)
 }
