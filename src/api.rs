@@ -209,6 +209,9 @@ pub struct DeclareRequest {
     pub original_filename: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_identifier: Option<String>,
+    /// Only with `[declare] send_metadata` (accounts with Explore; others answer 400).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::api::{ApiClient, ApiError, DeclareRequest};
+use crate::calls::{self, Call};
 use crate::clock::{ms, now_ms};
 use crate::config::{AfterUploadWhen, Config};
 use crate::dispose;
@@ -433,8 +434,19 @@ impl Pipeline {
         );
     }
 
+    /// The call recorded at `path` (the job's file, wherever it is now).
+    fn call_of(&self, job: &Job, path: &Path) -> Call {
+        calls::identify(
+            &self.cfg.watch.naming,
+            &self.cfg.declare.timezone,
+            &job.fs_root(),
+            path,
+        )
+    }
+
     fn declare_request(&self, job: &Job, path: &Path) -> DeclareRequest {
         let d = &self.cfg.declare;
+        let call = self.call_of(job, path);
         DeclareRequest {
             kind: "audio".into(),
             language_tag: d.language_tag.clone(),
@@ -443,7 +455,26 @@ impl Pipeline {
             model: d.model.clone(),
             include_ai_results: d.include_ai_results,
             original_filename: path.file_name().map(|n| n.to_string_lossy().into_owned()),
-            external_identifier: Some(external_identifier(job)),
+            external_identifier: Some(call.external_id),
+            metadata: (d.send_metadata && !call.metadata.is_empty()).then_some(call.metadata),
+        }
+    }
+
+    /// A declare refused over its metadata is the account's licence, not the recording: says which
+    /// key to change. Nothing was created, so the job's `retry` declares it once more.
+    fn explain_refusal(&self, job: &Job, msg: String) -> String {
+        if job.state == State::Declaring
+            && self.cfg.declare.send_metadata
+            && msg.to_ascii_lowercase().contains("metadata")
+        {
+            format!(
+                "{msg}; declares carry metadata because declare.send_metadata = true, which needs \
+                 the Explore feature on the ElevateAI account: set send_metadata = false (or have \
+                 Explore enabled), then `callferry retry {}`",
+                job.id
+            )
+        } else {
+            msg
         }
     }
 
@@ -460,7 +491,7 @@ impl Pipeline {
              each may have left an interaction without audio at ElevateAI, with externalIdentifier \
              {}. `callferry retry {}` declares it again",
             self.cfg.upload.max_declares,
-            external_identifier(job),
+            self.call_of(job, &job.fs_path()).external_id,
             job.id
         )
     }
@@ -525,6 +556,7 @@ impl Pipeline {
                 (now + ms(d), true)
             }
             Verdict::Fail(None) => {
+                let msg = self.explain_refusal(job, msg);
                 warn!(error = %msg, "the API refused this file; job failed (`callferry retry {}` after fixing it)", job.id);
                 self.record(self.commit(|| self.queue.fail(job, &msg, now)).await);
                 return;
@@ -659,12 +691,6 @@ fn open_queued(job: &Job) -> Checked {
         ));
     }
     Checked::Ready(file)
-}
-
-/// The `externalIdentifier` of every declare of one recording version: the same across re-declares
-/// and restarts, so the interactions a lost answer left behind can be found at the service.
-pub fn external_identifier(job: &Job) -> String {
-    format!("callferry-{}-{}", job.id, job.mtime_ns)
 }
 
 /// The span of one job's turn. Its `interaction_id` is empty until known: set to "" at the claim

@@ -60,6 +60,9 @@ pub(super) struct RawDeclare {
     pub(super) transcription_mode: Option<String>,
     #[serde(deserialize_with = "lenient")]
     pub(super) include_ai_results: bool,
+    #[serde(deserialize_with = "lenient")]
+    pub(super) send_metadata: bool,
+    pub(super) timezone: String,
 }
 
 impl Default for RawDeclare {
@@ -70,6 +73,8 @@ impl Default for RawDeclare {
             model: Some("echo".into()),
             transcription_mode: None,
             include_ai_results: false,
+            send_metadata: false,
+            timezone: "local".into(),
         }
     }
 }
@@ -86,6 +91,7 @@ pub(super) struct RawWatch {
     pub(super) orphan_grace: String,
     pub(super) poll_interval: String,
     pub(super) rescan_interval: String,
+    pub(super) naming: String,
 }
 
 impl Default for RawWatch {
@@ -107,6 +113,7 @@ impl Default for RawWatch {
             orphan_grace: "10m".into(),
             poll_interval: "0s".into(),
             rescan_interval: "10m".into(),
+            naming: "auto".into(),
         }
     }
 }

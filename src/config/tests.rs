@@ -320,3 +320,25 @@ fn the_known_keys_are_read_from_the_raw_structs() {
         }
     }
 }
+
+#[test]
+fn calls_keys_have_defaults_and_bad_values_name_their_key() {
+    let c = from_toml_str(MINIMAL, &env(&[]), "test").unwrap();
+    assert!(!c.declare.send_metadata);
+    assert!(matches!(c.watch.naming, crate::calls::naming::Naming::Auto));
+    let with = |extra: &str| from_toml_str(&format!("{MINIMAL}\n{extra}"), &env(&[]), "t");
+    let err = with("[declare]\ntimezone = \"Mars/Olympus\"\n").unwrap_err();
+    assert_eq!(err.key, "declare.timezone");
+    assert!(err.to_string().contains("IANA"), "{err}");
+    let ok = with("[declare]\ntimezone = \"America/Sao_Paulo\"\nsend_metadata = true\n").unwrap();
+    assert!(ok.declare.send_metadata);
+    let naming = |n: &str| {
+        let text = format!("[api]\ntoken = \"t\"\n[watch]\npaths = [\"/r\"]\nnaming = '{n}'\n");
+        from_toml_str(&text, &env(&[]), "t")
+    };
+    let err = naming("(?P<uid>[0-9]+").unwrap_err();
+    assert_eq!(err.key, "watch.naming");
+    let err = naming(r"^(?P<uid>[0-9]+)\.wav$").unwrap_err();
+    assert!(err.to_string().contains("external_id"), "{err}");
+    assert!(naming(r"^(?P<external_id>[0-9]+)\.wav$").is_ok());
+}

@@ -93,6 +93,11 @@ pub struct DeclareConfig {
     pub model: Option<String>,
     pub transcription_mode: Option<String>,
     pub include_ai_results: bool,
+    /// Send what a recording's name says about its call as ElevateAI `metadata` (accounts with
+    /// Explore only; others answer 400).
+    pub send_metadata: bool,
+    /// The zone of the date-times in recorders' file names.
+    pub timezone: jiff::tz::TimeZone,
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +114,8 @@ pub struct WatchConfig {
     pub orphan_grace: Duration,
     pub poll_interval: Duration,
     pub rescan_interval: Duration,
+    /// How a file's name carries its call (see [`crate::calls::naming`]).
+    pub naming: crate::calls::naming::Naming,
 }
 
 #[derive(Debug, Clone)]

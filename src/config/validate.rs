@@ -250,7 +250,26 @@ fn validate_declare(raw: RawDeclare) -> Result<DeclareConfig, ConfigError> {
         model: raw.model.filter(|m| !m.trim().is_empty()),
         transcription_mode: raw.transcription_mode.filter(|m| !m.trim().is_empty()),
         include_ai_results: raw.include_ai_results,
+        send_metadata: raw.send_metadata,
+        timezone: time_zone(&raw.timezone)?,
     })
+}
+
+/// `"local"` (the system's zone), `"UTC"`, or an IANA name from the system's time zone database.
+fn time_zone(name: &str) -> Result<jiff::tz::TimeZone, ConfigError> {
+    match name.trim() {
+        "" | "local" => Ok(jiff::tz::TimeZone::system()),
+        "UTC" | "utc" | "Z" => Ok(jiff::tz::TimeZone::UTC),
+        zone => jiff::tz::TimeZone::get(zone).map_err(|e| {
+            ConfigError::new(
+                "declare.timezone",
+                format!(
+                    "unknown time zone {zone:?} ({e}): use \"local\", \"UTC\" or an IANA name \
+                     such as \"Europe/Paris\" (is the tzdata package installed?)"
+                ),
+            )
+        }),
+    }
 }
 
 fn validate_watch(raw: RawWatch) -> Result<WatchConfig, ConfigError> {
@@ -303,6 +322,8 @@ fn validate_watch(raw: RawWatch) -> Result<WatchConfig, ConfigError> {
         orphan_grace: parse_duration("watch.orphan_grace", &raw.orphan_grace)?,
         poll_interval: parse_duration("watch.poll_interval", &raw.poll_interval)?,
         rescan_interval: parse_duration("watch.rescan_interval", &raw.rescan_interval)?,
+        naming: crate::calls::naming::Naming::parse(&raw.naming)
+            .map_err(|e| ConfigError::new("watch.naming", e))?,
     })
 }
 

@@ -329,6 +329,12 @@ async fn declare(State(sh): State<Sh>, headers: HeaderMap, body: Bytes) -> Respo
         Ok(parsed) => parsed,
         Err(message) => return json_error(StatusCode::BAD_REQUEST, message),
     };
+    if value.get("metadata").is_some() && !sh.lock().explore {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "metadata is only accepted for accounts with the Explore feature",
+        );
+    }
     // Created even when a fault then garbles or drops the answer: the real
     // service would have done the work too, leaving an orphan behind.
     let id = sh.lock().declare(value, include_ai);

@@ -330,6 +330,12 @@ impl FakeApi {
     }
 
     /// Delay added before every `/v1` answer (not the control routes).
+    /// Gives the account the Explore feature (declares with `metadata` accepted) or takes it away
+    /// (they are answered 400, the default, as for most accounts).
+    pub fn set_explore(&self, on: bool) {
+        self.inner.shared.lock().explore = on;
+    }
+
     pub fn set_latency(&self, d: Duration) {
         self.inner.shared.lock().latency = d;
     }

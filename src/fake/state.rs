@@ -25,6 +25,9 @@ pub(super) struct State {
     pub upload_rate: Option<u64>,
     pub processing_time: Duration,
     pub max_upload_bytes: Option<u64>,
+    /// The account has the Explore feature: declares may carry `metadata` (else 400, as the
+    /// service answers).
+    pub explore: bool,
     faults: HashMap<Endpoint, VecDeque<Fault>>,
     random: Option<(RandomFaults, StdRng)>,
     next_seq: u64,
@@ -112,6 +115,7 @@ impl Shared {
                 upload_rate: None,
                 processing_time: opts.processing_time,
                 max_upload_bytes: opts.max_upload_bytes,
+                explore: false,
                 faults: HashMap::new(),
                 random: None,
                 next_seq: 0,

@@ -272,7 +272,8 @@ async fn declares_whose_answer_is_lost_are_capped_counted_and_findable() {
         err.contains("declared 3 time(s)") && err.contains("upload.max_declares = 3"),
         "{err}"
     );
-    let ext = format!("callferry-{}-{}", job.id, job.mtime_ns);
+    // No recorder's naming convention: the path below the watched folder.
+    let ext = "lost.wav".to_string();
     assert!(err.contains(&ext), "{err}");
     // From the fake's records: three interactions, no fourth declare, none with audio, one
     // identifier.

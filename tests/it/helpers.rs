@@ -133,6 +133,7 @@ pub fn declare_request(name: Option<&str>) -> callferry::api::DeclareRequest {
         include_ai_results: false,
         original_filename: name.map(Into::into),
         external_identifier: None,
+        metadata: None,
     }
 }
 

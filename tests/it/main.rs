@@ -2,6 +2,7 @@
 //! on temp dirs; the CLI tests run the built binary.
 
 mod bench_smoke;
+mod calls;
 mod chaos;
 mod cli;
 mod durability;

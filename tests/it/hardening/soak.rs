@@ -174,15 +174,6 @@ fn recovered_counts(log: &str) -> (u64, u64) {
         })
 }
 
-fn job_of(external_identifier: &str) -> Option<i64> {
-    external_identifier
-        .strip_prefix("callferry-")?
-        .split('-')
-        .next()?
-        .parse()
-        .ok()
-}
-
 async fn soak(plan: Plan) -> Figures {
     let started = Instant::now();
     let seed: u64 = env_or(
@@ -330,6 +321,13 @@ level = "info"
     assert_eq!(jobs.len(), written.len(), "one job per file version");
 
     let by_id: BTreeMap<i64, &callferry::queue::Job> = jobs.iter().map(|j| (j.id, j)).collect();
+    // Names follow no recorder's convention here, so each declare's externalIdentifier is its
+    // recording's path below the watched folder: one file, one job.
+    let by_rel: BTreeMap<PathBuf, i64> = jobs
+        .iter()
+        .map(|j| (j.fs_path().strip_prefix(&rec).unwrap().to_path_buf(), j.id))
+        .collect();
+    let job_of = |ext: &str| by_rel.get(Path::new(ext)).copied();
     let mut per_job: BTreeMap<i64, Vec<&callferry::fake::InteractionRecord>> = BTreeMap::new();
     for i in &interactions {
         let ext = i.declare_body["externalIdentifier"].as_str().unwrap_or("");

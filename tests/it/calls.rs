@@ -1,0 +1,98 @@
+//! Calls, not files: each declare carries the call's identity from the recorder's naming
+//! convention (externalIdentifier) and, with `send_metadata`, its facts as ElevateAI metadata.
+//! Checked from the fake's own records of the declare bodies it received.
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+fn declare_body_of(app: &TestApp, name: &str) -> Vec<serde_json::Value> {
+    app.fake
+        .interactions()
+        .into_iter()
+        .filter(|i| i.declare_body["originalFilename"] == name)
+        .map(|i| i.declare_body)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freepbx_recording_is_declared_as_its_call_with_utc_metadata() {
+    let mut app =
+        TestApp::start("[declare]\nsend_metadata = true\ntimezone = \"Europe/Paris\"\n").await;
+    app.fake.set_explore(true);
+    let name = "in-8005550100-+14155550123-20260701-101500-1782893700.17.wav";
+    let a = wav(0.3);
+    let p = app.drop_file(&format!("2026/07/01/{name}"), &a);
+    // A FusionPBX uuid and a name of no convention, beside it.
+    let uuid = "6f1c2a9e-3b4d-4e5f-8a7b-0c1d2e3f4a5b";
+    let q = app.drop_file(&format!("{uuid}.wav"), &wav(0.3));
+    let r = app.drop_file("site-a/meeting.wav", &wav(0.3));
+    for path in [&p, &q, &r] {
+        app.wait_state(path, "uploaded").await;
+    }
+    let bodies = declare_body_of(&app, name);
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    assert_eq!(bodies[0]["externalIdentifier"], "1782893700.17");
+    // 10:15 in Paris in July (CEST, UTC+2) is 08:15 UTC.
+    assert_eq!(
+        bodies[0]["metadata"],
+        json!({
+            "direction": "inbound",
+            "recorded": "2026-07-01T08:15:00Z",
+            "customer": { "phoneNumber": "+14155550123" },
+            "agent": { "extension": "8005550100" },
+        })
+    );
+    let fusion = declare_body_of(&app, &format!("{uuid}.wav"));
+    assert_eq!(fusion[0]["externalIdentifier"], uuid);
+    assert!(fusion[0].get("metadata").is_none(), "{fusion:?}");
+    let plain = declare_body_of(&app, "meeting.wav");
+    assert_eq!(plain[0]["externalIdentifier"], "site-a/meeting.wav");
+    println!(
+        "declare body for a FreePBX recording: {}",
+        serde_json::to_string(&bodies[0]).unwrap()
+    );
+    app.stop().await;
+}
+
+/// Metadata is off by default: the declare carries the id but no metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_send_metadata_only_the_id_goes_out() {
+    let mut app = TestApp::start("").await;
+    let name = "out-5551234-1001-20261201-101500-1764584100.42.wav";
+    let p = app.drop_file(name, &wav(0.3));
+    app.wait_state(&p, "uploaded").await;
+    let bodies = declare_body_of(&app, name);
+    assert_eq!(bodies[0]["externalIdentifier"], "1764584100.42");
+    assert!(bodies[0].get("metadata").is_none(), "{bodies:?}");
+    app.stop().await;
+}
+
+/// An account without Explore refuses metadata with a 400: the job fails with a reason that names
+/// `send_metadata`, nothing was created, and `retry` after the fix declares it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metadata_refusal_names_send_metadata_and_retry_declares_once() {
+    let mut app = TestApp::start("[declare]\nsend_metadata = true\n").await;
+    let name = "out-5551234-1001-20261201-101500-1764584100.42.wav";
+    let p = app.drop_file(name, &wav(0.3));
+    let job = app.wait_state(&p, "failed").await;
+    let why = job.last_error.unwrap();
+    assert!(
+        why.contains("send_metadata = false") && why.contains("Explore"),
+        "{why}"
+    );
+    assert_eq!(app.fake.interactions().len(), 0);
+    app.fake.set_explore(true);
+    let q = open_queue(&app.db_path()).await;
+    assert_eq!(
+        q.retry(Some(&[job.id]), callferry::clock::now_ms())
+            .await
+            .unwrap(),
+        1
+    );
+    q.close().await;
+    app.wait_state(&p, "uploaded").await;
+    assert_eq!(declare_body_of(&app, name).len(), 1);
+    assert_eq!(app.fake.counters().uploads_stored, 1);
+    app.stop().await;
+}
