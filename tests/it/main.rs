@@ -1,6 +1,7 @@
 //! One integration-test binary: the daemon runs in-process against the project's fake ElevateAI,
 //! on temp dirs; the CLI tests run the built binary.
 
+mod adversary_fs;
 mod bench_smoke;
 mod calls;
 mod chaos;
