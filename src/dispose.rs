@@ -273,6 +273,8 @@ pub(crate) mod tests {
             service_status: None,
             results_written: vec![],
             orphans: 0,
+            external_id: None,
+            source: None,
         }
     }
 

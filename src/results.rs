@@ -255,12 +255,14 @@ fn persist(file: std::fs::File, temp: tempfile::TempPath, dest: &Path) -> std::i
 pub struct Follower {
     p: Arc<Pipeline>,
     limiter: RateLimiter,
+    index: Arc<crate::calls::index::Index>,
 }
 
 impl Follower {
     pub fn new(p: Arc<Pipeline>) -> Self {
         let limiter = RateLimiter::new(p.cfg.results.max_requests_per_sec);
-        Follower { p, limiter }
+        let index = Arc::new(crate::calls::index::Index::open(&p.cfg.results.output_dir));
+        Follower { p, limiter, index }
     }
 
     pub async fn run(self, cancel: CancellationToken) {
@@ -466,6 +468,25 @@ impl Follower {
             self.record(self.p.queue.result_written(&job, kind, now_ms()).await);
             job.results_written.push(kind.to_string());
         }
+        // Before the processed state: a crash in between writes the line again, which the
+        // index recognises; the other order could lose it.
+        if let Err(e) = self.index_line(&job, later_call).await {
+            let e = format!("cannot append to {}: {e}", self.index.path().display());
+            if self.p.metrics.results_blocked(Some(e.clone())) {
+                error!(error = %e, "cannot write the results index: /healthz reports it; asked again each results.poll_interval");
+            }
+            let later = now_ms() + ms(cfg.results.poll_interval);
+            self.record(
+                self.p
+                    .queue
+                    .follow_later(job.id, later, None, Some(&e), now_ms())
+                    .await,
+            );
+            return;
+        }
+        if self.p.metrics.results_blocked(None) {
+            info!("results can be written again");
+        }
         match self.p.queue.mark_processed(job.id, now_ms()).await {
             Ok(()) => {
                 info!(kinds = %job.results_written.join(","), "processed: results written");
@@ -596,6 +617,32 @@ impl Follower {
         );
     }
 
+    /// The job's line in `<output_dir>/index.jsonl`.
+    async fn index_line(&self, job: &Job, later_call: bool) -> std::io::Result<()> {
+        let dir = &self.p.cfg.results.output_dir;
+        let results: Vec<String> = job
+            .results_written
+            .iter()
+            .map(|k| {
+                result_path_for(dir, job, k, later_call)
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        let entry = crate::calls::index::Entry {
+            path: job.display_path(),
+            source: job.source.clone(),
+            external_id: job.external_id.clone(),
+            interaction_id: job.interaction_id.clone().unwrap_or_default(),
+            results,
+        };
+        // A write and an fsync: off the runtime thread.
+        let index = self.index.clone();
+        tokio::task::spawn_blocking(move || index.append(&entry))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    }
+
     fn api_ok(&self) {
         if let Some(p) = self.p.gate.success() {
             info!(was = %p.reason(), "API reachable and token accepted again");
@@ -636,6 +683,8 @@ mod tests {
             service_status: None,
             results_written: vec![],
             orphans: 0,
+            external_id: None,
+            source: None,
         }
     }
 

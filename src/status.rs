@@ -406,6 +406,8 @@ mod tests {
             service_status: None,
             results_written: vec!["transcript".into()],
             orphans: 0,
+            external_id: None,
+            source: None,
         };
         for n in [0, 1, 3] {
             let jobs: Vec<Job> = (1..=n).map(job).collect();

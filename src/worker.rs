@@ -284,12 +284,13 @@ impl Pipeline {
         }
         if job.state == State::Declaring {
             let req = self.declare_request(&job, &path);
+            let ext = req.external_identifier.as_deref();
             match self.api.declare(&req).await {
                 Ok(iid) => {
                     self.api_ok();
                     // Committed before the upload starts: a crash from here on never declares again.
                     if let Err(e) = self
-                        .commit(|| self.queue.mark_declared(job.id, &iid, now_ms()))
+                        .commit(|| self.queue.mark_declared_as(job.id, &iid, ext, now_ms()))
                         .await
                     {
                         // Only a lost race gets here (the row was changed under us, by hand):

@@ -2,6 +2,7 @@
 //! joins a transcript to its CDR or CRM record) and the call's facts as ElevateAI `metadata`, read
 //! from the recorder's naming convention ([`naming`]).
 
+pub mod index;
 pub mod naming;
 
 use std::path::Path;

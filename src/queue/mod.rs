@@ -101,6 +101,10 @@ pub struct Job {
     pub results_written: Vec<String>,
     /// Declares of this version whose answer was lost or unusable, since its last `retry`.
     pub orphans: u32,
+    /// The call's id as its declare sent it (`externalIdentifier`); None until declared.
+    pub external_id: Option<String>,
+    /// The `[[source]]` it belongs to; None: the top-level `[watch]` folders.
+    pub source: Option<String>,
 }
 
 impl Job {
@@ -129,7 +133,7 @@ impl Job {
 
 const JOB_COLUMNS: &str = "id, path, root, size, mtime_ns, dev, ino, state, attempts, \
     next_attempt_at, interaction_id, upload_status, last_error, created_at, updated_at, \
-    uploaded_at, follow_at, follow_attempts, service_status, results_written, orphans";
+    uploaded_at, follow_at, follow_attempts, service_status, results_written, orphans, external_id, source";
 
 fn job_from_row(r: &SqliteRow) -> Result<Job, sqlx::Error> {
     let state: String = r.try_get("state")?;
@@ -162,6 +166,8 @@ fn job_from_row(r: &SqliteRow) -> Result<Job, sqlx::Error> {
             .map(str::to_string)
             .collect(),
         orphans: r.try_get::<i64, _>("orphans")? as u32,
+        external_id: r.try_get("external_id")?,
+        source: r.try_get("source")?,
     })
 }
 

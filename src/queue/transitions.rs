@@ -99,12 +99,24 @@ impl Queue {
         interaction_id: &str,
         now: i64,
     ) -> Result<(), QueueError> {
+        self.mark_declared_as(id, interaction_id, None, now).await
+    }
+
+    /// [`Transition::Declared`], recording the call's id the declare carried (`externalIdentifier`)
+    /// in the same statement.
+    pub async fn mark_declared_as(
+        &self,
+        id: i64,
+        interaction_id: &str,
+        external_id: Option<&str>,
+        now: i64,
+    ) -> Result<(), QueueError> {
         const T: Transition = Transition::Declared;
         static SQL: LazyLock<String> = LazyLock::new(|| {
             let (to, from) = (T.sql_target(), T.sql_guard());
             format!(
                 "UPDATE jobs SET state = {to}, interaction_id = ?1, updated_at = ?2, \
-                 last_error = NULL WHERE id = ?3 \
+                 last_error = NULL, external_id = COALESCE(?4, external_id) WHERE id = ?3 \
                  AND ({from} OR (state = '{}' AND interaction_id = ?1))",
                 State::Uploading
             )
@@ -115,6 +127,7 @@ impl Queue {
             .bind(interaction_id)
             .bind(now)
             .bind(id)
+            .bind(external_id)
             .execute(&self.pool)
             .await?
             .rows_affected();

@@ -96,3 +96,53 @@ async fn a_metadata_refusal_names_send_metadata_and_retry_declares_once() {
     assert_eq!(app.fake.counters().uploads_stored, 1);
     app.stop().await;
 }
+
+/// Results join the call without the database: one index line per processed recording, with its
+/// external id, interaction id and result files; `list --json` rows carry `external_id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processed_calls_are_indexed_with_their_ids_and_result_files() {
+    let out = tempfile::tempdir().unwrap();
+    let mut app = TestApp::start(&format!(
+        "[results]\nenabled = true\noutput_dir = \"{}\"\npoll_interval = \"200ms\"\n",
+        out.path().display()
+    ))
+    .await;
+    let name = "out-5551234-1001-20261201-101500-1764584100.42.wav";
+    let p = app.drop_file(&format!("2026/12/01/{name}"), &wav(0.3));
+    let q = app.drop_file("meeting.wav", &wav(0.3));
+    let jp = app.wait_state(&p, "processed").await;
+    let jq = app.wait_state(&q, "processed").await;
+    assert_eq!(jp.external_id.as_deref(), Some("1764584100.42"));
+    assert_eq!(jq.external_id.as_deref(), Some("meeting.wav"));
+
+    let text = std::fs::read_to_string(out.path().join("index.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for (job, ext) in [(&jp, "1764584100.42"), (&jq, "meeting.wav")] {
+        let line = lines
+            .iter()
+            .find(|l| l["interaction_id"] == job.interaction_id.clone().unwrap().as_str())
+            .unwrap_or_else(|| panic!("no line for {ext}:\n{text}"));
+        assert_eq!(line["external_id"], ext);
+        assert_eq!(line["path"], job.display_path());
+        let files = line["results"].as_array().unwrap();
+        assert!(!files.is_empty(), "{line}");
+        for f in files {
+            assert!(std::path::Path::new(f.as_str().unwrap()).is_file(), "{f}");
+        }
+    }
+    let rows: serde_json::Value =
+        serde_json::from_str(&callferry::status::list_json(&app.jobs().await)).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == jp.id)
+        .unwrap();
+    assert_eq!(row["external_id"], "1764584100.42");
+    assert!(row.get("source").is_some(), "{row}");
+    app.stop().await;
+}
