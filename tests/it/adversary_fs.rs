@@ -974,26 +974,29 @@ async fn verdict(
     }
 
     // 4: interactions without audio.
-    let by_id: HashMap<i64, &callferry::queue::Job> = jobs.iter().map(|j| (j.id, j)).collect();
+    // A declare carries the call's id (here the path below the watched folder, which several
+    // versions share), so an interaction is tied to its job by the id the queue committed.
+    let by_iid: HashMap<&str, &callferry::queue::Job> = jobs
+        .iter()
+        .filter_map(|j| j.interaction_id.as_deref().map(|i| (i, j)))
+        .collect();
     for i in &interactions {
         let ext = i.declare_body["externalIdentifier"].as_str().unwrap_or("");
-        let job = ext
-            .strip_prefix("callferry-")
-            .and_then(|s| s.split('-').next())
-            .and_then(|s| s.parse::<i64>().ok())
-            .and_then(|id| by_id.get(&id))
-            .ok_or_else(|| format!("a declare for no job of ours: {ext:?}"))?;
-        let committed = job.interaction_id.as_deref() == Some(i.id.as_str());
-        let has_audio = i.uploads.iter().any(|u| u.stored);
-        if !committed {
+        if ext.is_empty() {
+            return Err(format!("a declare without an externalIdentifier: {i:?}"));
+        }
+        let Some(job) = by_iid.get(i.id.as_str()) else {
             if !i.uploads.is_empty() {
                 return Err(format!(
-                    "job {}: an upload went to interaction {}, which the queue never committed",
-                    job.id, i.id
+                    "{ext}: an upload went to interaction {}, which the queue never committed",
+                    i.id
                 ));
             }
             f.orphans_uncommitted += 1;
-        } else if !has_audio {
+            continue;
+        };
+        let has_audio = i.uploads.iter().any(|u| u.stored);
+        if !has_audio {
             if present(job.ino, job.size, job.mtime_ns) {
                 return Err(format!(
                     "job {} ({}): its interaction {} has no audio though its version is still in the tree ({:?})",
