@@ -21,7 +21,9 @@ use crate::gate::Gate;
 use crate::metrics::Metrics;
 use crate::monitor::{self, Monitor};
 use crate::queue::{DaemonLock, OpenMode, PAUSE_KEY, Queue, QueueError};
+use crate::shared::Shared;
 use crate::systemd;
+use crate::wake::Wake;
 use crate::worker::Pipeline;
 
 #[derive(Debug, thiserror::Error)]
@@ -147,27 +149,22 @@ impl Daemon {
         let metrics_addr =
             spawn_monitor(&cfg, monitor, &ready_flag, &mut tasks, &background).await?;
         let pipeline = Arc::new(Pipeline {
-            cfg: cfg.clone(),
-            queue: queue.clone(),
-            api: api.clone(),
-            gate: gate.clone(),
-            wake: Arc::new(Notify::new()),
-            follow_wake: Arc::new(Notify::new()),
+            shared: Arc::new(Shared {
+                cfg: cfg.clone(),
+                queue: queue.clone(),
+                api: api.clone(),
+                gate: gate.clone(),
+                metrics: metrics.clone(),
+                wake: Wake::default(),
+            }),
             stop_claiming: CancellationToken::new(),
             abort: CancellationToken::new(),
-            idle_watch: Default::default(),
-            db_events: Default::default(),
-            metrics: metrics.clone(),
             // Workers that find a job's file gone ask the watcher to look for it (it may have
             // moved).
             search: Arc::new(crate::watcher::Search::default()),
             missing: Default::default(),
         });
-        let db_watcher =
-            watch_wake_file(&queue, pipeline.wake.clone(), pipeline.follow_wake.clone());
-        if db_watcher.is_some() {
-            pipeline.db_events.store(true, Ordering::Relaxed);
-        }
+        let db_watcher = pipeline.wake.watch_file(&queue);
         tidy_up(&cfg, &queue, &pipeline).await?;
         let recheck_now = Arc::new(Notify::new());
         let ready_rx = spawn_background(&pipeline, &recheck_now, &mut tasks, &background);
@@ -328,7 +325,7 @@ fn spawn_background(
     let watcher = crate::watcher::run(
         cfg.clone(),
         p.queue.clone(),
-        p.wake.clone(),
+        p.wake.workers.clone(),
         cancel.clone(),
         ready_tx,
         p.metrics.clone(),
@@ -340,7 +337,7 @@ fn spawn_background(
         }
     });
     if cfg.results.enabled {
-        tasks.spawn(crate::results::Follower::new(p.clone()).run(cancel.clone()));
+        tasks.spawn(crate::results::Follower::new(p.shared.clone()).run(cancel.clone()));
     }
     // Old jobs go, fingerprints stay (queue.keep_history); a move/delete still to do keeps its job.
     tasks.spawn(crate::queue::prune_task(
@@ -381,45 +378,6 @@ pub fn raise_open_file_limit() {
     } else {
         let e = std::io::Error::last_os_error();
         warn!(limit = from, hard = lim.rlim_max, error = %e, "cannot raise the open-file limit; set LimitNOFILE= in the unit");
-    }
-}
-
-/// Wakes idle workers when another process changed the queue: `callferry retry` and `enqueue` touch
-/// the database's wake file after their commit (`Queue::wake_daemon`), and this watches that one
-/// file. The database folder itself is not watched: every page SQLite writes to the WAL would be an
-/// event (measured: 5 % of the daemon's CPU while uploading, issue 8). None if the file cannot be
-/// created or watched (workers then poll the database files' metadata once a second).
-fn watch_wake_file(
-    queue: &Queue,
-    wake: Arc<Notify>,
-    follow_wake: Arc<Notify>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::{RecursiveMode, Watcher};
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = queue.wake_file();
-    if let Err(e) = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-    {
-        warn!(path = %path.display(), error = %e, "cannot create the wake file; idle workers poll the database once a second instead");
-        return None;
-    }
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
-            wake.notify_waiters();
-            follow_wake.notify_one();
-        }
-    })
-    .ok()?;
-    match watcher.watch(&path, RecursiveMode::NonRecursive) {
-        Ok(()) => Some(watcher),
-        Err(e) => {
-            warn!(path = %path.display(), error = %e, "cannot watch the wake file; idle workers poll the database once a second instead");
-            None
-        }
     }
 }
 
@@ -487,60 +445,5 @@ async fn auth_recheck(
                 r = rx.changed() => if r.is_err() { return },
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::queue::OpenMode;
-
-    #[tokio::test]
-    async fn another_process_touching_the_wake_file_wakes_idle_workers() {
-        let dir = tempfile::tempdir().unwrap();
-        let q = Queue::open(&dir.path().join("q.db"), OpenMode::Create)
-            .await
-            .unwrap();
-        let wake = Arc::new(Notify::new());
-        let _w = watch_wake_file(&q, wake.clone(), Arc::new(Notify::new())).expect("inotify watch");
-        let mode = std::fs::metadata(q.wake_file()).unwrap().permissions();
-        assert_eq!(
-            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
-            0o600
-        );
-        // Commits of the daemon's own wake nobody: nothing watches the database folder.
-        let quiet = wake.notified();
-        tokio::pin!(quiet);
-        quiet.as_mut().enable();
-        q.enqueue(
-            &[crate::queue::NewJob {
-                path: "/rec/a.wav".into(),
-                root: "/rec".into(),
-                size: 1,
-                mtime_ns: 1,
-                dev: 0,
-                ino: 0,
-            }],
-            1,
-        )
-        .await
-        .unwrap();
-        let job = q.claim(1).await.unwrap().unwrap();
-        q.fail(&job, "400", 1).await.unwrap();
-        q.make_durable().await.unwrap();
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), &mut quiet)
-                .await
-                .is_err(),
-            "a commit of the daemon's own woke the workers"
-        );
-        // `callferry retry`, through a second handle on the database: its commit wakes the daemon.
-        let cli = Queue::open(&dir.path().join("q.db"), OpenMode::Existing)
-            .await
-            .unwrap();
-        assert_eq!(cli.retry(None, 2).await.unwrap(), 1);
-        tokio::time::timeout(Duration::from_secs(20), quiet)
-            .await
-            .expect("the watcher woke the workers");
     }
 }

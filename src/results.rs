@@ -25,7 +25,7 @@ use crate::config::{AfterUploadWhen, ResultsFormat};
 use crate::policy::{self, Failure, Hold, Limits, Verdict};
 use crate::queue::Job;
 use crate::ratelimit::RateLimiter;
-use crate::worker::Pipeline;
+use crate::shared::Shared;
 
 /// Jobs looked at per round; bounds memory whatever the number of followed jobs.
 const BATCH: u32 = 64;
@@ -253,13 +253,13 @@ fn persist(file: std::fs::File, temp: tempfile::TempPath, dest: &Path) -> std::i
 }
 
 pub struct Follower {
-    p: Arc<Pipeline>,
+    p: Arc<Shared>,
     limiter: RateLimiter,
     index: Arc<crate::calls::index::Index>,
 }
 
 impl Follower {
-    pub fn new(p: Arc<Pipeline>) -> Self {
+    pub fn new(p: Arc<Shared>) -> Self {
         let limiter = RateLimiter::new(p.cfg.results.max_requests_per_sec);
         let index = Arc::new(crate::calls::index::Index::open(&p.cfg.results.output_dir));
         Follower { p, limiter, index }
@@ -297,7 +297,7 @@ impl Follower {
                 };
                 tokio::select! {
                     _ = cancel.cancelled() => break,
-                    _ = self.p.follow_wake.notified() => {}
+                    _ = self.p.wake.follower.notified() => {}
                     _ = tokio::time::sleep(wait) => {}
                 }
                 continue;

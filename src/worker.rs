@@ -9,48 +9,24 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::api::{ApiClient, ApiError, DeclareRequest};
+use crate::api::{ApiError, DeclareRequest};
 use crate::calls::{self, Call};
 use crate::clock::{ms, now_ms};
 use crate::config::{AfterUploadWhen, Config};
-use crate::dispose;
-use crate::gate::Gate;
 use crate::policy::{self, Failure, Hold, Limits, Verdict};
-use crate::queue::{Job, Queue, QueueError, State};
+use crate::queue::{Job, QueueError, State};
+use crate::shared::Shared;
 
-/// Without a watched wake file: how long an idle worker sleeps at most before looking at the queue
-/// again, so jobs another process made due (`callferry retry`, `enqueue`) are picked up without a
-/// restart.
-pub const IDLE_POLL: Duration = Duration::from_secs(1);
-/// An idle worker's look every [`IDLE_POLL`] is a `stat` of the database and its WAL, not a query:
-/// it queries again only when they changed (a commit, by this process or another) or a job fell
-/// due, and at the latest after this long (a change that left size and coarse mtime alike).
-const IDLE_RECHECK: Duration = Duration::from_secs(30);
-
-/// Everything the workers share.
+/// The upload workers' state: what they share with the results follower, and their own.
 pub struct Pipeline {
-    pub cfg: Arc<Config>,
-    pub queue: Queue,
-    pub api: ApiClient,
-    pub gate: Arc<Gate>,
-    /// Wakes idle workers when new work was queued in-process.
-    pub wake: Arc<Notify>,
-    /// Wakes the results follower when a job starts being followed.
-    pub follow_wake: Arc<Notify>,
+    pub shared: Arc<Shared>,
     /// Fired on SIGTERM: stop claiming new jobs.
     pub stop_claiming: CancellationToken,
     /// Fired when the shutdown grace is over: abandon in-flight requests (jobs go back to waiting).
     pub abort: CancellationToken,
-    /// Held by the one idle worker that watches the database for changes (see `idle`).
-    pub idle_watch: std::sync::atomic::AtomicBool,
-    /// Set when the database's wake file is watched (see `app::watch_wake_file`): idle workers
-    /// then need no polling at all to notice a `callferry retry` or `enqueue`.
-    pub db_events: std::sync::atomic::AtomicBool,
-    pub metrics: Arc<crate::metrics::Metrics>,
     /// Asks the watcher to look for a job's recording: its file left its path (moved inside the
     /// watched folders?).
     pub search: Arc<crate::watcher::Search>,
@@ -71,6 +47,15 @@ pub fn missing_grace(cfg: &Config) -> Duration {
 fn left_its_path(meta: &std::fs::Metadata, job: &Job) -> bool {
     use std::os::unix::fs::MetadataExt;
     job.ino != 0 && (meta.dev(), meta.ino()) != (job.dev, job.ino) && !job.is_version(meta)
+}
+
+/// The workers reach the shared parts as their own (`self.cfg`, `self.queue`...): they are theirs
+/// as much as the follower's.
+impl std::ops::Deref for Pipeline {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
 }
 
 impl Pipeline {
@@ -122,49 +107,12 @@ impl Pipeline {
         debug!(worker = n, "worker stopped");
     }
 
-    /// Waits until there may be work. One idle worker at a time watches the database: every
-    /// [`IDLE_POLL`] it looks at the files' size and mtime (a `stat`, not a query) and wakes the
-    /// others when they changed. The others sleep until a job falls due, a wake-up, or
-    /// [`IDLE_RECHECK`]. So an idle daemon wakes about once a second, not once per worker.
+    /// Waits until there may be work (see [`Wake::idle`](crate::wake::Wake::idle)).
     async fn idle(&self) {
-        use std::sync::atomic::Ordering;
-        struct Role<'a>(&'a std::sync::atomic::AtomicBool);
-        impl Drop for Role<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
-            }
-        }
-        let due = self.queue.next_due().await.ok().flatten();
-        let stamp = db_stamp(self.queue.path());
-        let since = std::time::Instant::now();
-        let watching = !self.idle_watch.swap(true, Ordering::AcqRel);
-        let _role = watching.then(|| Role(&self.idle_watch));
-        let every = if watching && !self.db_events.load(Ordering::Relaxed) {
-            IDLE_POLL
-        } else {
-            IDLE_RECHECK
-        };
-        loop {
-            let wait = match due {
-                Some(due) => Duration::from_millis((due - now_ms()).clamp(0, ms(every)) as u64),
-                None => every,
-            };
-            tokio::select! {
-                _ = self.stop_claiming.cancelled() => return,
-                _ = self.wake.notified() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
-            // A sign of life for the watchdog: at least every IDLE_RECHECK from every idle worker.
-            self.metrics.idle_turn();
-            if due.is_some_and(|d| d <= now_ms()) || since.elapsed() >= IDLE_RECHECK {
-                return;
-            }
-            if watching && db_stamp(self.queue.path()) != stamp {
-                // A commit, by this daemon or another process (retry, enqueue): everyone looks.
-                self.wake.notify_waiters();
-                return;
-            }
-        }
+        (self
+            .wake
+            .idle(&self.queue, &self.metrics, &self.stop_claiming))
+        .await
     }
 
     /// A write the queue refused. Any error that may pass (full, busy, an I/O error) pauses every
@@ -353,7 +301,7 @@ impl Pipeline {
                     Ok(()) => {
                         job.state = State::Uploaded;
                         if follow_at.is_some() {
-                            self.follow_wake.notify_one();
+                            self.wake.follower.notify_one();
                         }
                         if self.cfg.after_upload.when == AfterUploadWhen::Uploaded {
                             self.after_upload(&job).await;
@@ -596,31 +544,6 @@ impl Pipeline {
             Hold::Failing => {}
         }
     }
-
-    fn record(&self, r: Result<(), QueueError>) {
-        self.metrics.outcome_recorded();
-        if let Err(e) = r {
-            // The job stays in its in-flight state and is recovered at the next start.
-            error!(error = %e, "could not record the job's outcome in the queue");
-        }
-    }
-
-    /// Moves or deletes the recording once its upload is committed (see [`dispose`]), and
-    /// records what was done. Idempotent: safe to run again after a crash between the commit and
-    /// the file operation; a failure leaves the recording where it is, for the next start.
-    pub async fn after_upload(&self, job: &Job) {
-        match dispose::after_upload(&self.cfg, &self.queue, job).await {
-            Ok(None) => {}
-            Ok(Some(what)) => {
-                // The upload's line said it all at info; the job's events keep the action.
-                debug!(action = %what, "after-upload action done");
-                self.record(self.queue.mark_disposed(job.id, &what, now_ms()).await);
-            }
-            Err(e) => {
-                warn!(error = %e, "after-upload action failed; the recording stays where it is for now")
-            }
-        }
-    }
 }
 
 /// The file's name as the service is told it (form field name and filename): bytes that are not
@@ -717,20 +640,6 @@ fn declare_may_have_created(err: &ApiError) -> bool {
         ApiError::Status { status, .. } => matches!(status, 500 | 502 | 504),
         _ => false,
     }
-}
-
-/// Size and mtime of the database file and its WAL: a commit changes them.
-type DbStamp = [Option<(u64, Option<std::time::SystemTime>)>; 2];
-
-fn db_stamp(db: &Path) -> DbStamp {
-    let look = |p: &Path| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.len(), m.modified().ok()))
-    };
-    let mut wal = db.as_os_str().to_owned();
-    wal.push("-wal");
-    [look(db), look(Path::new(&wal))]
 }
 
 #[cfg(test)]
