@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::api::{ApiError, DeclareRequest};
+use crate::calls::sidecar::{self, Sidecar};
 use crate::calls::{self, Call};
 use crate::clock::{ms, now_ms};
 use crate::config::{AfterUploadWhen, Config};
@@ -231,7 +232,11 @@ impl Pipeline {
             return;
         }
         if job.state == State::Declaring {
-            let req = self.declare_request(&job, &path);
+            let sidecar = self.sidecar_of(&job, &path).await;
+            if matches!(sidecar, Ok(None)) && self.wait_for_sidecar(&job).await {
+                return;
+            }
+            let req = self.declare_request(&job, &path, sidecar.ok().flatten().as_ref());
             let ext = req.external_identifier.as_deref();
             match self.api.declare(&req).await {
                 Ok(iid) => {
@@ -384,18 +389,56 @@ impl Pipeline {
     }
 
     /// The call recorded at `path` (the job's file, wherever it is now).
-    fn call_of(&self, job: &Job, path: &Path) -> Call {
-        calls::identify(
+    fn call_of(&self, job: &Job, path: &Path, sidecar: Option<&Sidecar>) -> Call {
+        calls::identify_with(
             &self.cfg.watch.naming,
             &self.cfg.declare.timezone,
             &job.fs_root(),
             path,
+            sidecar,
         )
     }
 
-    fn declare_request(&self, job: &Job, path: &Path) -> DeclareRequest {
+    /// The recording's sidecar, read off the runtime thread. A malformed one is a warning, and the
+    /// recording goes without it (`Err(())`: do not wait for another).
+    async fn sidecar_of(&self, job: &Job, path: &Path) -> Result<Option<Sidecar>, ()> {
+        let (root, path) = (job.fs_root(), path.to_path_buf());
+        match tokio::task::spawn_blocking(move || sidecar::read(&root, &path)).await {
+            Ok(Ok(found)) => Ok(found),
+            Ok(Err(why)) => {
+                warn!(warning = %why, "the recording goes without its sidecar");
+                Err(())
+            }
+            Err(e) => {
+                warn!(error = %e, "could not look for a sidecar; the recording goes without one");
+                Err(())
+            }
+        }
+    }
+
+    /// With `[watch] sidecar_wait`, a recording whose sidecar has not arrived waits for it, up to
+    /// that long after it was queued, without an attempt counted. True if it now waits.
+    async fn wait_for_sidecar(&self, job: &Job) -> bool {
+        let wait = self.cfg.watch.sidecar_wait;
+        let until = job.created_at + ms(wait);
+        let now = now_ms();
+        if wait.is_zero() || now >= until {
+            return false;
+        }
+        debug!(
+            until_ms = until,
+            "waiting for its sidecar (watch.sidecar_wait)"
+        );
+        self.record(
+            self.commit(|| self.queue.reschedule(job, None, until, false, now))
+                .await,
+        );
+        true
+    }
+
+    fn declare_request(&self, job: &Job, path: &Path, sidecar: Option<&Sidecar>) -> DeclareRequest {
         let d = &self.cfg.declare;
-        let call = self.call_of(job, path);
+        let call = self.call_of(job, path, sidecar);
         DeclareRequest {
             kind: "audio".into(),
             language_tag: d.language_tag.clone(),
@@ -440,7 +483,9 @@ impl Pipeline {
              each may have left an interaction without audio at ElevateAI, with externalIdentifier \
              {}. `callferry retry {}` declares it again",
             self.cfg.upload.max_declares,
-            self.call_of(job, &job.fs_path()).external_id,
+            job.external_id
+                .clone()
+                .unwrap_or_else(|| self.call_of(job, &job.fs_path(), None).external_id),
             job.id
         )
     }

@@ -4,6 +4,7 @@
 
 pub mod index;
 pub mod naming;
+pub mod sidecar;
 
 use std::path::Path;
 
@@ -23,7 +24,27 @@ pub struct Call {
 }
 
 /// The call recorded at `path`, found under the watched folder `root`. `tz` is the zone the
-/// recorder writes its names' date-times in.
+/// recorder writes its names' date-times in. What a sidecar says wins over the name.
+pub fn identify_with(
+    naming: &Naming,
+    tz: &TimeZone,
+    root: &Path,
+    path: &Path,
+    sidecar: Option<&sidecar::Sidecar>,
+) -> Call {
+    let mut call = identify(naming, tz, root, path);
+    if let Some(s) = sidecar {
+        if let Some(id) = &s.external_id {
+            call.external_id = id.clone();
+        }
+        if let Some(m) = &s.metadata {
+            call.metadata.extend(m.clone());
+        }
+    }
+    call
+}
+
+/// [`identify_with`] from the name alone.
 pub fn identify(naming: &Naming, tz: &TimeZone, root: &Path, path: &Path) -> Call {
     let name = path
         .file_name()

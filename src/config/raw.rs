@@ -92,6 +92,7 @@ pub(super) struct RawWatch {
     pub(super) poll_interval: String,
     pub(super) rescan_interval: String,
     pub(super) naming: String,
+    pub(super) sidecar_wait: String,
 }
 
 impl Default for RawWatch {
@@ -114,6 +115,7 @@ impl Default for RawWatch {
             poll_interval: "0s".into(),
             rescan_interval: "10m".into(),
             naming: "auto".into(),
+            sidecar_wait: "0s".into(),
         }
     }
 }

@@ -116,6 +116,8 @@ pub struct WatchConfig {
     pub rescan_interval: Duration,
     /// How a file's name carries its call (see [`crate::calls::naming`]).
     pub naming: crate::calls::naming::Naming,
+    /// > 0: a recording without its sidecar waits up to this long after it was queued.
+    pub sidecar_wait: Duration,
 }
 
 #[derive(Debug, Clone)]

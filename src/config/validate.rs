@@ -324,6 +324,7 @@ fn validate_watch(raw: RawWatch) -> Result<WatchConfig, ConfigError> {
         rescan_interval: parse_duration("watch.rescan_interval", &raw.rescan_interval)?,
         naming: crate::calls::naming::Naming::parse(&raw.naming)
             .map_err(|e| ConfigError::new("watch.naming", e))?,
+        sidecar_wait: parse_duration("watch.sidecar_wait", &raw.sidecar_wait)?,
     })
 }
 

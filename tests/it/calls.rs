@@ -146,3 +146,53 @@ async fn processed_calls_are_indexed_with_their_ids_and_result_files() {
     assert!(row.get("source").is_some(), "{row}");
     app.stop().await;
 }
+
+/// A sidecar that lands after its audio still counts (one declare, with its id and metadata); a
+/// recording without one goes after the wait with its name's id; a malformed one is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_sidecar_is_waited_for_and_wins_over_the_name() {
+    let mut app = TestApp::start(
+        "[declare]\nsend_metadata = true\ntimezone = \"UTC\"\n[watch]\nsidecar_wait = \"4s\"\n",
+    )
+    .await;
+    app.fake.set_explore(true);
+    let late = "out-5551234-1001-20261201-101500-1764584100.42.wav";
+    let alone = "out-5559999-1002-20261201-101600-1764584160.43.wav";
+    let broken = "in-5550000-1003-20261201-101700-1764584220.44.wav";
+    let p_late = app.drop_file(late, &wav(0.3));
+    let p_alone = app.drop_file(alone, &wav(0.3));
+    std::fs::write(app.rec.join(broken.replace(".wav", ".json")), b"{oops").unwrap();
+    let p_broken = app.drop_file(broken, &wav(0.3));
+    // The sidecar lands once the recording is queued (as a CRM hook writes it after the call).
+    poll_for("the late one queued", || async {
+        app.job_for(&p_late).await
+    })
+    .await;
+    std::fs::write(
+        app.rec.join(late.replace(".wav", "_metadata.json")),
+        br#"{"externalIdentifier":"crm-case-981","metadata":{"agent":{"id":"alice"},"category":"billing"}}"#,
+    )
+    .unwrap();
+    for p in [&p_late, &p_alone, &p_broken] {
+        app.wait_state(p, "uploaded").await;
+    }
+    let bodies = declare_body_of(&app, late);
+    assert_eq!(bodies.len(), 1, "one declare: {bodies:?}");
+    assert_eq!(bodies[0]["externalIdentifier"], "crm-case-981");
+    let m = &bodies[0]["metadata"];
+    assert_eq!(m["category"], "billing");
+    assert_eq!(
+        m["agent"],
+        json!({ "id": "alice" }),
+        "the sidecar's section wins: {m}"
+    );
+    assert_eq!(m["direction"], "outbound", "the name's facts stay: {m}");
+    let alone_body = declare_body_of(&app, alone);
+    assert_eq!(alone_body.len(), 1);
+    assert_eq!(alone_body[0]["externalIdentifier"], "1764584160.43");
+    let broken_body = declare_body_of(&app, broken);
+    assert_eq!(broken_body[0]["externalIdentifier"], "1764584220.44");
+    // Sidecars are never uploaded themselves.
+    assert_eq!(app.fake.interactions().len(), 3);
+    app.stop().await;
+}
