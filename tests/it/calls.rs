@@ -152,7 +152,8 @@ async fn processed_calls_are_indexed_with_their_ids_and_result_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_sidecar_is_waited_for_and_wins_over_the_name() {
     let mut app = TestApp::start(
-        "[declare]\nsend_metadata = true\ntimezone = \"UTC\"\n[watch]\nsidecar_wait = \"4s\"\n",
+        // Long enough that a loaded machine writes the late sidecar within it.
+        "[declare]\nsend_metadata = true\ntimezone = \"UTC\"\n[watch]\nsidecar_wait = \"12s\"\n",
     )
     .await;
     app.fake.set_explore(true);
