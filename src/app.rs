@@ -163,6 +163,8 @@ impl Daemon {
             // moved).
             search: Arc::new(crate::watcher::Search::default()),
             missing: Default::default(),
+            // Every file-system call on a watched folder goes through that folder's lanes.
+            roots: Arc::new(crate::watch::Roots::default()),
         });
         let db_watcher = pipeline.wake.watch_file(&queue);
         tidy_up(&cfg, &queue, &pipeline).await?;
@@ -330,12 +332,19 @@ fn spawn_background(
         ready_tx,
         p.metrics.clone(),
         p.search.clone(),
+        p.roots.clone(),
     );
     tasks.spawn(async move {
         if let Err(e) = watcher.await {
             error!(error = %e, "the folder watcher stopped; files are no longer discovered until restart");
         }
     });
+    tasks.spawn(crate::watch::health_task(
+        p.roots.clone(),
+        p.queue.clone(),
+        p.metrics.clone(),
+        cancel.clone(),
+    ));
     if cfg.results.enabled {
         tasks.spawn(crate::results::Follower::new(p.shared.clone()).run(cancel.clone()));
     }

@@ -31,7 +31,14 @@ pub async fn after_upload(
     queue.make_durable().await?;
     let path = job.fs_path();
     let done = match action {
-        AfterUploadAction::Delete => delete(&path, job),
+        // Off the runtime's thread, as the move: the watched folder may be on a mount that
+        // stops answering (the worker checks its lanes first, see `watch::Roots`).
+        AfterUploadAction::Delete => {
+            let job = job.clone();
+            tokio::task::spawn_blocking(move || delete(&path, &job))
+                .await
+                .unwrap_or_else(|e| Err(format!("delete task failed: {e}")))
+        }
         AfterUploadAction::Move => {
             let dest_root = cfg.after_upload.move_to.clone().unwrap_or_default();
             let rel = path

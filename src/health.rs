@@ -32,6 +32,8 @@ pub struct HealthInputs {
     pub since_progress: Duration,
     /// `[metrics] unhealthy_after`.
     pub unhealthy_after: Duration,
+    /// Watched folders that do not answer (a hung mount): their recordings wait.
+    pub folders_not_answering: Vec<String>,
 }
 
 /// `Ok(())` when healthy, else the reason (the body of the 503).
@@ -47,6 +49,12 @@ pub fn assess(i: &HealthInputs) -> Result<(), String> {
     }
     if let Some(why) = &i.results {
         return Err(format!("results cannot be written: {why}"));
+    }
+    if !i.folders_not_answering.is_empty() {
+        return Err(format!(
+            "watched folder(s) not answering (a hung mount?), their recordings wait: {}",
+            i.folders_not_answering.join(", ")
+        ));
     }
     if i.work_waiting > 0 && i.since_progress > i.unhealthy_after {
         let mut why = format!(
@@ -107,7 +115,21 @@ mod tests {
             work_waiting: 0,
             since_progress: Duration::from_secs(3600),
             unhealthy_after: Duration::from_secs(600),
+            folders_not_answering: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_watched_folder_that_does_not_answer_is_unhealthy_and_named() {
+        let i = HealthInputs {
+            folders_not_answering: vec!["/mnt/nas/calls".into()],
+            ..healthy()
+        };
+        let e = assess(&i).unwrap_err();
+        assert!(
+            e.contains("not answering") && e.contains("/mnt/nas/calls"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub mod stability;
 pub mod status;
 pub mod systemd;
 pub mod wake;
+pub mod watch;
 pub mod watcher;
 pub mod watchmetrics;
 pub mod worker;

@@ -109,6 +109,7 @@ impl Monitor {
             work_waiting,
             since_progress: self.metrics.progress.since_progress(),
             unhealthy_after: self.unhealthy_after,
+            folders_not_answering: self.metrics.watch.unhealthy_roots(),
         })
     }
 }

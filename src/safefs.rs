@@ -94,26 +94,7 @@ pub fn open_beneath(root: &Path, path: &Path) -> io::Result<File> {
     let Some((name, dirs)) = parts.split_last() else {
         return Err(not_regular("it is the watched folder itself"));
     };
-    // The root is opened by name and may itself be a link.
-    let mut dir = openat(
-        None,
-        root.as_os_str().as_bytes(),
-        libc::O_PATH | libc::O_DIRECTORY,
-    )?;
-    for d in dirs {
-        dir = openat(
-            Some(&dir),
-            d,
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-        )
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) | Some(libc::ENOTDIR) => not_regular(format!(
-                "its folder {} is a symbolic link or not a folder (links are not followed)",
-                String::from_utf8_lossy(d)
-            )),
-            _ => e,
-        })?;
-    }
+    let dir = open_dirs(root, dirs)?;
     // O_NONBLOCK: a FIFO put in a recording's place opens at once instead of waiting for a
     // writer (and a file under another process's lease fails instead of blocking). Reads of a
     // regular file ignore it.
@@ -136,6 +117,52 @@ pub fn open_beneath(root: &Path, path: &Path) -> io::Result<File> {
         }
     }
     Ok(file)
+}
+
+/// Opens folder `dir` (`root` itself or a folder below it) as an `O_PATH` descriptor, without
+/// following any symbolic link below `root`: the exact folder a walk from `root` reaches.
+pub fn open_dir_beneath(root: &Path, dir: &Path) -> io::Result<OwnedFd> {
+    let rel = dir.strip_prefix(root).map_err(|_| {
+        not_regular(format!(
+            "{} is not below the watched folder {}",
+            dir.display(),
+            root.display()
+        ))
+    })?;
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => parts.push(n.as_bytes()),
+            Component::CurDir => {}
+            _ => return Err(not_regular("its path leaves the watched folder (`..`)")),
+        }
+    }
+    open_dirs(root, &parts)
+}
+
+/// `root` (followed if a link), then each of `dirs` below it with `O_NOFOLLOW`.
+fn open_dirs(root: &Path, dirs: &[&[u8]]) -> io::Result<OwnedFd> {
+    // The root is opened by name and may itself be a link.
+    let mut dir = openat(
+        None,
+        root.as_os_str().as_bytes(),
+        libc::O_PATH | libc::O_DIRECTORY,
+    )?;
+    for d in dirs {
+        dir = openat(
+            Some(&dir),
+            d,
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        )
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) => not_regular(format!(
+                "its folder {} is a symbolic link or not a folder (links are not followed)",
+                String::from_utf8_lossy(d)
+            )),
+            _ => e,
+        })?;
+    }
+    Ok(dir)
 }
 
 #[cfg(test)]

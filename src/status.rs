@@ -30,6 +30,9 @@ pub struct StatusReport {
     /// Declares whose answer was lost or unusable (each may have left an interaction without audio
     /// at ElevateAI), in the life of the database.
     pub orphan_declares: u64,
+    /// Watched folders that do not answer now (a hung mount): their recordings wait. Empty when
+    /// every folder answers or no daemon runs. An extension.
+    pub folders_not_answering: Vec<String>,
     /// Uploads recorded in the last hour: (jobs, bytes). For the table only; `--json` keeps its
     /// documented shape.
     #[serde(skip)]
@@ -62,6 +65,15 @@ pub async fn gather(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError
         .collect();
     let last_hour = queue.uploaded_since(now - 3_600_000).await?;
     let orphan_declares = queue.orphan_declares().await?;
+    // Kept by the running daemon (`watch::health_task`); one that died says nothing about now.
+    let folders_not_answering = match daemon_running {
+        Some(false) => Vec::new(),
+        _ => queue
+            .daemon_state(crate::watch::UNHEALTHY_KEY)
+            .await?
+            .and_then(|(v, _)| serde_json::from_str::<Vec<String>>(&v).ok())
+            .unwrap_or_default(),
+    };
     Ok(StatusReport {
         last_hour,
         counts,
@@ -73,6 +85,7 @@ pub async fn gather(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError
         recent_errors: recent,
         database: db.display().to_string(),
         orphan_declares,
+        folders_not_answering,
     })
 }
 
@@ -132,6 +145,12 @@ pub fn render_text(r: &StatusReport, style: Style) -> String {
     match &r.pause_reason {
         Some(reason) => out.push_str(&format!("uploads     {} {reason}\n", style.red("PAUSED:"))),
         None => out.push_str(&format!("uploads     {}\n", style.green("active"))),
+    }
+    for f in &r.folders_not_answering {
+        out.push_str(&format!(
+            "folder      {} {f} (a hung mount?); its recordings wait\n",
+            style.red("NOT ANSWERING:")
+        ));
     }
     let (n, bytes) = r.last_hour;
     out.push_str(&format!(
@@ -351,6 +370,7 @@ mod tests {
             }],
             database: "/var/lib/callferry/queue.db".into(),
             orphan_declares: 2,
+            folders_not_answering: Vec::new(),
             last_hour: (42, 325_000_000),
         }
     }

@@ -1,6 +1,12 @@
-//! Owns finding recordings: the `notify` watches on every `[watch] path`, the bridge of their events
-//! into tokio, the startup / periodic / overflow rescans, and the set of files we are waiting on
-//! until [`crate::stability`] says they are complete. Complete versions are queued in batches.
+//! Owns finding recordings: the inotify watches on every folder of every `[watch] path`
+//! ([`crate::watch::inotify`]), the bridge of their events into tokio, the startup / periodic /
+//! overflow rescans, the polling of folders that got no watch, and the set of files we are waiting
+//! on until [`crate::stability`] says they are complete. Complete versions are queued in batches.
+//!
+//! Every file-system call on a watched path (a walk, a watch, a `stat`, a header read) runs on its
+//! root's lane ([`crate::watch::lane`]), never on the runtime's thread, and is given up after a
+//! deadline: a root on a mount that stops answering is passed over (and rescanned once it answers)
+//! while the others go on (issue 17.1).
 //!
 //! The bridge is a bounded channel filled with `try_send`: when an event storm fills it, events are
 //! dropped and a full rescan is flagged instead, so memory stays bounded and nothing is missed.
@@ -15,9 +21,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, error, info, warn};
 
 use crate::clock::{ms, now_ms};
@@ -26,6 +32,8 @@ use crate::queue::{Enqueued, NewJob, Queue, fingerprint};
 use crate::stability::{
     Decision, Facts, NameRules, Observed, Stat, Timing, decide, judge, observe,
 };
+use crate::watch::inotify::{AddError, Inotify, Raw};
+use crate::watch::{DEADLINE, Hung, Roots};
 use crate::writers::Writers;
 
 const EVENT_CHANNEL: usize = 8192;
@@ -34,8 +42,6 @@ const ENQUEUE_BATCH: usize = 2000;
 const ROOT_CHECK: Duration = Duration::from_secs(5);
 /// Rescan period for a folder that could not get an inotify watch (limit reached).
 const FALLBACK_POLL: Duration = Duration::from_secs(10);
-/// Follow-up scans of a new folder, in ms after its creation event (see `on_event`).
-const NEW_FOLDER_RESCANS: [i64; 2] = [250, 2000];
 /// Searches for recordings that left their queued path (asked for by workers) run at most this
 /// often: several missing files at once share one rescan.
 const SEARCH_GAP: Duration = Duration::from_secs(5);
@@ -163,26 +169,142 @@ struct State {
     queue: Queue,
     wake: Arc<Notify>,
     candidates: HashMap<PathBuf, Candidate>,
-    /// Roots with a live watch.
+    /// Roots with a live inotify instance (their folders' watches are added by walks).
     watched: Vec<PathBuf>,
-    /// Roots that do not exist (yet).
+    /// Roots that do not exist (yet), or did not answer when looked for.
     missing: Vec<PathBuf>,
-    /// Roots that exist but could not be watched (inotify limit): polled.
+    /// Roots polled as a whole (`watch.poll_interval` > 0, or no inotify instance to be had).
     polled: Vec<PathBuf>,
+    /// Folders inside watched roots that got no watch (the kernel's budget is spent): each is
+    /// polled on its own every [`FALLBACK_POLL`], and given a watch as soon as one is free.
+    polled_dirs: std::collections::BTreeSet<PathBuf>,
+    /// Said once: the inotify budget ran out.
+    limit_warned: bool,
     cancel: CancellationToken,
     metrics: Arc<crate::metrics::Metrics>,
     /// The open-writer check could not run; said once.
     writer_check_warned: bool,
-    /// New folders to look into again: (when, unix ms; folder).
-    dir_rescans: Vec<(i64, PathBuf)>,
     /// Files judged not to be recordings, as they were then. Said once: a poll or rescan that
     /// finds one unchanged passes over it (a polled folder used to repeat the warning for every
     /// such file at every poll). A change makes it a candidate again. Entries go when the file does.
     rejected: HashMap<PathBuf, Stat>,
     known: Arc<Known>,
     search: Arc<Search>,
+    /// Every root's lanes: all file-system calls on a watched path go through them.
+    fs: Arc<Roots>,
+    /// Each watched root's inotify instance, and the task that reads it.
+    inotify: HashMap<PathBuf, (Arc<Inotify>, AbortOnDropHandle<()>)>,
+    /// Roots whose events or scans were passed over while they did not answer: rescanned in
+    /// full once they answer again.
+    skipped: HashSet<PathBuf>,
+    events: mpsc::Sender<Ev>,
+    overflow: Arc<AtomicBool>,
+    overflow_wake: Arc<Notify>,
 }
 
+/// What a root's inotify reader hands the watcher.
+#[derive(Debug)]
+enum Ev {
+    At {
+        root: PathBuf,
+        path: PathBuf,
+        dir: bool,
+    },
+    /// The kernel dropped this root's events.
+    Overflow(PathBuf),
+}
+
+/// What one walk (on a root's lane) found.
+#[derive(Debug, Default)]
+struct Walked {
+    /// Candidate recordings: not known, or wanted by a search.
+    files: Vec<(PathBuf, Stat)>,
+    /// Folders that have a watch now.
+    watched: Vec<PathBuf>,
+    /// Folders that could not get one: the kernel's watch budget is spent.
+    no_watch: Vec<PathBuf>,
+    /// Whether the listing is complete (not only the unwatched part of the tree).
+    full: bool,
+    /// The walked folder is not there (any more).
+    gone: bool,
+}
+
+/// The inotify descriptor, for tokio's reactor.
+struct Fd(Arc<Inotify>);
+
+impl std::os::fd::AsRawFd for Fd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Reads a root's inotify descriptor on the runtime (reading it never touches the watched file
+/// system) and hands the events over through the bounded channel: when an event storm fills it,
+/// events are dropped and a full rescan is flagged instead.
+async fn read_events(
+    root: PathBuf,
+    ino: Arc<Inotify>,
+    tx: mpsc::Sender<Ev>,
+    overflow: Arc<AtomicBool>,
+    overflow_wake: Arc<Notify>,
+) {
+    // SAFETY: the descriptor stays open as long as the AsyncFd: `Fd` holds the instance that
+    // owns it.
+    let afd = match unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            Fd(ino.clone()),
+            tokio::io::Interest::READABLE,
+        )
+    }
+    .map_err(std::io::Error::from)
+    {
+        Ok(a) => a,
+        Err(e) => {
+            error!(path = %root.display(), error = %e, "cannot read file events; this folder is found by rescans only");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Vec::new();
+    loop {
+        let Ok(mut guard) = afd.readable().await else {
+            return;
+        };
+        loop {
+            match ino.read(&mut buf, &mut out) {
+                Ok(Some(())) => {
+                    if out.len() >= 4096 {
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    guard.clear_ready();
+                    break;
+                }
+                Err(e) => {
+                    error!(path = %root.display(), error = %e, "cannot read file events; this folder is found by rescans only");
+                    return;
+                }
+            }
+        }
+        for raw in out.drain(..) {
+            let ev = match raw {
+                Raw::Overflow => Ev::Overflow(root.clone()),
+                Raw::At { path, dir } => Ev::At {
+                    root: root.clone(),
+                    path,
+                    dir,
+                },
+            };
+            if tx.try_send(ev).is_err() {
+                overflow.store(true, Ordering::Relaxed);
+                overflow_wake.notify_one();
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     cfg: Arc<Config>,
     queue: Queue,
@@ -191,38 +313,11 @@ pub async fn run(
     ready: oneshot::Sender<()>,
     metrics: Arc<crate::metrics::Metrics>,
     search: Arc<Search>,
+    fs: Arc<Roots>,
 ) -> anyhow::Result<()> {
-    let (tx, mut rx) = mpsc::channel::<notify::Result<notify::Event>>(EVENT_CHANNEL);
+    let (tx, mut rx) = mpsc::channel::<Ev>(EVENT_CHANNEL);
     let overflow = Arc::new(AtomicBool::new(false));
     let overflow_wake = Arc::new(Notify::new());
-    let mut watcher = {
-        let overflow = overflow.clone();
-        let overflow_wake = overflow_wake.clone();
-        // Links below a watched folder are never followed: a symbolic link to a folder outside
-        // the tree must not bring that folder's files in (the root itself may be a link).
-        let handler = move |res: notify::Result<notify::Event>| {
-            // Opens say nothing about a file's content, and most are our own (header checks,
-            // lease probes, uploads). Dropped here, before the bounded channel: otherwise reading
-            // ~10k files fills it, the overflow triggers a rescan, the rescan reads every file
-            // again, and the daemon loops at 100 % CPU (found by callferry-bench's idle run).
-            if res.as_ref().is_ok_and(|ev| {
-                matches!(
-                    ev.kind,
-                    EventKind::Access(notify::event::AccessKind::Open(_))
-                )
-            }) {
-                return;
-            }
-            if tx.try_send(res).is_err() {
-                overflow.store(true, Ordering::Relaxed);
-                overflow_wake.notify_one();
-            }
-        };
-        notify::RecommendedWatcher::new(
-            handler,
-            notify::Config::default().with_follow_symlinks(false),
-        )?
-    };
 
     let mut st = State {
         cfg: cfg.clone(),
@@ -232,32 +327,40 @@ pub async fn run(
         watched: Vec::new(),
         missing: Vec::new(),
         polled: Vec::new(),
+        polled_dirs: Default::default(),
+        limit_warned: false,
         cancel: cancel.clone(),
         metrics,
         writer_check_warned: false,
-        dir_rescans: Vec::new(),
         rejected: HashMap::new(),
         known: Arc::default(),
         search: search.clone(),
+        fs,
+        inotify: HashMap::new(),
+        skipped: HashSet::new(),
+        events: tx,
+        overflow: overflow.clone(),
+        overflow_wake: overflow_wake.clone(),
     };
     // READY before anything that grows with history (watching every folder, loading the known
     // versions, the first walk): files that arrive meanwhile are found by that first walk, which
-    // starts after the watches exist.
+    // adds each folder's watch before it lists the folder.
     let _ = ready.send(());
-    // Lets the daemon announce READY before the watches are added (notify walks every folder).
     tokio::task::yield_now().await;
     for root in &cfg.watch.paths {
-        st.add_root(&mut watcher, root.clone());
+        st.add_root(root.clone()).await;
     }
     st.load_known().await;
     st.rescan_all().await;
     st.evaluate().await;
 
     let rescan_every = nonzero(cfg.watch.rescan_interval);
-    // Folders without inotify (poll_interval > 0, or out of watches) are walked this often.
+    // Roots without inotify (poll_interval > 0) are walked this often; folders out of watches
+    // every FALLBACK_POLL (as documented).
     let poll_every = nonzero(cfg.watch.poll_interval).unwrap_or(FALLBACK_POLL);
     let mut next_rescan = rescan_every.map(|d| tokio::time::Instant::now() + d);
     let mut next_poll = tokio::time::Instant::now() + poll_every;
+    let mut next_dir_poll = tokio::time::Instant::now() + FALLBACK_POLL;
     let mut next_root_check = tokio::time::Instant::now() + ROOT_CHECK;
     // A worker found a job's file gone from its path: rescan soon, so a recording moved inside the
     // watched folders is found again (and its job follows it) even if its events were lost.
@@ -274,29 +377,29 @@ pub async fn run(
                 tokio::time::Instant::now()
                     + Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64)
             });
-        let next_dir_rescan = st.dir_rescans.iter().map(|(t, _)| *t).min().map(|t| {
-            tokio::time::Instant::now()
-                + Duration::from_millis((t - now_ms()).clamp(0, 60_000) as u64)
-        });
         let mut wake_at = next_root_check;
-        for t in [next_eval, next_rescan, next_dir_rescan, next_search]
-            .into_iter()
-            .flatten()
-        {
+        for t in [next_eval, next_rescan, next_search].into_iter().flatten() {
             wake_at = wake_at.min(t);
         }
         if !st.polled.is_empty() {
             wake_at = wake_at.min(next_poll);
         }
+        if !st.polled_dirs.is_empty() {
+            wake_at = wake_at.min(next_dir_poll);
+        }
         tokio::select! {
             _ = cancel.cancelled() => break,
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
-                st.on_event(ev).await;
-                // Drain what is already there before evaluating: one batch per burst.
-                while let Ok(ev) = rx.try_recv() {
-                    st.on_event(ev).await;
+                // What is already there too: one pass (and one stat call per folder) per burst.
+                let mut batch = vec![ev];
+                while batch.len() < EVENT_CHANNEL {
+                    match rx.try_recv() {
+                        Ok(ev) => batch.push(ev),
+                        Err(_) => break,
+                    }
                 }
+                st.on_events(batch).await;
             }
             _ = overflow_wake.notified() => {}
             _ = search.wake.notified() => {
@@ -327,29 +430,19 @@ pub async fn run(
         }
         if !st.polled.is_empty() && next_poll <= now {
             for root in st.polled.clone() {
-                st.rescan(&root).await;
+                st.rescan(&root, false).await;
             }
             next_poll = now + poll_every;
         }
+        if !st.polled_dirs.is_empty() && next_dir_poll <= now {
+            st.poll_dirs().await;
+            next_dir_poll = now + FALLBACK_POLL;
+        }
         if next_root_check <= now {
-            st.check_roots(&mut watcher).await;
+            st.check_roots().await;
             next_root_check = now + ROOT_CHECK;
         }
-        let wall = now_ms();
-        if st.dir_rescans.iter().any(|(t, _)| *t <= wall) {
-            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut st.dir_rescans)
-                .into_iter()
-                .partition(|(t, _)| *t <= wall);
-            st.dir_rescans = later;
-            let mut dirs: Vec<PathBuf> = due.into_iter().map(|(_, d)| d).collect();
-            dirs.sort();
-            dirs.dedup();
-            for d in dirs {
-                if d.is_dir() {
-                    st.rescan(&d).await;
-                }
-            }
-        }
+        st.rescan_recovered().await;
         st.evaluate().await;
     }
     Ok(())
@@ -359,80 +452,234 @@ fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
 }
 
+/// Walks `dir` (below or at `root`) on the root's lane: adds a watch to every folder that has
+/// none yet (before its entries are read, so a file created meanwhile has an event or is listed),
+/// and lists the recordings that are not known. With `only_unwatched`, folders that have a watch
+/// are not listed (their events cover them): how a folder out of watches is polled without a
+/// rescan of everything around it.
+#[allow(clippy::too_many_arguments)]
+fn walk(
+    beat: &crate::watch::lane::Beat,
+    cfg: &Config,
+    root: &Path,
+    dir: &Path,
+    ino: Option<&Inotify>,
+    only_unwatched: bool,
+    known: &Known,
+    search: &Search,
+) -> Walked {
+    let recursive = cfg.watch.recursive;
+    let rules = name_rules(&cfg.watch);
+    let mut out = Walked {
+        full: !only_unwatched,
+        ..Default::default()
+    };
+    // A watched folder may itself be a link; a folder below it is not followed, even when it is
+    // the one being rescanned (a new folder swapped for a link since).
+    let walker = walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .follow_root_links(dir == root)
+        .max_depth(if recursive { usize::MAX } else { 1 });
+    let watch_dir = |p: &Path, out: &mut Walked| {
+        let Some(ino) = ino else { return };
+        if ino.is_watched(p) {
+            out.watched.push(p.to_path_buf());
+            return;
+        }
+        match ino.add(root, p) {
+            Ok(()) => out.watched.push(p.to_path_buf()),
+            Err(AddError::Limit) => out.no_watch.push(p.to_path_buf()),
+            Err(AddError::NotThere(e)) => {
+                debug!(path = %p.display(), error = %e, "no watch: not a folder reached without links (any more)");
+            }
+        }
+    };
+    for entry in walker.into_iter().filter_entry(|e| {
+        e.depth() == 0
+            || !e.file_type().is_dir()
+            || (e
+                .path()
+                .strip_prefix(root)
+                // Skip ignored folders (rsync's hidden temp dirs) without descending into them.
+                .map(|rel| !rules.ignore.is_match(rel.file_name().unwrap_or_default()))
+                .unwrap_or(true)
+                && !(only_unwatched && ino.is_some_and(|i| i.is_watched(e.path()))))
+    }) {
+        beat.tick();
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                if e.depth() == 0 {
+                    out.gone = true;
+                }
+                debug!(error = %e, "scan: skipping an entry");
+                continue;
+            }
+        };
+        if entry.depth() == 0 && !entry.file_type().is_dir() {
+            out.gone = true;
+            continue;
+        }
+        if entry.file_type().is_dir() {
+            if recursive || entry.depth() == 0 {
+                watch_dir(entry.path(), &mut out);
+            }
+            continue;
+        }
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let Ok(rel) = entry.path().strip_prefix(root) else {
+            continue;
+        };
+        if rules.check(rel).is_err() {
+            continue;
+        }
+        if let Ok(meta) = entry.metadata() {
+            let stat = stat_of(&meta);
+            // Known and unchanged: this stat was its whole cost.
+            if !known.contains(entry.path(), &stat) || search.wants(&stat) {
+                out.files.push((entry.path().to_path_buf(), stat));
+            }
+        }
+    }
+    out
+}
+
 impl State {
     fn roots(&self) -> Vec<PathBuf> {
         self.watched.iter().chain(&self.polled).cloned().collect()
     }
 
-    fn add_root(&mut self, watcher: &mut notify::RecommendedWatcher, root: PathBuf) {
-        if !root.is_dir() {
-            warn!(path = %root.display(), "watched folder does not exist (yet) or is not a folder; waiting for it (checked every {}s)", ROOT_CHECK.as_secs());
-            self.missing.push(root);
-            return;
+    /// Whether `root` answers now; None if it does not (passed over, rescanned once it does).
+    async fn is_dir(&mut self, root: &Path) -> Option<bool> {
+        let fs = self.fs.get(root);
+        let r = root.to_path_buf();
+        match fs.scan.run(move |_| r.is_dir()).await {
+            Ok(b) => Some(b),
+            Err(Hung) => {
+                self.skipped.insert(root.to_path_buf());
+                None
+            }
+        }
+    }
+
+    /// Starts watching a root: its inotify instance and reader. The watches themselves are added
+    /// by the walk that follows (`rescan`), on the root's lane.
+    async fn add_root(&mut self, root: PathBuf) {
+        match self.is_dir(&root).await {
+            Some(true) => {}
+            Some(false) => {
+                warn!(path = %root.display(), "watched folder does not exist (yet) or is not a folder; waiting for it (checked every {}s)", ROOT_CHECK.as_secs());
+                self.missing.push(root);
+                return;
+            }
+            None => {
+                // Said by the health task; looked at again every ROOT_CHECK.
+                self.missing.push(root);
+                return;
+            }
         }
         if !self.cfg.watch.poll_interval.is_zero() {
             info!(path = %root.display(), every = ?self.cfg.watch.poll_interval, "polling (watch.poll_interval > 0; no inotify)");
             self.polled.push(root);
             return;
         }
-        let mode = if self.cfg.watch.recursive {
-            RecursiveMode::Recursive
-        } else {
-            RecursiveMode::NonRecursive
-        };
-        match watcher.watch(&root, mode) {
-            Ok(()) => {
+        match Inotify::new() {
+            Ok(ino) => {
+                let ino = Arc::new(ino);
+                let reader = tokio::spawn(read_events(
+                    root.clone(),
+                    ino.clone(),
+                    self.events.clone(),
+                    self.overflow.clone(),
+                    self.overflow_wake.clone(),
+                ));
+                self.inotify
+                    .insert(root.clone(), (ino, AbortOnDropHandle::new(reader)));
                 info!(path = %root.display(), "watching");
                 self.watched.push(root);
             }
             Err(e) => {
-                if matches!(e.kind, notify::ErrorKind::MaxFilesWatch)
-                    || e.to_string().contains("No space left")
-                {
-                    error!(path = %root.display(), "out of inotify watches: raise the limit, e.g. `sysctl fs.inotify.max_user_watches=524288` (and persist it in /etc/sysctl.d/). Until then this folder is polled every {}s", FALLBACK_POLL.as_secs());
-                } else {
-                    error!(path = %root.display(), error = %e, "cannot watch folder; polling it every {}s instead", FALLBACK_POLL.as_secs());
-                }
-                let _ = watcher.unwatch(&root);
+                error!(path = %root.display(), error = %e, "cannot watch folder (out of inotify instances? raise fs.inotify.max_user_instances); polling it every {}s instead", FALLBACK_POLL.as_secs());
                 self.polled.push(root);
             }
         }
     }
 
-    async fn check_roots(&mut self, watcher: &mut notify::RecommendedWatcher) {
-        // Folders that vanished: stop watching, wait for them to return.
-        let mut gone = Vec::new();
-        self.watched.retain(|r| {
-            let ok = r.is_dir();
-            if !ok {
-                gone.push(r.clone());
+    fn drop_root(&mut self, r: &Path) {
+        self.watched.retain(|x| x != r);
+        self.polled.retain(|x| x != r);
+        // Closing the instance drops every watch in it.
+        self.inotify.remove(r);
+        self.candidates.retain(|p, _| !p.starts_with(r));
+        self.rejected.retain(|p, _| !p.starts_with(r));
+        self.polled_dirs.retain(|p| !p.starts_with(r));
+        self.metrics
+            .watch
+            .set_polled_folders(self.polled_dirs.len());
+    }
+
+    async fn check_roots(&mut self) {
+        // Folders that vanished: stop watching, wait for them to return. All roots are asked at
+        // once, so a folder that does not answer costs one deadline, not one each.
+        let roots = self.roots();
+        let probes = roots.iter().map(|r| {
+            let fs = self.fs.get(r);
+            let r = r.clone();
+            async move {
+                let p = r.clone();
+                let res = fs.scan.run(move |_| p.is_dir()).await;
+                (r, res)
             }
-            ok
         });
-        self.polled.retain(|r| {
-            let ok = r.is_dir();
-            if !ok {
-                gone.push(r.clone());
+        for (r, res) in futures_util::future::join_all(probes).await {
+            match res {
+                Ok(true) => {}
+                Ok(false) => {
+                    warn!(path = %r.display(), "watched folder disappeared; waiting for it to come back");
+                    self.drop_root(&r);
+                    self.missing.push(r);
+                }
+                Err(Hung) => {
+                    self.skipped.insert(r);
+                }
             }
-            ok
-        });
-        for r in gone {
-            warn!(path = %r.display(), "watched folder disappeared; waiting for it to come back");
-            let _ = watcher.unwatch(&r);
-            self.candidates.retain(|p, _| !p.starts_with(&r));
-            self.rejected.retain(|p, _| !p.starts_with(&r));
-            self.missing.push(r);
         }
         let missing = std::mem::take(&mut self.missing);
         for r in missing {
-            if r.is_dir() {
-                info!(path = %r.display(), "watched folder is there now");
-                self.add_root(watcher, r.clone());
-                if !self.missing.contains(&r) {
-                    self.rescan(&r).await;
-                }
-            } else {
+            if self.fs.get(&r).hung() {
                 self.missing.push(r);
+                continue;
+            }
+            match self.is_dir(&r).await {
+                Some(true) => {
+                    info!(path = %r.display(), "watched folder is there now");
+                    self.add_root(r.clone()).await;
+                    if !self.missing.contains(&r) {
+                        self.rescan(&r, false).await;
+                    }
+                }
+                _ => self.missing.push(r),
+            }
+        }
+    }
+
+    /// Roots passed over while they did not answer, rescanned in full now that they do.
+    async fn rescan_recovered(&mut self) {
+        if self.skipped.is_empty() {
+            return;
+        }
+        let back: Vec<PathBuf> = self
+            .skipped
+            .iter()
+            .filter(|r| !self.fs.get(r).hung())
+            .cloned()
+            .collect();
+        for r in back {
+            self.skipped.remove(&r);
+            if self.roots().contains(&r) {
+                self.rescan(&r, false).await;
             }
         }
     }
@@ -459,85 +706,142 @@ impl State {
         }
     }
 
+    /// A walk of `dir` on its root's lane, as a future that borrows nothing (several run at once).
+    fn walk_job(
+        &self,
+        root: &Path,
+        dir: &Path,
+        only_unwatched: bool,
+    ) -> impl std::future::Future<Output = Result<Walked, Hung>> + use<> {
+        let fs = self.fs.get(root);
+        let cfg = self.cfg.clone();
+        let root = root.to_path_buf();
+        let dir = dir.to_path_buf();
+        let ino = self.inotify.get(&root).map(|(i, _)| i.clone());
+        let known = self.known.clone();
+        let search = self.search.clone();
+        async move {
+            if fs.hung() {
+                return Err(Hung);
+            }
+            fs.scan
+                .run(move |beat| {
+                    walk(
+                        beat,
+                        &cfg,
+                        &root,
+                        &dir,
+                        ino.as_deref(),
+                        only_unwatched,
+                        &known,
+                        &search,
+                    )
+                })
+                .await
+        }
+    }
+
     async fn rescan_all(&mut self) {
         self.metrics.watcher_rescan();
-        for root in self.roots() {
-            self.rescan(&root).await;
+        let roots = self.roots();
+        let jobs: Vec<_> = roots.iter().map(|r| self.walk_job(r, r, false)).collect();
+        let results = futures_util::future::join_all(jobs).await;
+        for (root, res) in roots.into_iter().zip(results) {
+            match res {
+                Ok(w) => self.apply_walk(&root, &root, w),
+                Err(Hung) => {
+                    self.skipped.insert(root);
+                }
+            }
         }
         self.metrics.watch.scan_done();
     }
 
-    /// Walks a folder (off the async threads) and observes every recording in it.
-    async fn rescan(&mut self, dir: &Path) {
-        let Some(root) = root_of(&self.roots(), dir, self.cfg.watch.recursive)
-            .cloned()
-            .or_else(|| self.roots().into_iter().find(|r| r == dir))
-        else {
+    /// Walks a folder (on its root's lane) and observes every recording in it.
+    async fn rescan(&mut self, dir: &Path, only_unwatched: bool) {
+        let Some(root) = self.root_for(dir) else {
             return;
         };
-        let recursive = self.cfg.watch.recursive;
-        let cfg = self.cfg.clone();
-        let scanned = dir.to_path_buf();
-        let dir = dir.to_path_buf();
-        let root2 = root.clone();
-        let known = self.known.clone();
-        let search = self.search.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            let rules = name_rules(&cfg.watch);
-            let mut out = Vec::new();
-            // A watched folder may itself be a link; a folder below it is not followed, even
-            // when it is the one being rescanned (a new folder swapped for a link since).
-            let walk = walkdir::WalkDir::new(&dir)
-                .follow_links(false)
-                .follow_root_links(dir == root2)
-                .max_depth(if recursive { usize::MAX } else { 1 });
-            for entry in walk.into_iter().filter_entry(|e| {
-                // Skip ignored folders (rsync's hidden temp dirs) without descending into them.
-                e.depth() == 0
-                    || !e.file_type().is_dir()
-                    || e.path()
-                        .strip_prefix(&root2)
-                        .map(|rel| !rules.ignore.is_match(rel.file_name().unwrap_or_default()))
-                        .unwrap_or(true)
-            }) {
-                let entry = match entry {
-                    Ok(e) => e,
-                    Err(e) => {
-                        debug!(error = %e, "scan: skipping an entry");
-                        continue;
-                    }
-                };
-                if !entry.file_type().is_file() {
-                    continue;
-                }
-                let Ok(rel) = entry.path().strip_prefix(&root2) else {
-                    continue;
-                };
-                if rules.check(rel).is_err() {
-                    continue;
-                }
-                if let Ok(meta) = entry.metadata() {
-                    let stat = stat_of(&meta);
-                    // Known and unchanged: this stat was its whole cost.
-                    if !known.contains(entry.path(), &stat) || search.wants(&stat) {
-                        out.push((entry.path().to_path_buf(), stat));
-                    }
-                }
+        match self.walk_job(&root, dir, only_unwatched).await {
+            Ok(w) => self.apply_walk(&root, dir, w),
+            Err(Hung) => {
+                self.skipped.insert(root);
             }
-            out
-        })
-        .await
-        .unwrap_or_default();
-        if !self.rejected.is_empty() {
-            let present: std::collections::HashSet<&PathBuf> =
-                found.iter().map(|(p, _)| p).collect();
+        }
+    }
+
+    fn root_for(&self, dir: &Path) -> Option<PathBuf> {
+        let roots = self.roots();
+        root_of(&roots, dir, self.cfg.watch.recursive)
+            .cloned()
+            .or_else(|| roots.into_iter().find(|r| r == dir))
+    }
+
+    fn apply_walk(&mut self, root: &Path, scanned: &Path, w: Walked) {
+        if w.full && !self.rejected.is_empty() {
+            let present: HashSet<&PathBuf> = w.files.iter().map(|(p, _)| p).collect();
             self.rejected
-                .retain(|p, _| !p.starts_with(&scanned) || present.contains(p));
+                .retain(|p, _| !p.starts_with(scanned) || present.contains(p));
         }
         let now = now_ms();
-        for (path, stat) in found {
-            self.observe(path, root.clone(), stat, now);
+        for (path, stat) in w.files {
+            self.observe(path, root.to_path_buf(), stat, now);
         }
+        let before = self.polled_dirs.len();
+        if w.gone {
+            self.polled_dirs.retain(|p| !p.starts_with(scanned));
+        }
+        for d in &w.watched {
+            self.polled_dirs.remove(d);
+        }
+        let mut new = 0;
+        for d in w.no_watch {
+            if self.polled_dirs.insert(d) {
+                new += 1;
+            }
+        }
+        if new > 0 && !self.limit_warned {
+            self.limit_warned = true;
+            warn!(
+                folders = self.polled_dirs.len(),
+                "out of inotify watches: raise the limit, e.g. `sysctl fs.inotify.max_user_watches=524288` (and persist it in /etc/sysctl.d/). Until then each folder without a watch is polled every {}s",
+                FALLBACK_POLL.as_secs()
+            );
+        }
+        if self.polled_dirs.len() != before {
+            self.metrics
+                .watch
+                .set_polled_folders(self.polled_dirs.len());
+        }
+    }
+
+    /// Folders without a watch: each is listed (and given a watch if one is free now), without
+    /// the folders around it that have one. A folder below another polled one is covered by it.
+    async fn poll_dirs(&mut self) {
+        let dirs: Vec<PathBuf> = self.polled_dirs.iter().cloned().collect();
+        let top: Vec<PathBuf> = dirs
+            .iter()
+            .filter(|d| !dirs.iter().any(|o| o != *d && d.starts_with(o)))
+            .cloned()
+            .collect();
+        for d in top {
+            let Some(root) = self
+                .root_for(&d)
+                .or_else(|| self.roots().into_iter().find(|r| d.starts_with(r)))
+            else {
+                self.polled_dirs.remove(&d);
+                continue;
+            };
+            match self.walk_job(&root, &d, true).await {
+                Ok(w) => self.apply_walk(&root, &d, w),
+                Err(Hung) => {
+                    self.skipped.insert(root);
+                }
+            }
+        }
+        self.metrics
+            .watch
+            .set_polled_folders(self.polled_dirs.len());
     }
 
     fn observe(&mut self, path: PathBuf, root: PathBuf, stat: Stat, now: i64) {
@@ -569,65 +873,108 @@ impl State {
         );
     }
 
-    async fn on_event(&mut self, ev: notify::Result<notify::Event>) {
-        let ev = match ev {
-            Ok(ev) => ev,
-            Err(e) => {
-                warn!(error = %e, "file watch error; rescanning");
-                self.rescan_all().await;
-                return;
+    /// A burst of file events: each root's paths are looked at in one call on its lane.
+    async fn on_events(&mut self, batch: Vec<Ev>) {
+        let mut by_root: Vec<(PathBuf, Vec<(PathBuf, bool)>)> = Vec::new();
+        let mut overflowed: Vec<PathBuf> = Vec::new();
+        for ev in batch {
+            match ev {
+                Ev::Overflow(root) => {
+                    if !overflowed.contains(&root) {
+                        overflowed.push(root);
+                    }
+                }
+                Ev::At { root, path, dir } => {
+                    let i = match by_root.iter().position(|(r, _)| *r == root) {
+                        Some(i) => i,
+                        None => {
+                            by_root.push((root, Vec::new()));
+                            by_root.len() - 1
+                        }
+                    };
+                    let paths = &mut by_root[i].1;
+                    match paths.iter_mut().find(|(p, _)| *p == path) {
+                        Some((_, d)) => *d |= dir,
+                        None => paths.push((path, dir)),
+                    }
+                }
             }
-        };
-        if ev.need_rescan() {
+        }
+        for root in &overflowed {
             self.metrics.watcher_overflow();
-            warn!("the kernel dropped file events; rescanning every watched folder");
-            self.rescan_all().await;
-            return;
+            warn!(path = %root.display(), "the kernel dropped file events; rescanning the folder");
+            self.rescan(root, false).await;
         }
-        if matches!(
-            ev.kind,
-            EventKind::Access(notify::event::AccessKind::Open(_))
-        ) {
-            return;
-        }
-        let roots = self.roots();
         let recursive = self.cfg.watch.recursive;
-        for path in ev.paths {
-            let Some(root) = root_of(&roots, &path, recursive).cloned() else {
+        for (root, paths) in by_root {
+            if overflowed.contains(&root) || !self.watched.contains(&root) {
+                continue;
+            }
+            let fs = self.fs.get(&root);
+            if fs.hung() {
+                self.skipped.insert(root);
+                continue;
+            }
+            let looked = fs
+                .files
+                .run(move |beat| {
+                    paths
+                        .into_iter()
+                        .map(|(p, dir)| {
+                            beat.tick();
+                            let m = std::fs::symlink_metadata(&p);
+                            (p, dir, m)
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await;
+            let Ok(looked) = looked else {
+                self.skipped.insert(root);
                 continue;
             };
-            match std::fs::symlink_metadata(&path) {
-                Ok(meta) if meta.is_dir() => {
-                    if recursive {
-                        // A new folder (e.g. today's date folder): files may have landed in it
-                        // before its watch existed, so look inside now. notify adds the watches
-                        // for the folder and its subfolders only after handing us this event, so
-                        // a file created in between has no event at all: look again once the
-                        // watches are surely in place.
-                        self.rescan(&path).await;
-                        let now = now_ms();
-                        for delay in NEW_FOLDER_RESCANS {
-                            self.dir_rescans.push((now + delay, path.clone()));
+            let ino = self.inotify.get(&root).map(|(i, _)| i.clone());
+            for (path, was_dir, meta) in looked {
+                if path == root {
+                    // The root itself (moved, deleted): check_roots decides.
+                    continue;
+                }
+                match meta {
+                    Ok(meta) if meta.is_dir() => {
+                        // A new folder (e.g. today's date folder), or one moved in: watched
+                        // and listed by one walk; the watch comes first, so nothing that lands
+                        // in it meanwhile is missed.
+                        if recursive
+                            && ino.as_ref().is_some_and(|i| !i.is_watched(&path))
+                            && !self.polled_dirs.contains(&path)
+                        {
+                            self.rescan(&path, false).await;
                         }
                     }
-                }
-                Ok(meta) if meta.is_file() => {
-                    let Ok(rel) = path.strip_prefix(&root) else {
-                        continue;
-                    };
-                    if name_rules(&self.cfg.watch).check(rel).is_err() {
-                        continue;
+                    Ok(meta) if meta.is_file() => {
+                        let Ok(rel) = path.strip_prefix(&root) else {
+                            continue;
+                        };
+                        if name_rules(&self.cfg.watch).check(rel).is_err() {
+                            continue;
+                        }
+                        self.observe(path, root.clone(), stat_of(&meta), now_ms());
                     }
-                    self.observe(path, root, stat_of(&meta), now_ms());
-                }
-                Ok(_) => {}
-                Err(_) => {
-                    // Gone (renamed away, deleted): forget it and anything below it.
-                    if self.candidates.remove(&path).is_none() {
-                        self.candidates.retain(|p, _| !p.starts_with(&path));
-                    }
-                    if self.rejected.remove(&path).is_none() {
-                        self.rejected.retain(|p, _| !p.starts_with(&path));
+                    other => {
+                        if was_dir && let Some(i) = &ino {
+                            // Moved away, deleted, or swapped for a link: its watches (and
+                            // those below it) no longer describe this path.
+                            i.forget_under(&path);
+                            self.polled_dirs.retain(|p| !p.starts_with(&path));
+                        }
+                        if other.is_err() {
+                            // Gone (renamed away, deleted): forget it and anything below it.
+                            if self.candidates.remove(&path).is_none() {
+                                self.candidates.retain(|p, _| !p.starts_with(&path));
+                            }
+                            if self.rejected.remove(&path).is_none() {
+                                self.rejected.retain(|p, _| !p.starts_with(&path));
+                            }
+                        }
                     }
                 }
             }
@@ -650,41 +997,68 @@ impl State {
             .collect();
         // Quiet long enough: now look inside each, on a fresh descriptor. That is file I/O (a
         // header read, the open-writer check), 20 µs a file and 2 s for a backlog of 100,000:
-        // done on the blocking pool, so the runtime's one thread goes on serving uploads.
-        let to_look: Vec<(PathBuf, PathBuf)> = due
-            .iter()
-            .filter_map(|p| {
-                self.candidates
-                    .get(p)
-                    .filter(|c| matches!(decide(&c.obs, now, timing.settle), Decision::Complete))
-                    .map(|c| (p.clone(), c.root.clone()))
-            })
-            .collect();
-        let mut looked: HashMap<PathBuf, std::io::Result<(Stat, Facts)>> = if to_look.is_empty() {
-            HashMap::new()
-        } else {
-            tokio::task::spawn_blocking(move || {
-                to_look
-                    .into_iter()
-                    .map(|(p, root)| {
-                        let facts = gather_facts(&root, &p);
-                        (p, facts)
-                    })
-                    .collect()
-            })
-            .await
-            .unwrap_or_default()
-        };
+        // done on each root's lane, all roots at once, so a root that does not answer holds up
+        // only its own files.
+        let mut to_look: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
+        for p in &due {
+            if let Some(c) = self.candidates.get(p)
+                && matches!(decide(&c.obs, now, timing.settle), Decision::Complete)
+            {
+                to_look.entry(c.root.clone()).or_default().push(p.clone());
+            }
+        }
+        let mut looked: HashMap<PathBuf, std::io::Result<(Stat, Facts)>> = HashMap::new();
+        let mut hung: HashSet<PathBuf> = HashSet::new();
+        if !to_look.is_empty() {
+            let jobs = to_look.into_iter().map(|(root, paths)| {
+                let fs = self.fs.get(&root);
+                async move {
+                    if fs.hung() {
+                        return (root, Err(Hung));
+                    }
+                    let r = root.clone();
+                    let res = fs
+                        .files
+                        .run(move |beat| {
+                            paths
+                                .into_iter()
+                                .map(|p| {
+                                    beat.tick();
+                                    let facts = gather_facts(&r, &p);
+                                    (p, facts)
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .await;
+                    (root, res)
+                }
+            });
+            for (root, res) in futures_util::future::join_all(jobs).await {
+                match res {
+                    Ok(v) => looked.extend(v),
+                    Err(Hung) => {
+                        hung.insert(root);
+                    }
+                }
+            }
+        }
+        for root in &hung {
+            self.skipped.insert(root.clone());
+        }
         for path in due {
             let Some(mut c) = self.candidates.remove(&path) else {
                 continue;
             };
             let decision = match decide(&c.obs, now, timing.settle) {
                 Decision::Complete => {
-                    match looked
-                        .remove(&path)
-                        .unwrap_or_else(|| gather_facts(&c.root, &path))
-                    {
+                    let Some(gathered) = looked.remove(&path) else {
+                        // Its folder does not answer: looked at again later (and rescanned in
+                        // full once it answers).
+                        c.next_check_ms = now + ms(DEADLINE);
+                        self.candidates.insert(path, c);
+                        continue;
+                    };
+                    match gathered {
                         Ok((stat, facts)) => {
                             c.obs = observe(Some(&c.obs), stat, now);
                             c.observed_at_ms = now;
@@ -841,20 +1215,26 @@ impl State {
     /// follows the recording, so it is uploaded from where it is now, on the interaction it may
     /// already have.
     async fn follow_moves(&mut self, same: Vec<(NewJob, i64, String)>) {
-        let olds: Vec<(PathBuf, u64, u64)> = same
-            .iter()
-            .map(|(j, _, old)| (crate::queue::decode_path(old), j.dev, j.ino))
-            .collect();
-        let left: Vec<bool> = tokio::task::spawn_blocking(move || {
-            olds.iter()
-                .map(|(old, dev, ino)| match std::fs::symlink_metadata(old) {
-                    Err(e) => e.kind() == std::io::ErrorKind::NotFound,
-                    Ok(m) => m.dev() != *dev || m.ino() != *ino,
-                })
-                .collect()
-        })
-        .await
-        .unwrap_or_default();
+        // Whether each old path still holds the recording, asked on the old path's root's lane.
+        let mut left = Vec::with_capacity(same.len());
+        for (j, _, old) in &same {
+            let old = crate::queue::decode_path(old);
+            let root = self.root_for(&old).unwrap_or_else(|| j.root.clone());
+            let (dev, ino) = (j.dev, j.ino);
+            let fs = self.fs.get(&root);
+            let r = if fs.hung() {
+                Err(Hung)
+            } else {
+                fs.files
+                    .run(move |_| match std::fs::symlink_metadata(&old) {
+                        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+                        Ok(m) => m.dev() != dev || m.ino() != ino,
+                    })
+                    .await
+            };
+            // Not answering: taken as still there; the worker finds out once it answers.
+            left.push(r.unwrap_or(false));
+        }
         let mut followed = false;
         for ((j, existing, old), left) in same.into_iter().zip(left) {
             let new_path = crate::queue::encode_path(&j.path);

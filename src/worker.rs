@@ -34,6 +34,9 @@ pub struct Pipeline {
     /// Jobs whose file is not at their path, and since when (unix ms). In memory only: a restart
     /// starts the wait again, and its startup scan is a search of its own.
     pub missing: std::sync::Mutex<std::collections::HashMap<i64, i64>>,
+    /// Every watched folder's lanes: the pre-upload open runs on the job's root's lane, never on
+    /// the runtime's thread, so a folder on a hung mount holds up only its own jobs (issue 17.1).
+    pub roots: Arc<crate::watch::Roots>,
 }
 
 /// How long a job waits for its file to turn up again (moved inside the watched folders, found by
@@ -194,7 +197,21 @@ impl Pipeline {
 
         // The version we queued must still be the one on disk, reached without links; the
         // descriptor opened here is the one uploaded.
-        let file = match open_queued(&job) {
+        let fs = self.roots.get(&job.fs_root());
+        let checked = if fs.hung() {
+            Err(crate::watch::Hung)
+        } else {
+            let j = job.clone();
+            fs.files.run(move |_| open_queued(&j)).await
+        };
+        let checked = match checked {
+            Ok(c) => c,
+            Err(hung) => {
+                self.root_hung(&job, hung).await;
+                return;
+            }
+        };
+        let file = match checked {
             Checked::Ready(f) => f,
             Checked::Gone(why) => {
                 if why != NOT_THERE {
@@ -317,16 +334,41 @@ impl Pipeline {
             }
             // The file left between the check above and the upload's open: wait for it, as above,
             // instead of counting an attempt.
-            Err(ApiError::Local(_))
-                if std::fs::metadata(&path).map_or_else(
-                    |e| e.kind() == std::io::ErrorKind::NotFound,
-                    |m| left_its_path(&m, &job),
-                ) =>
-            {
-                self.file_missing(&job, &path).await
+            Err(ApiError::Local(e)) => {
+                let (p, j) = (path.clone(), job.clone());
+                let left = fs
+                    .files
+                    .run(move |_| {
+                        std::fs::metadata(&p).map_or_else(
+                            |e| e.kind() == std::io::ErrorKind::NotFound,
+                            |m| left_its_path(&m, &j),
+                        )
+                    })
+                    .await;
+                match left {
+                    Ok(true) => self.file_missing(&job, &path).await,
+                    Ok(false) => self.on_error(&job, ApiError::Local(e)).await,
+                    Err(hung) => self.root_hung(&job, hung).await,
+                }
             }
             Err(e) => self.on_error(&job, e).await,
         }
+    }
+
+    /// The job's watched folder does not answer (a hung mount): the job waits, without an
+    /// attempt counted, and is tried again after a while. The folder's state is said once, by
+    /// `watch::health_task`; the job's `last_error` says why it waits.
+    async fn root_hung(&self, job: &Job, hung: crate::watch::Hung) {
+        let msg = format!("waiting: {hung}");
+        debug!("{msg}");
+        let now = now_ms();
+        let next = now + ms(crate::watch::DEADLINE * 2);
+        // The reason once, not an event every few seconds for as long as the mount hangs.
+        let why = (job.last_error.as_deref() != Some(msg.as_str())).then_some(msg.as_str());
+        self.record(
+            self.commit(|| self.queue.reschedule(job, why, next, false, now))
+                .await,
+        );
     }
 
     /// The job's file is not at its path. It may have been moved inside the watched folders: the

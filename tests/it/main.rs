@@ -13,6 +13,7 @@ mod hardening;
 mod helpers;
 mod history;
 mod hostile_server;
+mod hung;
 mod ops;
 mod pipeline;
 mod recorders;

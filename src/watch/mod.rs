@@ -1,0 +1,136 @@
+//! The watch side's file-system plumbing: a lane per watched folder (every file-system call on a
+//! watched path goes through its folder's lane, never the runtime's thread), our own inotify
+//! watches, the folders' health, and the debug-only fault hooks the tests use.
+
+pub mod fault;
+pub mod inotify;
+pub mod lane;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use lane::{DEADLINE, Hung, Lane};
+
+/// `daemon_state` key under which the daemon keeps the folders that do not answer, for `status`
+/// (another process): a JSON array of paths, absent when every folder answers.
+pub const UNHEALTHY_KEY: &str = "watch_unhealthy";
+
+/// One watched folder's lanes. Two, so a long walk (minutes on a big share) never holds up the
+/// pre-upload open of a recording; a hung mount stops both, so at most two threads are stuck per
+/// folder, however long it hangs.
+#[derive(Debug)]
+pub struct RootFs {
+    pub root: PathBuf,
+    /// Walks, watches, folder checks.
+    pub scan: Lane,
+    /// A file's stat, open, header and writer check; the pre-upload open.
+    pub files: Lane,
+    unhealthy: AtomicBool,
+}
+
+impl RootFs {
+    /// A call on this folder has made no progress for [`DEADLINE`].
+    pub fn hung(&self) -> bool {
+        self.scan.hung() || self.files.hung()
+    }
+
+    /// As last reported (logged, shown in `status`, `/healthz` and the metric).
+    pub fn unhealthy(&self) -> bool {
+        self.unhealthy.load(Ordering::Relaxed)
+    }
+}
+
+/// Every watched folder's [`RootFs`], by path (the `root` of a job).
+#[derive(Debug, Default)]
+pub struct Roots {
+    map: std::sync::Mutex<HashMap<PathBuf, Arc<RootFs>>>,
+}
+
+impl Roots {
+    /// The folder's lanes, started on first use (a job's root that is no longer configured gets
+    /// its own too: its recording is still opened off the runtime).
+    pub fn get(&self, root: &Path) -> Arc<RootFs> {
+        let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(root.to_path_buf())
+            .or_insert_with(|| {
+                Arc::new(RootFs {
+                    root: root.to_path_buf(),
+                    scan: Lane::spawn(root, "cf-scan"),
+                    files: Lane::spawn(root, "cf-files"),
+                    unhealthy: AtomicBool::new(false),
+                })
+            })
+            .clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<RootFs>> {
+        let m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = m.values().cloned().collect();
+        v.sort_by(|a, b| a.root.cmp(&b.root));
+        v
+    }
+
+    /// Folders reported unhealthy now.
+    pub fn unhealthy(&self) -> Vec<PathBuf> {
+        self.all()
+            .into_iter()
+            .filter(|r| r.unhealthy())
+            .map(|r| r.root.clone())
+            .collect()
+    }
+}
+
+/// Turns lanes that stopped answering into one warning per folder (and one info line when it
+/// answers again), the metric, `/healthz`'s reason and the state `status` reads. Every second.
+pub async fn health_task(
+    roots: Arc<Roots>,
+    queue: crate::queue::Queue,
+    metrics: Arc<crate::metrics::Metrics>,
+    cancel: CancellationToken,
+) {
+    let _ = queue
+        .set_daemon_state(UNHEALTHY_KEY, None, crate::clock::now_ms())
+        .await;
+    let mut unwritten = false;
+    loop {
+        let mut changed = false;
+        for r in roots.all() {
+            let hung = r.hung();
+            if hung != r.unhealthy.swap(hung, Ordering::Relaxed) {
+                changed = true;
+                if hung {
+                    warn!(path = %r.root.display(), "watched folder does not answer (a file-system call on it made no progress for {}s: a hung NFS or FUSE mount?); its recordings wait, nothing is failed, the other folders go on", DEADLINE.as_secs());
+                } else {
+                    info!(path = %r.root.display(), "watched folder answers again; rescanning it");
+                }
+                metrics
+                    .watch
+                    .set_root_unhealthy(&r.root.display().to_string(), hung);
+            }
+        }
+        if changed || unwritten {
+            let list: Vec<String> = roots
+                .unhealthy()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            metrics.watch.set_unhealthy_roots(list.clone());
+            let value =
+                (!list.is_empty()).then(|| serde_json::to_string(&list).unwrap_or_default());
+            unwritten = queue
+                .set_daemon_state(UNHEALTHY_KEY, value.as_deref(), crate::clock::now_ms())
+                .await
+                .is_err();
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
