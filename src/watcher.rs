@@ -40,6 +40,9 @@ const EVENT_CHANNEL: usize = 8192;
 const ENQUEUE_BATCH: usize = 2000;
 /// How often missing watched folders are looked for, and watched ones checked for removal.
 const ROOT_CHECK: Duration = Duration::from_secs(5);
+/// How long a root check waits for a folder's answer once the folder's lane is on it, before it
+/// goes on without it (see `check_roots`).
+const PROBE_PATIENCE: Duration = Duration::from_secs(1);
 /// Rescan period for a folder that could not get an inotify watch (limit reached).
 const FALLBACK_POLL: Duration = Duration::from_secs(10);
 /// Searches for recordings that left their queued path (asked for by workers) run at most this
@@ -197,6 +200,10 @@ struct State {
     /// Roots whose events or scans were passed over while they did not answer: rescanned in
     /// full once they answer again.
     skipped: HashSet<PathBuf>,
+    /// Root checks whose answer had not come by the end of their check (see `check_roots`).
+    probes: HashMap<PathBuf, AbortOnDropHandle<Result<bool, Hung>>>,
+    /// Missing roots already said so (once each, until they are there).
+    warned_missing: HashSet<PathBuf>,
     events: mpsc::Sender<Ev>,
     overflow: Arc<AtomicBool>,
     overflow_wake: Arc<Notify>,
@@ -338,6 +345,8 @@ pub async fn run(
         fs,
         inotify: HashMap::new(),
         skipped: HashSet::new(),
+        probes: HashMap::new(),
+        warned_missing: HashSet::new(),
         events: tx,
         overflow: overflow.clone(),
         overflow_wake: overflow_wake.clone(),
@@ -347,9 +356,10 @@ pub async fn run(
     // adds each folder's watch before it lists the folder.
     let _ = ready.send(());
     tokio::task::yield_now().await;
-    for root in &cfg.watch.paths {
-        st.add_root(root.clone()).await;
-    }
+    // Every root is asked at once, with patience: one that does not answer (a hung mount at
+    // start) is added by a later check once it does, and holds nobody up meanwhile.
+    st.missing = cfg.watch.paths.clone();
+    st.check_roots(true).await;
     st.load_known().await;
     st.rescan_all().await;
     st.evaluate().await;
@@ -439,7 +449,7 @@ pub async fn run(
             next_dir_poll = now + FALLBACK_POLL;
         }
         if next_root_check <= now {
-            st.check_roots().await;
+            st.check_roots(false).await;
             next_root_check = now + ROOT_CHECK;
         }
         st.rescan_recovered().await;
@@ -570,7 +580,9 @@ impl State {
         match self.is_dir(&root).await {
             Some(true) => {}
             Some(false) => {
-                warn!(path = %root.display(), "watched folder does not exist (yet) or is not a folder; waiting for it (checked every {}s)", ROOT_CHECK.as_secs());
+                if self.warned_missing.insert(root.clone()) {
+                    warn!(path = %root.display(), "watched folder does not exist (yet) or is not a folder; waiting for it (checked every {}s)", ROOT_CHECK.as_secs());
+                }
                 self.missing.push(root);
                 return;
             }
@@ -620,47 +632,83 @@ impl State {
             .set_polled_folders(self.polled_dirs.len());
     }
 
-    async fn check_roots(&mut self) {
-        // Folders that vanished: stop watching, wait for them to return. All roots are asked at
-        // once, so a folder that does not answer costs one deadline, not one each.
-        let roots = self.roots();
-        let probes = roots.iter().map(|r| {
-            let fs = self.fs.get(r);
-            let r = r.clone();
-            async move {
+    /// Folders that vanished: stop watching, wait for them to return; missing ones: watch them
+    /// once they are there. Each root is asked on its lane; an answer that does not come within
+    /// [`PROBE_PATIENCE`] is collected at a later check, so a folder that starts hanging while
+    /// idle never holds the watcher up (its lane is then reported by the health task).
+    async fn check_roots(&mut self, startup: bool) {
+        let all: Vec<PathBuf> = self
+            .roots()
+            .into_iter()
+            .chain(self.missing.iter().cloned())
+            .collect();
+        for r in &all {
+            if !self.probes.contains_key(r) {
+                let fs = self.fs.get(r);
                 let p = r.clone();
-                let res = fs.scan.run(move |_| p.is_dir()).await;
-                (r, res)
+                let h = tokio::spawn(async move { fs.scan.run(move |_| p.is_dir()).await });
+                self.probes.insert(r.clone(), AbortOnDropHandle::new(h));
             }
-        });
-        for (r, res) in futures_util::future::join_all(probes).await {
-            match res {
-                Ok(true) => {}
-                Ok(false) => {
-                    warn!(path = %r.display(), "watched folder disappeared; waiting for it to come back");
-                    self.drop_root(&r);
-                    self.missing.push(r);
-                }
+        }
+        // A probe not started yet (its lane's thread not scheduled, on a loaded machine) is
+        // waited for; one that started and has blocked for PROBE_PATIENCE is left pending.
+        let until = tokio::time::Instant::now() + DEADLINE;
+        while tokio::time::Instant::now() < until
+            && self.probes.iter().any(|(r, h)| {
+                !h.is_finished()
+                    && self
+                        .fs
+                        .get(r)
+                        .scan
+                        .busy_for()
+                        .is_none_or(|d| d < PROBE_PATIENCE)
+            })
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let done: Vec<PathBuf> = self
+            .probes
+            .iter()
+            .filter(|(_, h)| h.is_finished())
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in done {
+            let Some(h) = self.probes.remove(&r) else {
+                continue;
+            };
+            let answer = h.await.unwrap_or(Err(Hung));
+            let missing = self.missing.contains(&r);
+            match answer {
                 Err(Hung) => {
                     self.skipped.insert(r);
                 }
-            }
-        }
-        let missing = std::mem::take(&mut self.missing);
-        for r in missing {
-            if self.fs.get(&r).hung() {
-                self.missing.push(r);
-                continue;
-            }
-            match self.is_dir(&r).await {
-                Some(true) => {
-                    info!(path = %r.display(), "watched folder is there now");
+                Ok(true) if missing => {
+                    self.missing.retain(|m| *m != r);
+                    // At start, the first full scan (after the known versions are loaded)
+                    // walks it.
+                    if !startup && !self.warned_missing.contains(&r) {
+                        info!(path = %r.display(), "watched folder answers; watching it");
+                    } else if !startup {
+                        info!(path = %r.display(), "watched folder is there now");
+                    }
+                    self.warned_missing.remove(&r);
                     self.add_root(r.clone()).await;
-                    if !self.missing.contains(&r) {
+                    if !startup && !self.missing.contains(&r) {
                         self.rescan(&r, false).await;
                     }
                 }
-                _ => self.missing.push(r),
+                Ok(false) if missing => {
+                    if self.warned_missing.insert(r.clone()) {
+                        warn!(path = %r.display(), "watched folder does not exist (yet) or is not a folder; waiting for it (checked every {}s)", ROOT_CHECK.as_secs());
+                    }
+                }
+                Ok(false) if self.roots().contains(&r) => {
+                    warn!(path = %r.display(), "watched folder disappeared; waiting for it to come back");
+                    self.drop_root(&r);
+                    self.warned_missing.insert(r.clone());
+                    self.missing.push(r);
+                }
+                Ok(_) => {}
             }
         }
     }

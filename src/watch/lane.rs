@@ -119,6 +119,11 @@ impl Lane {
         self.beat.stuck_for().is_some_and(|d| d >= DEADLINE)
     }
 
+    /// How long the call in hand has made no progress (None when the lane is idle).
+    pub fn busy_for(&self) -> Option<Duration> {
+        self.beat.stuck_for()
+    }
+
     pub fn calls_done(&self) -> u64 {
         self.beat.done.load(Ordering::Relaxed)
     }
