@@ -1225,3 +1225,22 @@ fn adversary_fs_replay() {
         Err(why) => panic!("violation: {why}"),
     }
 }
+
+/// Found by the adversary (long form, seed 1796468958186405646, shrunk from 32 to 14 operations;
+/// several only keep the indices of the others). A recording with a second hard link in a new
+/// folder is truncated through its first path, and that path then gets a new call. inotify
+/// reports a change only under the path written through, so the truncated version, now only at
+/// the second link (d2/d0/c2.mp3), is queued only by the periodic rescan (`rescan_interval`,
+/// 10 min by default; it passes with `CALLFERRY_WATCH__RESCAN_INTERVAL=5s`). Not lost, late.
+/// Ignored until the watcher re-checks the other known paths of an inode it sees change.
+#[test]
+#[ignore = "known gap: a change through one hard link is not seen at the other until the periodic rescan"]
+fn regression_a_change_through_one_hard_link_waits_for_the_rescan() {
+    let ops: Vec<Op> = serde_json::from_str(
+        r#"[{"Delete":{"entry":144}},{"Mkdir":{"parent":85,"name":185}},{"Create":{"dir":66,"name":196,"len":1230,"deliver":true}},{"Create":{"dir":236,"name":187,"len":55760,"deliver":true}},{"Mkdir":{"parent":171,"name":59}},{"Rename":{"entry":95,"dir":21,"name":160}},{"Mkdir":{"parent":76,"name":237}},{"HardLink":{"file":10,"dir":146,"name":194}},{"Truncate":{"file":30,"keep_pct":252}},{"Pause":{"settles":139}},{"Truncate":{"file":48,"keep_pct":189}},{"Create":{"dir":185,"name":74,"len":62351,"deliver":true}},{"Mkdir":{"parent":240,"name":200}},{"Create":{"dir":208,"name":193,"len":33867,"deliver":false}}]"#,
+    )
+    .unwrap();
+    if let Err(why) = run_sequence(&ops) {
+        panic!("{why}");
+    }
+}
