@@ -293,18 +293,28 @@ async fn launch(
     dir: &Path,
     extra: &str,
 ) -> (CancellationToken, JoinHandle<Result<(), AppError>>, Handle) {
-    let cfg = load_config(&config_text(&fake.base_url(), dir, extra));
-    let shutdown = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let daemon = tokio::spawn(app::run(cfg, shutdown.clone(), Some(tx)));
-    let handle = match tokio::time::timeout(DEADLINE, rx).await {
-        Ok(Ok(h)) => h,
-        _ => {
-            let r = daemon.await;
-            panic!("daemon did not start: {r:?}");
+    let started = Instant::now();
+    loop {
+        let cfg = load_config(&config_text(&fake.base_url(), dir, extra));
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let daemon = tokio::spawn(app::run(cfg, shutdown.clone(), Some(tx)));
+        match tokio::time::timeout(DEADLINE, rx).await {
+            Ok(Ok(handle)) => return (shutdown, daemon, handle),
+            _ => match daemon.await {
+                // The daemon's lock is a flock, shared by every copy of its descriptor: a
+                // parallel test that forks a child (to exec `callferry`) in the moment this test's
+                // previous daemon held the lock gives the child a copy until it execs. Under load
+                // that moment can outlast the stop; the lock is then only briefly still held.
+                Ok(Err(AppError::Queue(callferry::queue::QueueError::Locked(_))))
+                    if started.elapsed() < DEADLINE =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                r => panic!("daemon did not start: {r:?}"),
+            },
         }
-    };
-    (shutdown, daemon, handle)
+    }
 }
 
 /// A second connection to the database, as the CLI (another process) would open it.
