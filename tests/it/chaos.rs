@@ -276,24 +276,6 @@ fn spawn_limited(cfg: &Path, log: &Path, nofile: u64) -> tokio::process::Child {
     cmd.spawn().unwrap()
 }
 
-async fn healthz(addr: std::net::SocketAddr) -> Option<u16> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf);
-        text.split_whitespace().nth(1)?.parse().ok()
-    };
-    tokio::time::timeout(Duration::from_secs(5), attempt)
-        .await
-        .ok()
-        .flatten()
-}
-
 /// Issue 17.2: 2,000 idle and 500 slow-header connections on the metrics port of a daemon limited
 /// to 1,024 descriptors (the default soft limit), while recordings arrive. Before the connection
 /// cap, 1,100 idle connections left no descriptor to open recordings or commit interaction ids,

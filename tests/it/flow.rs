@@ -1,7 +1,6 @@
 //! Flow control: our own bandwidth cap is not a stall, a 5xx storm closes the gate like an outage
 //! (circuit breaker with one probe at a time), and repeated conditions are logged once.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use callferry::fake::{Endpoint, Fault, RandomFaults};
@@ -44,65 +43,6 @@ max_attempts = 2
         );
     }
     app.stop().await;
-}
-
-/// Log lines of the daemon at its default level (`info`), for counting. Installed as the default
-/// subscriber of the test's thread, so the test must run the daemon on a current-thread runtime
-/// (`#[tokio::test]`): every task it spawns then logs here, and no other test's lines do.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = LogWriter;
-    fn make_writer(&'a self) -> LogWriter {
-        LogWriter(self.0.clone())
-    }
-}
-
-impl Logs {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let sub = tracing_subscriber::fmt()
-            .with_writer(self.clone())
-            .with_ansi(false)
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "callferry=info,callferry::fake=off",
-            ))
-            .finish();
-        tracing::subscriber::set_default(sub)
-    }
-
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    /// Lines at `level` ("INFO", "WARN", ...) that contain `text`.
-    fn count(&self, level: &str, text: &str) -> usize {
-        let level = format!(" {level} ");
-        self.lines()
-            .iter()
-            .filter(|l| l.contains(&level) && l.contains(text))
-            .count()
-    }
-
-    /// Lines at WARN or ERROR.
-    fn warnings(&self) -> usize {
-        self.count("WARN", "") + self.count("ERROR", "")
-    }
 }
 
 fn storm() -> RandomFaults {

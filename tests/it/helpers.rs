@@ -340,3 +340,62 @@ pub async fn healthz(addr: std::net::SocketAddr) -> Option<u16> {
         .ok()
         .flatten()
 }
+
+/// Log lines of the daemon at its default level (`info`), for counting. Installed as the default
+/// subscriber of the test's thread, so the test must run the daemon on a current-thread runtime
+/// (`#[tokio::test]`): every task it spawns then logs here, and no other test's lines do.
+#[derive(Clone, Default)]
+pub struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+pub struct LogWriter(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = LogWriter;
+    fn make_writer(&'a self) -> LogWriter {
+        LogWriter(self.0.clone())
+    }
+}
+
+impl Logs {
+    pub fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let sub = tracing_subscriber::fmt()
+            .with_writer(self.clone())
+            .with_ansi(false)
+            .with_env_filter(tracing_subscriber::EnvFilter::new(
+                "callferry=info,callferry::fake=off",
+            ))
+            .finish();
+        tracing::subscriber::set_default(sub)
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Lines at `level` ("INFO", "WARN", ...) that contain `text`.
+    pub fn count(&self, level: &str, text: &str) -> usize {
+        let level = format!(" {level} ");
+        self.lines()
+            .iter()
+            .filter(|l| l.contains(&level) && l.contains(text))
+            .count()
+    }
+
+    /// Lines at WARN or ERROR.
+    pub fn warnings(&self) -> usize {
+        self.count("WARN", "") + self.count("ERROR", "")
+    }
+}

@@ -263,51 +263,6 @@ async fn a_hung_folder_freezes_only_itself() {
     std::fs::remove_file(&hold).unwrap();
 }
 
-/// The daemon's log lines at info and above, as `flow.rs` collects them: the subscriber of the
-/// test's thread (the daemon runs on this current-thread runtime).
-#[derive(Clone, Default)]
-struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
-
-struct LogWriter(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
-    type Writer = LogWriter;
-    fn make_writer(&'a self) -> LogWriter {
-        LogWriter(self.0.clone())
-    }
-}
-
-impl Logs {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let sub = tracing_subscriber::fmt()
-            .with_writer(self.clone())
-            .with_ansi(false)
-            .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "callferry=info,callferry::fake=off",
-            ))
-            .finish();
-        tracing::subscriber::set_default(sub)
-    }
-
-    fn count(&self, level: &str, text: &str) -> usize {
-        let level = format!(" {level} ");
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.contains(&level) && l.contains(text))
-            .count()
-    }
-}
-
 /// Issue 17.7: the kernel's inotify watches run out after start (the debug-only hook fails every
 /// watch after the root's with ENOSPC). Before, each folder without a watch triggered a full
 /// rescan (43 rescans for 50 folders) and half the recordings were still unqueued after 70 s.
