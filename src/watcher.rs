@@ -33,6 +33,7 @@ use crate::stability::{
     Decision, Facts, NameRules, Observed, Stat, Timing, decide, judge, observe,
 };
 use crate::watch::inotify::{AddError, Inotify, Raw};
+use crate::watch::links::Links;
 use crate::watch::{DEADLINE, Hung, Roots};
 use crate::writers::Writers;
 
@@ -193,6 +194,9 @@ struct State {
     rejected: HashMap<PathBuf, Stat>,
     known: Arc<Known>,
     search: Arc<Search>,
+    /// The names of files that have more than one (hard links), to look at them all when one
+    /// changes.
+    links: Arc<Links>,
     /// Every root's lanes: all file-system calls on a watched path go through them.
     fs: Arc<Roots>,
     /// Each watched root's inotify instance, and the task that reads it.
@@ -342,6 +346,7 @@ pub async fn run(
         rejected: HashMap::new(),
         known: Arc::default(),
         search: search.clone(),
+        links: Arc::default(),
         fs,
         inotify: HashMap::new(),
         skipped: HashSet::new(),
@@ -477,8 +482,10 @@ fn walk(
     only_unwatched: bool,
     known: &Known,
     search: &Search,
+    links: &Links,
 ) -> Walked {
     let recursive = cfg.watch.recursive;
+    let generation = links.walk_started();
     let rules = name_rules(&cfg.watch);
     let mut out = Walked {
         full: !only_unwatched,
@@ -547,11 +554,15 @@ fn walk(
         }
         if let Ok(meta) = entry.metadata() {
             let stat = stat_of(&meta);
+            links.note(entry.path(), (stat.dev, stat.ino), meta.nlink());
             // Known and unchanged: this stat was its whole cost.
             if !known.contains(entry.path(), &stat) || search.wants(&stat) {
                 out.files.push((entry.path().to_path_buf(), stat));
             }
         }
+    }
+    if out.full {
+        links.walked(dir, generation);
     }
     out
 }
@@ -768,6 +779,7 @@ impl State {
         let ino = self.inotify.get(&root).map(|(i, _)| i.clone());
         let known = self.known.clone();
         let search = self.search.clone();
+        let links = self.links.clone();
         async move {
             if fs.hung() {
                 return Err(Hung);
@@ -783,6 +795,7 @@ impl State {
                         only_unwatched,
                         &known,
                         &search,
+                        &links,
                     )
                 })
                 .await
@@ -954,6 +967,7 @@ impl State {
             self.rescan(root, false).await;
         }
         let recursive = self.cfg.watch.recursive;
+        let mut relinked: Vec<PathBuf> = Vec::new();
         for (root, paths) in by_root {
             if overflowed.contains(&root) || !self.watched.contains(&root) {
                 continue;
@@ -1005,9 +1019,16 @@ impl State {
                         if name_rules(&self.cfg.watch).check(rel).is_err() {
                             continue;
                         }
-                        self.observe(path, root.clone(), stat_of(&meta), now_ms());
+                        let stat = stat_of(&meta);
+                        relinked.extend(self.relinked(&path, Some((stat, meta.nlink()))));
+                        self.observe(path, root.clone(), stat, now_ms());
                     }
                     other => {
+                        if was_dir {
+                            self.links.forget_under(&path);
+                        } else {
+                            relinked.extend(self.relinked(&path, None));
+                        }
                         if was_dir && let Some(i) = &ino {
                             // Moved away, deleted, or swapped for a link: its watches (and
                             // those below it) no longer describe this path.
@@ -1024,6 +1045,80 @@ impl State {
                             }
                         }
                     }
+                }
+            }
+        }
+        if !relinked.is_empty() {
+            relinked.sort();
+            relinked.dedup();
+            self.recheck(relinked).await;
+        }
+    }
+
+    /// The other names of the file `path` was and of the one it is `now`, to look at too: a
+    /// change made through one hard link raises an event under that name only. Notes what `path`
+    /// is now.
+    fn relinked(&self, path: &Path, now: Option<(Stat, u64)>) -> Vec<PathBuf> {
+        let mut inodes = Vec::with_capacity(2);
+        inodes.extend(self.links.inode_of(path));
+        match now {
+            Some((s, nlink)) => {
+                if nlink > 1 {
+                    inodes.push((s.dev, s.ino));
+                }
+                self.links.note(path, (s.dev, s.ino), nlink);
+            }
+            None => self.links.forget(path),
+        }
+        if inodes.is_empty() {
+            return Vec::new();
+        }
+        self.links.others(path, &inodes)
+    }
+
+    /// Looks again at names of files that changed under another name: one `stat` each, on its
+    /// root's lane. A changed one becomes a candidate, as if its own event had come.
+    async fn recheck(&mut self, paths: Vec<PathBuf>) {
+        let mut by_root: HashMap<PathBuf, Vec<PathBuf>> = HashMap::new();
+        for p in paths {
+            match self.root_for(&p) {
+                Some(r) => by_root.entry(r).or_default().push(p),
+                None => self.links.forget(&p),
+            }
+        }
+        for (root, paths) in by_root {
+            let fs = self.fs.get(&root);
+            if fs.hung() {
+                self.skipped.insert(root);
+                continue;
+            }
+            let looked = fs
+                .files
+                .run(move |beat| {
+                    paths
+                        .into_iter()
+                        .map(|p| {
+                            beat.tick();
+                            let m = std::fs::symlink_metadata(&p);
+                            (p, m)
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .await;
+            let Ok(looked) = looked else {
+                self.skipped.insert(root);
+                continue;
+            };
+            let now = now_ms();
+            for (path, meta) in looked {
+                match meta {
+                    Ok(m) if m.is_file() => {
+                        let stat = stat_of(&m);
+                        self.links.note(&path, (stat.dev, stat.ino), m.nlink());
+                        debug!(path = %path.display(), "looked at again: another name of a file that changed");
+                        self.observe(path, root.clone(), stat, now);
+                    }
+                    _ => self.links.forget(&path),
                 }
             }
         }
@@ -1270,16 +1365,22 @@ impl State {
             let root = self.root_for(&old).unwrap_or_else(|| j.root.clone());
             let (dev, ino) = (j.dev, j.ino);
             let fs = self.fs.get(&root);
+            let at = old.clone();
             let r = if fs.hung() {
                 Err(Hung)
             } else {
                 fs.files
-                    .run(move |_| match std::fs::symlink_metadata(&old) {
+                    .run(move |_| match std::fs::symlink_metadata(&at) {
                         Err(e) => e.kind() == std::io::ErrorKind::NotFound,
                         Ok(m) => m.dev() != dev || m.ino() != ino,
                     })
                     .await
             };
+            if r == Ok(false) {
+                // Two names of one file (a hard link): a change through either must be seen at
+                // the other, though the old name's link count was not read when it was queued.
+                self.links.pair(&old, &j.path, (dev, ino));
+            }
             // Not answering: taken as still there; the worker finds out once it answers.
             left.push(r.unwrap_or(false));
         }

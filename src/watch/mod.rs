@@ -1,10 +1,12 @@
 //! The watch side's file-system plumbing: a lane per watched folder (every file-system call on a
 //! watched path goes through its folder's lane, never the runtime's thread), our own inotify
-//! watches, the folders' health, and the debug-only fault hooks the tests use.
+//! watches, the index of hard-linked names (`links`), the folders' health, and the debug-only
+//! fault hooks the tests use.
 
 pub mod fault;
 pub mod inotify;
 pub mod lane;
+pub mod links;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
