@@ -646,6 +646,38 @@ impl ApiClient {
         Ok(resp)
     }
 
+    /// `DELETE /interactions/{id}`: the interaction and its results go at the service. `Ok(true)`:
+    /// deleted now; `Ok(false)`: the service does not know it (404), which for a delete means
+    /// done already (an earlier delete whose answer was lost, or the 45-day retention).
+    pub async fn delete_interaction(&self, id: &str) -> Result<bool, ApiError> {
+        if !valid_id(id) {
+            return Err(ApiError::Protocol(format!(
+                "refusing to delete an interaction with an unusable id {:?}",
+                id.chars().take(80).collect::<String>()
+            )));
+        }
+        let progress = Progress::new();
+        progress.touch();
+        let url = self.url(&format!("interactions/{id}"));
+        let r = self
+            .guarded(&progress, async {
+                let resp = self
+                    .http
+                    .delete(url)
+                    .headers(self.auth_headers())
+                    .send()
+                    .await
+                    .map_err(from_reqwest)?;
+                match resp.status() {
+                    s if s.is_success() => Ok(true),
+                    StatusCode::NOT_FOUND => Ok(false),
+                    _ => Err(error_from_response(resp, &self.redactor()).await),
+                }
+            })
+            .await;
+        self.scrub(r)
+    }
+
     /// A cheap authenticated call to learn whether the token is accepted now: the status of an
     /// interaction that cannot exist. 401/403 means no; any other answer means the token passed.
     pub async fn probe_auth(&self) -> Result<(), ApiError> {

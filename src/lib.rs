@@ -15,6 +15,7 @@ pub mod demo;
 pub mod dispose;
 pub mod fake;
 pub mod filestream;
+pub mod forget;
 pub mod gate;
 pub mod health;
 pub mod metrics;

@@ -68,16 +68,135 @@ impl Index {
         }
         serde_json::to_writer(&mut line, e).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(&self.path)?;
+        let mut f = open_locked(&self.path, true)?.expect("created");
         f.write_all(&line)?;
         f.sync_data()?;
         st.torn = false;
         Ok(())
     }
+}
+
+/// Opens the index for appending, holding its `flock`, and makes sure the file locked is the one
+/// at the path: [`remove`] (`callferry forget`, another process) replaces the file by rename while
+/// holding the lock of the old one, so an appender that waited on the old one opens the new one
+/// instead of writing into a file nobody will read. `create`: false gives None for no index.
+fn open_locked(path: &Path, create: bool) -> std::io::Result<Option<std::fs::File>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let f = match std::fs::OpenOptions::new()
+            .read(true)
+            .create(create)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // SAFETY: flock on a descriptor we own; blocking, so this runs off the runtime thread.
+        while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        let held = f.metadata()?;
+        match std::fs::metadata(path) {
+            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => return Ok(Some(f)),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The lines of the index under `output_dir` for these interaction ids, as written: what
+/// `callferry forget` removes, with the result files each names.
+pub fn lines_for(output_dir: &Path, ids: &HashSet<String>) -> std::io::Result<Vec<Entry>> {
+    use std::io::BufRead;
+    let f = match std::fs::File::open(output_dir.join(FILE_NAME)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for line in std::io::BufReader::new(f).split(b'\n') {
+        if let Some(e) = parse_for(&line?, ids) {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+fn parse_for(line: &[u8], ids: &HashSet<String>) -> Option<Entry> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    let id = v.get("interaction_id")?.as_str()?;
+    if !ids.contains(id) {
+        return None;
+    }
+    let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    Some(Entry {
+        path: text("path").unwrap_or_default(),
+        source: text("source"),
+        external_id: text("external_id"),
+        interaction_id: id.to_string(),
+        results: v
+            .get("results")
+            .and_then(|r| r.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .unwrap_or_default(),
+    })
+}
+
+/// Rewrites the index under `output_dir` without the lines of these interaction ids, atomically:
+/// a temporary file beside it, fsynced, renamed over it, and the folder fsynced. Readers see the
+/// old index or the new one. It holds the index's lock throughout, so a daemon appending at the
+/// same moment waits and then appends to the new file (see [`open_locked`]); no line is lost.
+/// Other lines, a torn last one included, are copied byte for byte. Returns how many lines went.
+pub fn remove(output_dir: &Path, ids: &HashSet<String>) -> std::io::Result<usize> {
+    use std::io::{BufRead, BufWriter};
+    use std::os::unix::fs::PermissionsExt;
+    let path = output_dir.join(FILE_NAME);
+    let Some(old) = open_locked(&path, false)? else {
+        return Ok(0);
+    };
+    let mut reader = std::io::BufReader::new(&old);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".index.jsonl.")
+        .suffix(".tmp")
+        .permissions(std::fs::Permissions::from_mode(0o640))
+        .tempfile_in(output_dir)?;
+    let mut removed = 0;
+    {
+        let mut w = BufWriter::new(tmp.as_file_mut());
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                break;
+            }
+            let body = line.strip_suffix(b"\n").unwrap_or(&line);
+            if parse_for(body, ids).is_some() {
+                removed += 1;
+            } else {
+                w.write_all(&line)?;
+            }
+        }
+        w.flush()?;
+    }
+    if removed == 0 {
+        return Ok(0);
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(&path).map_err(|e| e.error)?;
+    std::fs::File::open(output_dir)?.sync_all()?;
+    // The old file's lock goes with `old`, after the rename: a waiting appender then finds the
+    // new file at the path.
+    drop(old);
+    Ok(removed)
 }
 
 fn read_tail(path: &Path) -> std::io::Result<(HashSet<String>, bool)> {
@@ -154,4 +273,42 @@ mod tests {
         );
         assert_eq!(lines(again.path())[0]["external_id"], "1764584100.42");
     }
+
+    /// `callferry forget` rewrites the index while a daemon appends to it: every appended line
+    /// survives, only the forgotten ones go, and the result is one line per append.
+    #[test]
+    fn a_rewrite_under_concurrent_appends_loses_no_line() {
+        let d = tempfile::tempdir().unwrap();
+        let ix = std::sync::Arc::new(Index::open(d.path()));
+        for i in 0..50 {
+            ix.append(&entry(&format!("old-{i}"))).unwrap();
+        }
+        let writer = {
+            let ix = ix.clone();
+            std::thread::spawn(move || {
+                for i in 0..300 {
+                    ix.append(&entry(&format!("new-{i}"))).unwrap();
+                }
+            })
+        };
+        let mut removed = 0;
+        for i in 0..50 {
+            let ids: HashSet<String> = [format!("old-{i}")].into();
+            assert_eq!(lines_for(d.path(), &ids).unwrap().len(), 1);
+            removed += remove(d.path(), &ids).unwrap();
+        }
+        writer.join().unwrap();
+        assert_eq!(removed, 50);
+        let ids: Vec<String> = lines(ix.path())
+            .iter()
+            .map(|v| v["interaction_id"].as_str().unwrap().to_string())
+            .collect();
+        let want: Vec<String> = (0..300).map(|i| format!("new-{i}")).collect();
+        assert_eq!(ids, want);
+        let text = std::fs::read_to_string(ix.path()).unwrap();
+        assert_eq!(text.lines().count(), 300);
+        let leftovers = std::fs::read_dir(d.path()).unwrap().count();
+        assert_eq!(leftovers, 1, "no temporary files left");
+    }
+
 }

@@ -8,6 +8,7 @@
 
 mod check_config;
 mod enqueue;
+mod forget;
 mod list;
 mod logging;
 mod retry;
@@ -75,6 +76,8 @@ EXAMPLES:
   callferry list --state failed            what needs an operator, with the reason
   callferry retry --failed                 put failed jobs back in the queue
   callferry enqueue /old/recordings/*.wav  backfill
+  callferry forget --external-id 1764584100.42   erase one call everywhere (GDPR)
+  callferry forget --older-than 90d        erase every call recorded more than 90 days ago
   journalctl -u callferry INTERACTION_ID=<id>   one job's story
   callferry demo                           the whole flow on this machine, nothing to set up
 ";
@@ -129,6 +132,11 @@ pub enum Command {
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
+    /// Forget calls (the right to erasure): delete each one's interaction at ElevateAI, its result
+    /// files and index lines, and every trace of it in the database, keeping only a fingerprint
+    /// that stops the recording, if it is still on disk, from being uploaded again. Works with the
+    /// daemon running or stopped; an interrupted or failed forget is finished by the next one.
+    Forget(ForgetArgs),
     /// Validate the configuration: paths, permissions, database, token.
     CheckConfig {
         /// Also make one authenticated call to the API.
@@ -161,6 +169,25 @@ pub struct RetryArgs {
     /// Retry every failed job.
     #[arg(long)]
     failed: bool,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct ForgetArgs {
+    /// Job ids, as `callferry list` shows them.
+    #[arg(value_name = "ID")]
+    ids: Vec<i64>,
+    /// Call ids: the externalIdentifier each declare carried (`external_id` in `list --json`,
+    /// e.g. FreePBX's uniqueid). Not-yet-declared recordings match by the id they will carry.
+    #[arg(long = "external-id", value_name = "ID", num_args = 1..)]
+    external_id: Vec<String>,
+    /// Every call recorded more than AGE ago ("90d", "12h"), by the recording's modification
+    /// time as it was queued (not by when callferry found or retried it).
+    #[arg(long, value_name = "AGE", value_parser = parse_duration_arg)]
+    older_than: Option<Duration>,
+    /// Only finish forgets left pending (a remote delete that failed, an interrupted run).
+    #[arg(long)]
+    pending: bool,
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, config::ConfigError> {
@@ -236,6 +263,7 @@ async fn with_config(command: Command, config_path: PathBuf, env: BTreeMap<Strin
         Command::Retry(args) => retry::retry(db, &args).await,
         Command::Enqueue { files } => enqueue::enqueue(&cfg, &files).await,
         Command::CheckConfig { online } => check_config::check_config(&cfg, online).await,
+        Command::Forget(args) => forget::forget(&cfg, &args).await,
         Command::Run | Command::Demo | Command::FakeApi { .. } => unreachable!("dispatched above"),
     })
 }

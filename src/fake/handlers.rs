@@ -42,6 +42,7 @@ pub(super) fn router(shared: Sh) -> Router {
     let control = Router::new()
         .route("/interactions", get(ctl_interactions))
         .route("/counters", get(ctl_counters))
+        .route("/deleted", get(ctl_deleted))
         .route("/faults", post(ctl_random_faults))
         .route("/fault", post(ctl_push_fault))
         .route("/latency", post(ctl_latency))
@@ -111,6 +112,7 @@ fn gate(
         Some(Endpoint::Declare) => st.counters.declares += 1,
         Some(Endpoint::Status) => st.counters.status_polls += 1,
         Some(Endpoint::Results) => st.counters.result_fetches += 1,
+        Some(Endpoint::Delete) => st.counters.deletes += 1,
         Some(Endpoint::Upload) | None => {}
     }
     Ok(endpoint.and_then(|ep| st.take_fault(ep)))
@@ -679,19 +681,40 @@ async fn results(
     answer(StatusCode::OK, Some(doc), fault.as_ref())
 }
 
+/// `DELETE /interactions/{id}`: the interaction and its results go; its id is kept in the
+/// fake's record of deletions (`FakeApi::deleted`), so tests check erasure from the fake's side.
 async fn remove(State(sh): State<Sh>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Err(denied) = gate(&sh, &headers, None) {
-        return denied.into_response();
+    let fault = match gate(&sh, &headers, Some(Endpoint::Delete)) {
+        Ok(f) => sit_out_stall(f).await,
+        Err(denied) => return denied.into_response(),
+    };
+    if let Some(r) = refusal(fault.as_ref(), StatusCode::NO_CONTENT, &headers) {
+        return r;
     }
-    if sh.lock().interactions.remove(&id).is_some() {
-        StatusCode::NO_CONTENT.into_response()
-    } else {
-        unknown_interaction(&id)
+    let removed = {
+        let mut st = sh.lock();
+        let removed = st.interactions.remove(&id).is_some();
+        if removed {
+            st.deleted.push(id.clone());
+        }
+        removed
+    };
+    if !removed {
+        return unknown_interaction(&id);
+    }
+    match fault {
+        // Deleted, but the answer is lost: the client must take a later 404 as done.
+        Some(Fault::ResetAfterStore) => abort_response(),
+        _ => StatusCode::NO_CONTENT.into_response(),
     }
 }
 
 async fn ctl_interactions(State(sh): State<Sh>) -> Json<Vec<InteractionRecord>> {
     Json(sh.interactions())
+}
+
+async fn ctl_deleted(State(sh): State<Sh>) -> Json<Vec<String>> {
+    Json(sh.lock().deleted.clone())
 }
 
 async fn ctl_counters(State(sh): State<Sh>) -> Json<Counters> {

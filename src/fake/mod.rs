@@ -29,7 +29,7 @@
 //!   one request.
 //!
 //! Control routes (JSON bodies, `Content-Type: application/json`):
-//! `GET /_fake/interactions`, `GET /_fake/counters`,
+//! `GET /_fake/interactions`, `GET /_fake/counters`, `GET /_fake/deleted`,
 //! `POST /_fake/faults` ([`RandomFaults`]),
 //! `POST /_fake/fault` (`{"endpoint":"Upload","fault":"ResetBeforeStore"}`,
 //! `{"endpoint":"Declare","fault":{"Status":503}}`,
@@ -94,6 +94,8 @@ pub enum Endpoint {
     Status,
     /// `GET .../transcript`, `.../transcripts/punctuated` and `.../ai`
     Results,
+    /// `DELETE /v1/interactions/{id}`
+    Delete,
 }
 
 /// One misbehaviour, consumed by one request.
@@ -219,6 +221,9 @@ pub struct Counters {
     /// Authenticated transcript, punctuated-transcript and AI requests.
     pub result_fetches: u64,
     pub unauthorized: u64,
+    /// Authenticated delete requests (found or not).
+    #[serde(default)]
+    pub deletes: u64,
     pub faults_injected: u64,
     /// Raw upload request body bytes read (multipart framing included).
     pub bytes_received: u64,
@@ -413,6 +418,11 @@ impl FakeApi {
 
     pub fn counters(&self) -> Counters {
         self.inner.shared.counters()
+    }
+
+    /// Ids of the interactions deleted through the API (`DELETE /interactions/{id}`), in order.
+    pub fn deleted(&self) -> Vec<String> {
+        self.inner.shared.lock().deleted.clone()
     }
 
     /// Stops the server and waits for its connections to close, even if

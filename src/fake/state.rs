@@ -32,6 +32,8 @@ pub(super) struct State {
     random: Option<(RandomFaults, StdRng)>,
     next_seq: u64,
     pub interactions: HashMap<String, Interaction>,
+    /// Ids of interactions deleted through the API, in order.
+    pub deleted: Vec<String>,
     pub counters: Counters,
 }
 
@@ -120,6 +122,7 @@ impl Shared {
                 random: None,
                 next_seq: 0,
                 interactions: HashMap::new(),
+                deleted: Vec::new(),
                 counters: Counters::default(),
             }),
             bytes_received: AtomicU64::new(0),

@@ -14,6 +14,7 @@
 mod durable;
 mod error;
 mod follow;
+mod forget;
 mod history;
 mod machine;
 mod open;
@@ -31,6 +32,7 @@ use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{Row, Sqlite, Transaction};
 
 pub use error::{DbError, QueueError, Unusable};
+pub use forget::{Forgot, Tombstone};
 pub use history::{fingerprint, prune_task};
 pub use machine::Transition;
 pub use open::{APPLICATION_ID, DaemonLock, OpenMode, PAUSE_KEY, create_folder, lock_path};

@@ -359,11 +359,14 @@ impl Queue {
     pub async fn mark_disposed(&self, id: i64, what: &str, now: i64) -> Result<(), QueueError> {
         self.fault(Fault::Write)?;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE jobs SET disposed = 1, updated_at = ? WHERE id = ?")
+        let n = sqlx::query("UPDATE jobs SET disposed = 1, updated_at = ? WHERE id = ?")
             .bind(now)
             .bind(id)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+        // A job forgotten meanwhile (`callferry forget`) is not written to again.
+        expect_one(n, &mut *tx, id, &crate::queue::machine::DONE).await?;
         event(&mut tx, id, now, "after-upload", Some(what)).await?;
         tx.commit().await?;
         Ok(())

@@ -8,6 +8,7 @@ mod chaos;
 mod cli;
 mod durability;
 mod flow;
+mod forget;
 mod fsopen;
 mod hardening;
 mod helpers;

@@ -1,0 +1,266 @@
+//! `callferry forget`: a call erased at ElevateAI (the fake's own records), in the results and the
+//! index, and in every byte of the database's files, while the daemon runs; across a `kill -9` at
+//! each step; and the recording, still on disk, is never uploaded again.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use callferry::fake::{Endpoint, Fault};
+use callferry::queue::Job;
+
+use crate::helpers::*;
+
+fn callferry(cfg: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_callferry"));
+    c.env_remove("CALLFERRY_CONFIG")
+        .env_remove("RUST_LOG")
+        .env_remove("CALLFERRY_FAULT_FORGET")
+        .arg("--config")
+        .arg(cfg);
+    c
+}
+
+fn results_toml(out: &Path) -> String {
+    format!(
+        "[results]\nenabled = true\noutput_dir = \"{}\"\npoll_interval = \"200ms\"\n",
+        out.display()
+    )
+}
+
+/// The app's config as a file, for the binary.
+fn config_file(app: &TestApp) -> PathBuf {
+    let p = app.dir.path().join("callferry.toml");
+    std::fs::write(
+        &p,
+        config_text(&app.fake.base_url(), app.dir.path(), &app.extra_toml),
+    )
+    .unwrap();
+    p
+}
+
+fn run(cmd: &mut Command) -> (Option<i32>, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Which of `needles` occur anywhere in the database's files (the database, its `-wal` and
+/// `-shm`), byte for byte: free pages and old log frames included.
+fn traces(db: &Path, needles: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    for suffix in ["", "-wal", "-shm"] {
+        let f = PathBuf::from(format!("{}{suffix}", db.display()));
+        let Ok(bytes) = std::fs::read(&f) else {
+            continue;
+        };
+        for n in needles {
+            if bytes.windows(n.len()).any(|w| w == n.as_bytes()) {
+                found.push(format!("{n} in {}", f.display()));
+            }
+        }
+    }
+    found
+}
+
+fn index_ids(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("index.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["interaction_id"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Result files written for a job (by name: the recording's name is in each).
+fn results_of(out: &Path, name: &str) -> Vec<PathBuf> {
+    walkdir::WalkDir::new(out)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(name))
+        .map(|e| e.path().to_path_buf())
+        .collect()
+}
+
+fn iid(job: &Job) -> String {
+    job.interaction_id.clone().expect("an interaction id")
+}
+
+/// Asserts the call `job` (recorded as `name`) is gone everywhere: at the fake, in the results and
+/// the index, and in the database's bytes.
+fn assert_erased(app: &TestApp, out: &Path, job: &Job, name: &str) {
+    let id = iid(job);
+    assert!(
+        app.fake.deleted().contains(&id),
+        "the fake recorded the delete of {id}: {:?}",
+        app.fake.deleted()
+    );
+    assert!(app.fake.interactions().iter().all(|i| i.id != id));
+    assert_eq!(results_of(out, name), Vec::<PathBuf>::new(), "results removed");
+    assert!(!index_ids(out).contains(&id), "index line removed");
+    let ext = job.external_id.clone().unwrap_or_default();
+    let mut needles = vec![name, id.as_str()];
+    if !ext.is_empty() {
+        needles.push(ext.as_str());
+    }
+    assert_eq!(traces(&app.db_path(), &needles), Vec::<String>::new());
+}
+
+const A: &str = "out-5551234-1001-20261201-101500-1764584100.42.wav";
+const B: &str = "in-1001-5559876-20261201-111500-1764587700.7.wav";
+
+/// Forget by job id while the daemon runs: the interaction is deleted at the fake, the results
+/// and index line go, the database's files hold no byte of the path, call id or interaction id,
+/// the other call is untouched, and the recording, still on disk, is not uploaded again after a
+/// restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_by_id_erases_the_call_everywhere_and_it_is_not_uploaded_again() {
+    let out = tempfile::tempdir().unwrap();
+    let mut app = TestApp::start(&results_toml(out.path())).await;
+    let pa = app.drop_file(&format!("2026/12/01/{A}"), &wav(0.3));
+    let pb = app.drop_file(&format!("2026/12/01/{B}"), &wav(0.4));
+    let ja = app.wait_state(&pa, "processed").await;
+    let jb = app.wait_state(&pb, "processed").await;
+    assert_eq!(ja.external_id.as_deref(), Some("1764584100.42"));
+    assert!(!results_of(out.path(), A).is_empty());
+    // The scan below finds what is there: before, every needle is in the database.
+    assert!(!traces(&app.db_path(), &[A, &iid(&ja)]).is_empty());
+    let cfg = config_file(&app);
+
+    let (code, stdout, stderr) = run(callferry(&cfg).args(["forget", &ja.id.to_string()]));
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("forgot 1 call(s); 1 interaction(s) deleted"), "{stdout}");
+    assert_erased(&app, out.path(), &ja, A);
+    assert!(app.job_for(&pa).await.is_none());
+    assert!(pa.exists(), "the recording itself is not ours to delete");
+    // The other call is untouched.
+    assert_eq!(index_ids(out.path()), vec![iid(&jb)]);
+    assert_eq!(results_of(out.path(), B).len(), 2);
+    assert!(app.fake.interactions().iter().any(|i| i.id == iid(&jb)));
+    assert_eq!(traces(&app.db_path(), &[B]).len(), 1, "B is still known");
+
+    // Forgetting again: a clear message, not a crash.
+    let (code, _, stderr) = run(callferry(&cfg).args(["forget", &ja.id.to_string()]));
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains(&format!("no job {}", ja.id)), "{stderr}");
+
+    // A restart scans the folder: the forgotten recording is still there and stays unsent. A
+    // new recording found by the same scan shows the scan has run.
+    app.stop().await;
+    app.restart().await;
+    let pc = app.drop_file("2026/12/02/later.wav", &wav(0.2));
+    app.wait_state(&pc, "processed").await;
+    assert!(app.job_for(&pa).await.is_none(), "not queued again");
+    assert_eq!(app.fake.counters().declares, 3, "a, b, c: a was not declared again");
+    app.stop().await;
+}
+
+/// Old recordings: written, then dated back `days`, then moved into the folder.
+fn drop_old(app: &TestApp, rel: &str, days: u64) -> PathBuf {
+    let dest = app.rec.join(rel);
+    std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    let tmp = app.rec.join(format!(".{days}.part"));
+    std::fs::write(&tmp, wav(0.2)).unwrap();
+    let f = std::fs::File::options().write(true).open(&tmp).unwrap();
+    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(days * 86_400))
+        .unwrap();
+    drop(f);
+    std::fs::rename(&tmp, &dest).unwrap();
+    dest
+}
+
+/// By call id (FreePBX's uniqueid), and by age (the recording's time): only the calls named go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_by_external_id_and_by_age() {
+    let out = tempfile::tempdir().unwrap();
+    let mut app = TestApp::start(&results_toml(out.path())).await;
+    let pa = app.drop_file(&format!("2026/12/01/{A}"), &wav(0.3));
+    let pb = app.drop_file(&format!("2026/12/01/{B}"), &wav(0.4));
+    let old1 = drop_old(&app, "old/one.wav", 100);
+    let old2 = drop_old(&app, "old/two.wav", 40);
+    let ja = app.wait_state(&pa, "processed").await;
+    let jb = app.wait_state(&pb, "processed").await;
+    let j1 = app.wait_state(&old1, "processed").await;
+    let j2 = app.wait_state(&old2, "processed").await;
+    let cfg = config_file(&app);
+
+    let (code, stdout, stderr) = run(callferry(&cfg).args([
+        "forget",
+        "--external-id",
+        "1764584100.42",
+        "no-such-call",
+    ]));
+    assert_eq!(code, Some(1), "one id matched nothing: {stdout}\n{stderr}");
+    assert!(stderr.contains("no call with external id \"no-such-call\""), "{stderr}");
+    assert!(stdout.contains("forgot 1 call(s)"), "{stdout}");
+    assert_erased(&app, out.path(), &ja, A);
+
+    let (code, stdout, stderr) = run(callferry(&cfg).args(["forget", "--older-than", "30d"]));
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("forgot 2 call(s)"), "{stdout}");
+    assert_erased(&app, out.path(), &j1, "one.wav");
+    assert_erased(&app, out.path(), &j2, "two.wav");
+    let left: Vec<i64> = app.jobs().await.iter().map(|j| j.id).collect();
+    assert_eq!(left, vec![jb.id]);
+    assert_eq!(index_ids(out.path()), vec![iid(&jb)]);
+    app.stop().await;
+}
+
+/// A forget killed right after each of its steps (the debug build's fault hook aborts the
+/// process, as `kill -9` would) is finished by the next `forget`; a remote delete refused (503,
+/// then a rejected token) leaves the forget pending with exit 1 and what to do, and
+/// `forget --pending` finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forget_killed_at_any_step_or_refused_is_finished_by_the_next() {
+    let out = tempfile::tempdir().unwrap();
+    let mut app = TestApp::start(&results_toml(out.path())).await;
+    let names: Vec<String> = (1..=7).map(|k| format!("call-{k}.wav")).collect();
+    let paths: Vec<PathBuf> = names
+        .iter()
+        .map(|n| app.drop_file(n, &wav(0.2)))
+        .collect();
+    let mut jobs = Vec::new();
+    for p in &paths {
+        jobs.push(app.wait_state(p, "processed").await);
+    }
+    let cfg = config_file(&app);
+    for step in 1..=5u32 {
+        let job = &jobs[step as usize - 1];
+        let (code, stdout, stderr) = run(callferry(&cfg)
+            .env("CALLFERRY_FAULT_FORGET", step.to_string())
+            .args(["forget", &job.id.to_string()]));
+        assert_eq!(code, None, "killed after step {step}: {stdout}\n{stderr}");
+        let (code, stdout, stderr) = run(callferry(&cfg).args(["forget", "--pending"]));
+        assert_eq!(code, Some(0), "after step {step}: {stdout}\n{stderr}");
+        if step < 5 {
+            assert!(stdout.contains("1 forget(s) complete"), "step {step}: {stdout}");
+        }
+        assert_erased(&app, out.path(), job, &names[step as usize - 1]);
+    }
+
+    // Refused: a 503, then a rejected token. Local traces go at once; the remote waits.
+    let job = &jobs[5];
+    app.fake.push_fault(Endpoint::Delete, Fault::Status(503));
+    let (code, stdout, stderr) = run(callferry(&cfg).args(["forget", &job.id.to_string()]));
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(stderr.contains("HTTP 503"), "{stderr}");
+    assert!(stderr.contains("callferry forget --pending"), "{stderr}");
+    assert!(app.fake.interactions().iter().any(|i| i.id == iid(job)));
+    assert!(results_of(out.path(), &names[5]).is_empty());
+    assert!(app.job_for(&paths[5]).await.is_none());
+    app.fake.set_token("another-token");
+    let (code, _, stderr) = run(callferry(&cfg).args(["forget", "--pending"]));
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("HTTP 401"), "{stderr}");
+    assert!(!stderr.contains(TOKEN), "the token is never shown");
+    app.fake.set_token(TOKEN);
+    let (code, stdout, stderr) = run(callferry(&cfg).args(["forget", "--pending"]));
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert_erased(&app, out.path(), job, &names[5]);
+
+    // The untouched call is still fine and uploaded exactly once.
+    app.assert_uploaded_once(&jobs[6], &wav(0.2));
+    app.stop().await;
+}
