@@ -171,7 +171,10 @@ pub async fn forget(
     let files = |job: &Job, later: bool| result_files(cfg, job, later);
     let mut waiting: Vec<i64> = Vec::new();
     for id in ids {
-        match queue.forget_job(id, files, !daemon_running, now_ms()).await? {
+        match queue
+            .forget_job(id, files, !daemon_running, now_ms())
+            .await?
+        {
             Forgot::Tombstone(_) => report.forgotten += 1,
             Forgot::MidDeclare(_) => {
                 report.forgotten += 1;
@@ -297,7 +300,12 @@ fn remove_local(
         match std::fs::remove_file(f) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", f.display()))),
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", f.display()),
+                ));
+            }
         }
     }
     fault_point(2);

@@ -494,6 +494,11 @@ impl Follower {
                     self.p.after_upload(&job).await;
                 }
             }
+            // Forgotten meanwhile (`callferry forget` deleted the job after this delivery began):
+            // what was just written must not outlive it.
+            Err(crate::queue::QueueError::NotInState { found: None, .. }) => {
+                self.unwrite(&job, later_call).await;
+            }
             Err(e) => {
                 error!(error = %e, "results written but the processed state could not be recorded; they will be written again")
             }
@@ -615,6 +620,31 @@ impl Follower {
                 .follow_later(job.id, next, None, Some(&msg), now)
                 .await,
         );
+    }
+
+    /// Removes the results and the index line just written for a job that was forgotten while
+    /// they were being written.
+    async fn unwrite(&self, job: &Job, later_call: bool) {
+        let dir = self.p.cfg.results.output_dir.clone();
+        let files = crate::forget::result_files(&self.p.cfg, job, later_call);
+        let ids: std::collections::HashSet<String> = job.interaction_id.iter().cloned().collect();
+        let r = tokio::task::spawn_blocking(move || {
+            for f in files {
+                match std::fs::remove_file(&f) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            crate::calls::index::remove(&dir, &ids)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match r {
+            Ok(_) => info!("forgotten while its results were written: they are removed again"),
+            Err(e) => {
+                error!(error = %e, "forgotten while its results were written, and they could not be removed; remove its result files and index line by hand")
+            }
+        }
     }
 
     /// The job's line in `<output_dir>/index.jsonl`.

@@ -146,7 +146,11 @@ fn parse_for(line: &[u8], ids: &HashSet<String>) -> Option<Entry> {
         results: v
             .get("results")
             .and_then(|r| r.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default(),
     })
 }
@@ -310,5 +314,4 @@ mod tests {
         let leftovers = std::fs::read_dir(d.path()).unwrap().count();
         assert_eq!(leftovers, 1, "no temporary files left");
     }
-
 }

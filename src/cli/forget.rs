@@ -30,8 +30,8 @@ pub(super) async fn forget(cfg: &Config, args: &ForgetArgs) -> Result<i32, AppEr
         }
     };
     let daemon_running = DaemonLock::is_held(db) == Some(true);
-    let declare_wait =
-        (cfg.api.connect_timeout + cfg.api.stall_timeout * 2).max(std::time::Duration::from_secs(10));
+    let declare_wait = (cfg.api.connect_timeout + cfg.api.stall_timeout * 2)
+        .max(std::time::Duration::from_secs(10));
     let report = crate::forget::forget(
         cfg,
         &queue,

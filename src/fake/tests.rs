@@ -239,7 +239,11 @@ async fn happy_path_declare_upload_status_results() {
         .unwrap();
     assert_eq!(gone.status(), 404);
     assert!(api.interactions().is_empty());
-    assert_eq!(api.deleted(), vec![id.clone()], "the fake records its deletions");
+    assert_eq!(
+        api.deleted(),
+        vec![id.clone()],
+        "the fake records its deletions"
+    );
     let again = c
         .delete(format!("{}/interactions/{id}", api.base_url()))
         .header("X-API-Token", TOKEN)
@@ -253,7 +257,11 @@ async fn happy_path_declare_upload_status_results() {
         .await
         .unwrap();
     assert_eq!(anon.status(), 401, "DELETE checks the token");
-    assert_eq!(api.counters().deletes, 2, "authenticated deletes are counted");
+    assert_eq!(
+        api.counters().deletes,
+        2,
+        "authenticated deletes are counted"
+    );
     assert_eq!(api.deleted().len(), 1);
     api.shutdown().await;
 }

@@ -361,7 +361,10 @@ mod tests {
                 ids[0],
                 |job, later| {
                     assert!(!later);
-                    vec![PathBuf::from(format!("/out/{}", job.external_id.clone().unwrap()))]
+                    vec![PathBuf::from(format!(
+                        "/out/{}",
+                        job.external_id.clone().unwrap()
+                    ))]
                 },
                 false,
                 5,
@@ -385,10 +388,14 @@ mod tests {
         assert_eq!(pending[0].interaction_id.as_deref(), Some("iid-a"));
         assert_eq!(pending[0].files, vec![PathBuf::from("/out/ext-a")]);
         assert!(!pending[0].remote_done && !pending[0].local_done);
-        assert_eq!(q.forget_job(ids[0], |_, _| vec![], false, 7).await.unwrap(), Forgot::Gone);
+        assert_eq!(
+            q.forget_job(ids[0], |_, _| vec![], false, 7).await.unwrap(),
+            Forgot::Gone
+        );
 
         // Never declared: nothing to delete at the service.
-        let Forgot::Tombstone(_) = q.forget_job(ids[1], |_, _| vec![], false, 8).await.unwrap() else {
+        let Forgot::Tombstone(_) = q.forget_job(ids[1], |_, _| vec![], false, 8).await.unwrap()
+        else {
             panic!()
         };
         let pending = q.pending_forgets().await.unwrap();
@@ -424,7 +431,11 @@ mod tests {
             .await
             .unwrap();
         q.forget_remote(t, Some("HTTP 503")).await.unwrap();
-        assert_eq!(q.forget_finish(10).await.unwrap(), 1, "only the finished one");
+        assert_eq!(
+            q.forget_finish(10).await.unwrap(),
+            1,
+            "only the finished one"
+        );
         let left = q.pending_forgets().await.unwrap();
         assert_eq!(left[0].attempts, 1);
         assert_eq!(left[0].last_error.as_deref(), Some("HTTP 503"));

@@ -98,7 +98,11 @@ fn assert_erased(app: &TestApp, out: &Path, job: &Job, name: &str) {
         app.fake.deleted()
     );
     assert!(app.fake.interactions().iter().all(|i| i.id != id));
-    assert_eq!(results_of(out, name), Vec::<PathBuf>::new(), "results removed");
+    assert_eq!(
+        results_of(out, name),
+        Vec::<PathBuf>::new(),
+        "results removed"
+    );
     assert!(!index_ids(out).contains(&id), "index line removed");
     let ext = job.external_id.clone().unwrap_or_default();
     let mut needles = vec![name, id.as_str()];
@@ -131,7 +135,10 @@ async fn forget_by_id_erases_the_call_everywhere_and_it_is_not_uploaded_again() 
 
     let (code, stdout, stderr) = run(callferry(&cfg).args(["forget", &ja.id.to_string()]));
     assert_eq!(code, Some(0), "{stdout}\n{stderr}");
-    assert!(stdout.contains("forgot 1 call(s); 1 interaction(s) deleted"), "{stdout}");
+    assert!(
+        stdout.contains("forgot 1 call(s); 1 interaction(s) deleted"),
+        "{stdout}"
+    );
     assert_erased(&app, out.path(), &ja, A);
     assert!(app.job_for(&pa).await.is_none());
     assert!(pa.exists(), "the recording itself is not ours to delete");
@@ -153,7 +160,11 @@ async fn forget_by_id_erases_the_call_everywhere_and_it_is_not_uploaded_again() 
     let pc = app.drop_file("2026/12/02/later.wav", &wav(0.2));
     app.wait_state(&pc, "processed").await;
     assert!(app.job_for(&pa).await.is_none(), "not queued again");
-    assert_eq!(app.fake.counters().declares, 3, "a, b, c: a was not declared again");
+    assert_eq!(
+        app.fake.counters().declares,
+        3,
+        "a, b, c: a was not declared again"
+    );
     app.stop().await;
 }
 
@@ -186,14 +197,13 @@ async fn forget_by_external_id_and_by_age() {
     let j2 = app.wait_state(&old2, "processed").await;
     let cfg = config_file(&app);
 
-    let (code, stdout, stderr) = run(callferry(&cfg).args([
-        "forget",
-        "--external-id",
-        "1764584100.42",
-        "no-such-call",
-    ]));
+    let (code, stdout, stderr) =
+        run(callferry(&cfg).args(["forget", "--external-id", "1764584100.42", "no-such-call"]));
     assert_eq!(code, Some(1), "one id matched nothing: {stdout}\n{stderr}");
-    assert!(stderr.contains("no call with external id \"no-such-call\""), "{stderr}");
+    assert!(
+        stderr.contains("no call with external id \"no-such-call\""),
+        "{stderr}"
+    );
     assert!(stdout.contains("forgot 1 call(s)"), "{stdout}");
     assert_erased(&app, out.path(), &ja, A);
 
@@ -217,10 +227,7 @@ async fn a_forget_killed_at_any_step_or_refused_is_finished_by_the_next() {
     let out = tempfile::tempdir().unwrap();
     let mut app = TestApp::start(&results_toml(out.path())).await;
     let names: Vec<String> = (1..=7).map(|k| format!("call-{k}.wav")).collect();
-    let paths: Vec<PathBuf> = names
-        .iter()
-        .map(|n| app.drop_file(n, &wav(0.2)))
-        .collect();
+    let paths: Vec<PathBuf> = names.iter().map(|n| app.drop_file(n, &wav(0.2))).collect();
     let mut jobs = Vec::new();
     for p in &paths {
         jobs.push(app.wait_state(p, "processed").await);
@@ -235,7 +242,10 @@ async fn a_forget_killed_at_any_step_or_refused_is_finished_by_the_next() {
         let (code, stdout, stderr) = run(callferry(&cfg).args(["forget", "--pending"]));
         assert_eq!(code, Some(0), "after step {step}: {stdout}\n{stderr}");
         if step < 5 {
-            assert!(stdout.contains("1 forget(s) complete"), "step {step}: {stdout}");
+            assert!(
+                stdout.contains("1 forget(s) complete"),
+                "step {step}: {stdout}"
+            );
         }
         assert_erased(&app, out.path(), job, &names[step as usize - 1]);
     }
