@@ -20,6 +20,7 @@ pub mod gate;
 pub mod health;
 pub mod metrics;
 pub mod monitor;
+pub mod pgcluster;
 pub mod policy;
 pub mod queue;
 pub mod ratelimit;

@@ -35,6 +35,13 @@ pub enum QueueError {
         expected: Vec<State>,
         found: Option<State>,
     },
+    /// A daemon's claim on a job was taken over by another daemon (its lease ran out: it was
+    /// paused, cut off, or too slow to renew), so its outcome is not committed: the job is the
+    /// other daemon's now (PostgreSQL queue only).
+    #[error(
+        "job {job} was taken over by another daemon after this one's claim expired; not committing"
+    )]
+    LostClaim { job: i64 },
     /// After a failed flush, the queue could not yet prove its commits durable (see `sync_wal`):
     /// a reader held the database, so only `copied` of the write-ahead log's `frames` went in.
     #[error(
@@ -153,6 +160,7 @@ impl QueueError {
         !matches!(
             self,
             QueueError::NotInState { .. }
+                | QueueError::LostClaim { .. }
                 | QueueError::Unusable { .. }
                 | QueueError::Migrate(_)
                 | QueueError::Locked(_)

@@ -19,6 +19,7 @@ mod history;
 mod machine;
 mod open;
 mod paths;
+pub mod pg;
 mod read;
 mod state;
 mod transitions;
@@ -28,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use sqlx::sqlite::{SqlitePool, SqliteRow};
+use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, Sqlite, Transaction};
 
 pub use error::{DbError, QueueError, Unusable};
@@ -137,7 +138,15 @@ const JOB_COLUMNS: &str = "id, path, root, size, mtime_ns, dev, ino, state, atte
     next_attempt_at, interaction_id, upload_status, last_error, created_at, updated_at, \
     uploaded_at, follow_at, follow_attempts, service_status, results_written, orphans, external_id, source";
 
-fn job_from_row(r: &SqliteRow) -> Result<Job, sqlx::Error> {
+/// A job from a row of either backend: the PostgreSQL schema keeps every integer column 64-bit so
+/// that one decoder serves both.
+fn job_from_row<R>(r: &R) -> Result<Job, sqlx::Error>
+where
+    R: Row,
+    for<'c> &'c str: sqlx::ColumnIndex<R>,
+    i64: for<'v> sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
+    String: for<'v> sqlx::Decode<'v, R::Database> + sqlx::Type<R::Database>,
+{
     let state: String = r.try_get("state")?;
     Ok(Job {
         id: r.try_get("id")?,

@@ -16,6 +16,7 @@ mod history;
 mod hostile_server;
 mod hung;
 mod ops;
+mod pg_queue;
 mod pipeline;
 mod recorders;
 mod results;

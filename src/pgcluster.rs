@@ -1,0 +1,309 @@
+//! A throwaway PostgreSQL server for the tests and the benchmarks of the PostgreSQL queue: `initdb`
+//! and `pg_ctl` in a temporary folder, reached only through a Unix socket in that folder, removed
+//! with it. Like [`crate::fake`], it ships in the library so the integration tests, the unit tests
+//! and the bench share one copy; the daemon never uses it.
+//!
+//! PostgreSQL refuses to run as root, and CI runs as root: then the cluster belongs to `nobody`.
+//! The server binaries are looked up where Debian puts them (`/usr/lib/postgresql/<major>/bin`),
+//! then in `PATH`, or in `CALLFERRY_PG_BIN`. When none is there and we are root on Debian,
+//! `postgresql` is installed from the distribution's packages, once per machine, so the README's
+//! `cargo test` still does everything on a fresh machine. A test that needs PostgreSQL never skips:
+//! when no server can be started, [`PgCluster::start`] says why and the test fails.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// The unprivileged account a cluster runs as when we are root.
+const NOBODY: u32 = 65534;
+/// The socket's "port": only its file name (`.s.PGSQL.<port>`), the server listens on no TCP port.
+const PORT: u16 = 5432;
+/// The superuser `initdb` creates, trusted on the socket (nothing else can reach it).
+const SUPERUSER: &str = "callferry";
+
+/// One running server. Dropping it stops the server (immediately: its data is thrown away).
+pub struct PgCluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    as_nobody: bool,
+}
+
+impl PgCluster {
+    /// `initdb` and start a server tuned for tests: no fsync (its data dies with the test; crash
+    /// safety under test is callferry's, not PostgreSQL's), many connections.
+    pub fn start() -> Result<PgCluster, String> {
+        Self::start_with(&[
+            "fsync=off",
+            "synchronous_commit=off",
+            "full_page_writes=off",
+        ])
+    }
+
+    /// Like [`PgCluster::start`], with these `name=value` server settings instead of the test
+    /// tuning (the bench measures with PostgreSQL's defaults: `start_with(&[])`).
+    pub fn start_with(settings: &[&str]) -> Result<PgCluster, String> {
+        let bin = server_binaries()?;
+        let as_nobody = unsafe { libc::geteuid() } == 0;
+        // Short: a Unix socket's path is limited to 107 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("cfpg")
+            .tempdir_in("/tmp")
+            .map_err(|e| format!("cannot make a folder for the PostgreSQL test server: {e}"))?;
+        let cluster = PgCluster {
+            dir,
+            bin,
+            as_nobody,
+        };
+        if as_nobody {
+            let rc = unsafe {
+                let p = std::ffi::CString::new(cluster.dir.path().as_os_str().as_encoded_bytes())
+                    .map_err(|e| e.to_string())?;
+                libc::chown(p.as_ptr(), NOBODY, NOBODY)
+            };
+            if rc != 0 {
+                return Err(format!(
+                    "cannot hand {} to nobody for the PostgreSQL test server: {}",
+                    cluster.dir.path().display(),
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        std::fs::set_permissions(cluster.dir.path(), std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| e.to_string())?;
+        let data = cluster.data_dir();
+        cluster.run(
+            "initdb",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-U".as_ref(),
+                SUPERUSER.as_ref(),
+                "--auth=trust".as_ref(),
+                "--no-sync".as_ref(),
+                "--no-instructions".as_ref(),
+                "-E".as_ref(),
+                "UTF8".as_ref(),
+                "--locale=C".as_ref(),
+            ],
+        )?;
+        let mut opts = format!(
+            "-c listen_addresses='' -k {} -p {PORT} -c max_connections=200",
+            cluster.dir.path().display()
+        );
+        for s in settings {
+            opts.push_str(" -c ");
+            opts.push_str(s);
+        }
+        let log = cluster.dir.path().join("server.log");
+        let started = cluster.run(
+            "pg_ctl",
+            &[
+                "start".as_ref(),
+                "-w".as_ref(),
+                "-t".as_ref(),
+                "120".as_ref(),
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-l".as_ref(),
+                log.as_os_str(),
+                "-o".as_ref(),
+                opts.as_ref(),
+            ],
+        );
+        if let Err(e) = started {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(format!("{e}\nserver log:\n{tail}"));
+        }
+        Ok(cluster)
+    }
+
+    /// A connection URL for database `db` (`postgres` always exists; see [`PgCluster::create_db`]).
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://{SUPERUSER}@localhost/{db}?host={}&port={PORT}",
+            self.dir.path().display()
+        )
+    }
+
+    /// A fresh, empty database, so several tests can share one server.
+    pub fn create_db(&self, name: &str) -> Result<String, String> {
+        assert!(
+            name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "database names here are identifiers"
+        );
+        let sock = self.dir.path().as_os_str().to_owned();
+        let out = self.command(
+            "createdb",
+            &[
+                "-h".as_ref(),
+                sock.as_os_str(),
+                "-p".as_ref(),
+                PORT.to_string().as_ref(),
+                "-U".as_ref(),
+                SUPERUSER.as_ref(),
+                name.as_ref(),
+            ],
+        )?;
+        check("createdb", &out)?;
+        Ok(self.url(name))
+    }
+
+    /// One server for the whole test process, started on first use and stopped when the process
+    /// exits (an `atexit` hook: a static is never dropped). Each test takes a database of its own
+    /// ([`PgCluster::fresh_db`]), so they run in parallel on it.
+    pub fn shared() -> Result<&'static PgCluster, String> {
+        static SHARED: OnceLock<Result<PgCluster, String>> = OnceLock::new();
+        extern "C" fn stop_shared() {
+            if let Some(Ok(c)) = SHARED.get() {
+                c.stop();
+            }
+        }
+        SHARED
+            .get_or_init(|| {
+                let c = PgCluster::start()?;
+                unsafe { libc::atexit(stop_shared) };
+                Ok(c)
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// A new database with a name no other caller in this process gets.
+    pub fn fresh_db(&self) -> Result<String, String> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        self.create_db(&format!(
+            "t{}_{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    /// Stops the server at once (its data is thrown away) and removes its folder.
+    pub fn stop(&self) {
+        let data = self.data_dir();
+        let _ = self.command(
+            "pg_ctl",
+            &[
+                "stop".as_ref(),
+                "-m".as_ref(),
+                "immediate".as_ref(),
+                "-D".as_ref(),
+                data.as_os_str(),
+            ],
+        );
+        let _ = std::fs::remove_dir_all(self.dir.path());
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn command(&self, tool: &str, args: &[&std::ffi::OsStr]) -> Result<Output, String> {
+        let mut cmd = Command::new(self.bin.join(tool));
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env("LC_ALL", "C")
+            .env("HOME", self.dir.path())
+            .stdin(Stdio::null());
+        if self.as_nobody {
+            // std also drops root's supplementary groups when it sets a uid as root.
+            cmd.uid(NOBODY).gid(NOBODY);
+        }
+        cmd.output()
+            .map_err(|e| format!("cannot run {}: {e}", self.bin.join(tool).display()))
+    }
+
+    fn run(&self, tool: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+        check(tool, &self.command(tool, args)?)
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn check(tool: &str, out: &Output) -> Result<(), String> {
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{tool} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    ))
+}
+
+/// The folder holding `initdb`, `pg_ctl` and `postgres`.
+fn server_binaries() -> Result<PathBuf, String> {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    if let Some(dir) = std::env::var_os("CALLFERRY_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(dir) = find_binaries() {
+        return Ok(dir);
+    }
+    let _one = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(dir) = find_binaries() {
+        return Ok(dir);
+    }
+    install()?;
+    find_binaries().ok_or_else(|| "postgresql was installed, but initdb is still not found".into())
+}
+
+fn find_binaries() -> Option<PathBuf> {
+    // Debian keeps the server tools off PATH, one folder per major version: take the newest.
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((major, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Some(bin);
+    }
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p).find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
+    })
+}
+
+/// Debian's `postgresql`, when we may install it; otherwise what the operator must do. Several
+/// test processes may get here at once: apt's own lock serialises them, and the loser finds the
+/// binaries on its second look.
+fn install() -> Result<(), String> {
+    let how = "install PostgreSQL's server (Debian: `apt-get install postgresql`), or point \
+               CALLFERRY_PG_BIN at the folder holding initdb and pg_ctl";
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/apt-get").exists() {
+        return Err(format!("no PostgreSQL server binaries found: {how}"));
+    }
+    let apt = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run apt-get: {e}"))?;
+        check("apt-get", &out)
+    };
+    apt(&["-o", "DPkg::Lock::Timeout=300", "update", "-qq"])?;
+    apt(&[
+        "-o",
+        "DPkg::Lock::Timeout=300",
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        "postgresql",
+    ])
+    .map_err(|e| format!("{e}\n(then: {how})"))
+}

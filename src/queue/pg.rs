@@ -1,0 +1,412 @@
+//! The queue in PostgreSQL, for several daemons on one shared spool (issue 15): the claims, leases
+//! and fencing tokens that let them share one table of jobs and take over each other's work.
+//! Schema: `migrations/postgres/`. The states and the transitions' guards are the SQLite queue's
+//! ([`Transition`]); what is added is who may make a transition:
+//!
+//! - **A claim** (`FOR UPDATE SKIP LOCKED`) makes this daemon the job's holder until
+//!   `lease_until`, and raises the job's `fence`. [`Held`] carries the fence the claim got.
+//! - **Every outcome** (the interaction id, the upload's answer, a retry, a failure) is committed
+//!   only where the fence is still the one this claim got and the job is still in the state the
+//!   claim left it in. Otherwise it is [`QueueError::LostClaim`] and the caller drops the job.
+//!   That is what keeps "declared once, uploaded once" true when a daemon is paused past its
+//!   lease, wakes up late and tries to commit after another daemon took the job over.
+//! - **A heartbeat** renews every lease the daemon holds in one statement.
+//! - **A takeover** ([`PgQueue::reap_expired`], run by every daemon) puts a job whose lease ran
+//!   out back to wait, as a restart's recovery does for SQLite: `declaring` to `pending` with a
+//!   possible orphan counted (its declare may have reached ElevateAI; the API has no idempotency
+//!   key), `uploading` to `declared` (the upload is repeated on the same interaction; a `409`
+//!   says it had got through).
+//! - **Roles** (the rescan, the results follower, pruning) are leases of their own
+//!   ([`PgQueue::take_role`]): one daemon at a time does each, and another takes it over the
+//!   same way.
+//!
+//! Leases are measured on the database's clock, the one clock every host agrees on; due times
+//! (`next_attempt_at`) stay unix ms from the caller's clock, as in SQLite, where a skew between
+//! hosts only moves a retry by that skew.
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+
+use super::machine::Transition;
+use super::{Enqueued, Job, NewJob, QueueError, encode_path};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+const JOB_COLUMNS: &str = "id, path, root, size, mtime_ns, dev, ino, state, attempts, \
+    next_attempt_at, interaction_id, upload_status, last_error, created_at, updated_at, \
+    uploaded_at, follow_at, follow_attempts, service_status, results_written, orphans, \
+    external_id, source, fence";
+
+/// A job this daemon claimed, and the fence its claim got: the proof it must show to commit.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub job: Job,
+    pub fence: i64,
+}
+
+/// One daemon's handle on the shared queue.
+pub struct PgQueue {
+    pool: PgPool,
+    /// This run of this daemon (`daemons.id`): new at every start.
+    me: String,
+    lease: Duration,
+}
+
+impl std::fmt::Debug for PgQueue {
+    // The URL may carry a password: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgQueue")
+            .field("me", &self.me)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgQueue {
+    /// Connects, brings the schema up to date (PostgreSQL serialises concurrent migrations with
+    /// an advisory lock, so three daemons starting at once migrate once) and registers this run
+    /// as a daemon named `name` on `host`.
+    pub async fn connect(
+        url: &str,
+        name: &str,
+        host: &str,
+        lease: Duration,
+    ) -> Result<PgQueue, QueueError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(url)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        let me = format!("{name}/{}", uuid::Uuid::new_v4().simple());
+        sqlx::query("INSERT INTO daemons (id, name, host, pid) VALUES ($1, $2, $3, $4)")
+            .bind(&me)
+            .bind(name)
+            .bind(host)
+            .bind(i64::from(std::process::id()))
+            .execute(&pool)
+            .await?;
+        Ok(PgQueue { pool, me, lease })
+    }
+
+    /// This run's id, as `holder` columns name it.
+    pub fn instance(&self) -> &str {
+        &self.me
+    }
+
+    fn lease_ms(&self) -> i64 {
+        self.lease.as_millis().min(i64::MAX as u128) as i64
+    }
+
+    /// Queues file versions. A version another daemon queued first (they all see the same
+    /// shared folder) is [`Enqueued::Known`]: discovery is idempotent across daemons because the
+    /// version's key is unique in the table, not because daemons agree among themselves.
+    pub async fn enqueue(&self, jobs: &[NewJob], now: i64) -> Result<Vec<Enqueued>, QueueError> {
+        let mut out = Vec::with_capacity(jobs.len());
+        let mut tx = self.pool.begin().await?;
+        for j in jobs {
+            let id: Option<i64> = sqlx::query_scalar(
+                "INSERT INTO jobs (path, root, size, mtime_ns, dev, ino, state, next_attempt_at, \
+                 created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7, $7) \
+                 ON CONFLICT (path, size, mtime_ns) DO NOTHING RETURNING id",
+            )
+            .bind(encode_path(&j.path).as_ref())
+            .bind(encode_path(&j.root).as_ref())
+            .bind(j.size as i64)
+            .bind(j.mtime_ns)
+            .bind(j.dev as i64)
+            .bind(j.ino as i64)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            out.push(match id {
+                Some(id) => {
+                    sqlx::query(
+                        "INSERT INTO job_events (job_id, at, event) VALUES ($1, $2, 'queued')",
+                    )
+                    .bind(id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    Enqueued::New {
+                        id,
+                        supersedes: None,
+                    }
+                }
+                None => Enqueued::Known,
+            });
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Takes the next due job ([`Transition::Claim`]) for this daemon, under a lease. Daemons
+    /// claiming at the same instant skip each other's locked rows instead of waiting on them.
+    pub async fn claim(&self, now: i64) -> Result<Option<Held>, QueueError> {
+        let sql = format!(
+            "UPDATE jobs SET state = {to}, holder = $2, fence = fence + 1, updated_at = $1, \
+             lease_until = now() + make_interval(secs => $3::double precision / 1000) \
+             WHERE id = (SELECT id FROM jobs WHERE {due} AND next_attempt_at <= $1 \
+                         ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+             RETURNING {JOB_COLUMNS}",
+            to = Transition::Claim.sql_target(),
+            due = Transition::Claim.sql_guard(),
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .bind(&self.me)
+            .bind(self.lease_ms())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(held_from_row).transpose()
+    }
+
+    /// Renews the lease on every job this daemon holds and records its heartbeat; returns how
+    /// many jobs it holds. Call it well within the lease (a third of it).
+    pub async fn heartbeat(&self) -> Result<u64, QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let held = sqlx::query(
+            "UPDATE jobs SET lease_until = now() + make_interval(secs => $2::double precision / 1000) \
+             WHERE holder = $1 AND state IN ('declaring', 'uploading')",
+        )
+        .bind(&self.me)
+        .bind(self.lease_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("UPDATE daemons SET heartbeat_at = now() WHERE id = $1")
+            .bind(&self.me)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(held)
+    }
+
+    /// Takes over the jobs whose holder's lease ran out (it died, was cut off, or is paused):
+    /// they go back to wait and any daemon claims them ([`Transition::PutBack`]). The fence is
+    /// raised here already, so the old holder's late commit is refused even before another
+    /// daemon claims the job. A lost
+    /// declare's possible orphan is counted, as a restart's recovery counts it.
+    pub async fn reap_expired(&self, now: i64) -> Result<u64, QueueError> {
+        let sql = format!(
+            "WITH expired AS (SELECT id FROM jobs WHERE state IN ('declaring', 'uploading') \
+                              AND lease_until < now() FOR UPDATE SKIP LOCKED) \
+             UPDATE jobs SET state = {to}, holder = NULL, lease_until = NULL, updated_at = $1, \
+                 fence = fence + 1, \
+                 orphans = orphans + (CASE WHEN state = 'declaring' THEN 1 ELSE 0 END), \
+                 last_error = 'taken over: its daemon stopped renewing its claim' \
+             FROM expired WHERE jobs.id = expired.id",
+            to = Transition::PutBack.sql_target(),
+        );
+        let n = sqlx::query(AssertSqlSafe(sql))
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n)
+    }
+
+    /// Commits the interaction id before the upload starts ([`Transition::Declared`]), only
+    /// under this daemon's claim.
+    pub async fn mark_declared(
+        &self,
+        held: &Held,
+        interaction_id: &str,
+        external_id: Option<&str>,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        const T: Transition = Transition::Declared;
+        let sql = format!(
+            "UPDATE jobs SET state = {to}, interaction_id = $3, external_id = COALESCE($4, \
+             external_id), last_error = NULL, updated_at = $5 \
+             WHERE id = $1 AND fence = $2 AND {from}",
+            to = T.sql_target(),
+            from = T.sql_guard(),
+        );
+        let q = sqlx::query(AssertSqlSafe(sql))
+            .bind(held.job.id)
+            .bind(held.fence)
+            .bind(interaction_id)
+            .bind(external_id)
+            .bind(now);
+        self.fenced(held, T, now, q).await
+    }
+
+    /// The service has the audio, 201 or 409 ([`Transition::Uploaded`]): the claim ends.
+    pub async fn mark_uploaded(
+        &self,
+        held: &Held,
+        status: u16,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        const T: Transition = Transition::Uploaded;
+        let sql = format!(
+            "UPDATE jobs SET state = {to}, upload_status = $3, uploaded_at = $4, updated_at = $4, \
+             last_error = NULL, holder = NULL, lease_until = NULL \
+             WHERE id = $1 AND fence = $2 AND {from}",
+            to = T.sql_target(),
+            from = T.sql_guard(),
+        );
+        let q = sqlx::query(AssertSqlSafe(sql))
+            .bind(held.job.id)
+            .bind(held.fence)
+            .bind(i64::from(status))
+            .bind(now);
+        self.fenced(held, T, now, q).await
+    }
+
+    /// Back to wait until `at` ([`Transition::PutBack`]), one attempt counted: the claim ends.
+    pub async fn reschedule(
+        &self,
+        held: &Held,
+        at: i64,
+        error: &str,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        const T: Transition = Transition::PutBack;
+        let sql = format!(
+            "UPDATE jobs SET state = {to}, attempts = attempts + 1, next_attempt_at = $3, \
+             last_error = $4, updated_at = $5, holder = NULL, lease_until = NULL \
+             WHERE id = $1 AND fence = $2 AND {from}",
+            to = T.sql_target(),
+            from = T.sql_guard(),
+        );
+        let q = sqlx::query(AssertSqlSafe(sql))
+            .bind(held.job.id)
+            .bind(held.fence)
+            .bind(at)
+            .bind(error)
+            .bind(now);
+        self.fenced(held, T, now, q).await
+    }
+
+    /// Needs an operator ([`Transition::Fail`]): the claim ends.
+    pub async fn fail(&self, held: &Held, error: &str, now: i64) -> Result<(), QueueError> {
+        const T: Transition = Transition::Fail;
+        let sql = format!(
+            "UPDATE jobs SET state = {to}, last_error = $3, updated_at = $4, holder = NULL, \
+             lease_until = NULL WHERE id = $1 AND fence = $2 AND {from}",
+            to = T.sql_target(),
+            from = T.sql_guard(),
+        );
+        let q = sqlx::query(AssertSqlSafe(sql))
+            .bind(held.job.id)
+            .bind(held.fence)
+            .bind(error)
+            .bind(now);
+        self.fenced(held, T, now, q).await
+    }
+
+    /// Runs a transition guarded by the claim's fence, with its event in the same transaction;
+    /// a guard that fails says whether the claim was lost or the state was wrong.
+    async fn fenced(
+        &self,
+        held: &Held,
+        t: Transition,
+        now: i64,
+        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<(), QueueError> {
+        let mut tx = self.pool.begin().await?;
+        if q.execute(&mut *tx).await?.rows_affected() == 1 {
+            let event = match t {
+                Transition::Declared => "declared",
+                Transition::Uploaded => "uploaded",
+                Transition::PutBack => "retry",
+                Transition::Fail => "failed",
+                _ => "changed",
+            };
+            sqlx::query("INSERT INTO job_events (job_id, at, event) VALUES ($1, $2, $3)")
+                .bind(held.job.id)
+                .bind(now)
+                .bind(event)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(());
+        }
+        tx.rollback().await?;
+        let row: Option<(String, i64)> =
+            sqlx::query_as("SELECT state, fence FROM jobs WHERE id = $1")
+                .bind(held.job.id)
+                .fetch_optional(&self.pool)
+                .await?;
+        match row {
+            Some((_, fence)) if fence != held.fence => {
+                Err(QueueError::LostClaim { job: held.job.id })
+            }
+            found => Err(QueueError::NotInState {
+                job: held.job.id,
+                expected: t.from_states(),
+                found: found.and_then(|(s, _)| s.parse().ok()),
+            }),
+        }
+    }
+
+    /// Takes (or keeps) the role `name` for this daemon if no other daemon holds it under a live
+    /// lease. Returns the role's fence while this daemon holds it, None while another does.
+    pub async fn take_role(&self, name: &str) -> Result<Option<i64>, QueueError> {
+        let fence: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO roles (name, holder, lease_until, fence) \
+             VALUES ($1, $2, now() + make_interval(secs => $3::double precision / 1000), 1) \
+             ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, \
+                 lease_until = EXCLUDED.lease_until, \
+                 fence = roles.fence + (CASE WHEN roles.holder = EXCLUDED.holder THEN 0 ELSE 1 END) \
+             WHERE roles.holder = EXCLUDED.holder OR roles.lease_until < now() \
+             RETURNING fence",
+        )
+        .bind(name)
+        .bind(&self.me)
+        .bind(self.lease_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(fence)
+    }
+
+    /// A graceful stop: this daemon's roles are released at once, so another daemon need not wait
+    /// for the lease to run out. Its jobs are left to their leases (in-flight work finished or
+    /// was put back by the worker before this).
+    pub async fn stop(&self) -> Result<(), QueueError> {
+        // Expired rather than deleted: the next holder's fence must still be a new one.
+        sqlx::query("UPDATE roles SET lease_until = '-infinity' WHERE holder = $1")
+            .bind(&self.me)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("UPDATE daemons SET stopped_at = now() WHERE id = $1")
+            .bind(&self.me)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, id: i64) -> Result<Option<Job>, QueueError> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(held_from_row).transpose()?.map(|h| h.job))
+    }
+
+    /// The daemon that holds a job, if any (for `status`, and for tests).
+    pub async fn holder(&self, id: i64) -> Result<Option<String>, QueueError> {
+        Ok(sqlx::query_scalar("SELECT holder FROM jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .flatten())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn held_from_row(r: &PgRow) -> Result<Held, QueueError> {
+    Ok(Held {
+        job: super::job_from_row(r)?,
+        fence: r.try_get("fence")?,
+    })
+}

@@ -1,0 +1,400 @@
+//! The PostgreSQL queue's claims, leases and fences (issue 15), against a real PostgreSQL started
+//! by the test itself (`callferry::pgcluster`): several daemons' handles on one database, each
+//! racing the others the way daemons on several hosts would. These tests never skip: without a
+//! server they fail, saying how to get one.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use callferry::pgcluster::PgCluster;
+use callferry::queue::pg::{Held, PgQueue};
+use callferry::queue::{Enqueued, NewJob, QueueError, State};
+use proptest::prelude::*;
+
+fn server() -> &'static PgCluster {
+    PgCluster::shared().unwrap_or_else(|e| panic!("PostgreSQL test server: {e}"))
+}
+
+async fn daemons(url: &str, n: usize, lease: Duration) -> Vec<PgQueue> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(
+            PgQueue::connect(url, &format!("d{i}"), &format!("host{i}"), lease)
+                .await
+                .expect("connect"),
+        );
+    }
+    out
+}
+
+fn version(i: usize) -> NewJob {
+    NewJob {
+        path: PathBuf::from(format!("/spool/2026/12/05/call-{i}.wav")),
+        root: PathBuf::from("/spool"),
+        size: 1000 + i as u64,
+        mtime_ns: 1_764_900_000_000_000_000 + i as i64,
+        dev: 40 + i as u64 % 3, // differs per NFS client: never part of the identity
+        ino: 7000 + i as u64,
+    }
+}
+
+/// Makes a job's lease run out now, as if its holder had been paused or cut off for longer than
+/// the lease: the database's clock decides, so this is what a late wake-up looks like to it.
+async fn expire(url: &str, id: i64) {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    sqlx::query("UPDATE jobs SET lease_until = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_starting_together_migrate_once_and_queue_a_version_once() {
+    let url = server().fresh_db().unwrap();
+    let starts = (0..3).map(|i| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            PgQueue::connect(&url, &format!("d{i}"), "h", Duration::from_secs(30)).await
+        })
+    });
+    let mut ds = Vec::new();
+    for s in starts {
+        ds.push(s.await.unwrap().expect("each daemon connects and migrates"));
+    }
+    // The same ten recordings, found by all three daemons at the same time.
+    let batch: Vec<NewJob> = (0..10).map(version).collect();
+    let finds = ds.iter().map(|d| d.enqueue(&batch, 1));
+    let results = futures_util::future::join_all(finds).await;
+    let mut new = 0;
+    for r in results {
+        for e in r.expect("enqueue") {
+            if matches!(e, Enqueued::New { .. }) {
+                new += 1;
+            }
+        }
+    }
+    assert_eq!(
+        new, 10,
+        "each version is one job, whichever daemon found it first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_never_hand_one_job_to_two_daemons() {
+    let url = server().fresh_db().unwrap();
+    let ds = daemons(&url, 3, Duration::from_secs(60)).await;
+    let batch: Vec<NewJob> = (0..150).map(version).collect();
+    ds[0].enqueue(&batch, 1).await.unwrap();
+    let ds = std::sync::Arc::new(ds);
+    let mut tasks = Vec::new();
+    for d in 0..3 {
+        for _worker in 0..3 {
+            let ds = ds.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                while let Some(h) = ds[d].claim(10).await.expect("claim") {
+                    assert_eq!(h.job.state, State::Declaring);
+                    ds[d]
+                        .mark_declared(&h, &format!("i-{}", h.job.id), None, 11)
+                        .await
+                        .expect("an unshared claim commits");
+                    mine.push(h.job.id);
+                }
+                mine
+            }));
+        }
+    }
+    let mut seen = HashSet::new();
+    for t in tasks {
+        for id in t.await.unwrap() {
+            assert!(seen.insert(id), "job {id} was claimed twice");
+        }
+    }
+    assert_eq!(seen.len(), 150, "every due job was claimed");
+}
+
+#[tokio::test]
+async fn a_daemon_that_wakes_up_after_a_takeover_cannot_commit() {
+    let url = server().fresh_db().unwrap();
+    let ds = daemons(&url, 2, Duration::from_secs(30)).await;
+    ds[0].enqueue(&[version(1)], 1).await.unwrap();
+    let a = ds[0].claim(2).await.unwrap().expect("a due job");
+    // A is paused past its lease; B takes the job over and declares it.
+    expire(&url, a.job.id).await;
+    assert_eq!(ds[1].reap_expired(3).await.unwrap(), 1);
+    let after = ds[1].get(a.job.id).await.unwrap().unwrap();
+    assert_eq!(after.state, State::Pending);
+    assert_eq!(
+        after.orphans, 1,
+        "A's declare may have reached ElevateAI: counted"
+    );
+    let b = ds[1].claim(4).await.unwrap().expect("taken over");
+    assert!(b.fence > a.fence);
+    ds[1].mark_declared(&b, "from-b", None, 5).await.unwrap();
+    // A wakes up with the answer to its own declare.
+    let late = ds[0].mark_declared(&a, "from-a", None, 6).await;
+    assert!(
+        matches!(late, Err(QueueError::LostClaim { .. })),
+        "{late:?}"
+    );
+    let late = ds[0].fail(&a, "late failure", 6).await;
+    assert!(
+        matches!(late, Err(QueueError::LostClaim { .. })),
+        "{late:?}"
+    );
+    let job = ds[1].get(a.job.id).await.unwrap().unwrap();
+    assert_eq!(job.interaction_id.as_deref(), Some("from-b"));
+    assert_eq!(job.state, State::Uploading);
+    assert_eq!(
+        ds[1].holder(job.id).await.unwrap().as_deref(),
+        Some(ds[1].instance())
+    );
+}
+
+#[tokio::test]
+async fn an_upload_taken_over_goes_again_on_the_same_interaction() {
+    let url = server().fresh_db().unwrap();
+    let ds = daemons(&url, 2, Duration::from_secs(30)).await;
+    ds[0].enqueue(&[version(1)], 1).await.unwrap();
+    let a = ds[0].claim(2).await.unwrap().unwrap();
+    ds[0].mark_declared(&a, "i-1", None, 3).await.unwrap();
+    assert_eq!(
+        ds[0].claim(4).await.unwrap().map(|h| h.job.id),
+        None,
+        "held, not due"
+    );
+    let job = ds[0].get(a.job.id).await.unwrap().unwrap();
+    assert_eq!(job.state, State::Uploading);
+    expire(&url, a.job.id).await;
+    assert_eq!(ds[1].reap_expired(5).await.unwrap(), 1);
+    let b = ds[1]
+        .claim(6)
+        .await
+        .unwrap()
+        .expect("the upload is taken over");
+    assert_eq!(b.job.state, State::Uploading);
+    assert_eq!(b.job.interaction_id.as_deref(), Some("i-1"));
+    assert_eq!(
+        b.job.orphans, 0,
+        "an upload taken over leaves no orphan declare"
+    );
+    ds[1].mark_uploaded(&b, 409, 7).await.unwrap();
+    let late = ds[0].mark_uploaded(&a, 201, 8).await;
+    assert!(
+        matches!(late, Err(QueueError::LostClaim { .. })),
+        "{late:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_heartbeat_renews_every_claim_its_daemon_holds() {
+    let url = server().fresh_db().unwrap();
+    let ds = daemons(&url, 2, Duration::from_secs(30)).await;
+    ds[0]
+        .enqueue(&(0..3).map(version).collect::<Vec<_>>(), 1)
+        .await
+        .unwrap();
+    let held: Vec<Held> = vec![
+        ds[0].claim(2).await.unwrap().unwrap(),
+        ds[0].claim(2).await.unwrap().unwrap(),
+    ];
+    let _other = ds[1].claim(2).await.unwrap().unwrap();
+    for h in &held {
+        expire(&url, h.job.id).await;
+    }
+    assert_eq!(
+        ds[0].heartbeat().await.unwrap(),
+        2,
+        "its own two, not the other's"
+    );
+    assert_eq!(
+        ds[1].reap_expired(3).await.unwrap(),
+        0,
+        "renewed: nothing to take over"
+    );
+}
+
+#[tokio::test]
+async fn a_role_has_one_holder_and_fails_over() {
+    let url = server().fresh_db().unwrap();
+    let ds = daemons(&url, 2, Duration::from_secs(30)).await;
+    assert_eq!(ds[0].take_role("rescan").await.unwrap(), Some(1));
+    assert_eq!(ds[1].take_role("rescan").await.unwrap(), None);
+    assert_eq!(
+        ds[0].take_role("rescan").await.unwrap(),
+        Some(1),
+        "renewed, same fence"
+    );
+    // The holder dies: its lease runs out and the other takes the role, under a new fence.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    sqlx::query("UPDATE roles SET lease_until = now() - interval '1 second'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(ds[1].take_role("rescan").await.unwrap(), Some(2));
+    assert_eq!(ds[0].take_role("rescan").await.unwrap(), None);
+    // A graceful stop hands it over at once.
+    ds[1].stop().await.unwrap();
+    assert_eq!(ds[0].take_role("rescan").await.unwrap(), Some(3));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Daemon d claims the next due job.
+    Claim(usize),
+    /// Daemon d commits the next outcome for its k-th oldest claim (declared, then uploaded).
+    Commit(usize, usize),
+    /// Daemon d gives up its k-th claim (a 5xx: back to wait).
+    PutBack(usize, usize),
+    /// Daemon d is paused past its leases: they all run out.
+    Pause(usize),
+    /// Daemon d reaps expired leases.
+    Reap(usize),
+    /// Daemon d renews its leases.
+    Heartbeat(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..3usize).prop_map(Op::Claim),
+        4 => (0..3usize, 0..3usize).prop_map(|(d, k)| Op::Commit(d, k)),
+        1 => (0..3usize, 0..3usize).prop_map(|(d, k)| Op::PutBack(d, k)),
+        1 => (0..3usize).prop_map(Op::Pause),
+        2 => (0..3usize).prop_map(Op::Reap),
+        1 => (0..3usize).prop_map(Op::Heartbeat),
+    ]
+}
+
+/// Any interleaving of three daemons claiming, committing, giving up, being paused past their
+/// leases, reaping and renewing keeps the promises, checked against the table itself:
+/// - a commit succeeds only for the claim the job's fence names, so at any moment one daemon
+///   at most can act on a job;
+/// - a job is declared successfully at most once per declaring claim that was not taken over,
+///   i.e. a second interaction only where a takeover counted an orphan (the lost-answer floor);
+/// - a job's interaction id never changes once committed, and an uploaded job stays uploaded.
+#[test]
+fn any_interleaving_of_three_daemons_keeps_claims_exclusive() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = server().fresh_db().unwrap();
+    let cases: u32 = std::env::var("CALLFERRY_PG_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    let ds = rt.block_on(daemons(&url, 3, Duration::from_secs(3600)));
+    let admin = rt.block_on(sqlx::PgPool::connect(&url)).unwrap();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&proptest::collection::vec(op(), 1..40), |ops| {
+            rt.block_on(async {
+                sqlx::query("TRUNCATE jobs RESTART IDENTITY CASCADE")
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+                ds[0]
+                    .enqueue(&(0..4).map(version).collect::<Vec<_>>(), 0)
+                    .await
+                    .unwrap();
+                run_ops(&ds, &admin, &ops).await
+            })
+        })
+        .unwrap();
+}
+
+async fn run_ops(ds: &[PgQueue], admin: &sqlx::PgPool, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut claims: Vec<Vec<Held>> = vec![Vec::new(); ds.len()];
+    // Successful declares per job, and the orphans counted for it by takeovers.
+    let mut declared: HashMap<i64, u32> = HashMap::new();
+    let mut ids: HashMap<i64, String> = HashMap::new();
+    let mut uploaded: HashSet<i64> = HashSet::new();
+    for (n, op) in ops.iter().enumerate() {
+        let now = 1 + n as i64;
+        match *op {
+            Op::Claim(d) => {
+                if let Some(h) = ds[d].claim(now).await.unwrap() {
+                    claims[d].push(h);
+                }
+            }
+            Op::Commit(d, k) | Op::PutBack(d, k) if k < claims[d].len() => {
+                let h = claims[d].remove(k);
+                let fence: i64 = sqlx::query_scalar("SELECT fence FROM jobs WHERE id = $1")
+                    .bind(h.job.id)
+                    .fetch_one(admin)
+                    .await
+                    .unwrap();
+                let r = match (op, h.job.state) {
+                    (Op::PutBack(..), _) => ds[d].reschedule(&h, 0, "5xx", now).await,
+                    (_, State::Declaring) => {
+                        let iid = format!("i-{}-{}", h.job.id, h.fence);
+                        let r = ds[d].mark_declared(&h, &iid, None, now).await;
+                        if r.is_ok() {
+                            *declared.entry(h.job.id).or_default() += 1;
+                            ids.insert(h.job.id, iid);
+                        }
+                        r
+                    }
+                    _ => {
+                        let r = ds[d].mark_uploaded(&h, 201, now).await;
+                        if r.is_ok() {
+                            uploaded.insert(h.job.id);
+                        }
+                        r
+                    }
+                };
+                // The fence decides, and nothing else: a current claim commits, a stale one
+                // is refused as lost.
+                if fence == h.fence {
+                    prop_assert!(r.is_ok(), "current claim refused: {r:?} ({op:?})");
+                } else {
+                    prop_assert!(
+                        matches!(r, Err(QueueError::LostClaim { .. })),
+                        "stale claim (fence {} < {fence}) got {r:?}",
+                        h.fence
+                    );
+                }
+            }
+            Op::Commit(..) | Op::PutBack(..) => {}
+            Op::Pause(d) => {
+                sqlx::query(
+                    "UPDATE jobs SET lease_until = now() - interval '1 second' WHERE holder = $1",
+                )
+                .bind(ds[d].instance())
+                .execute(admin)
+                .await
+                .unwrap();
+            }
+            Op::Reap(d) => {
+                ds[d].reap_expired(now).await.unwrap();
+            }
+            Op::Heartbeat(d) => {
+                ds[d].heartbeat().await.unwrap();
+            }
+        }
+        // After every step, from the table: what each job looks like now.
+        for id in 1..=4i64 {
+            let j = ds[0].get(id).await.unwrap().unwrap();
+            let count = declared.get(&id).copied().unwrap_or(0);
+            prop_assert!(
+                count <= 1 + j.orphans,
+                "job {id} declared {count} times with {} orphans counted",
+                j.orphans
+            );
+            if let Some(iid) = ids.get(&id) {
+                prop_assert_eq!(j.interaction_id.as_ref(), Some(iid), "job {}", id);
+            }
+            if uploaded.contains(&id) {
+                prop_assert_eq!(j.state, State::Uploaded, "job {}", id);
+            }
+        }
+    }
+    Ok(())
+}
