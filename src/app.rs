@@ -339,6 +339,15 @@ fn spawn_background(
             error!(error = %e, "the folder watcher stopped; files are no longer discovered until restart");
         }
     });
+    // The recorder's end-of-call requests (`callferry enqueue --now`), those left while stopped
+    // first.
+    tasks.spawn(crate::hook::run(
+        cfg.clone(),
+        p.queue.clone(),
+        p.roots.clone(),
+        p.wake.workers.clone(),
+        cancel.clone(),
+    ));
     tasks.spawn(crate::watch::health_task(
         p.roots.clone(),
         p.queue.clone(),

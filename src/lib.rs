@@ -18,6 +18,7 @@ pub mod filestream;
 pub mod forget;
 pub mod gate;
 pub mod health;
+pub mod hook;
 pub mod metrics;
 pub mod monitor;
 pub mod pgcluster;

@@ -249,11 +249,18 @@ impl Pipeline {
             return;
         }
         if job.state == State::Declaring {
+            let Some(hook) = self.hook_of(&job).await else {
+                return;
+            };
             let sidecar = self.sidecar_of(&job, &path).await;
-            if matches!(sidecar, Ok(None)) && self.wait_for_sidecar(&job).await {
+            // A recorder's end-of-call request carries the call: no sidecar is waited for.
+            if hook.is_none() && matches!(sidecar, Ok(None)) && self.wait_for_sidecar(&job).await {
                 return;
             }
-            let req = self.declare_request(&job, &path, sidecar.ok().flatten().as_ref());
+            let mut req = self.declare_request(&job, &path, sidecar.ok().flatten().as_ref());
+            if let Some(h) = &hook {
+                crate::hook::apply_to_declare(h, &mut req, self.cfg.declare.send_metadata);
+            }
             let ext = req.external_identifier.as_deref();
             match self.api.declare(&req).await {
                 Ok(iid) => {
@@ -454,6 +461,27 @@ impl Pipeline {
             Err(e) => {
                 warn!(error = %e, "could not look for a sidecar; the recording goes without one");
                 Err(())
+            }
+        }
+    }
+
+    /// What the recorder's end-of-call hook said about the job's call (`crate::hook`); None (the
+    /// job was put back) when it cannot be read now: declaring without it would lose it.
+    async fn hook_of(&self, job: &Job) -> Option<Option<crate::hook::HookCall>> {
+        match self.queue.hook_of(job.id).await {
+            Ok(h) => Some(h.and_then(|text| {
+                serde_json::from_str(&text)
+                    .inspect_err(|e| warn!(error = %e, "the recorder's hook data is unreadable; declared without it"))
+                    .ok()
+            })),
+            Err(e) => {
+                let now = now_ms();
+                warn!(error = %e, "cannot read the recorder's hook data; the declare waits");
+                self.record(
+                    self.commit(|| self.queue.reschedule(job, None, now + 1000, false, now))
+                        .await,
+                );
+                None
             }
         }
     }

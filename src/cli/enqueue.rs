@@ -69,3 +69,90 @@ pub(super) async fn enqueue(cfg: &Config, files: &[PathBuf]) -> Result<i32, AppE
     result?;
     Ok(code)
 }
+
+/// `callferry enqueue --now … FILE`: the recorder's end-of-call hook. Writes one request into the
+/// hook folder and returns the exit code: 0 once it is on disk, 78 when the folder is missing or
+/// not writable by this user (the admin's to fix), 2 for a usage error, 1 otherwise.
+pub(super) fn enqueue_now(
+    files: &[PathBuf],
+    external_id: Option<&str>,
+    meta: &[String],
+    hook_dir: Option<&std::path::Path>,
+    urlencoded: bool,
+    env: &std::collections::BTreeMap<String, String>,
+) -> i32 {
+    use super::{EXIT_CONFIG, EXIT_USAGE};
+    use crate::hook;
+    let usage = |m: &str| {
+        tell(&format!("callferry enqueue --now: {m}"));
+        EXIT_USAGE
+    };
+    let [file] = files else {
+        return usage("takes exactly one FILE (the recording whose call just ended)");
+    };
+    let decode = |s: &str| {
+        if urlencoded {
+            hook::percent_decode(s)
+        } else {
+            Ok(s.to_string())
+        }
+    };
+    let external_id = match external_id.map(decode).transpose() {
+        Ok(id) => id,
+        Err(e) => return usage(&format!("--external-id {e}")),
+    };
+    let mut pairs = std::collections::BTreeMap::new();
+    for m in meta {
+        let Some((k, v)) = m.split_once('=') else {
+            return usage(&format!("--meta {m:?} is not KEY=VALUE"));
+        };
+        if let Err(e) = hook::check_key(k) {
+            return usage(&e);
+        }
+        let v = match decode(v) {
+            Ok(v) => v,
+            Err(e) => return usage(&format!("--meta {k}: {e}")),
+        };
+        if pairs.insert(k.to_string(), v).is_some() {
+            return usage(&format!("--meta {k} is given twice"));
+        }
+    }
+    let path = match std::path::absolute(file) {
+        Ok(p) => p,
+        Err(e) => return usage(&format!("{}: {e}", file.display())),
+    };
+    match std::fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return usage(&format!("{} does not exist", path.display()));
+        }
+        Ok(m) if m.is_dir() => return usage(&format!("{} is a folder", path.display())),
+        // Anything else is the daemon's to judge: it reads the file as its own user.
+        _ => {}
+    }
+    let req = hook::Request::new(&path, external_id, pairs);
+    if let Err(e) = req.validate() {
+        return usage(&e);
+    }
+    let dir = hook::hook_dir(hook_dir, env);
+    match hook::submit(&dir, &req) {
+        Ok(written) => {
+            let _ = out(
+                &mut std::io::stdout().lock(),
+                &format!(
+                    "requested {} ({})\n",
+                    path.display(),
+                    written.file_name().unwrap_or_default().to_string_lossy()
+                ),
+            );
+            EXIT_OK
+        }
+        Err(hook::SubmitError::Setup(m)) => {
+            tell(&format!("callferry enqueue --now: {m}"));
+            EXIT_CONFIG
+        }
+        Err(hook::SubmitError::Failed(m)) => {
+            tell(&format!("callferry enqueue --now: {m}"));
+            EXIT_FAILURE
+        }
+    }
+}

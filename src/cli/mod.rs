@@ -44,6 +44,7 @@ FILES:
 
 ENVIRONMENT:
   CALLFERRY_CONFIG                 the config file, instead of /etc/callferry/callferry.toml
+  CALLFERRY_HOOK_DIR               `enqueue --now`'s folder, instead of /var/spool/callferry/hook
   CALLFERRY_<SECTION>__<KEY>       overrides one key, e.g. CALLFERRY_API__TOKEN,
                                    CALLFERRY_WATCH__PATHS=/a,/b (lists are comma-separated)
   RUST_LOG                         log filter, instead of [log] level
@@ -78,6 +79,8 @@ EXAMPLES:
   callferry enqueue /old/recordings/*.wav  backfill
   callferry forget --external-id 1764584100.42   erase one call everywhere (GDPR)
   callferry forget --older-than 90d        erase every call recorded more than 90 days ago
+  callferry enqueue --now --external-id 1764584100.42 --meta caller=5551234 /var/spool/asterisk/monitor/x.wav
+                                           the recorder's end-of-call hook (README: The recorder's hook)
   journalctl -u callferry INTERACTION_ID=<id>   one job's story
   callferry demo                           the whole flow on this machine, nothing to set up
 ";
@@ -127,8 +130,35 @@ pub enum Command {
     },
     /// Put failed jobs back in the queue; a running daemon picks them up without a restart.
     Retry(RetryArgs),
-    /// Queue files by hand (backfill), with the same checks as watched files.
+    /// Queue files by hand (backfill), with the same checks as watched files. With --now: the
+    /// recorder's end-of-call hook (README: "The recorder's hook").
     Enqueue {
+        /// One FILE whose call just ended, from the recorder's hook, as the recorder's user: the
+        /// request goes through the hook folder (no configuration or database is read), and the
+        /// daemon queues it without the settle wait. Exit 0 once the request is on disk, 78 when
+        /// the hook folder is missing or not writable, 2 for a usage error.
+        #[arg(long)]
+        now: bool,
+        /// The call's id (ElevateAI's externalIdentifier); wins over the name's and the sidecar's.
+        #[arg(long, requires = "now", value_name = "ID", allow_hyphen_values = true)]
+        external_id: Option<String>,
+        /// A fact about the call, sent as declare metadata (with [declare] send_metadata = true);
+        /// a dotted KEY is a section: agent.extension=1001. Repeatable.
+        #[arg(
+            long = "meta",
+            requires = "now",
+            value_name = "KEY=VALUE",
+            allow_hyphen_values = true
+        )]
+        meta: Vec<String>,
+        /// The hook folder (else $CALLFERRY_HOOK_DIR, else /var/spool/callferry/hook): the
+        /// daemon's [watch] hook_dir.
+        #[arg(long, requires = "now", value_name = "DIR")]
+        hook_dir: Option<PathBuf>,
+        /// The ID and VALUEs are %-encoded (FreeSWITCH's url_encode, Asterisk's URIENCODE): for
+        /// hooks that split arguments on spaces. Not a shell's quoting: quote them all the same.
+        #[arg(long, requires = "now")]
+        urlencoded: bool,
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
@@ -198,6 +228,26 @@ fn parse_duration_arg(s: &str) -> Result<Duration, config::ConfigError> {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let env: BTreeMap<String, String> = std::env::vars().collect();
+    // The recorder's hook: no runtime, no configuration, no database (it runs as the recorder's
+    // user, who may read none of them).
+    if let Command::Enqueue {
+        now: true,
+        external_id,
+        meta,
+        hook_dir,
+        urlencoded,
+        files,
+    } = &cli.command
+    {
+        return enqueue::enqueue_now(
+            files,
+            external_id.as_deref(),
+            meta,
+            hook_dir.as_deref(),
+            *urlencoded,
+            &env,
+        );
+    }
     // The daemon runs its tasks on one thread. Its work is waiting (on the network, on SQLite's own
     // thread, on the blocking pool that fsyncs and reads uncached files); with a second runtime
     // thread, tasks bounced between the two and every hand-over was a context switch. Measured
@@ -261,7 +311,7 @@ async fn with_config(command: Command, config_path: PathBuf, env: BTreeMap<Strin
         Command::Status { json } => status::status(db, json).await,
         Command::List { state, limit, json } => list::list(db, state.as_deref(), limit, json).await,
         Command::Retry(args) => retry::retry(db, &args).await,
-        Command::Enqueue { files } => enqueue::enqueue(&cfg, &files).await,
+        Command::Enqueue { files, .. } => enqueue::enqueue(&cfg, &files).await,
         Command::CheckConfig { online } => check_config::check_config(&cfg, online).await,
         Command::Forget(args) => forget::forget(&cfg, &args).await,
         Command::Run | Command::Demo | Command::FakeApi { .. } => unreachable!("dispatched above"),

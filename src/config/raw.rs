@@ -93,6 +93,7 @@ pub(super) struct RawWatch {
     pub(super) rescan_interval: String,
     pub(super) naming: String,
     pub(super) sidecar_wait: String,
+    pub(super) hook_dir: String,
 }
 
 impl Default for RawWatch {
@@ -116,6 +117,7 @@ impl Default for RawWatch {
             rescan_interval: "10m".into(),
             naming: "auto".into(),
             sidecar_wait: "0s".into(),
+            hook_dir: crate::hook::DEFAULT_DIR.into(),
         }
     }
 }

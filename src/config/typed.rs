@@ -118,6 +118,8 @@ pub struct WatchConfig {
     pub naming: crate::calls::naming::Naming,
     /// > 0: a recording without its sidecar waits up to this long after it was queued.
     pub sidecar_wait: Duration,
+    /// The recorder's hook's drop folder (`callferry enqueue --now`); None: not taken. Extension.
+    pub hook_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]

@@ -325,6 +325,16 @@ fn validate_watch(raw: RawWatch) -> Result<WatchConfig, ConfigError> {
         naming: crate::calls::naming::Naming::parse(&raw.naming)
             .map_err(|e| ConfigError::new("watch.naming", e))?,
         sidecar_wait: parse_duration("watch.sidecar_wait", &raw.sidecar_wait)?,
+        hook_dir: match raw.hook_dir.trim() {
+            "" => None,
+            d if !Path::new(d).is_absolute() => {
+                return Err(ConfigError::new(
+                    "watch.hook_dir",
+                    format!("{d} is not an absolute path (\"\" turns the hook off)"),
+                ));
+            }
+            d => Some(PathBuf::from(d)),
+        },
     })
 }
 

@@ -19,6 +19,23 @@ impl Queue {
     /// rows, are what costs here (each is a round trip to SQLite's thread): row by row, 100,000
     /// files found at start took 8 s to queue (issue 8).
     pub async fn enqueue(&self, jobs: &[NewJob], now: i64) -> Result<Vec<Enqueued>, QueueError> {
+        // IMMEDIATE: the write lock first, waiting the busy timeout for it. A deferred transaction
+        // reads first, and its upgrade to a writer fails at once ("database is locked", no
+        // waiting) when another process wrote meanwhile: `callferry enqueue` beside a busy daemon
+        // queued 0 to 11 of 10,000 files (issue 17).
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let out = Self::enqueue_in(&mut tx, jobs, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// [`Queue::enqueue`] inside the caller's transaction (the recorder's hook attaches its call
+    /// to the job in the same one, so no worker can claim it in between).
+    pub(super) async fn enqueue_in(
+        tx: &mut Transaction<'_, Sqlite>,
+        jobs: &[NewJob],
+        now: i64,
+    ) -> Result<Vec<Enqueued>, QueueError> {
         let mut out: Vec<Option<Enqueued>> = vec![None; jobs.len()];
         // The same recording twice in one batch (two hard links found together) is resolved row
         // by row after the rest, when the first one is in the table to be found.
@@ -27,25 +44,20 @@ impl Queue {
             let j = &jobs[i];
             j.ino == 0 || seen.insert((j.dev, j.ino, j.size, j.mtime_ns))
         });
-        // IMMEDIATE: the write lock first, waiting the busy timeout for it. A deferred transaction
-        // reads first, and its upgrade to a writer fails at once ("database is locked", no
-        // waiting) when another process wrote meanwhile: `callferry enqueue` beside a busy daemon
-        // queued 0 to 11 of 10,000 files (issue 17).
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // Uploaded long ago and pruned since (`queue.keep_history`): their fingerprints know them.
         let all: Vec<usize> = (0..jobs.len()).collect();
-        let pruned = Self::pruned_versions(&mut tx, jobs, &all).await?;
+        let pruned = Self::pruned_versions(tx, jobs, &all).await?;
         let first: Vec<usize> = first.into_iter().filter(|i| !pruned.contains(i)).collect();
         let again: Vec<usize> = again.into_iter().filter(|i| !pruned.contains(i)).collect();
         let mut queued: Vec<i64> = Vec::new();
         if !first.is_empty() {
-            let rest = same_files_elsewhere(&mut tx, jobs, first, &mut out).await?;
+            let rest = same_files_elsewhere(tx, jobs, first, &mut out).await?;
             if !rest.is_empty() {
-                queued = insert_new(&mut tx, jobs, &rest, now, &mut out).await?;
+                queued = insert_new(tx, jobs, &rest, now, &mut out).await?;
             }
         }
         for i in again {
-            out[i] = same_file_elsewhere(&mut tx, &jobs[i]).await?;
+            out[i] = same_file_elsewhere(tx, &jobs[i]).await?;
         }
         if !queued.is_empty() {
             let ids = serde_json::to_string(&queued).unwrap_or_else(|_| "[]".into());
@@ -54,10 +66,9 @@ impl Queue {
             )
             .bind(now)
             .bind(ids)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
-        tx.commit().await?;
         // Not inserted and not the same file elsewhere: this exact version was there already.
         Ok(out
             .into_iter()

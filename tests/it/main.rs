@@ -13,6 +13,7 @@ mod fsopen;
 mod hardening;
 mod helpers;
 mod history;
+mod hook;
 mod hostile_server;
 mod hung;
 mod ops;
