@@ -751,7 +751,7 @@ impl Taker {
                     "the recorder's request came after this recording's declare: its id and metadata are not sent (the interaction keeps what the name or sidecar gave)");
             }
             Hooked::Pruned => {
-                info!(path = %path.display(), from_uid = uid, "the recorder's request names a recording uploaded long ago; nothing to do");
+                info!(path = %path.display(), from_uid = uid, "the recorder's request names a recording uploaded long ago (pruned) or forgotten; nothing to do");
             }
         }
         self.remove(&name).await;

@@ -21,7 +21,8 @@ pub enum Hooked {
         state: State,
         interaction_id: Option<String>,
     },
-    /// This version was uploaded long ago and pruned (`queue.keep_history`): nothing to do.
+    /// This version was uploaded long ago and pruned (`queue.keep_history`), or forgotten: known
+    /// only by its fingerprint, nothing to do.
     Pruned,
 }
 
