@@ -218,6 +218,20 @@ pub struct Counts {
 }
 
 impl Counts {
+    /// Adds `n` jobs in the internal state named `state` to its user-facing state's count.
+    fn add(&mut self, state: &str, n: i64) {
+        let n = n.max(0) as u64;
+        match State::from_str(state).map(State::public) {
+            Ok(State::Pending) => self.pending += n,
+            Ok(State::Declared) => self.declared += n,
+            Ok(State::Uploading) => self.uploading += n,
+            Ok(State::Uploaded) => self.uploaded += n,
+            Ok(State::Processed) => self.processed += n,
+            Ok(State::Failed) => self.failed += n,
+            _ => {}
+        }
+    }
+
     pub fn waiting(&self) -> u64 {
         self.pending + self.declared + self.uploading
     }

@@ -1,6 +1,5 @@
 //! Read-only views of the queue: one job, listings, counts and figures for `status`.
 
-use std::str::FromStr;
 use std::sync::LazyLock;
 
 use sqlx::{AssertSqlSafe, Row};
@@ -73,16 +72,7 @@ impl Queue {
         let mut c = Counts::default();
         for r in rows {
             let s: String = r.try_get("state")?;
-            let n = r.try_get::<i64, _>("n")? as u64;
-            match State::from_str(&s).map(State::public) {
-                Ok(State::Pending) => c.pending += n,
-                Ok(State::Declared) => c.declared += n,
-                Ok(State::Uploading) => c.uploading += n,
-                Ok(State::Uploaded) => c.uploaded += n,
-                Ok(State::Processed) => c.processed += n,
-                Ok(State::Failed) => c.failed += n,
-                _ => {}
-            }
+            c.add(&s, r.try_get::<i64, _>("n")?);
         }
         Ok(c)
     }

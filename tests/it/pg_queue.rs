@@ -241,6 +241,46 @@ async fn a_role_has_one_holder_and_fails_over() {
     assert_eq!(ds[0].take_role("rescan").await.unwrap(), Some(3));
 }
 
+#[tokio::test]
+async fn status_sees_the_whole_cluster_and_what_each_daemon_holds() {
+    let url = server().fresh_db().unwrap();
+    let ds = daemons(&url, 3, Duration::from_secs(30)).await;
+    ds[0]
+        .enqueue(&(0..5).map(version).collect::<Vec<_>>(), 1)
+        .await
+        .unwrap();
+    let a = ds[0].claim(2).await.unwrap().unwrap();
+    ds[0].mark_declared(&a, "i-a", None, 3).await.unwrap();
+    ds[1].claim(2).await.unwrap().unwrap();
+    ds[1].claim(2).await.unwrap().unwrap();
+    ds[2].stop().await.unwrap();
+    let c = ds[2].counts().await.unwrap();
+    assert_eq!(
+        (c.pending, c.uploading),
+        (4, 1),
+        "declaring counts as pending: {c:?}"
+    );
+    assert_eq!(ds[2].next_due().await.unwrap(), Some(1));
+    let listed = ds[2].list(Some(State::Uploading), 10).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![a.job.id]
+    );
+    assert_eq!(
+        ds[2].list(None, 3).await.unwrap().len(),
+        3,
+        "the limit holds"
+    );
+    let members = ds[2].members(Duration::from_secs(60)).await.unwrap();
+    let held: HashMap<&str, (u64, bool, &str)> = members
+        .iter()
+        .map(|m| (m.name.as_str(), (m.held, m.stopped, m.host.as_str())))
+        .collect();
+    assert_eq!(held["d0"], (1, false, "host0"));
+    assert_eq!(held["d1"], (2, false, "host1"));
+    assert_eq!(held["d2"], (0, true, "host2"));
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     /// Daemon d claims the next due job.
