@@ -77,7 +77,7 @@ pub async fn run(
 ) -> Result<(), AppError> {
     let cfg = Arc::new(cfg);
     let token = cfg.api.token.load()?;
-    crate::writers::ignore_lease_breaks();
+    crate::completeness::writers::ignore_lease_breaks();
     raise_open_file_limit();
     let (_lock, queue) = open_queue(&cfg).await?;
     let api = ApiClient::new(&cfg, token)?;

@@ -6,10 +6,10 @@
 
 pub mod api;
 pub mod app;
-pub mod audio;
 pub mod calls;
 pub mod cli;
 pub mod clock;
+pub mod completeness;
 pub mod config;
 pub mod demo;
 pub mod dispose;
@@ -30,7 +30,6 @@ pub mod retry;
 pub mod safefs;
 pub mod secret;
 pub mod shared;
-pub mod stability;
 pub mod status;
 pub mod systemd;
 pub mod wake;
@@ -38,4 +37,3 @@ pub mod watch;
 pub mod watcher;
 pub mod watchmetrics;
 pub mod worker;
-pub mod writers;

@@ -1,12 +1,16 @@
 //! The watch side's file-system plumbing: a lane per watched folder (every file-system call on a
 //! watched path goes through its folder's lane, never the runtime's thread), our own inotify
-//! watches, the index of hard-linked names (`links`), the folders' health, and the debug-only
-//! fault hooks the tests use.
+//! watches and the bridge of their events into tokio, one walk of a folder, what a walk may pass
+//! over (`known`), the index of hard-linked names (`links`), the folders' health, and the
+//! debug-only fault hooks the tests use. The watcher ([`crate::watcher`]) decides with them.
 
+pub mod bridge;
 pub mod fault;
 pub mod inotify;
+pub mod known;
 pub mod lane;
 pub mod links;
+pub mod walk;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

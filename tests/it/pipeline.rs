@@ -377,7 +377,7 @@ async fn restart_with_jobs_in_every_state_resumes_without_a_second_declare() {
             .iter()
             .map(|(p, _)| {
                 let m = std::fs::metadata(p).unwrap();
-                let s = callferry::watcher::stat_of(&m);
+                let s = callferry::completeness::stat_of(&m);
                 NewJob {
                     path: p.clone(),
                     root: rec.clone(),

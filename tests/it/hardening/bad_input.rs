@@ -300,7 +300,7 @@ async fn a_zero_byte_file_waits_and_is_uploaded_once_it_has_content() {
 /// commit and the move/delete leaves.
 async fn uploaded_not_disposed(app: &TestApp, path: &Path) -> i64 {
     let q = open_queue(&app.db_path()).await;
-    let s = callferry::watcher::stat_of(&std::fs::metadata(path).unwrap());
+    let s = callferry::completeness::stat_of(&std::fs::metadata(path).unwrap());
     let id = match q
         .enqueue(
             &[NewJob {

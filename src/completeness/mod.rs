@@ -1,15 +1,26 @@
-//! Owns the answer to "is this file a recording we should upload, and is it complete yet?".
+//! Owns the answer to "is this file a recording we should upload, and is it complete yet?", and
+//! why not yet.
 //!
-//! Pure: it sees names, stat snapshots and a clock passed in, never the disk, so the rule can be
-//! tested by the hundred and grown (headers, open writers) without touching the watcher's I/O.
+//! The rule here is pure: it sees names, stat snapshots, the facts a look inside the file gave
+//! and a clock passed in, never the disk, so it can be tested by the hundred and grown without
+//! touching the watcher's I/O. The facts come from the submodules: [`facts`] opens the file and
+//! gathers them (the only I/O here, run by the caller on the file's lane), [`audio`] reads a
+//! header, [`writers`] asks the kernel whether anyone still writes the file.
+
+pub mod audio;
+pub mod facts;
+pub mod writers;
 
 use std::path::Path;
 use std::time::Duration;
 
 use globset::GlobSet;
 
-pub use crate::audio::Header;
-pub use crate::writers::Writers;
+pub use audio::Header;
+pub use facts::{gather_facts, stat_of};
+pub use writers::Writers;
+
+use crate::config::WatchConfig;
 
 /// Why a path is not a recording to upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +37,14 @@ pub struct NameRules<'a> {
     pub ignore: &'a GlobSet,
 }
 
-impl NameRules<'_> {
+impl<'a> NameRules<'a> {
+    pub fn of(w: &'a WatchConfig) -> Self {
+        NameRules {
+            extensions: &w.extensions,
+            ignore: &w.ignore_set,
+        }
+    }
+
     /// `rel` is the path relative to its watched folder; the globs are tried on the file name and on
     /// every folder name in `rel`, so `.*` also hides files under a hidden folder (rsync's temp dirs).
     pub fn check(&self, rel: &Path) -> Result<(), NameSkip> {
@@ -91,8 +109,8 @@ pub fn observe(prev: Option<&Observed>, stat: Stat, now_ms: i64) -> Observed {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Not yet; look again after this long (or sooner, on an event).
-    NotYet(Duration),
+    /// Not yet, for this reason; look again after this long (or sooner, on an event).
+    NotYet(Duration, Pending),
     /// Complete: upload this version.
     Complete,
     /// Never became consistent, but nothing has touched it for `orphan_grace`: upload it anyway
@@ -100,6 +118,36 @@ pub enum Decision {
     CompleteAnyway(String),
     /// Stop tracking it (until it changes again), for this reason.
     Reject(String),
+}
+
+/// Why a file is not complete yet: logged once per reason by the watcher, told by `enqueue`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// Changed less than `watch.settle` ago.
+    Settling,
+    /// Another process has it open for writing.
+    WriterOpen,
+    /// Too short yet to hold its header.
+    HeaderNotWritten,
+    /// Its header disagrees with its length (a placeholder the recorder fixes at the end).
+    HeaderNotFinal(String),
+    /// It could not be read (permissions not granted yet, an I/O error): looked at again later.
+    Unreadable(String),
+    /// Its folder does not answer (a hung mount): looked at again once it does.
+    NoAnswer,
+}
+
+impl std::fmt::Display for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pending::Settling => f.write_str("waiting for it to stay unchanged for watch.settle"),
+            Pending::WriterOpen => f.write_str("still open for writing by another process"),
+            Pending::HeaderNotWritten => f.write_str("header not written yet"),
+            Pending::HeaderNotFinal(why) => write!(f, "header not final yet: {why}"),
+            Pending::Unreadable(e) => write!(f, "cannot read it: {e}; will try again"),
+            Pending::NoAnswer => f.write_str("its folder does not answer"),
+        }
+    }
 }
 
 /// What a look inside the file said, gathered by the caller once the file is quiet.
@@ -118,6 +166,15 @@ pub struct Timing {
     pub orphan_grace: Duration,
 }
 
+impl Timing {
+    pub fn of(w: &WatchConfig) -> Self {
+        Timing {
+            settle: w.settle,
+            orphan_grace: w.orphan_grace,
+        }
+    }
+}
+
 /// The whole rule, once the file is quiet: nobody writing it, and (for formats we can read) a
 /// header that agrees with its length. A header that stays inconsistent with no writer for
 /// `orphan_grace` is a recorder that died: uploaded anyway, with a warning.
@@ -127,8 +184,9 @@ pub fn judge(o: &Observed, facts: &Facts, now_ms: i64, t: Timing) -> Decision {
         other => return other,
     }
     let quiet = quiet_for(o, now_ms);
+    let again = t.settle.max(Duration::from_millis(100));
     if facts.writers == Writers::Present {
-        return Decision::NotYet(t.settle.max(Duration::from_millis(100)));
+        return Decision::NotYet(again, Pending::WriterOpen);
     }
     match &facts.header {
         Header::Consistent | Header::Unchecked => Decision::Complete,
@@ -141,7 +199,8 @@ pub fn judge(o: &Observed, facts: &Facts, now_ms: i64, t: Timing) -> Decision {
                 ))
             } else {
                 Decision::NotYet(
-                    (t.orphan_grace - quiet).min(t.settle.max(Duration::from_millis(100))),
+                    (t.orphan_grace - quiet).min(again),
+                    Pending::HeaderNotFinal(why.clone()),
                 )
             }
         }
@@ -150,9 +209,39 @@ pub fn judge(o: &Observed, facts: &Facts, now_ms: i64, t: Timing) -> Decision {
                 Decision::Reject("too short to be a recording (no complete header)".into())
             } else {
                 Decision::NotYet(
-                    (t.orphan_grace - quiet).min(t.settle.max(Duration::from_millis(100))),
+                    (t.orphan_grace - quiet).min(again),
+                    Pending::HeaderNotWritten,
                 )
             }
+        }
+    }
+}
+
+/// The verdict on a quiet file after a fresh look inside it (`looked`, from [`gather_facts`]):
+/// what is known of it now, and the decision. `None`: it is gone (its event forgets it).
+pub fn assess(
+    o: &Observed,
+    looked: std::io::Result<(Stat, Facts)>,
+    now_ms: i64,
+    t: Timing,
+) -> Option<(Observed, Decision)> {
+    match looked {
+        Ok((stat, facts)) => {
+            let o = observe(Some(o), stat, now_ms);
+            let d = judge(&o, &facts, now_ms, t);
+            Some((o, d))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            let d = match crate::safefs::not_regular_reason(&e) {
+                // Replaced by a FIFO, a folder or a link: no longer a recording here.
+                Some(why) => Decision::Reject(why.to_string()),
+                None => Decision::NotYet(
+                    t.settle.max(Duration::from_secs(1)),
+                    Pending::Unreadable(e.to_string()),
+                ),
+            };
+            Some((*o, d))
         }
     }
 }
@@ -165,7 +254,7 @@ fn quiet_for(o: &Observed, now_ms: i64) -> Duration {
 pub fn decide(o: &Observed, now_ms: i64, settle: Duration) -> Decision {
     let quiet = quiet_for(o, now_ms);
     if quiet < settle {
-        return Decision::NotYet(settle - quiet);
+        return Decision::NotYet(settle - quiet, Pending::Settling);
     }
     if o.stat.size == 0 {
         // Asterisk creates the file at 0 bytes and writes later; a later write brings it back.
@@ -230,10 +319,13 @@ mod tests {
     #[test]
     fn a_fresh_file_waits_for_settle() {
         let o = observe(None, st(100, 10_000), 10_000);
-        assert_eq!(decide(&o, 10_000, SETTLE), Decision::NotYet(SETTLE));
+        assert_eq!(
+            decide(&o, 10_000, SETTLE),
+            Decision::NotYet(SETTLE, Pending::Settling)
+        );
         assert_eq!(
             decide(&o, 12_000, SETTLE),
-            Decision::NotYet(Duration::from_secs(3))
+            Decision::NotYet(Duration::from_secs(3), Pending::Settling)
         );
         assert_eq!(decide(&o, 15_000, SETTLE), Decision::Complete);
     }
@@ -242,20 +334,20 @@ mod tests {
     fn a_change_restarts_the_quiet_period() {
         let o = observe(None, st(100, 10_000), 10_000);
         let o = observe(Some(&o), st(200, 14_000), 14_000);
-        assert!(matches!(decide(&o, 15_000, SETTLE), Decision::NotYet(_)));
+        assert!(matches!(decide(&o, 15_000, SETTLE), Decision::NotYet(..)));
         assert_eq!(decide(&o, 19_000, SETTLE), Decision::Complete);
     }
 
     #[test]
     fn future_mtime_does_not_count_as_quiet() {
         let o = observe(None, st(100, 99_000_000), 10_000);
-        assert!(matches!(decide(&o, 10_000, SETTLE), Decision::NotYet(_)));
+        assert!(matches!(decide(&o, 10_000, SETTLE), Decision::NotYet(..)));
     }
 
     #[test]
     fn empty_file_is_rejected_after_settle_not_before() {
         let o = observe(None, st(0, 10_000), 10_000);
-        assert!(matches!(decide(&o, 11_000, SETTLE), Decision::NotYet(_)));
+        assert!(matches!(decide(&o, 11_000, SETTLE), Decision::NotYet(..)));
         assert!(matches!(decide(&o, 16_000, SETTLE), Decision::Reject(_)));
     }
 
@@ -272,7 +364,7 @@ mod tests {
     fn a_writer_holding_the_file_keeps_it_waiting() {
         let o = observe(None, st(100, 1_000), 60_000);
         let d = judge(&o, &facts(Header::Consistent, Writers::Present), 60_000, T);
-        assert!(matches!(d, Decision::NotYet(_)), "{d:?}");
+        assert!(matches!(d, Decision::NotYet(..)), "{d:?}");
         let d = judge(&o, &facts(Header::Consistent, Writers::None), 60_000, T);
         assert_eq!(d, Decision::Complete);
         // Cannot tell (no CAP_LEASE, NFS): the quiet period decides.
@@ -292,8 +384,8 @@ mod tests {
             Header::Inconsistent("placeholder sizes (0)".into()),
             Writers::None,
         );
-        assert!(matches!(judge(&o, &f, 10_000, T), Decision::NotYet(_)));
-        assert!(matches!(judge(&o, &f, 500_000, T), Decision::NotYet(_)));
+        assert!(matches!(judge(&o, &f, 10_000, T), Decision::NotYet(..)));
+        assert!(matches!(judge(&o, &f, 500_000, T), Decision::NotYet(..)));
         match judge(&o, &f, 601_000, T) {
             Decision::CompleteAnyway(why) => assert!(why.contains("placeholder"), "{why}"),
             d => panic!("{d:?}"),
@@ -307,6 +399,67 @@ mod tests {
         assert!(matches!(judge(&o, &f, 60_000, T), Decision::Reject(_)));
         let f = facts(Header::Unchecked, Writers::None);
         assert_eq!(judge(&o, &f, 60_000, T), Decision::Complete);
+    }
+
+    #[test]
+    fn not_yet_says_why() {
+        let o = observe(None, st(100, 1_000), 60_000);
+        let why = |h: Header, w: Writers| match judge(&o, &facts(h, w), 60_000, T) {
+            Decision::NotYet(_, p) => p,
+            d => panic!("{d:?}"),
+        };
+        assert_eq!(
+            why(Header::Consistent, Writers::Present),
+            Pending::WriterOpen
+        );
+        assert_eq!(
+            why(Header::Inconsistent("riff 0".into()), Writers::None),
+            Pending::HeaderNotFinal("riff 0".into())
+        );
+        assert_eq!(
+            why(Header::TooShort, Writers::None),
+            Pending::HeaderNotWritten
+        );
+        let fresh = observe(None, st(100, 60_000), 60_000);
+        assert!(matches!(
+            judge(
+                &fresh,
+                &facts(Header::Consistent, Writers::Present),
+                60_000,
+                T
+            ),
+            Decision::NotYet(_, Pending::Settling)
+        ));
+    }
+
+    #[test]
+    fn a_fresh_look_folds_in_its_stat_and_errors_have_their_decision() {
+        let o = observe(None, st(100, 1_000), 60_000);
+        let (seen, d) = assess(
+            &o,
+            Ok((st(100, 1_000), facts(Header::Consistent, Writers::None))),
+            60_000,
+            T,
+        )
+        .unwrap();
+        assert_eq!((seen, d), (o, Decision::Complete));
+        // Grown since the quiet period began: waits again.
+        let (seen, d) = assess(
+            &o,
+            Ok((st(200, 59_900), facts(Header::Consistent, Writers::None))),
+            60_000,
+            T,
+        )
+        .unwrap();
+        assert_eq!(seen.stat.size, 200);
+        assert!(matches!(d, Decision::NotYet(_, Pending::Settling)), "{d:?}");
+        let gone = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(assess(&o, Err(gone), 60_000, T).is_none());
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert!(matches!(
+            assess(&o, Err(denied), 60_000, T),
+            Some((_, Decision::NotYet(_, Pending::Unreadable(_))))
+        ));
     }
 
     proptest! {
