@@ -78,6 +78,7 @@ async fn big_tree_does_not_stall_the_runtime() {
 }
 
 /// `/healthz`'s status and body, and how long it took to answer.
+#[cfg(debug_assertions)]
 async fn healthz(addr: std::net::SocketAddr) -> Option<(u16, String, Duration)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let t = Instant::now();
@@ -98,6 +99,7 @@ async fn healthz(addr: std::net::SocketAddr) -> Option<(u16, String, Duration)> 
         .flatten()
 }
 
+#[cfg(debug_assertions)]
 fn stored_names(app: &TestApp) -> Vec<String> {
     app.fake
         .interactions()
@@ -111,6 +113,7 @@ fn stored_names(app: &TestApp) -> Vec<String> {
 /// Issue 17.1: two watched folders, one on a "mount" that stops answering (the debug-only fault
 /// hook: every call on it blocks while its hold file exists). Before, the one runtime thread
 /// blocked in its `stat`: nothing else was served, `/healthz` timed out, the watchdog stopped.
+#[cfg(debug_assertions)]
 #[tokio::test]
 async fn a_hung_folder_freezes_only_itself() {
     let mut app = TestApp::start("[metrics]\nlisten = \"127.0.0.1:0\"").await;
@@ -267,6 +270,7 @@ async fn a_hung_folder_freezes_only_itself() {
 /// watch after the root's with ENOSPC). Before, each folder without a watch triggered a full
 /// rescan (43 rescans for 50 folders) and half the recordings were still unqueued after 70 s.
 /// Now: one warning, each folder without a watch polled on its own every 10 s, no rescans.
+#[cfg(debug_assertions)]
 #[tokio::test]
 async fn out_of_watches_each_unwatched_folder_is_polled_with_one_warning() {
     let logs = Logs::default();
