@@ -37,9 +37,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::clock::now_ms;
+use crate::completeness::{
+    Decision, NameRules, NameSkip, Pending, Timing, gather_facts, judge, observe,
+};
 use crate::config::Config;
 use crate::queue::{Hooked, NewJob, Queue, decode_path, encode_path};
-use crate::stability::{Decision, Timing, judge, observe};
 use crate::watch::Roots;
 
 /// The drop folder, when neither `--hook-dir` nor [`DIR_ENV`] names another.
@@ -497,22 +499,22 @@ enum Verdict {
 /// The watcher's checks, minus the settle wait: the recorder says the call is over.
 fn check(cfg: &Config, root: &Path, path: &Path, now: i64) -> Result<NewJob, Verdict> {
     let rel = path.strip_prefix(root).unwrap_or(path);
-    match crate::watcher::name_rules(&cfg.watch).check(rel) {
+    match NameRules::of(&cfg.watch).check(rel) {
         Ok(()) => {}
-        Err(crate::stability::NameSkip::Extension) => {
+        Err(NameSkip::Extension) => {
             return Err(Verdict::Refuse(format!(
                 "its extension is not one of watch.extensions ({})",
                 cfg.watch.extensions.join(", ")
             )));
         }
-        Err(crate::stability::NameSkip::Ignored) => {
+        Err(NameSkip::Ignored) => {
             return Err(Verdict::Refuse(format!(
                 "it matches a watch.ignore pattern ({})",
                 cfg.watch.ignore.join(", ")
             )));
         }
     }
-    let (stat, facts) = crate::watcher::gather_facts(root, path).map_err(|e| {
+    let (stat, facts) = gather_facts(root, path).map_err(|e| {
         Verdict::Refuse(match crate::safefs::not_regular_reason(&e) {
             Some(why) => why.to_string(),
             None if e.kind() == std::io::ErrorKind::NotFound => "it does not exist".into(),
@@ -532,13 +534,10 @@ fn check(cfg: &Config, root: &Path, path: &Path, now: i64) -> Result<NewJob, Ver
             dev: stat.dev,
             ino: stat.ino,
         }),
-        Decision::NotYet(_) if facts.writers == crate::writers::Writers::Present => Err(
-            Verdict::NotYet("a process still has it open for writing".into()),
-        ),
-        Decision::NotYet(_) => Err(Verdict::NotYet(format!(
-            "its header is not final yet ({:?})",
-            facts.header
-        ))),
+        Decision::NotYet(_, Pending::WriterOpen) => Err(Verdict::NotYet(
+            "a process still has it open for writing".into(),
+        )),
+        Decision::NotYet(_, why) => Err(Verdict::NotYet(why.to_string())),
         Decision::Reject(why) => Err(Verdict::Refuse(why)),
     }
 }
