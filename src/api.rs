@@ -341,6 +341,15 @@ impl ApiClient {
         })
     }
 
+    /// A client for another account (a source with a token of its own): the same connections,
+    /// bandwidth cap and byte count, its own token.
+    pub fn for_account(&self, token: Secret) -> ApiClient {
+        ApiClient {
+            token: Arc::new(RwLock::new(token)),
+            ..self.clone()
+        }
+    }
+
     /// Replaces the token (after the operator fixed the token file).
     pub fn set_token(&self, token: Secret) {
         *self.token.write().unwrap_or_else(|p| p.into_inner()) = token;

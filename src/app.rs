@@ -4,6 +4,7 @@
 //! [`run`] is a library function so tests start the daemon in-process exactly as production does;
 //! one [`CancellationToken`] stops it.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +62,8 @@ pub struct Handle {
     pub queue: Queue,
     pub gate: Arc<Gate>,
     pub api: ApiClient,
+    /// The clients of sources with a token of their own, by source name.
+    pub tenants: BTreeMap<String, ApiClient>,
     pub metrics: Arc<Metrics>,
     /// Where `/metrics` and `/healthz` are served (`[metrics] listen`, resolved if port 0).
     pub metrics_addr: Option<SocketAddr>,
@@ -81,11 +84,24 @@ pub async fn run(
     raise_open_file_limit();
     let (_lock, queue) = open_queue(&cfg).await?;
     let api = ApiClient::new(&cfg, token)?;
-    let mut daemon = Daemon::start(cfg, queue, api).await?;
+    let tenants = tenant_clients(&cfg, &api)?;
+    let mut daemon = Daemon::start(cfg, queue, api, tenants).await?;
     daemon.announce(&shutdown, started).await;
     shutdown.cancelled().await;
     daemon.drain().await;
     Ok(())
+}
+
+/// A client for each source with a token of its own. A token that cannot be read is the
+/// operator's to fix: exit 78, naming the source's key.
+fn tenant_clients(cfg: &Config, api: &ApiClient) -> Result<BTreeMap<String, ApiClient>, AppError> {
+    let mut out = BTreeMap::new();
+    for (i, s) in cfg.sources.iter().enumerate() {
+        if let Some(token) = s.load_token(i) {
+            out.insert(s.name.clone(), api.for_account(token?));
+        }
+    }
+    Ok(out)
 }
 
 /// Takes the lock, opens (and migrates) the queue, and puts back the jobs a stopped daemon held.
@@ -104,6 +120,9 @@ async fn open_queue(cfg: &Config) -> Result<(DaemonLock, Queue), AppError> {
         );
     }
     queue.set_daemon_state(PAUSE_KEY, None, now_ms()).await?;
+    queue
+        .set_daemon_state(crate::status::ACCOUNTS_PAUSED_KEY, None, now_ms())
+        .await?;
     // A little over SQLite's auto-checkpoint size (1,000 pages of 4 KiB and their frame headers).
     if let Err(e) = queue.prepare_wal(8 << 20).await {
         warn!(error = %e, "cannot pre-zero the queue's write-ahead log; the first uploads after this start will be slower");
@@ -132,7 +151,12 @@ struct Daemon {
 impl Daemon {
     /// Spawns every task: the monitor first (it feeds the watchdog through a long start-up), the
     /// start-up tidy-up, the background tasks, then the workers.
-    async fn start(cfg: Arc<Config>, queue: Queue, api: ApiClient) -> Result<Daemon, AppError> {
+    async fn start(
+        cfg: Arc<Config>,
+        queue: Queue,
+        api: ApiClient,
+        tenants: BTreeMap<String, ApiClient>,
+    ) -> Result<Daemon, AppError> {
         let gate = Arc::new(Gate::new(crate::policy::upload_backoff(&cfg)));
         let metrics = Arc::new(Metrics::new());
         let background = CancellationToken::new();
@@ -153,6 +177,7 @@ impl Daemon {
                 cfg: cfg.clone(),
                 queue: queue.clone(),
                 api: api.clone(),
+                tenants: tenants.clone(),
                 gate: gate.clone(),
                 metrics: metrics.clone(),
                 wake: Wake::default(),
@@ -178,6 +203,7 @@ impl Daemon {
             queue: queue.clone(),
             gate,
             api,
+            tenants,
             metrics,
             metrics_addr,
             auth_recheck: recheck_now,
@@ -248,6 +274,9 @@ impl Daemon {
         })
         .await;
         let _ = self.queue.set_daemon_state(PAUSE_KEY, None, now_ms()).await;
+        let _ = (self.queue)
+            .set_daemon_state(crate::status::ACCOUNTS_PAUSED_KEY, None, now_ms())
+            .await;
         self.queue.close().await;
         info!("stopped");
     }
@@ -317,9 +346,7 @@ fn spawn_background(
         cancel.clone(),
     ));
     tasks.spawn(auth_recheck(
-        cfg.clone(),
-        p.api.clone(),
-        p.gate.clone(),
+        p.shared.clone(),
         recheck_now.clone(),
         cancel.clone(),
     ));
@@ -399,20 +426,35 @@ pub fn raise_open_file_limit() {
     }
 }
 
-/// Keeps the pause state in the database, where `status` (another process) reads it.
+/// Keeps the pause state in the database, where `status` (another process) reads it: the pause
+/// shown, and which accounts a rejected token paused (JSON: account → answer).
 async fn persist_pause(gate: Arc<Gate>, queue: Queue, cancel: CancellationToken) {
     let mut rx = gate.subscribe();
-    let mut last: Option<String> = None;
+    let mut last: (Option<String>, Option<String>) = (None, None);
     loop {
-        let reason = rx.borrow_and_update().pause.as_ref().map(|p| p.reason());
-        if reason != last {
-            if let Err(e) = queue
-                .set_daemon_state(PAUSE_KEY, reason.as_deref(), now_ms())
-                .await
-            {
+        let now = {
+            let st = rx.borrow_and_update();
+            let accounts = (!st.accounts_paused.is_empty())
+                .then(|| serde_json::to_string(&st.accounts_paused).unwrap_or_default());
+            (st.shown().map(|p| p.reason()), accounts)
+        };
+        if now != last {
+            let written = async {
+                queue
+                    .set_daemon_state(PAUSE_KEY, now.0.as_deref(), now_ms())
+                    .await?;
+                queue
+                    .set_daemon_state(
+                        crate::status::ACCOUNTS_PAUSED_KEY,
+                        now.1.as_deref(),
+                        now_ms(),
+                    )
+                    .await
+            };
+            if let Err(e) = written.await {
                 warn!(error = %e, "cannot record the pause state for `status`");
             }
-            last = reason;
+            last = now;
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -421,47 +463,71 @@ async fn persist_pause(gate: Arc<Gate>, queue: Queue, cancel: CancellationToken)
     }
 }
 
-/// While paused by a 401: re-read the token (the operator may have fixed the file) and try one cheap
-/// authenticated call every `api.pause_recheck`; resume on success.
-async fn auth_recheck(
-    cfg: Arc<Config>,
-    api: ApiClient,
-    gate: Arc<Gate>,
-    now: Arc<Notify>,
-    cancel: CancellationToken,
-) {
+/// While an account is paused by a 401: re-read its token (the operator may have fixed the file)
+/// and try one cheap authenticated call every `api.pause_recheck`; resume that account on success.
+async fn auth_recheck(shared: Arc<Shared>, now: Arc<Notify>, cancel: CancellationToken) {
+    let gate = &shared.gate;
     let mut rx = gate.subscribe();
     loop {
-        let paused = matches!(
-            rx.borrow_and_update().pause,
-            Some(crate::gate::Pause::Auth(_))
-        );
-        if paused {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(cfg.api.pause_recheck) => {}
-                _ = now.notified() => {}
-            }
-            match cfg.api.token.load() {
-                Ok(t) => api.set_token(t),
-                Err(e) => {
-                    warn!(error = %e, "still paused: cannot read the token");
-                    continue;
-                }
-            }
-            match api.probe_auth().await {
-                Ok(()) => {
-                    if gate.success().is_some() {
-                        info!("the API accepts the token again; uploads resume");
-                    }
-                }
-                Err(e) => info!(error = %e, "still paused: the API rejects the token"),
-            }
-        } else {
+        let paused: Vec<String> = rx
+            .borrow_and_update()
+            .accounts_paused
+            .keys()
+            .cloned()
+            .collect();
+        if paused.is_empty() {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = rx.changed() => if r.is_err() { return },
             }
+            continue;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(shared.cfg.api.pause_recheck) => {}
+            _ = now.notified() => {}
+        }
+        for account in paused {
+            recheck_account(&shared, &account).await;
         }
     }
+}
+
+/// One paused account's re-check: its token read again, then one authenticated call.
+async fn recheck_account(shared: &Shared, account: &str) {
+    let cfg = &shared.cfg;
+    let (api, token) = match shared.tenants.get(account) {
+        Some(api) => {
+            let i = cfg.sources.iter().position(|s| s.name == account);
+            let token = i.and_then(|i| cfg.sources[i].load_token(i));
+            (api, token.unwrap_or_else(|| cfg.api.token.load()))
+        }
+        None => (&shared.api, cfg.api.token.load()),
+    };
+    match token {
+        Ok(t) => api.set_token(t),
+        Err(e) => {
+            warn!(account, error = %e, "still paused: cannot read the token");
+            return;
+        }
+    }
+    match api.probe_auth().await {
+        Ok(()) => {
+            if gate_lift(shared, account) {
+                info!(account, "the API accepts the token again; uploads resume");
+            }
+        }
+        Err(e) => info!(account, error = %e, "still paused: the API rejects the token"),
+    }
+}
+
+/// Lifts an account's pause and wakes whoever waits for its jobs. True if it was paused.
+fn gate_lift(shared: &Shared, account: &str) -> bool {
+    shared.gate.success();
+    if shared.gate.account_ok(account).is_none() {
+        return false;
+    }
+    shared.wake.workers.notify_waiters();
+    shared.wake.follower.notify_one();
+    true
 }

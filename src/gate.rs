@@ -101,6 +101,38 @@ pub struct GateState {
     /// The probe let through while an outage's hold is over (half-open), by its number.
     pub probing: Option<u64>,
     probes: u64,
+    /// Accounts whose token the API rejected (401/403), by account name (a source with a token
+    /// of its own, or `default` for `[api]`'s), with the answer. Only those accounts' sources
+    /// stop: the workers claim around them (`Queue::claim_except`).
+    pub accounts_paused: std::collections::BTreeMap<String, String>,
+}
+
+impl GateState {
+    /// The pause to show (`status`, `/healthz`, the unit's STATUS line): a rejected token first,
+    /// as it needs an operator, then any pause of everyone.
+    pub fn shown(&self) -> Option<Pause> {
+        if self.accounts_paused.is_empty() {
+            return self.pause.clone();
+        }
+        let only_default = self.accounts_paused.len() == 1
+            && self
+                .accounts_paused
+                .contains_key(crate::config::DEFAULT_SOURCE);
+        if only_default {
+            return self
+                .accounts_paused
+                .values()
+                .next()
+                .cloned()
+                .map(Pause::Auth);
+        }
+        let each: Vec<String> = self
+            .accounts_paused
+            .iter()
+            .map(|(a, m)| format!("account {a:?}: {m}"))
+            .collect();
+        Some(Pause::Auth(each.join("; ")))
+    }
 }
 
 /// What a caller at the gate should do now.
@@ -232,6 +264,29 @@ impl Gate {
                 } => {}
             }
         }
+    }
+
+    /// One account's token was rejected: its sources pause, the others go on. Returns true if
+    /// this changed the state (log once).
+    pub fn pause_account(&self, account: &str, message: String) -> bool {
+        self.tx.send_if_modified(|s| {
+            if s.accounts_paused.contains_key(account) {
+                return false;
+            }
+            s.accounts_paused.insert(account.to_string(), message);
+            true
+        })
+    }
+
+    /// A request on `account` went through: its token is accepted. Returns the message of the
+    /// pause this lifted, if any.
+    pub fn account_ok(&self, account: &str) -> Option<String> {
+        let mut lifted = None;
+        self.tx.send_if_modified(|s| {
+            lifted = s.accounts_paused.remove(account);
+            lifted.is_some()
+        });
+        lifted
     }
 
     /// The token was rejected. Returns true if this changed the state (log once).

@@ -59,7 +59,7 @@ impl Monitor {
         Ok(Snapshot {
             counts,
             oldest_pending_age_s: oldest,
-            paused: self.gate.state().pause.is_some(),
+            paused: self.gate.state().shown().is_some(),
             orphan_declares: self
                 .queue
                 .orphan_declares()
@@ -103,7 +103,7 @@ impl Monitor {
             .map_err(|e| format!("queue database not readable: {e}"))?;
         let work_waiting = self.work_waiting(&counts).await?;
         health::assess(&HealthInputs {
-            pause: self.gate.state().pause,
+            pause: self.gate.state().shown(),
             database,
             results: self.metrics.results_blocked_reason(),
             work_waiting,
@@ -272,7 +272,7 @@ pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: Cancellati
         {
             let gate = monitor.gate.state();
             let gate_closed =
-                gate.pause.is_some() || gate.hold_until.is_some_and(|h| h > Instant::now());
+                gate.shown().is_some() || gate.hold_until.is_some_and(|h| h > Instant::now());
             let since = monitor.metrics.progress.since_beat();
             let feed = !ready.load(Ordering::Relaxed)
                 || health::should_feed_watchdog(since, monitor.stall_timeout, gate_closed);
@@ -300,7 +300,7 @@ pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: Cancellati
         {
             match monitor.queue.counts().await {
                 Ok(c) => {
-                    let line = status_line(&c, monitor.gate.state().pause.as_ref());
+                    let line = status_line(&c, monitor.gate.state().shown().as_ref());
                     if last_status.as_ref().is_none_or(|(_, l)| *l != line) {
                         systemd::status(&line);
                     }

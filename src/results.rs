@@ -328,9 +328,27 @@ impl Follower {
         }
         let cfg = &self.p.cfg.results;
         let now = now_ms();
-        match self.p.api.status(&iid).await {
+        if self
+            .p
+            .gate
+            .state()
+            .accounts_paused
+            .contains_key(self.p.account_of(&job))
+        {
+            // Its account's token is rejected: asked about again a poll later, without a request
+            // that would only be refused.
+            let next = now + ms(cfg.poll_interval);
+            self.record(
+                self.p
+                    .queue
+                    .follow_later(job.id, next, None, None, now)
+                    .await,
+            );
+            return;
+        }
+        match self.p.api_for(&job).status(&iid).await {
             Ok(st) => {
-                self.api_ok();
+                self.api_ok(&job);
                 let status = st.status.as_str();
                 if status == "processed" {
                     self.deliver(job).await;
@@ -395,7 +413,7 @@ impl Follower {
             .kinds
             .iter()
             .map(String::as_str)
-            .filter(|k| *k != "ai" || cfg.declare.include_ai_results)
+            .filter(|k| *k != "ai" || self.p.source_of(&job).declare.include_ai_results)
             .collect();
         let want_text = cfg.results.format == ResultsFormat::Text;
         if want_text {
@@ -433,9 +451,11 @@ impl Follower {
                         result_path_for(&cfg.results.output_dir, &job, "punctuated", later_call)
                     })
                     .filter(|p| p.is_file());
-                self.write_text(&iid, on_disk, &path).await
+                self.write_text(self.p.api_for(&job), &iid, on_disk, &path)
+                    .await
             } else {
-                self.fetch_into(&endpoint(kind, &iid), &path).await
+                self.fetch_into(self.p.api_for(&job), &endpoint(kind, &iid), &path)
+                    .await
             };
             let failure = match written {
                 Ok(()) => None,
@@ -506,11 +526,15 @@ impl Follower {
     }
 
     /// Fetches one result document straight into `dest`.
-    async fn fetch_into(&self, tail: &str, dest: &Path) -> Result<(), Undelivered> {
+    async fn fetch_into(
+        &self,
+        api: &crate::api::ApiClient,
+        tail: &str,
+        dest: &Path,
+    ) -> Result<(), Undelivered> {
         let dir = dest.parent().unwrap_or(Path::new("."));
         self.limiter.acquire(1).await;
-        let (file, temp) =
-            fetch_to_temp(&self.p.api, tail, dir, self.p.cfg.results.max_bytes).await?;
+        let (file, temp) = fetch_to_temp(api, tail, dir, self.p.cfg.results.max_bytes).await?;
         let d = dest.to_path_buf();
         tokio::task::spawn_blocking(move || persist(file, temp, &d))
             .await
@@ -522,6 +546,7 @@ impl Follower {
     /// into a temporary file that is removed afterwards.
     async fn write_text(
         &self,
+        api: &crate::api::ApiClient,
         iid: &str,
         punctuated: Option<PathBuf>,
         dest: &Path,
@@ -532,7 +557,7 @@ impl Follower {
                 let dir = dest.parent().unwrap_or(Path::new("."));
                 self.limiter.acquire(1).await;
                 let (_, temp) = fetch_to_temp(
-                    &self.p.api,
+                    api,
                     &endpoint("punctuated", iid),
                     dir,
                     self.p.cfg.results.max_bytes,
@@ -574,8 +599,9 @@ impl Follower {
             unit,
         ) {
             Verdict::Hold(Hold::Auth) => {
-                if self.p.gate.pause_auth(msg.clone()) {
-                    error!(error = %msg, "the API rejected the token: ALL work is paused and every job is kept. Fix api.token_file (it is re-read) — work resumes by itself");
+                let account = self.p.account_of(job);
+                if self.p.gate.pause_account(account, msg.clone()) {
+                    error!(error = %msg, account, "the API rejected the token: all work on this account is paused (other accounts go on) and every job is kept. Fix its token file (it is re-read) — work resumes by itself");
                 }
                 now + poll
             }
@@ -673,10 +699,11 @@ impl Follower {
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
     }
 
-    fn api_ok(&self) {
+    fn api_ok(&self, job: &Job) {
         if let Some(p) = self.p.gate.success() {
             info!(was = %p.reason(), "API reachable and token accepted again");
         }
+        self.p.account_ok(job);
     }
 
     fn record(&self, r: Result<(), crate::queue::QueueError>) {

@@ -3,13 +3,14 @@
 //! It sits below both, so neither borrows the other's state (the follower used to hold the
 //! workers' `Pipeline`).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::ApiClient;
 use crate::clock::now_ms;
-use crate::config::Config;
+use crate::config::{Config, SourceConfig};
 use crate::dispose;
 use crate::gate::Gate;
 use crate::metrics::Metrics;
@@ -19,13 +20,61 @@ use crate::wake::Wake;
 pub struct Shared {
     pub cfg: Arc<Config>,
     pub queue: Queue,
+    /// The `[api]` token's client (the default account).
     pub api: ApiClient,
+    /// The clients of sources with a token of their own, by source name: other accounts.
+    pub tenants: BTreeMap<String, ApiClient>,
     pub gate: Arc<Gate>,
     pub metrics: Arc<Metrics>,
     pub wake: Wake,
 }
 
 impl Shared {
+    /// The source a job belongs to, by its watched folder.
+    pub fn source_of(&self, job: &Job) -> &SourceConfig {
+        self.cfg.source_of_root(&job.fs_root())
+    }
+
+    /// The account a job's requests go out on (what a 401 pauses).
+    pub fn account_of(&self, job: &Job) -> &str {
+        self.cfg.account_of(self.source_of(job))
+    }
+
+    /// The client for a job's account.
+    pub fn api_for(&self, job: &Job) -> &ApiClient {
+        self.tenants.get(self.account_of(job)).unwrap_or(&self.api)
+    }
+
+    /// The watched folders (as stored in the queue) of every source whose account is paused by
+    /// a rejected token: claims and due times leave their jobs out until it is accepted again.
+    pub fn paused_roots(&self) -> Vec<String> {
+        let st = self.gate.state();
+        if st.accounts_paused.is_empty() {
+            return Vec::new();
+        }
+        self.cfg
+            .sources
+            .iter()
+            .filter(|s| st.accounts_paused.contains_key(self.cfg.account_of(s)))
+            .flat_map(|s| {
+                s.paths
+                    .iter()
+                    .map(|p| crate::queue::encode_path(p).into_owned())
+            })
+            .collect()
+    }
+
+    /// A request on this job's account went through: lifts that account's pause (and says so),
+    /// waking the workers and the follower for its jobs.
+    pub fn account_ok(&self, job: &Job) {
+        let account = self.account_of(job);
+        if let Some(was) = self.gate.account_ok(account) {
+            info!(account, was = %was, "the API accepts this account's token again; its uploads resume");
+            self.wake.workers.notify_waiters();
+            self.wake.follower.notify_one();
+        }
+    }
+
     /// Counts a job's recorded outcome; one that could not be written is logged, and the job stays
     /// in its in-flight state, recovered at the next start.
     pub fn record(&self, r: Result<(), QueueError>) {

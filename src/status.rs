@@ -6,7 +6,12 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::clock::now_ms;
+use crate::config::Config;
 use crate::queue::{Counts, DaemonLock, Job, PAUSE_KEY, Queue, QueueError};
+
+/// The `daemon_state` key under which a running daemon publishes which accounts a rejected token
+/// paused (JSON: account → the API's answer), for `status`'s per-source breakdown.
+pub const ACCOUNTS_PAUSED_KEY: &str = "accounts_paused";
 
 #[derive(Debug, Serialize)]
 pub struct RecentError {
@@ -33,13 +38,88 @@ pub struct StatusReport {
     /// Watched folders that do not answer now (a hung mount): their recordings wait. Empty when
     /// every folder answers or no daemon runs. An extension.
     pub folders_not_answering: Vec<String>,
+    /// Each source's counts, and the answer that paused it while its account's token is
+    /// rejected (an extension). The default source (`[watch] paths`) first; empty when `status`
+    /// runs without a configuration.
+    pub sources: Vec<SourceStatus>,
     /// Uploads recorded in the last hour: (jobs, bytes). For the table only; `--json` keeps its
     /// documented shape.
     #[serde(skip)]
     pub last_hour: (u64, u64),
 }
 
+/// One source in `status`.
+#[derive(Debug, Serialize)]
+pub struct SourceStatus {
+    pub name: String,
+    pub counts: Counts,
+    /// Why its uploads are paused (its account's token rejected); null when they go on.
+    pub paused: Option<String>,
+}
+
 pub async fn gather(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError> {
+    gather_for(queue, db, None).await
+}
+
+/// [`gather`], with the per-source breakdown of `cfg`'s sources.
+pub async fn gather_for(
+    queue: &Queue,
+    db: &Path,
+    cfg: Option<&Config>,
+) -> Result<StatusReport, QueueError> {
+    let mut report = gather_all(queue, db).await?;
+    if let Some(cfg) = cfg {
+        report.sources = per_source(queue, cfg, &report).await?;
+    }
+    Ok(report)
+}
+
+/// Counts by source (a scan of the jobs, done only when there are `[[source]]` tables; one
+/// source's counts are the totals), and which sources a rejected token pauses.
+async fn per_source(
+    queue: &Queue,
+    cfg: &Config,
+    report: &StatusReport,
+) -> Result<Vec<SourceStatus>, QueueError> {
+    let paused: std::collections::BTreeMap<String, String> = match report.daemon_running {
+        Some(false) => Default::default(),
+        _ => queue
+            .daemon_state(ACCOUNTS_PAUSED_KEY)
+            .await?
+            .and_then(|(v, _)| serde_json::from_str(&v).ok())
+            .unwrap_or_default(),
+    };
+    let mut out: Vec<SourceStatus> = cfg
+        .sources
+        .iter()
+        .map(|s| SourceStatus {
+            name: s.name.clone(),
+            counts: Counts::default(),
+            paused: paused
+                .get(cfg.account_of(s))
+                .map(|m| format!("API token rejected: {m}")),
+        })
+        .collect();
+    if out.len() == 1 {
+        out[0].counts = report.counts.clone();
+        return Ok(out);
+    }
+    for (root, c) in queue.counts_by_root().await? {
+        let name = &cfg.source_of_root(&crate::queue::decode_path(&root)).name;
+        if let Some(s) = out.iter_mut().find(|s| &s.name == name) {
+            let t = &mut s.counts;
+            t.pending += c.pending;
+            t.declared += c.declared;
+            t.uploading += c.uploading;
+            t.uploaded += c.uploaded;
+            t.processed += c.processed;
+            t.failed += c.failed;
+        }
+    }
+    Ok(out)
+}
+
+async fn gather_all(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError> {
     let counts = queue.counts().await?;
     let daemon_running = DaemonLock::is_held(db);
     // A pause recorded by a daemon that has since died says nothing about now.
@@ -86,6 +166,7 @@ pub async fn gather(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError
         database: db.display().to_string(),
         orphan_declares,
         folders_not_answering,
+        sources: Vec::new(),
     })
 }
 
@@ -190,6 +271,7 @@ pub fn render_text(r: &StatusReport, style: Style) -> String {
         }
         out.push('\n');
     }
+    render_sources(&mut out, r, style);
     if !r.recent_errors.is_empty() {
         out.push('\n');
         out.push_str(&style.bold("RECENT ERRORS (newest first)"));
@@ -207,6 +289,34 @@ pub fn render_text(r: &StatusReport, style: Style) -> String {
         }
     }
     out
+}
+
+/// The per-source table, when there is more than one source or one is paused.
+fn render_sources(out: &mut String, r: &StatusReport, style: Style) {
+    if r.sources.len() < 2 && r.sources.iter().all(|s| s.paused.is_none()) {
+        return;
+    }
+    out.push('\n');
+    out.push_str(&style.bold(&format!(
+        "{:<16}{:>8}{:>10}{:>10}{:>8}  UPLOADS",
+        "SOURCE", "WAITING", "UPLOADED", "PROCESSED", "FAILED"
+    )));
+    out.push('\n');
+    for s in &r.sources {
+        let c = &s.counts;
+        let state = match &s.paused {
+            Some(why) => format!("{} {why}", style.red("PAUSED:")),
+            None => style.green("active"),
+        };
+        out.push_str(&format!(
+            "{:<16}{:>8}{:>10}{:>10}{:>8}  {state}\n",
+            s.name,
+            c.waiting(),
+            c.uploaded,
+            c.processed,
+            c.failed
+        ));
+    }
 }
 
 pub fn human_bytes(b: u64) -> String {
@@ -296,8 +406,8 @@ impl JsonList {
 
 pub fn list_header() -> String {
     format!(
-        "{:>7}  {:<9}  {:>3}  {:<20}  {:<36}  {}\n",
-        "ID", "STATE", "TRY", "NEXT ATTEMPT", "INTERACTION", "PATH / LAST ERROR"
+        "{:>7}  {:<9}  {:>3}  {:<20}  {:<36}  {:<12}  {}\n",
+        "ID", "STATE", "TRY", "NEXT ATTEMPT", "INTERACTION", "SOURCE", "PATH / LAST ERROR"
     )
 }
 
@@ -327,18 +437,19 @@ pub fn list_text_row(j: &Job, now: i64) -> String {
             "-".into()
         };
         out.push_str(&format!(
-            "{:>7}  {:<9}  {:>3}  {:<20}  {:<36}  {}\n",
+            "{:>7}  {:<9}  {:>3}  {:<20}  {:<36}  {:<12}  {}\n",
             j.id,
             j.state.public().as_str(),
             j.attempts,
             next,
             j.interaction_id.as_deref().unwrap_or("-"),
+            j.source.as_deref().unwrap_or("-"),
             j.display_path()
         ));
         if let Some(e) = &j.last_error
             && j.state.public().as_str() != "uploaded"
         {
-            out.push_str(&format!("{:>84}{e}\n", ""));
+            out.push_str(&format!("{:>98}{e}\n", ""));
         }
     }
     out
@@ -371,6 +482,7 @@ mod tests {
             database: "/var/lib/callferry/queue.db".into(),
             orphan_declares: 2,
             folders_not_answering: Vec::new(),
+            sources: Vec::new(),
             last_hour: (42, 325_000_000),
         }
     }

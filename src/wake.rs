@@ -89,15 +89,22 @@ impl Wake {
     /// database: every [`IDLE_POLL`] (without a watched wake file) it looks at the files' size and
     /// mtime (a `stat`, not a query) and wakes the others when they changed. The others sleep
     /// until a job falls due, a wake-up, or [`IDLE_RECHECK`]. So an idle daemon wakes about once a
-    /// second, not once per worker.
-    pub async fn idle(&self, queue: &Queue, metrics: &Metrics, stop: &CancellationToken) {
+    /// second, not once per worker. Jobs under `paused` (folders of sources whose token was
+    /// rejected) are not waited for: they are not claimed until their account is back.
+    pub async fn idle(
+        &self,
+        queue: &Queue,
+        paused: &[String],
+        metrics: &Metrics,
+        stop: &CancellationToken,
+    ) {
         struct Role<'a>(&'a AtomicBool);
         impl Drop for Role<'_> {
             fn drop(&mut self) {
                 self.0.store(false, Ordering::Release);
             }
         }
-        let due = queue.next_due().await.ok().flatten();
+        let due = queue.next_due_except(paused).await.ok().flatten();
         let stamp = db_stamp(queue.path());
         let since = Instant::now();
         let watching = !self.idle_watch.swap(true, Ordering::AcqRel);
@@ -215,7 +222,7 @@ mod tests {
         other.as_mut().enable();
         let watcher = {
             let (wake, q, metrics, stop) = (wake.clone(), q.clone(), metrics.clone(), stop.clone());
-            tokio::spawn(async move { wake.idle(&q, &metrics, &stop).await })
+            tokio::spawn(async move { wake.idle(&q, &[], &metrics, &stop).await })
         };
         // The watching role is taken before the first stat, so the commit below is a change.
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -79,7 +79,11 @@ impl Pipeline {
                 break;
             }
             probe = false;
-            let claimed = self.queue.claim(now_ms()).await;
+            // Jobs of an account whose token was rejected stay where they are; the others go on.
+            let claimed = self
+                .queue
+                .claim_except(now_ms(), &self.paused_roots())
+                .await;
             if !matches!(claimed, Ok(Some(_))) {
                 // Nothing to send: an outage's probe passes to a worker that has a job.
                 drop(admission);
@@ -88,7 +92,7 @@ impl Pipeline {
                 Ok(Some(job)) => {
                     self.storage_recovered().await;
                     let id = job.id;
-                    let span = job_span(&job);
+                    let span = job_span(&job, &self.source_of(&job).name);
                     tokio::select! {
                         _ = self.process(job).instrument(span.clone()) => {}
                         _ = self.abort.cancelled() => {
@@ -113,9 +117,10 @@ impl Pipeline {
 
     /// Waits until there may be work (see [`Wake::idle`](crate::wake::Wake::idle)).
     async fn idle(&self) {
+        let paused = self.paused_roots();
         (self
             .wake
-            .idle(&self.queue, &self.metrics, &self.stop_claiming))
+            .idle(&self.queue, &paused, &self.metrics, &self.stop_claiming))
         .await
     }
 
@@ -262,12 +267,16 @@ impl Pipeline {
                 crate::hook::apply_to_declare(h, &mut req, self.cfg.declare.send_metadata);
             }
             let ext = req.external_identifier.as_deref();
-            match self.api.declare(&req).await {
+            let source = Some(self.source_of(&job).name.as_str());
+            match self.api_for(&job).declare(&req).await {
                 Ok(iid) => {
-                    self.api_ok();
+                    self.api_ok(&job);
                     // Committed before the upload starts: a crash from here on never declares again.
                     if let Err(e) = self
-                        .commit(|| self.queue.mark_declared_as(job.id, &iid, ext, now_ms()))
+                        .commit(|| {
+                            self.queue
+                                .mark_declared_from(job.id, &iid, ext, source, now_ms())
+                        })
                         .await
                     {
                         // Only a lost race gets here (the row was changed under us, by hand):
@@ -303,12 +312,12 @@ impl Pipeline {
         let started = std::time::Instant::now();
         let name = wire_name(&path);
         match self
-            .api
+            .api_for(&job)
             .upload_file(&iid, file, &name, &path, job.size)
             .await
         {
             Ok(outcome) => {
-                self.api_ok();
+                self.api_ok(&job);
                 let status = outcome.status();
                 self.metrics.uploaded(status, job.size, started.elapsed());
                 if status == 409 {
@@ -439,9 +448,10 @@ impl Pipeline {
 
     /// The call recorded at `path` (the job's file, wherever it is now).
     fn call_of(&self, job: &Job, path: &Path, sidecar: Option<&Sidecar>) -> Call {
+        let source = self.source_of(job);
         calls::identify_with(
-            &self.cfg.watch.naming,
-            &self.cfg.declare.timezone,
+            &source.naming,
+            &source.declare.timezone,
             &job.fs_root(),
             path,
             sidecar,
@@ -507,7 +517,7 @@ impl Pipeline {
     }
 
     fn declare_request(&self, job: &Job, path: &Path, sidecar: Option<&Sidecar>) -> DeclareRequest {
-        let d = &self.cfg.declare;
+        let d = &self.source_of(job).declare;
         let call = self.call_of(job, path, sidecar);
         DeclareRequest {
             kind: "audio".into(),
@@ -526,7 +536,7 @@ impl Pipeline {
     /// key to change. Nothing was created, so the job's `retry` declares it once more.
     fn explain_refusal(&self, job: &Job, msg: String) -> String {
         if job.state == State::Declaring
-            && self.cfg.declare.send_metadata
+            && self.source_of(job).declare.send_metadata
             && msg.to_ascii_lowercase().contains("metadata")
         {
             format!(
@@ -560,10 +570,11 @@ impl Pipeline {
         )
     }
 
-    fn api_ok(&self) {
+    fn api_ok(&self, job: &Job) {
         if let Some(p) = self.gate.success() {
             info!(was = %p.reason(), "API reachable and token accepted again; uploads resume");
         }
+        self.account_ok(job);
     }
 
     /// Carries out the policy's verdict on a failure: the gate for every worker, the queue for
@@ -607,7 +618,7 @@ impl Pipeline {
             unit,
         ) {
             Verdict::Hold(hold) => {
-                self.hold_all(hold, &msg, unit);
+                self.hold_all(job, hold, &msg, unit);
                 (now, false)
             }
             Verdict::SlowDown(d) => {
@@ -639,7 +650,7 @@ impl Pipeline {
     }
 
     /// Holds every worker back (a 5xx storm was already reported to the gate by `api_failing`).
-    fn hold_all(&self, hold: Hold, msg: &str, unit: f64) {
+    fn hold_all(&self, job: &Job, hold: Hold, msg: &str, unit: f64) {
         match hold {
             Hold::Descriptors => {
                 if let Some(d) = self.gate.out_of_descriptors(msg.to_string(), unit) {
@@ -647,8 +658,13 @@ impl Pipeline {
                 }
             }
             Hold::Auth => {
-                if self.gate.pause_auth(msg.to_string()) {
-                    error!(error = %msg, "the API rejected the token: ALL uploads are paused and every job is kept. Fix api.token_file (it is re-read) — work resumes by itself, no restart needed");
+                let account = self.account_of(job);
+                if self.gate.pause_account(account, msg.to_string()) {
+                    let key = match self.source_of(job) {
+                        s if s.token.is_some() => format!("source {:?}'s token_file", s.name),
+                        _ => "api.token_file".to_string(),
+                    };
+                    error!(error = %msg, account, "the API rejected the token: every upload on this account is paused (other accounts' sources go on) and every job is kept. Fix {key} (it is re-read) — work resumes by itself, no restart needed");
                 }
             }
             Hold::Outage => {
@@ -735,8 +751,8 @@ fn open_queued(job: &Job) -> Checked {
 /// The span of one job's turn. Its `interaction_id` is empty until known: set to "" at the claim
 /// of a new recording and recorded after the declare, the text log printed both
 /// (`interaction_id="" ... interaction_id="…"`).
-fn job_span(job: &Job) -> tracing::Span {
-    let span = info_span!("job", job_id = job.id, path = %job.display_path(),
+fn job_span(job: &Job, source: &str) -> tracing::Span {
+    let span = info_span!("job", job_id = job.id, source, path = %job.display_path(),
         interaction_id = tracing::field::Empty,
         attempt = job.attempts + 1);
     if let Some(iid) = job.interaction_id.as_deref() {
@@ -794,12 +810,12 @@ mod tests {
             // A new recording: no id at the claim, recorded after the declare.
             let mut j = job_for(&std::env::current_exe().unwrap(), "x");
             j.interaction_id = None;
-            let span = job_span(&j);
+            let span = job_span(&j, "default");
             span.record("interaction_id", "iid-new");
             span.in_scope(|| info!("uploaded"));
             // A recording declared earlier: the id from the start.
             j.interaction_id = Some("iid-old".into());
-            job_span(&j).in_scope(|| info!("uploaded"));
+            job_span(&j, "default").in_scope(|| info!("uploaded"));
         });
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();

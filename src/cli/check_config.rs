@@ -18,6 +18,13 @@ pub(super) async fn check_config(cfg: &Config, online: bool) -> Result<i32, AppE
         Ok(_) => r.ok("API token present".into()),
         Err(e) => r.error(e.to_string()),
     }
+    for (i, s) in cfg.sources.iter().enumerate() {
+        match s.load_token(i) {
+            Some(Ok(_)) => r.ok(format!("source {:?}: its own API token present", s.name)),
+            Some(Err(e)) => r.error(e.to_string()),
+            None => {}
+        }
+    }
     watch_paths(&mut r, cfg);
     database(&mut r, &cfg.queue.database).await;
     if let Some(dest) = &cfg.after_upload.move_to {
@@ -41,6 +48,18 @@ pub(super) async fn check_config(cfg: &Config, online: bool) -> Result<i32, AppE
                 Err(e) => r.error(format!("API {shown}: {e}")),
             },
             Err(e) => r.error(e.to_string()),
+        }
+        for (i, s) in cfg.sources.iter().enumerate() {
+            let Some(Ok(token)) = s.load_token(i) else {
+                continue;
+            };
+            match crate::api::ApiClient::new(cfg, token) {
+                Ok(api) => match api.probe_auth().await {
+                    Ok(()) => r.ok(format!("API {shown} accepts source {:?}'s token", s.name)),
+                    Err(e) => r.error(format!("API {shown}, source {:?}'s token: {e}", s.name)),
+                },
+                Err(e) => r.error(e.to_string()),
+            }
         }
     }
     Ok(if r.errors > 0 { EXIT_CONFIG } else { EXIT_OK })

@@ -5,10 +5,12 @@ use std::path::Path;
 use super::{EXIT_OK, EXIT_USAGE, out, tell};
 use crate::app::AppError;
 use crate::clock::now_ms;
+use crate::config::Config;
 use crate::queue::{OpenMode, Queue, State};
 use crate::status;
 
 pub(super) async fn list(
+    cfg: &Config,
     db: &Path,
     state: Option<&str>,
     limit: u32,
@@ -29,16 +31,26 @@ pub(super) async fn list(
     let now = now_ms();
     if json {
         let mut list = status::JsonList::default();
-        q.list_each(state, limit, |job| out(&mut w, &list.row(&job)))
-            .await?;
+        q.list_each(state, limit, |job| {
+            out(&mut w, &list.row(&with_source(cfg, job)))
+        })
+        .await?;
         out(&mut w, &(list.end() + "\n"))?;
     } else {
         out(&mut w, &status::list_header())?;
         q.list_each(state, limit, |job| {
-            out(&mut w, &status::list_text_row(&job, now))
+            out(&mut w, &status::list_text_row(&with_source(cfg, job), now))
         })
         .await?;
     }
     std::io::Write::flush(&mut w).map_err(AppError::Output)?;
     Ok(EXIT_OK)
+}
+
+/// A job not declared yet has no source recorded: it is its watched folder's.
+fn with_source(cfg: &Config, mut job: crate::queue::Job) -> crate::queue::Job {
+    if job.source.is_none() {
+        job.source = Some(cfg.source_of_root(&job.fs_root()).name.clone());
+    }
+    job
 }

@@ -308,8 +308,10 @@ async fn with_config(command: Command, config_path: PathBuf, env: BTreeMap<Strin
     init_logging(LogFormat::Text, "warn,sqlx=error", &env);
     let db = &cfg.queue.database;
     finish(match command {
-        Command::Status { json } => status::status(db, json).await,
-        Command::List { state, limit, json } => list::list(db, state.as_deref(), limit, json).await,
+        Command::Status { json } => status::status(&cfg, db, json).await,
+        Command::List { state, limit, json } => {
+            list::list(&cfg, db, state.as_deref(), limit, json).await
+        }
         Command::Retry(args) => retry::retry(db, &args).await,
         Command::Enqueue { files, .. } => enqueue::enqueue(&cfg, &files).await,
         Command::CheckConfig { online } => check_config::check_config(&cfg, online).await,

@@ -30,6 +30,7 @@ pub(super) async fn run_daemon(
     };
     let (started_tx, mut started_rx) = tokio::sync::oneshot::channel();
     let token = cfg.api.token.clone();
+    let sources = cfg.sources.clone();
     let s = shutdown.clone();
     tokio::spawn(async move {
         let mut handle: Option<app::Handle> = None;
@@ -39,6 +40,9 @@ pub(super) async fn run_daemon(
                 _ = int.recv() => "SIGINT",
                 _ = hup.recv() => {
                     reload(&config_path, &env, &token, handle.as_ref());
+                    if let Some(h) = &handle {
+                        reload_tenants(&sources, h);
+                    }
                     continue;
                 }
                 h = &mut started_rx, if handle.is_none() => {
@@ -58,6 +62,25 @@ pub(super) async fn run_daemon(
     });
     app::run(cfg, shutdown, Some(started_tx)).await?;
     Ok(EXIT_OK)
+}
+
+/// SIGHUP: each source with a token of its own reads it again (as `api.token_file`).
+fn reload_tenants(sources: &[config::SourceConfig], handle: &app::Handle) {
+    for (i, s) in sources.iter().enumerate() {
+        let (Some(api), Some(token)) = (handle.tenants.get(&s.name), s.load_token(i)) else {
+            continue;
+        };
+        match token {
+            Ok(t) => {
+                api.set_token(t);
+                tracing::info!(source = %s.name, "SIGHUP: the source's token re-read");
+            }
+            Err(e) => {
+                tracing::warn!(source = %s.name, error = %e, "SIGHUP: cannot read the source's token; keeping the current one")
+            }
+        }
+    }
+    handle.auth_recheck.notify_one();
 }
 
 /// SIGHUP: the log level from the config file (unless `RUST_LOG` decides it) and the token from

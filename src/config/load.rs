@@ -102,21 +102,30 @@ pub fn from_toml_str(
 ) -> Result<Config, ConfigError> {
     // Checked first and on its own, so a broken file is reported with its line and column rather
     // than as a confusing type error further on.
-    toml::from_str::<toml::Table>(text).map_err(|e| {
+    let file = toml::from_str::<toml::Table>(text).map_err(|e| {
         ConfigError::new(
             origin,
             format!("not valid TOML: {}", describe_toml_error(text, &e)),
         )
     })?;
+    super::sources::check_env(env)?;
     let mut value = merge_layers(text, env, origin)?;
     split_env_lists(&mut value);
+    // `[[source]]` tables are read from the file itself (see `sources`).
+    if let Some(top) = value.as_object_mut() {
+        top.remove("source");
+    }
     check_known_keys(&value)?;
     let mut raw: Raw = serde_path_to_error::deserialize(&value).map_err(|e| {
         let key = e.path().to_string();
         ConfigError::new(key, e.into_inner().to_string())
     })?;
     use_token_credential(&mut raw, env);
-    super::validate(raw)
+    let naming = crate::calls::naming::Naming::parse(&raw.watch.naming)
+        .map_err(|e| ConfigError::new("watch.naming", e))?;
+    let declare = value.get("declare").cloned().unwrap_or_default();
+    let sources = super::sources::read(&file, &declare, &naming)?;
+    super::validate(raw, sources)
 }
 
 /// The file with the environment laid over it, as one JSON value.
@@ -188,7 +197,8 @@ fn check_known_keys(value: &serde_json::Value) -> Result<(), ConfigError> {
     };
     for (section, body) in top {
         let Some((_, keys)) = KNOWN_KEYS.iter().find(|(s, _)| s == section) else {
-            let all: Vec<&str> = KNOWN_KEYS.iter().map(|(s, _)| *s).collect();
+            let mut all: Vec<&str> = KNOWN_KEYS.iter().map(|(s, _)| *s).collect();
+            all.push("source");
             return Err(ConfigError::new(
                 section.clone(),
                 format!(

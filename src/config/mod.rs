@@ -14,11 +14,13 @@
 mod load;
 mod logfilter;
 mod raw;
+mod sources;
 mod typed;
 mod validate;
 
 pub use load::{from_toml_str, load, read_regular_file, resolve_path};
 pub use logfilter::check_log_filter;
+pub use sources::DEFAULT_SOURCE;
 pub use typed::*;
 pub use validate::{FLOORS, MAX_RESULTS_REQUESTS_PER_SEC, load_ca_file, parse_duration};
 

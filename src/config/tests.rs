@@ -342,3 +342,126 @@ fn calls_keys_have_defaults_and_bad_values_name_their_key() {
     assert!(err.to_string().contains("external_id"), "{err}");
     assert!(naming(r"^(?P<external_id>[0-9]+)\.wav$").is_ok());
 }
+
+const TWO_SOURCES: &str = r#"
+        [api]
+        token = "t0k3n"
+        [declare]
+        language_tag = "en-us"
+        send_metadata = true
+        [watch]
+        paths = ["/rec/main"]
+        naming = "freepbx"
+        [[source]]
+        name = "es-queue"
+        paths = ["/rec/es"]
+        [source.declare]
+        language_tag = "es-us"
+        [[source]]
+        name = "tenant-b"
+        paths = ["/rec/b", "/rec/b2"]
+        token_file = "/etc/callferry/b.token"
+        naming = "none"
+    "#;
+
+#[test]
+fn sources_lay_their_declare_over_the_top_level_and_are_all_watched() {
+    let c = from_toml_str(TWO_SOURCES, &env(&[]), "t").unwrap();
+    let names: Vec<&str> = c.sources.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, [DEFAULT_SOURCE, "es-queue", "tenant-b"]);
+    let es = c.source_named("es-queue").unwrap();
+    assert_eq!(es.declare.language_tag, "es-us");
+    assert!(es.declare.send_metadata, "other [declare] keys are kept");
+    assert!(
+        matches!(es.naming, crate::calls::naming::Naming::FreePbx),
+        "naming defaults to [watch]'s"
+    );
+    assert!(es.token.is_none());
+    let b = c.source_named("tenant-b").unwrap();
+    assert_eq!(b.declare.language_tag, "en-us");
+    assert!(matches!(b.naming, crate::calls::naming::Naming::None));
+    assert!(matches!(b.token, Some(TokenSource::File(_))));
+    assert_eq!(c.account_of(es), DEFAULT_SOURCE);
+    assert_eq!(c.account_of(b), "tenant-b");
+    assert_eq!(
+        c.watch.paths,
+        ["/rec/main", "/rec/es", "/rec/b", "/rec/b2"].map(PathBuf::from)
+    );
+    assert_eq!(
+        c.source_of_root(std::path::Path::new("/rec/b2")).name,
+        "tenant-b"
+    );
+    assert_eq!(
+        c.source_of_root(std::path::Path::new("/gone")).name,
+        DEFAULT_SOURCE
+    );
+}
+
+#[test]
+fn with_sources_the_watch_paths_may_be_empty() {
+    let text = "[api]\ntoken = \"t\"\n[[source]]\nname = \"a\"\npaths = [\"/rec/a\"]\n";
+    let c = from_toml_str(text, &env(&[]), "t").unwrap();
+    assert!(c.sources[0].paths.is_empty());
+    assert_eq!(c.watch.paths, [PathBuf::from("/rec/a")]);
+}
+
+#[test]
+fn bad_sources_name_their_key() {
+    let cases = [
+        (
+            "[[source]]\nname = \"a\"\npaths = [\"/rec/main/x\"]\n",
+            "source[0].paths",
+        ),
+        (
+            "[[source]]\nname = \"a\"\npaths = [\"/rec\"]\n",
+            "source[0].paths",
+        ),
+        ("[[source]]\npaths = [\"/x\"]\n", "source[0].name"),
+        (
+            "[[source]]\nname = \"default\"\npaths = [\"/x\"]\n",
+            "source[0].name",
+        ),
+        ("[[source]]\nname = \"a\"\n", "source[0].paths"),
+        (
+            "[[source]]\nname = \"a\"\npaths = [\"rel\"]\n",
+            "source[0].paths",
+        ),
+        (
+            "[[source]]\nname = \"a\"\npaths = [\"/x\"]\nnaming = \"(\"\n",
+            "source[0].naming",
+        ),
+        (
+            "[[source]]\nname = \"a\"\npaths = [\"/x\"]\n[source.declare]\ntimezone = \"Mars/Base\"\n",
+            "source[0].declare.timezone",
+        ),
+        (
+            "[[source]]\nname = \"a\"\npaths = [\"/x\"]\n[source.declare]\nlanguage_tag = 3\n",
+            "source[0].declare.language_tag",
+        ),
+        ("[source]\nname = \"a\"\n", "source"),
+    ];
+    for (extra, key) in cases {
+        let text = format!("{MINIMAL}\n[watch]\npaths = [\"/rec/main\"]\n{extra}")
+            .replace("[watch]\n        paths = [\"/tmp/rec\"]", "");
+        let err = from_toml_str(&text, &env(&[]), "t").unwrap_err();
+        assert_eq!(err.key, key, "{extra}: {err}");
+    }
+    let err = from_toml_str(MINIMAL, &env(&[("CALLFERRY_SOURCE__NAME", "x")]), "t").unwrap_err();
+    assert_eq!(err.key, "CALLFERRY_SOURCE__NAME");
+}
+
+#[test]
+fn the_example_configs_source_uncommented_is_valid() {
+    let text = include_str!("../../config/callferry.toml");
+    let at = text.find("# [[source]]").expect("a [[source]] example");
+    let uncommented: String = text[at..]
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let full = format!("{}{uncommented}\n", &text[..at]);
+    let c = from_toml_str(&full, &env(&[]), "example").unwrap();
+    let s = c.source_named("es-queue").unwrap();
+    assert_eq!(s.declare.language_tag, "es-us");
+    assert!(s.token.is_some());
+}

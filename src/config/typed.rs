@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use globset::GlobSet;
 
-use super::ConfigError;
+use super::{ConfigError, DEFAULT_SOURCE};
 use crate::secret::Secret;
 
 #[derive(Debug, Clone)]
@@ -23,6 +23,62 @@ pub struct Config {
     pub results: ResultsConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
+    /// Every source: `[0]` is the top-level `[watch] paths` ([`DEFAULT_SOURCE`]), then the
+    /// `[[source]]` tables in the file's order. `watch.paths` lists all their folders.
+    pub sources: Vec<SourceConfig>,
+}
+
+/// Folders with settings of their own: a `[[source]]` table, or the top-level `[watch] paths`.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub name: String,
+    pub paths: Vec<PathBuf>,
+    /// Its own ElevateAI account; None: `[api]`'s token.
+    pub token: Option<TokenSource>,
+    pub naming: crate::calls::naming::Naming,
+    /// `[declare]` with the source's `[source.declare]` laid over it.
+    pub declare: DeclareConfig,
+}
+
+impl Config {
+    /// The source whose folder `root` is (a job's watched folder); a folder no source lists any
+    /// more (the configuration changed since it was queued) is the default source's.
+    pub fn source_of_root(&self, root: &std::path::Path) -> &SourceConfig {
+        self.sources
+            .iter()
+            .find(|s| s.paths.iter().any(|p| p == root))
+            .unwrap_or(&self.sources[0])
+    }
+
+    /// The source called `name`, if the configuration has it.
+    pub fn source_named(&self, name: &str) -> Option<&SourceConfig> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    /// The account a source's requests go out on, which a 401 pauses as a whole: its own name if
+    /// it has a token of its own, else [`DEFAULT_SOURCE`] (the `[api]` token's).
+    pub fn account_of<'a>(&self, source: &'a SourceConfig) -> &'a str {
+        if source.token.is_some() {
+            &source.name
+        } else {
+            DEFAULT_SOURCE
+        }
+    }
+}
+
+impl SourceConfig {
+    /// Reads its token; errors name the source's key, never the value.
+    pub fn load_token(&self, index: usize) -> Option<Result<Secret, ConfigError>> {
+        let t = self.token.as_ref()?;
+        Some(t.load().map_err(|e| {
+            ConfigError {
+                key: e
+                    .key
+                    .replace("api.", &format!("source[{}].", index.wrapping_sub(1))),
+                message: e.message,
+            }
+        }))
+    }
 }
 
 #[derive(Clone)]

@@ -135,11 +135,12 @@ pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, ConfigErro
 }
 
 /// The raw configuration, checked section by section, in the file's order.
-pub(super) fn validate(raw: Raw) -> Result<Config, ConfigError> {
+pub(super) fn validate(raw: Raw, sources: Vec<SourceConfig>) -> Result<Config, ConfigError> {
     let results_enabled = raw.results.enabled;
     let api = validate_api(raw.api)?;
     let declare = validate_declare(raw.declare)?;
-    let watch = validate_watch(raw.watch)?;
+    let mut watch = validate_watch(raw.watch, !sources.is_empty())?;
+    let sources = all_sources(&mut watch, &declare, sources)?;
     let queue = validate_queue(raw.queue)?;
     let upload = validate_upload(raw.upload)?;
     let after_upload = validate_after_upload(raw.after_upload, &watch, results_enabled)?;
@@ -158,7 +159,28 @@ pub(super) fn validate(raw: Raw) -> Result<Config, ConfigError> {
         results,
         metrics,
         log,
+        sources,
     })
+}
+
+/// The default source (the top-level `[watch] paths`) first, then the `[[source]]` tables; the
+/// watcher watches every source's folders, so `watch.paths` becomes all of them.
+fn all_sources(
+    watch: &mut WatchConfig,
+    declare: &DeclareConfig,
+    tables: Vec<SourceConfig>,
+) -> Result<Vec<SourceConfig>, ConfigError> {
+    let mut sources = vec![SourceConfig {
+        name: DEFAULT_SOURCE.to_string(),
+        paths: watch.paths.clone(),
+        token: None,
+        naming: watch.naming.clone(),
+        declare: declare.clone(),
+    }];
+    sources.extend(tables);
+    super::sources::check_overlaps(&sources)?;
+    watch.paths = sources.iter().flat_map(|s| s.paths.clone()).collect();
+    Ok(sources)
 }
 
 fn validate_api(raw: RawApi) -> Result<ApiConfig, ConfigError> {
@@ -234,7 +256,7 @@ fn token_source(raw: &RawApi) -> Result<TokenSource, ConfigError> {
     }
 }
 
-fn validate_declare(raw: RawDeclare) -> Result<DeclareConfig, ConfigError> {
+pub(super) fn validate_declare(raw: RawDeclare) -> Result<DeclareConfig, ConfigError> {
     if raw.language_tag.trim().is_empty() {
         return Err(ConfigError::new(
             "declare.language_tag",
@@ -272,14 +294,14 @@ fn time_zone(name: &str) -> Result<jiff::tz::TimeZone, ConfigError> {
     }
 }
 
-fn validate_watch(raw: RawWatch) -> Result<WatchConfig, ConfigError> {
+fn validate_watch(raw: RawWatch, has_sources: bool) -> Result<WatchConfig, ConfigError> {
     let paths: Vec<PathBuf> = raw
         .paths
         .iter()
         .filter(|p| !p.trim().is_empty())
         .map(PathBuf::from)
         .collect();
-    if paths.is_empty() {
+    if paths.is_empty() && !has_sources {
         return Err(ConfigError::new(
             "watch.paths",
             "is required: list the folder(s) your recorder writes to, e.g. paths = [\"/var/spool/asterisk/monitor\"]",

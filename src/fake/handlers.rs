@@ -339,7 +339,19 @@ async fn declare(State(sh): State<Sh>, headers: HeaderMap, body: Bytes) -> Respo
     }
     // Created even when a fault then garbles or drops the answer: the real
     // service would have done the work too, leaving an orphan behind.
-    let id = sh.lock().declare(value, include_ai);
+    let account = headers
+        .get("x-api-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let id = {
+        let mut st = sh.lock();
+        let id = st.declare(value, include_ai);
+        if let Some(i) = st.interactions.get_mut(&id) {
+            i.account = account;
+        }
+        id
+    };
     answer(
         StatusCode::CREATED,
         Some(json!({ "interactionIdentifier": id })),

@@ -183,6 +183,9 @@ pub struct InteractionRecord {
     /// When the audio was stored (unix ms), if it was.
     #[serde(default)]
     pub stored_at_ms: Option<u64>,
+    /// The token the declare came with (the account; test tokens only).
+    #[serde(default)]
+    pub account: String,
 }
 
 /// One upload request. Describes the first multipart part (empty name and
@@ -332,6 +335,12 @@ impl FakeApi {
 
     pub fn set_token(&self, token: &str) {
         self.inner.shared.lock().token = token.to_owned();
+    }
+
+    /// Accepts these tokens too, as other accounts (replacing any set before): a 401 for one
+    /// account's token is `set_other_tokens` without it.
+    pub fn set_other_tokens(&self, tokens: &[&str]) {
+        self.inner.shared.lock().other_tokens = tokens.iter().map(|t| t.to_string()).collect();
     }
 
     /// Delay added before every `/v1` answer (not the control routes).

@@ -21,6 +21,8 @@ pub(super) struct Shared {
 
 pub(super) struct State {
     pub token: String,
+    /// Tokens of other accounts the fake also accepts (a multi-tenant host's sources).
+    pub other_tokens: Vec<String>,
     pub latency: Duration,
     pub upload_rate: Option<u64>,
     pub processing_time: Duration,
@@ -48,6 +50,8 @@ pub(super) struct Interaction {
     uploaded_at: Option<(SystemTime, Instant)>,
     pub uploads: Vec<UploadRecord>,
     forced: Option<Forced>,
+    /// The token its declare came with: the account it belongs to.
+    pub account: String,
 }
 
 struct Forced {
@@ -113,6 +117,7 @@ impl Shared {
         Shared {
             state: Mutex::new(State {
                 token: opts.token,
+                other_tokens: Vec::new(),
                 latency: opts.latency,
                 upload_rate: None,
                 processing_time: opts.processing_time,
@@ -155,6 +160,7 @@ impl Shared {
                 uploads: i.uploads.clone(),
                 status: i.view(st.processing_time).status,
                 declared_at_ms: unix_ms(i.declared_at),
+                account: i.account.clone(),
                 stored_at_ms: i.uploaded_at.map(|(wall, _)| unix_ms(wall)),
             })
             .collect()
@@ -205,7 +211,7 @@ impl Shared {
 
 impl State {
     pub fn token_ok(&self, presented: Option<&str>) -> bool {
-        presented == Some(self.token.as_str())
+        presented.is_some_and(|p| p == self.token || self.other_tokens.iter().any(|t| t == p))
     }
 
     /// The fault for the request being handled now: scripted ones first,
@@ -266,6 +272,7 @@ impl State {
                 uploaded_at: None,
                 uploads: Vec::new(),
                 forced: None,
+                account: String::new(),
             },
         );
         id

@@ -22,6 +22,7 @@ mod open;
 mod paths;
 pub mod pg;
 mod read;
+mod sources;
 mod state;
 mod transitions;
 mod walsync;
@@ -108,7 +109,8 @@ pub struct Job {
     pub orphans: u32,
     /// The call's id as its declare sent it (`externalIdentifier`); None until declared.
     pub external_id: Option<String>,
-    /// The `[[source]]` it belongs to; None: the top-level `[watch]` folders.
+    /// The source it was declared for (a `[[source]]` name, or `default` for the top-level
+    /// `[watch]` folders); None until declared, and for jobs declared before sources existed.
     pub source: Option<String>,
 }
 

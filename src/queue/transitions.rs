@@ -122,12 +122,27 @@ impl Queue {
         external_id: Option<&str>,
         now: i64,
     ) -> Result<(), QueueError> {
+        self.mark_declared_from(id, interaction_id, external_id, None, now)
+            .await
+    }
+
+    /// [`Transition::Declared`], recording the call's id the declare carried (`externalIdentifier`)
+    /// and the source it was declared for in the same statement.
+    pub async fn mark_declared_from(
+        &self,
+        id: i64,
+        interaction_id: &str,
+        external_id: Option<&str>,
+        source: Option<&str>,
+        now: i64,
+    ) -> Result<(), QueueError> {
         const T: Transition = Transition::Declared;
         static SQL: LazyLock<String> = LazyLock::new(|| {
             let (to, from) = (T.sql_target(), T.sql_guard());
             format!(
                 "UPDATE jobs SET state = {to}, interaction_id = ?1, updated_at = ?2, \
-                 last_error = NULL, external_id = COALESCE(?4, external_id) WHERE id = ?3 \
+                 last_error = NULL, external_id = COALESCE(?4, external_id), \
+                 source = COALESCE(?5, source) WHERE id = ?3 \
                  AND ({from} OR (state = '{}' AND interaction_id = ?1))",
                 State::Uploading
             )
@@ -139,6 +154,7 @@ impl Queue {
             .bind(now)
             .bind(id)
             .bind(external_id)
+            .bind(source)
             .execute(&self.pool)
             .await?
             .rows_affected();

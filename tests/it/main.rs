@@ -21,3 +21,4 @@ mod pg_queue;
 mod pipeline;
 mod recorders;
 mod results;
+mod sources;

@@ -253,7 +253,7 @@ async fn a_rejected_token_pauses_everything_and_resumes_by_itself() {
     let b = wav(1.5);
     let pb = app.drop_file("b.wav", &b);
     eventually("uploads to be paused", || async {
-        handle.gate.state().pause.is_some()
+        handle.gate.state().shown().is_some()
     })
     .await;
     let status = open_queue(&app.db_path()).await;
@@ -300,7 +300,7 @@ async fn a_rejected_token_pauses_everything_and_resumes_by_itself() {
         .await;
         app.assert_uploaded_once(&job, bytes);
     }
-    assert!(handle.gate.state().pause.is_none());
+    assert!(handle.gate.state().shown().is_none());
     shutdown.cancel();
     daemon.await.unwrap().unwrap();
 }
