@@ -159,6 +159,8 @@ impl Daemon {
     ) -> Result<Daemon, AppError> {
         let gate = Arc::new(Gate::new(crate::policy::upload_backoff(&cfg)));
         let metrics = Arc::new(Metrics::new());
+        let names: Vec<&str> = cfg.sources.iter().map(|s| s.name.as_str()).collect();
+        metrics.add_sources(&names);
         let background = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let ready_flag = Arc::new(AtomicBool::new(false));

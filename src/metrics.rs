@@ -30,9 +30,9 @@ pub mod names {
     pub const FILES_DISCOVERED: &str = "callferry_files_discovered";
     /// `callferry_jobs{state}`
     pub const JOBS: &str = "callferry_jobs";
-    /// `callferry_uploads_total{outcome}`
+    /// `callferry_uploads_total{outcome,source}`
     pub const UPLOADS: &str = "callferry_uploads";
-    /// `callferry_uploaded_bytes_total`
+    /// `callferry_uploaded_bytes_total{source}`
     pub const UPLOADED_BYTES: &str = "callferry_uploaded_bytes";
     /// `callferry_upload_duration_seconds` (histogram)
     pub const UPLOAD_DURATION: &str = "callferry_upload_duration_seconds";
@@ -61,7 +61,8 @@ mod help {
     pub const UPLOADS: &str = "Upload attempts by outcome: created (201), conflict (409: the audio \
          was already there, counted as uploaded), rejected (400/404/413: the job failed), retry \
          (5xx, reset, stall or malformed answer), unauthorized (401: all uploads paused), \
-         rate_limited (429), unreachable (API down), local (the recording could not be read)";
+         rate_limited (429), unreachable (API down), local (the recording could not be read); \
+         source: the recording's source (`default`: the [watch] paths; else a [[source]] name)";
     pub const UPLOADED_BYTES: &str = "Audio bytes uploaded in attempts answered 201";
     pub const UPLOAD_DURATION: &str = "Duration of uploads answered 201, in seconds";
     pub const OLDEST_PENDING_AGE: &str =
@@ -105,6 +106,15 @@ pub mod outcome {
 
 type Label = [(&'static str, &'static str); 1];
 type OwnedLabel = [(&'static str, String); 1];
+/// `outcome` and `source`: as many series as outcomes times configured sources.
+type UploadLabel = [(&'static str, String); 2];
+
+fn upload_label(outcome: &str, source: &str) -> UploadLabel {
+    [
+        ("outcome", outcome.to_string()),
+        ("source", source.to_string()),
+    ]
+}
 
 const JOB_STATES: &[&str] = &[
     "pending",
@@ -183,8 +193,8 @@ pub struct Metrics {
     pub progress: Progress,
     files_discovered: Counter,
     jobs: Family<Label, Gauge>,
-    uploads: Family<Label, Counter>,
-    uploaded_bytes: Counter,
+    uploads: Family<UploadLabel, Counter>,
+    uploaded_bytes: Family<OwnedLabel, Counter>,
     upload_duration: Histogram,
     oldest_pending_age: Gauge<f64, AtomicU64>,
     api_paused: Gauge,
@@ -217,8 +227,8 @@ impl Metrics {
         let mut registry = Registry::default();
         let files_discovered = Counter::default();
         let jobs = Family::<Label, Gauge>::default();
-        let uploads = Family::<Label, Counter>::default();
-        let uploaded_bytes = Counter::default();
+        let uploads = Family::<UploadLabel, Counter>::default();
+        let uploaded_bytes = Family::<OwnedLabel, Counter>::default();
         // 50 ms .. ~30 min: a short call on a LAN to a long call on a slow uplink.
         let upload_duration = Histogram::new(exponential_buckets(0.05, 2.0, 16));
         let oldest_pending_age = Gauge::<f64, AtomicU64>::default();
@@ -233,9 +243,6 @@ impl Metrics {
         // Every label value exists from the start, so a rate() over a fresh series works.
         for s in JOB_STATES {
             let _ = jobs.get_or_create(&[("state", *s)]);
-        }
-        for o in outcome::ALL {
-            let _ = uploads.get_or_create(&[("outcome", *o)]);
         }
         for k in ["transcript", "punctuated", "ai"] {
             let _ = results_fetched.get_or_create(&[("kind", k.to_string())]);
@@ -292,7 +299,7 @@ impl Metrics {
             orphan_declares.clone(),
         );
 
-        Metrics {
+        let m = Metrics {
             registry,
             progress: Progress::default(),
             files_discovered,
@@ -309,6 +316,22 @@ impl Metrics {
             watch,
             orphan_declares,
             results_blocked: Default::default(),
+        };
+        m.add_sources(&[crate::config::DEFAULT_SOURCE]);
+        m
+    }
+
+    /// Makes the per-source series exist from the start (a rate() over a fresh series works).
+    /// Called with the configuration's sources: their names are the only `source` labels, so the
+    /// series are bounded by the configuration.
+    pub fn add_sources(&self, names: &[&str]) {
+        for s in names {
+            for o in outcome::ALL {
+                let _ = self.uploads.get_or_create(&upload_label(o, s));
+            }
+            let _ = self
+                .uploaded_bytes
+                .get_or_create(&[("source", s.to_string())]);
         }
     }
 
@@ -340,25 +363,27 @@ impl Metrics {
     }
 
     /// An upload answered 201 (stored) or 409 (already there).
-    pub fn uploaded(&self, status: u16, bytes: u64, took: Duration) {
+    pub fn uploaded(&self, source: &str, status: u16, bytes: u64, took: Duration) {
         self.progress.progress();
         if status == 409 {
-            self.count(outcome::CONFLICT);
+            self.count(outcome::CONFLICT, source);
         } else {
-            self.count(outcome::CREATED);
-            self.uploaded_bytes.inc_by(bytes);
+            self.count(outcome::CREATED, source);
+            self.uploaded_bytes
+                .get_or_create(&[("source", source.to_string())])
+                .inc_by(bytes);
             self.upload_duration.observe(took.as_secs_f64());
         }
     }
 
     /// A declare or upload attempt failed; `outcome` says how (one of [`outcome::ALL`], as
     /// `ApiError::outcome` picks it).
-    pub fn attempt_failed(&self, outcome: &'static str) {
-        self.count(outcome);
+    pub fn attempt_failed(&self, source: &str, outcome: &'static str) {
+        self.count(outcome, source);
     }
 
-    fn count(&self, o: &'static str) {
-        self.uploads.get_or_create(&[("outcome", o)]).inc();
+    fn count(&self, o: &'static str, source: &str) {
+        self.uploads.get_or_create(&upload_label(o, source)).inc();
     }
 
     /// A job outcome was recorded in the queue (a retry scheduled, a failure). A sign of life for
@@ -394,9 +419,9 @@ impl Metrics {
             .inc();
     }
 
-    /// The value of `callferry_uploads_total{outcome}` (for tests and `status`).
-    pub fn uploads_with_outcome(&self, o: &'static str) -> u64 {
-        self.uploads.get_or_create(&[("outcome", o)]).get()
+    /// The value of `callferry_uploads_total{outcome,source}` (for tests).
+    pub fn uploads_with_outcome(&self, o: &'static str, source: &str) -> u64 {
+        self.uploads.get_or_create(&upload_label(o, source)).get()
     }
 
     // --- exposition ---------------------------------------------------------------------------
@@ -491,10 +516,13 @@ mod tests {
     fn events_and_snapshot_show_up_in_the_text() {
         let m = Metrics::new();
         m.files_discovered(3);
-        m.uploaded(201, 1000, Duration::from_millis(300));
-        m.uploaded(409, 1000, Duration::from_millis(300));
+        m.add_sources(&["tenant-b"]);
+        m.uploaded("default", 201, 1000, Duration::from_millis(300));
+        m.uploaded("default", 409, 1000, Duration::from_millis(300));
+        m.uploaded("tenant-b", 201, 500, Duration::from_millis(300));
         for status in [503, 401] {
             m.attempt_failed(
+                "default",
                 crate::api::ApiError::Status {
                     status,
                     message: "x".into(),
@@ -519,29 +547,66 @@ mod tests {
         assert_eq!(value(&t, "callferry_orphan_declares_total"), Some(4.0));
         assert_eq!(value(&t, "callferry_files_discovered_total"), Some(3.0));
         assert_eq!(
-            value(&t, "callferry_uploads_total{outcome=\"created\"}"),
+            value(
+                &t,
+                "callferry_uploads_total{outcome=\"created\",source=\"default\"}"
+            ),
             Some(1.0)
         );
         assert_eq!(
-            value(&t, "callferry_uploads_total{outcome=\"conflict\"}"),
+            value(
+                &t,
+                "callferry_uploads_total{outcome=\"conflict\",source=\"default\"}"
+            ),
             Some(1.0)
         );
         assert_eq!(
-            value(&t, "callferry_uploads_total{outcome=\"retry\"}"),
+            value(
+                &t,
+                "callferry_uploads_total{outcome=\"retry\",source=\"default\"}"
+            ),
             Some(1.0)
         );
         assert_eq!(
-            value(&t, "callferry_uploads_total{outcome=\"unauthorized\"}"),
+            value(
+                &t,
+                "callferry_uploads_total{outcome=\"unauthorized\",source=\"default\"}"
+            ),
             Some(1.0)
         );
         assert_eq!(
-            value(&t, "callferry_uploads_total{outcome=\"rejected\"}"),
+            value(
+                &t,
+                "callferry_uploads_total{outcome=\"rejected\",source=\"default\"}"
+            ),
             Some(0.0)
         );
-        assert_eq!(value(&t, "callferry_uploaded_bytes_total"), Some(1000.0));
+        assert_eq!(
+            value(&t, "callferry_uploaded_bytes_total{source=\"default\"}"),
+            Some(1000.0)
+        );
+        // Another source's series: its own, and there from the start for every outcome.
+        assert_eq!(
+            value(
+                &t,
+                "callferry_uploads_total{outcome=\"created\",source=\"tenant-b\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "callferry_uploads_total{outcome=\"retry\",source=\"tenant-b\"}"
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(&t, "callferry_uploaded_bytes_total{source=\"tenant-b\"}"),
+            Some(500.0)
+        );
         assert_eq!(
             value(&t, "callferry_upload_duration_seconds_count"),
-            Some(1.0)
+            Some(2.0)
         );
         assert_eq!(value(&t, "callferry_jobs{state=\"pending\"}"), Some(2.0));
         assert_eq!(value(&t, "callferry_jobs{state=\"uploaded\"}"), Some(5.0));

@@ -319,7 +319,12 @@ impl Pipeline {
             Ok(outcome) => {
                 self.api_ok(&job);
                 let status = outcome.status();
-                self.metrics.uploaded(status, job.size, started.elapsed());
+                self.metrics.uploaded(
+                    &self.source_of(&job).name,
+                    status,
+                    job.size,
+                    started.elapsed(),
+                );
                 if status == 409 {
                     info!(interaction_id = %iid, "upload answered 409: the service already has this audio (an earlier attempt got through); counted as uploaded");
                 } else {
@@ -583,7 +588,8 @@ impl Pipeline {
         let now = now_ms();
         let unit: f64 = rand::random();
         let msg = err.to_string();
-        self.metrics.attempt_failed(err.outcome());
+        self.metrics
+            .attempt_failed(&self.source_of(job).name, err.outcome());
         let failure = Failure::of(&err);
         // Out of descriptors, nothing was sent that could have created an interaction (a socket
         // or file that could not be opened).

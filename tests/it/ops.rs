@@ -65,26 +65,41 @@ async fn metrics_scraped_during_a_run_match_the_fakes_own_counts() {
 
     assert_eq!(value(&text, "callferry_files_discovered_total"), 3.0);
     assert_eq!(
-        value(&text, "callferry_uploads_total{outcome=\"created\"}"),
+        value(
+            &text,
+            "callferry_uploads_total{outcome=\"created\",source=\"default\"}"
+        ),
         answered(201)
     );
     assert_eq!(answered(201), 2.0);
     assert_eq!(
-        value(&text, "callferry_uploads_total{outcome=\"conflict\"}"),
+        value(
+            &text,
+            "callferry_uploads_total{outcome=\"conflict\",source=\"default\"}"
+        ),
         fake.uploads_conflict as f64
     );
     assert_eq!(fake.uploads_conflict, 1);
     assert_eq!(
-        value(&text, "callferry_uploads_total{outcome=\"retry\"}"),
+        value(
+            &text,
+            "callferry_uploads_total{outcome=\"retry\",source=\"default\"}"
+        ),
         fake.faults_injected as f64,
         "each injected fault cost one retried attempt"
     );
     assert_eq!(
-        value(&text, "callferry_uploads_total{outcome=\"rejected\"}"),
+        value(
+            &text,
+            "callferry_uploads_total{outcome=\"rejected\",source=\"default\"}"
+        ),
         fake.uploads_rejected as f64
     );
     assert_eq!(
-        value(&text, "callferry_uploads_total{outcome=\"unauthorized\"}"),
+        value(
+            &text,
+            "callferry_uploads_total{outcome=\"unauthorized\",source=\"default\"}"
+        ),
         fake.unauthorized as f64
     );
     let bytes_201: u64 = uploads
@@ -93,7 +108,7 @@ async fn metrics_scraped_during_a_run_match_the_fakes_own_counts() {
         .map(|u| u.size)
         .sum();
     assert_eq!(
-        value(&text, "callferry_uploaded_bytes_total"),
+        value(&text, "callferry_uploaded_bytes_total{source=\"default\"}"),
         bytes_201 as f64
     );
     assert_eq!(
@@ -149,7 +164,12 @@ async fn healthz_turns_503_on_a_rejected_token_and_back_when_it_is_accepted() {
     assert!(!body.contains(TOKEN) && !body.contains("a-rotated-token"));
     let (_, text) = get(&app, "/metrics").await;
     assert_eq!(value(&text, "callferry_api_paused"), 1.0);
-    assert!(value(&text, "callferry_uploads_total{outcome=\"unauthorized\"}") >= 1.0);
+    assert!(
+        value(
+            &text,
+            "callferry_uploads_total{outcome=\"unauthorized\",source=\"default\"}"
+        ) >= 1.0
+    );
 
     // The operator fixes it (here: the service accepts our token again); no restart.
     app.fake.set_token(TOKEN);

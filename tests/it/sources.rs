@@ -333,5 +333,12 @@ async fn a_401_on_one_source_pauses_only_that_source() {
         assert_eq!(rec.uploads.iter().filter(|u| u.stored).count(), 1, "{name}");
     }
     assert!(app.handle.gate.state().shown().is_none());
+    // The metrics say whose uploads went and whose were refused.
+    let m = &app.handle.metrics;
+    assert!(m.uploads_with_outcome("unauthorized", "tenant-b") >= 1);
+    assert_eq!(m.uploads_with_outcome("unauthorized", "default"), 0);
+    assert_eq!(m.uploads_with_outcome("unauthorized", "es"), 0);
+    assert_eq!(m.uploads_with_outcome("created", "es"), 3);
+    assert_eq!(m.uploads_with_outcome("created", "tenant-b"), 2);
     app.stop().await;
 }
