@@ -386,6 +386,12 @@ fn spawn_background(
     if cfg.results.enabled {
         tasks.spawn(crate::results::Follower::new(p.shared.clone()).run(cancel.clone()));
     }
+    // Forgets a `callferry forget` left pending (`forget.rs`): finished once, in the background.
+    tasks.spawn(crate::forget::resume_in_daemon(
+        cfg.clone(),
+        p.queue.clone(),
+        p.api.clone(),
+    ));
     // Old jobs go, fingerprints stay (queue.keep_history); a move/delete still to do keeps its job.
     tasks.spawn(crate::queue::prune_task(
         p.queue.clone(),

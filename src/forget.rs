@@ -59,6 +59,40 @@ pub struct Report {
     pub finished: u64,
     /// Forgets still pending, each with why.
     pub pending: Vec<String>,
+    /// The database was vacuumed (else a running daemon does it at its next start).
+    pub vacuumed: bool,
+}
+
+/// The daemon's part, once after start: finishes the forgets a `forget` left pending (a refused
+/// remote delete, an interrupted run) and the vacuum a `forget` beside a running daemon left to
+/// it. Logged; nothing else waits for it.
+pub async fn resume_in_daemon(cfg: std::sync::Arc<Config>, queue: Queue, api: ApiClient) {
+    let pending = match queue.pending_forgets().await {
+        Ok(p) => p.len(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read pending forgets");
+            return;
+        }
+    };
+    if pending == 0 && !queue.scrub_pending().await.unwrap_or(false) {
+        return;
+    }
+    let mut report = Report::default();
+    match finish_pending(&cfg, &queue, Some(&api), true, &mut report).await {
+        Ok(()) if report.pending.is_empty() => tracing::info!(
+            finished = report.finished,
+            "pending forgets finished; the database is vacuumed"
+        ),
+        Ok(()) => tracing::warn!(
+            finished = report.finished,
+            still_pending = report.pending.len(),
+            reason = %report.pending[0],
+            "some forgets are still pending at ElevateAI; run `callferry forget --pending` once the cause is fixed"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot finish pending forgets; `callferry forget --pending` tries again")
+        }
+    }
 }
 
 /// Debug builds only: `CALLFERRY_FAULT_FORGET=<step>` aborts the process right after that step
@@ -201,15 +235,19 @@ pub async fn forget(
     }
     report.in_flight = waiting;
     fault_point(1);
-    finish_pending(cfg, queue, api, &mut report).await?;
+    finish_pending(cfg, queue, api, false, &mut report).await?;
     Ok(report)
 }
 
 /// Finishes every pending forget: local results, remote deletes, tombstones, scrub.
+/// `in_daemon`: run by the daemon on its own connection, which may vacuum; elsewhere the database
+/// is vacuumed only while no daemon runs (its lock is held meanwhile, so none starts), and
+/// otherwise left to the daemon's next start.
 pub async fn finish_pending(
     cfg: &Config,
     queue: &Queue,
     api: Option<&ApiClient>,
+    in_daemon: bool,
     report: &mut Report,
 ) -> Result<(), QueueError> {
     queue.secure_delete().await?;
@@ -274,7 +312,13 @@ pub async fn finish_pending(
     report.finished += queue.forget_finish(now_ms()).await?;
     fault_point(5);
     if queue.scrub_pending().await? {
-        queue.scrub(Duration::from_secs(60)).await?;
+        let lock = match in_daemon {
+            true => None,
+            false => crate::queue::DaemonLock::acquire(queue.path()).ok(),
+        };
+        let vacuum = in_daemon || lock.is_some();
+        queue.scrub(vacuum, Duration::from_secs(60)).await?;
+        report.vacuumed = vacuum;
     }
     Ok(())
 }

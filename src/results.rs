@@ -326,6 +326,10 @@ impl Follower {
             // asked about once the gate lets requests through again.
             return;
         }
+        if job.state == crate::queue::State::Processed {
+            // Results on disk and indexed: `[results] delete_remote_after_fetch`.
+            return self.delete_remote(job, &iid).await;
+        }
         let cfg = &self.p.cfg.results;
         let now = now_ms();
         if self
@@ -507,7 +511,14 @@ impl Follower {
         if self.p.metrics.results_blocked(None) {
             info!("results can be written again");
         }
-        match self.p.queue.mark_processed(job.id, now_ms()).await {
+        // The remote delete waits for this commit: the results are on disk and indexed first.
+        let delete_at = cfg.results.delete_remote_after_fetch.then(now_ms);
+        match self
+            .p
+            .queue
+            .mark_processed_then(job.id, delete_at, now_ms())
+            .await
+        {
             Ok(()) => {
                 info!(kinds = %job.results_written.join(","), "processed: results written");
                 if cfg.after_upload.when == AfterUploadWhen::Processed {
@@ -622,6 +633,18 @@ impl Follower {
                 self.p.gate.hold(d);
                 now + ms(d).max(poll)
             }
+            Verdict::Fail(_) if job.state == crate::queue::State::Processed => {
+                // A delete refused for good: the results stay, the interaction too (it goes by
+                // the service's own retention); the reason is kept on the job.
+                warn!(error = %msg, "interaction cannot be deleted at the service; its results stay here");
+                self.record(
+                    self.p
+                        .queue
+                        .remote_delete_done(job.id, Err(&msg), now)
+                        .await,
+                );
+                return;
+            }
             Verdict::Fail(_) => {
                 // The service does not know the interaction (deleted, or past its 45-day
                 // retention) or refuses this request: an operator must look. (Following never
@@ -646,6 +669,27 @@ impl Follower {
                 .follow_later(job.id, next, None, Some(&msg), now)
                 .await,
         );
+    }
+
+    /// Deletes a processed job's interaction at the service. A 404 is done too (gone already);
+    /// any other failure is asked again with the following policy, and the results never move.
+    async fn delete_remote(&self, job: Job, iid: &str) {
+        match self.p.api.delete_interaction(iid).await {
+            Ok(deleted) => {
+                self.api_ok();
+                debug!(
+                    deleted,
+                    "interaction deleted at the service (results.delete_remote_after_fetch)"
+                );
+                self.record(
+                    self.p
+                        .queue
+                        .remote_delete_done(job.id, Ok(deleted), now_ms())
+                        .await,
+                );
+            }
+            Err(e) => self.on_error(&job, e, "delete").await,
+        }
     }
 
     /// Removes the results and the index line just written for a job that was forgotten while

@@ -60,6 +60,13 @@ fn say(r: &Report) -> Result<i32, AppError> {
             r.finished
         ),
     )?;
+    if !r.vacuumed && (r.forgotten > 0 || r.finished > 0) {
+        out(
+            &mut stdout,
+            "the daemon is running: deleted rows are zeroed in place and the database's log is \
+             truncated; it vacuums the database at its next start\n",
+        )?;
+    }
     let mut failed = false;
     for id in &r.unknown_ids {
         tell(&format!(

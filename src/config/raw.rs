@@ -202,6 +202,8 @@ pub(super) struct RawResults {
     pub(super) format: String,
     #[serde(deserialize_with = "lenient")]
     pub(super) max_bytes: i64,
+    #[serde(deserialize_with = "lenient")]
+    pub(super) delete_remote_after_fetch: bool,
 }
 
 impl Default for RawResults {
@@ -215,6 +217,7 @@ impl Default for RawResults {
             max_requests_per_sec: 10.0,
             format: "json".into(),
             max_bytes: 256 * 1024 * 1024,
+            delete_remote_after_fetch: false,
         }
     }
 }

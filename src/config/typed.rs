@@ -244,6 +244,8 @@ pub struct ResultsConfig {
     pub format: ResultsFormat,
     /// Largest result document accepted; it is streamed to disk, never held whole. Extension.
     pub max_bytes: u64,
+    /// Delete each interaction at ElevateAI once its results are on disk and indexed.
+    pub delete_remote_after_fetch: bool,
 }
 
 #[derive(Debug, Clone)]

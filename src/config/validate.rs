@@ -536,7 +536,14 @@ fn validate_results(raw: RawResults) -> Result<ResultsConfig, ConfigError> {
         max_requests_per_sec: raw.max_requests_per_sec,
         format,
         max_bytes: raw.max_bytes as u64,
+        delete_remote_after_fetch: raw.delete_remote_after_fetch,
     };
+    if results.delete_remote_after_fetch && !results.enabled {
+        return Err(ConfigError::new(
+            "results.delete_remote_after_fetch",
+            "needs results.enabled = true (it deletes each interaction once its results are written)",
+        ));
+    }
     if results.enabled && results.poll_interval.is_zero() {
         return Err(ConfigError::new(
             "results.poll_interval",

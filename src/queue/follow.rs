@@ -6,11 +6,12 @@ use super::machine::Transition;
 use super::{JOB_COLUMNS, Job, Queue, QueueError, event, expect_one, job_from_row};
 
 impl Queue {
-    /// Uploaded jobs whose next status poll is due, soonest first.
+    /// Uploaded jobs whose next status poll is due, and processed ones whose interaction is due
+    /// to be deleted at the service (`[results] delete_remote_after_fetch`), soonest first.
     pub async fn due_followups(&self, now: i64, limit: u32) -> Result<Vec<Job>, QueueError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE follow_at IS NOT NULL AND follow_at <= ? \
-             AND state = 'uploaded' ORDER BY follow_at LIMIT ?"
+             AND state IN ('uploaded', 'processed') ORDER BY follow_at LIMIT ?"
         )))
         .bind(now)
         .bind(limit as i64)
@@ -22,7 +23,8 @@ impl Queue {
     /// When the next status poll falls due, if any job is followed.
     pub async fn next_followup(&self) -> Result<Option<i64>, QueueError> {
         Ok(sqlx::query_scalar(
-            "SELECT MIN(follow_at) FROM jobs WHERE follow_at IS NOT NULL AND state = 'uploaded'",
+            "SELECT MIN(follow_at) FROM jobs WHERE follow_at IS NOT NULL \
+             AND state IN ('uploaded', 'processed')",
         )
         .fetch_one(&self.pool)
         .await?)
@@ -40,7 +42,8 @@ impl Queue {
         sqlx::query(
             "UPDATE jobs SET follow_at = ?, service_status = COALESCE(?, service_status), \
              follow_attempts = CASE WHEN ? IS NULL THEN 0 ELSE follow_attempts + 1 END, \
-             last_error = COALESCE(?, last_error), updated_at = ? WHERE id = ? AND state = 'uploaded'",
+             last_error = COALESCE(?, last_error), updated_at = ? WHERE id = ? \
+             AND state IN ('uploaded', 'processed')",
         )
         .bind(next_at)
         .bind(service_status)
@@ -70,15 +73,28 @@ impl Queue {
 
     /// Every result is written ([`Transition::Processed`]).
     pub async fn mark_processed(&self, id: i64, now: i64) -> Result<(), QueueError> {
+        self.mark_processed_then(id, None, now).await
+    }
+
+    /// [`Transition::Processed`]; `delete_at`: when to delete the interaction at the service
+    /// (`[results] delete_remote_after_fetch`), kept in `follow_at` until it is done.
+    pub async fn mark_processed_then(
+        &self,
+        id: i64,
+        delete_at: Option<i64>,
+        now: i64,
+    ) -> Result<(), QueueError> {
         let [(from, to)] = *Transition::Processed.edges() else {
             unreachable!("one edge")
         };
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
-            "UPDATE jobs SET state = ?, follow_at = NULL, service_status = 'processed', \
-             last_error = NULL, updated_at = ? WHERE id = ? AND state = ?",
+            "UPDATE jobs SET state = ?, follow_at = ?, follow_attempts = 0, \
+             service_status = 'processed', last_error = NULL, updated_at = ? \
+             WHERE id = ? AND state = ?",
         )
         .bind(to.as_str())
+        .bind(delete_at)
         .bind(now)
         .bind(id)
         .bind(from.as_str())
@@ -123,6 +139,42 @@ impl Queue {
         .rows_affected();
         expect_one(n, &mut *tx, id, &[from]).await?;
         event(&mut tx, id, now, "failed", Some(error)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+    /// The interaction of this processed job is deleted at the service (`gone`: it was already),
+    /// or will not be (`error`: a refusal retrying cannot fix); either way it is not asked again.
+    /// The results stay.
+    pub async fn remote_delete_done(
+        &self,
+        id: i64,
+        outcome: Result<bool, &str>,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        let (status, error, ev, detail) = match outcome {
+            Ok(true) => (Some("deleted"), None, "remote-deleted", None),
+            Ok(false) => (
+                Some("deleted"),
+                None,
+                "remote-deleted",
+                Some("already gone (404)"),
+            ),
+            Err(e) => (None, Some(e), "remote-delete-failed", Some(e)),
+        };
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE jobs SET follow_at = NULL, service_status = COALESCE(?, service_status), \
+             last_error = ?, updated_at = ? WHERE id = ? AND state = 'processed'",
+        )
+        .bind(status)
+        .bind(error)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        expect_one(n, &mut *tx, id, &[super::State::Processed]).await?;
+        event(&mut tx, id, now, ev, detail).await?;
         tx.commit().await?;
         Ok(())
     }

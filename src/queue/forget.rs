@@ -257,15 +257,20 @@ impl Queue {
         Ok(self.daemon_state(SCRUB_KEY).await?.is_some())
     }
 
-    /// Leaves nothing of deleted rows in the database's files: `VACUUM` rebuilds the database from
-    /// its live rows only (free pages, and space freed inside pages before `secure_delete` was
-    /// on), and a `TRUNCATE` checkpoint copies the write-ahead log into the database and cuts the
-    /// log to nothing, old frames included. The `-shm` file holds page numbers only.
+    /// Leaves nothing of deleted rows in the database's files. Every connection deletes with
+    /// `secure_delete` (zeros in place); a `TRUNCATE` checkpoint copies the write-ahead log into
+    /// the database and cuts the log to nothing, old frames included. The `-shm` file holds page
+    /// numbers only. With `vacuum`, `VACUUM` first rebuilds the database from its live rows, for
+    /// what older versions freed without zeroing; only that clears the "scrub owed" mark.
     ///
-    /// A running daemon's writes wait meanwhile (its busy timeout), and a checkpoint waits for its
-    /// readers; a checkpoint that could not finish within `deadline` is an error (run again).
-    pub async fn scrub(&self, deadline: Duration) -> Result<(), QueueError> {
-        sqlx::query("VACUUM").execute(&self.pool).await?;
+    /// `vacuum` only with no daemon running, or on the daemon's own connection: a vacuum rewrites
+    /// the whole database under the write lock, which on a large queue outlasts a running
+    /// daemon's busy timeout (its writes would fail and pause it). A checkpoint waits for
+    /// readers; one that could not finish within `deadline` is an error (run again).
+    pub async fn scrub(&self, vacuum: bool, deadline: Duration) -> Result<(), QueueError> {
+        if vacuum {
+            sqlx::query("VACUUM").execute(&self.pool).await?;
+        }
         let start = std::time::Instant::now();
         loop {
             let (busy, log, done): (i64, i64, i64) =
@@ -273,8 +278,13 @@ impl Queue {
                     .fetch_one(&self.pool)
                     .await?;
             if busy == 0 {
-                // Written after the scrub: a crash before it only means scrubbing again.
-                self.set_daemon_state(SCRUB_KEY, None, 0).await?;
+                if vacuum {
+                    // Written after the scrub: a crash before it only means scrubbing again.
+                    self.set_daemon_state(SCRUB_KEY, None, 0).await?;
+                    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                        .execute(&self.pool)
+                        .await?;
+                }
                 return Ok(());
             }
             if start.elapsed() > deadline {
@@ -442,7 +452,7 @@ mod tests {
         q.forget_remote(t, None).await.unwrap();
         assert_eq!(q.forget_finish(10).await.unwrap(), 1);
         assert!(q.scrub_pending().await.unwrap());
-        q.scrub(Duration::from_secs(10)).await.unwrap();
+        q.scrub(true, Duration::from_secs(10)).await.unwrap();
         assert!(!q.scrub_pending().await.unwrap());
         assert!(q.pending_forgets().await.unwrap().is_empty());
     }

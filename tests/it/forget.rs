@@ -53,9 +53,13 @@ fn traces(db: &Path, needles: &[&str]) -> Vec<String> {
     let mut found = Vec::new();
     for suffix in ["", "-wal", "-shm"] {
         let f = PathBuf::from(format!("{}{suffix}", db.display()));
-        let Ok(bytes) = std::fs::read(&f) else {
+        // Read by another process: closing a descriptor of the database in this one would drop
+        // the in-process daemon's POSIX locks on it (SQLite's locks are per process).
+        let read = Command::new("cat").arg(&f).output().unwrap();
+        if !read.status.success() {
             continue;
-        };
+        }
+        let bytes = read.stdout;
         for n in needles {
             if bytes.windows(n.len()).any(|w| w == n.as_bytes()) {
                 found.push(format!("{n} in {}", f.display()));
@@ -157,6 +161,15 @@ async fn forget_by_id_erases_the_call_everywhere_and_it_is_not_uploaded_again() 
     // new recording found by the same scan shows the scan has run.
     app.stop().await;
     app.restart().await;
+    // The vacuum left to the daemon's start (a forget beside a running daemon cannot vacuum).
+    poll_for("the daemon's vacuum", || async {
+        (!app.handle.queue.scrub_pending().await.unwrap()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        traces(&app.db_path(), &[A, &iid(&ja)]),
+        Vec::<String>::new()
+    );
     let pc = app.drop_file("2026/12/02/later.wav", &wav(0.2));
     app.wait_state(&pc, "processed").await;
     assert!(app.job_for(&pa).await.is_none(), "not queued again");
@@ -248,6 +261,10 @@ async fn a_forget_killed_at_any_step_or_refused_is_finished_by_the_next() {
             );
         }
         assert_erased(&app, out.path(), job, &names[step as usize - 1]);
+        assert!(
+            app.job_for(&paths[step as usize - 1]).await.is_none(),
+            "the daemon's own connection sees it gone too"
+        );
     }
 
     // Refused: a 503, then a rejected token. Local traces go at once; the remote waits.
@@ -265,12 +282,70 @@ async fn a_forget_killed_at_any_step_or_refused_is_finished_by_the_next() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("HTTP 401"), "{stderr}");
     assert!(!stderr.contains(TOKEN), "the token is never shown");
+    // The daemon finishes it at its next start.
     app.fake.set_token(TOKEN);
-    let (code, stdout, stderr) = run(callferry(&cfg).args(["forget", "--pending"]));
-    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    app.stop().await;
+    app.restart().await;
+    poll_for("the pending forget finished by the daemon", || async {
+        let q = &app.handle.queue;
+        (q.pending_forgets().await.unwrap().is_empty() && !q.scrub_pending().await.unwrap())
+            .then_some(())
+    })
+    .await;
     assert_erased(&app, out.path(), job, &names[5]);
+    let (code, stdout, _) = run(callferry(&cfg).args(["forget", "--pending"]));
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("forgot 0 call(s)"), "{stdout}");
 
     // The untouched call is still fine and uploaded exactly once.
     app.assert_uploaded_once(&jobs[6], &wav(0.2));
+    app.stop().await;
+}
+
+/// `[results] delete_remote_after_fetch`: each interaction is deleted at the fake once its results
+/// are on disk and indexed; a delete answered 503 is retried; the results stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_remote_after_fetch_deletes_each_interaction_once_its_results_are_written() {
+    let out = tempfile::tempdir().unwrap();
+    let mut app = TestApp::start(&format!(
+        "{}delete_remote_after_fetch = true\n",
+        results_toml(out.path())
+    ))
+    .await;
+    app.fake.push_fault(Endpoint::Delete, Fault::Status(503));
+    let pa = app.drop_file(A, &wav(0.3));
+    let pb = app.drop_file(B, &wav(0.3));
+    let ja = app.wait_state(&pa, "processed").await;
+    let jb = app.wait_state(&pb, "processed").await;
+    for job in [&ja, &jb] {
+        let id = iid(job);
+        poll_for(&format!("{id} deleted at the fake"), || async {
+            app.fake.deleted().contains(&id).then_some(())
+        })
+        .await;
+        let now = poll_for("the delete recorded", || async {
+            app.job_for(&job.fs_path())
+                .await
+                .filter(|j| j.service_status.as_deref() == Some("deleted"))
+        })
+        .await;
+        assert!(now.follow_at.is_none(), "not asked again");
+        let events = app.handle.queue.events(job.id).await.unwrap();
+        assert!(events.iter().any(|e| e.1 == "remote-deleted"), "{events:?}");
+    }
+    assert_eq!(
+        app.fake.counters().deletes,
+        3,
+        "one 503, retried, and two deletes"
+    );
+    assert!(app.fake.interactions().is_empty());
+    // The results stay, indexed.
+    assert_eq!(results_of(out.path(), A).len(), 2);
+    assert_eq!(results_of(out.path(), B).len(), 2);
+    let mut ids = index_ids(out.path());
+    ids.sort();
+    let mut want = vec![iid(&ja), iid(&jb)];
+    want.sort();
+    assert_eq!(ids, want);
     app.stop().await;
 }
