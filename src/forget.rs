@@ -150,16 +150,25 @@ async fn select(
             for job in queue.undeclared_jobs().await? {
                 let (root, path) = (job.fs_root(), job.fs_path());
                 let sidecar = crate::calls::sidecar::read(&root, &path).ok().flatten();
-                let call = crate::calls::identify_with(
+                let mut external_id = crate::calls::identify_with(
                     &cfg.watch.naming,
                     &cfg.declare.timezone,
                     &root,
                     &path,
                     sidecar.as_ref(),
-                );
-                if wanted.contains(call.external_id.as_str()) {
+                )
+                .external_id;
+                // What the recorder's hook said (`enqueue --now --external-id`) wins, as in the
+                // declare.
+                if let Some(hook) = queue.hook_of(job.id).await?
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&hook)
+                    && let Some(id) = v.get("external_id").and_then(|i| i.as_str())
+                {
+                    external_id = id.to_string();
+                }
+                if wanted.contains(external_id.as_str()) {
                     let mut job = job;
-                    job.external_id = Some(call.external_id);
+                    job.external_id = Some(external_id);
                     jobs.push(job);
                 }
             }

@@ -349,3 +349,71 @@ async fn delete_remote_after_fetch_deletes_each_interaction_once_its_results_are
     assert_eq!(ids, want);
     app.stop().await;
 }
+
+/// A call forgotten while the daemon is declaring it (the forget waits for the interaction id) and
+/// one forgotten mid-upload (its interaction goes; the upload then finds none): neither comes back,
+/// and the fake keeps nothing of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_in_the_daemon_is_forgotten_and_not_resurrected() {
+    let out = tempfile::tempdir().unwrap();
+    let mut app = TestApp::start(&results_toml(out.path())).await;
+    let cfg = config_file(&app);
+
+    // Declaring: the declare is held 3 s at the fake.
+    app.fake.push_fault(
+        Endpoint::Declare,
+        Fault::Stall(std::time::Duration::from_secs(3)),
+    );
+    let pa = app.drop_file("declaring.wav", &wav(0.3));
+    let ja = app.wait_state(&pa, "pending").await;
+    poll_for("the declare in flight", || async {
+        app.fake.counters().declares.eq(&1).then_some(())
+    })
+    .await;
+    let (code, stdout, stderr) = run(callferry(&cfg).args(["forget", &ja.id.to_string()]));
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("forgot 1 call(s)"), "{stdout}");
+    assert_eq!(
+        app.fake.deleted().len(),
+        1,
+        "its interaction, once known, was deleted"
+    );
+
+    // Uploading: 160 KB at 16 KiB/s.
+    app.fake.set_upload_rate(Some(16 * 1024));
+    let pb = app.drop_file("uploading.wav", &wav(10.0));
+    let jb = app.wait_state(&pb, "uploading").await;
+    let (code, stdout, stderr) = run(callferry(&cfg).args(["forget", &jb.id.to_string()]));
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(app.fake.deleted().contains(&iid(&jb)));
+    // Refused as unknown once the interaction is gone (or, on a slow machine, stored just
+    // before the delete, which removed it with its audio).
+    poll_for("the upload's answer", || async {
+        let c = app.fake.counters();
+        (c.uploads_rejected + c.uploads_stored == 1).then_some(())
+    })
+    .await;
+    app.fake.set_upload_rate(None);
+
+    // Neither comes back: a later recording goes through, and the fake holds only it.
+    let pc = app.drop_file("later.wav", &wav(0.3));
+    let jc = app.wait_state(&pc, "processed").await;
+    let left: Vec<i64> = app.jobs().await.iter().map(|j| j.id).collect();
+    assert_eq!(left, vec![jc.id]);
+    let held: Vec<String> = app
+        .fake
+        .interactions()
+        .iter()
+        .map(|i| i.id.clone())
+        .collect();
+    assert_eq!(held, vec![iid(&jc)]);
+    assert_eq!(app.fake.counters().declares, 3);
+    assert_eq!(
+        traces(
+            &app.db_path(),
+            &["declaring.wav", "uploading.wav", &iid(&jb)]
+        ),
+        Vec::<String>::new()
+    );
+    app.stop().await;
+}
