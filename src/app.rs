@@ -94,7 +94,10 @@ pub async fn run(
 
 /// A client for each source with a token of its own. A token that cannot be read is the
 /// operator's to fix: exit 78, naming the source's key.
-fn tenant_clients(cfg: &Config, api: &ApiClient) -> Result<BTreeMap<String, ApiClient>, AppError> {
+pub fn tenant_clients(
+    cfg: &Config,
+    api: &ApiClient,
+) -> Result<BTreeMap<String, ApiClient>, AppError> {
     let mut out = BTreeMap::new();
     for (i, s) in cfg.sources.iter().enumerate() {
         if let Some(token) = s.load_token(i) {
@@ -390,7 +393,10 @@ fn spawn_background(
     tasks.spawn(crate::forget::resume_in_daemon(
         cfg.clone(),
         p.queue.clone(),
-        p.api.clone(),
+        crate::forget::Apis {
+            default: Some(p.api.clone()),
+            tenants: p.shared.tenants.clone(),
+        },
     ));
     // Old jobs go, fingerprints stay (queue.keep_history); a move/delete still to do keeps its job.
     tasks.spawn(crate::queue::prune_task(

@@ -23,6 +23,27 @@ use crate::config::Config;
 use crate::queue::{Forgot, Job, Queue, QueueError};
 use crate::results::result_path_for;
 
+/// The clients to delete with: `[api]`'s token, and each `[[source]]` that has its own account.
+#[derive(Debug, Default, Clone)]
+pub struct Apis {
+    /// None: no `[api]` token; the remote deletes of its calls stay pending.
+    pub default: Option<ApiClient>,
+    /// By source name.
+    pub tenants: std::collections::BTreeMap<String, ApiClient>,
+}
+
+impl Apis {
+    /// The client of the account a call was declared on (its source's, else `[api]`'s).
+    fn for_source(&self, cfg: &Config, source: Option<&str>) -> Option<&ApiClient> {
+        let account = source
+            .and_then(|s| cfg.source_named(s))
+            .map(|s| cfg.account_of(s));
+        account
+            .and_then(|a| self.tenants.get(a))
+            .or(self.default.as_ref())
+    }
+}
+
 /// Which calls to forget.
 #[derive(Debug, Clone)]
 pub enum Selector {
@@ -66,7 +87,7 @@ pub struct Report {
 /// The daemon's part, once after start: finishes the forgets a `forget` left pending (a refused
 /// remote delete, an interrupted run) and the vacuum a `forget` beside a running daemon left to
 /// it. Logged; nothing else waits for it.
-pub async fn resume_in_daemon(cfg: std::sync::Arc<Config>, queue: Queue, api: ApiClient) {
+pub async fn resume_in_daemon(cfg: std::sync::Arc<Config>, queue: Queue, apis: Apis) {
     let pending = match queue.pending_forgets().await {
         Ok(p) => p.len(),
         Err(e) => {
@@ -78,7 +99,7 @@ pub async fn resume_in_daemon(cfg: std::sync::Arc<Config>, queue: Queue, api: Ap
         return;
     }
     let mut report = Report::default();
-    match finish_pending(&cfg, &queue, Some(&api), true, &mut report).await {
+    match finish_pending(&cfg, &queue, &apis, true, &mut report).await {
         Ok(()) if report.pending.is_empty() => tracing::info!(
             finished = report.finished,
             "pending forgets finished; the database is vacuumed"
@@ -150,9 +171,10 @@ async fn select(
             for job in queue.undeclared_jobs().await? {
                 let (root, path) = (job.fs_root(), job.fs_path());
                 let sidecar = crate::calls::sidecar::read(&root, &path).ok().flatten();
+                let src = cfg.source_of_root(&root);
                 let mut external_id = crate::calls::identify_with(
-                    &cfg.watch.naming,
-                    &cfg.declare.timezone,
+                    &src.naming,
+                    &src.declare.timezone,
                     &root,
                     &path,
                     sidecar.as_ref(),
@@ -203,7 +225,7 @@ async fn select(
 pub async fn forget(
     cfg: &Config,
     queue: &Queue,
-    api: Option<&ApiClient>,
+    apis: &Apis,
     sel: &Selector,
     daemon_running: bool,
     declare_wait: Duration,
@@ -244,7 +266,7 @@ pub async fn forget(
     }
     report.in_flight = waiting;
     fault_point(1);
-    finish_pending(cfg, queue, api, false, &mut report).await?;
+    finish_pending(cfg, queue, apis, false, &mut report).await?;
     Ok(report)
 }
 
@@ -255,7 +277,7 @@ pub async fn forget(
 pub async fn finish_pending(
     cfg: &Config,
     queue: &Queue,
-    api: Option<&ApiClient>,
+    apis: &Apis,
     in_daemon: bool,
     report: &mut Report,
 ) -> Result<(), QueueError> {
@@ -285,14 +307,22 @@ pub async fn finish_pending(
             )),
         }
     }
-    let mut auth_failed: Option<String> = None;
+    // By account: one rejected token is rejected for every call of its account, so it is not
+    // asked again for each; other accounts go on.
+    let mut auth_failed: std::collections::HashMap<String, String> = Default::default();
     for t in pending.iter().filter(|t| !t.remote_done) {
         let Some(iid) = &t.interaction_id else {
             continue;
         };
-        let why = match (api, &auth_failed) {
+        let api = apis.for_source(cfg, t.source.as_deref());
+        let account = t
+            .source
+            .as_deref()
+            .and_then(|s| cfg.source_named(s))
+            .map(|s| cfg.account_of(s).to_string())
+            .unwrap_or_default();
+        let why = match (api, auth_failed.get(&account)) {
             (None, _) => Some("no API token configured".to_string()),
-            // One rejected token is rejected for every call: not asked again for each.
             (Some(_), Some(e)) => Some(e.clone()),
             (Some(api), None) => match api.delete_interaction(iid).await {
                 Ok(true) => {
@@ -306,7 +336,7 @@ pub async fn finish_pending(
                 Err(e) => {
                     let msg = format!("deleting interaction {iid} at ElevateAI: {e}");
                     if e.class() == ErrorClass::Auth {
-                        auth_failed = Some(msg.clone());
+                        auth_failed.insert(account.clone(), msg.clone());
                     }
                     Some(msg)
                 }

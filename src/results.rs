@@ -674,9 +674,9 @@ impl Follower {
     /// Deletes a processed job's interaction at the service. A 404 is done too (gone already);
     /// any other failure is asked again with the following policy, and the results never move.
     async fn delete_remote(&self, job: Job, iid: &str) {
-        match self.p.api.delete_interaction(iid).await {
+        match self.p.api_for(&job).delete_interaction(iid).await {
             Ok(deleted) => {
-                self.api_ok();
+                self.api_ok(&job);
                 debug!(
                     deleted,
                     "interaction deleted at the service (results.delete_remote_after_fetch)"

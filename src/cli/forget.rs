@@ -22,25 +22,20 @@ pub(super) async fn forget(cfg: &Config, args: &ForgetArgs) -> Result<i32, AppEr
     let db: &Path = &cfg.queue.database;
     let queue = Queue::open(db, OpenMode::Existing).await?;
     // Without a token the local traces still go; the remote deletes wait for a run that has one.
-    let api = match cfg.api.token.load() {
-        Ok(token) => Some(crate::api::ApiClient::new(cfg, token)?),
-        Err(e) => {
-            tell(&format!("callferry: {e}"));
-            None
+    let mut apis = crate::forget::Apis::default();
+    match cfg.api.token.load() {
+        Ok(token) => {
+            let api = crate::api::ApiClient::new(cfg, token)?;
+            apis.tenants = crate::app::tenant_clients(cfg, &api)?;
+            apis.default = Some(api);
         }
-    };
+        Err(e) => tell(&format!("callferry: {e}")),
+    }
     let daemon_running = DaemonLock::is_held(db) == Some(true);
     let declare_wait = (cfg.api.connect_timeout + cfg.api.stall_timeout * 2)
         .max(std::time::Duration::from_secs(10));
-    let report = crate::forget::forget(
-        cfg,
-        &queue,
-        api.as_ref(),
-        &sel,
-        daemon_running,
-        declare_wait,
-    )
-    .await?;
+    let report =
+        crate::forget::forget(cfg, &queue, &apis, &sel, daemon_running, declare_wait).await?;
     queue.close().await;
     say(&report)
 }
