@@ -551,6 +551,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_rejected_account_pauses_itself_only_and_is_shown() {
+        let g = gate();
+        assert!(g.pause_account("tenant-b", "HTTP 401: no".into()));
+        assert!(!g.pause_account("tenant-b", "again".into()), "log once");
+        // Not a pause of everyone: requests of the other accounts go out.
+        assert!(g.is_open());
+        assert_eq!(
+            g.state().shown(),
+            Some(Pause::Auth("account \"tenant-b\": HTTP 401: no".into()))
+        );
+        // The [api] account alone reads as before.
+        let g2 = gate();
+        g2.pause_account(crate::config::DEFAULT_SOURCE, "HTTP 401: x".into());
+        assert_eq!(
+            g2.state().shown().map(|p| p.reason()),
+            Some("API token rejected: HTTP 401: x".into())
+        );
+        // A success elsewhere does not lift it; one on its own account does.
+        assert!(g.success().is_none());
+        assert!(g.account_ok("default").is_none());
+        assert!(g.state().accounts_paused.contains_key("tenant-b"));
+        assert_eq!(g.account_ok("tenant-b").as_deref(), Some("HTTP 401: no"));
+        assert!(g.state().shown().is_none());
+    }
+
+    #[tokio::test]
     async fn cancel_releases_a_waiter() {
         let g = gate();
         g.pause_auth("401".into());
