@@ -50,7 +50,12 @@ pub(super) async fn list(
 /// A job not declared yet has no source recorded: it is its watched folder's.
 fn with_source(cfg: &Config, mut job: crate::queue::Job) -> crate::queue::Job {
     if job.source.is_none() {
-        job.source = Some(cfg.source_of_root(&job.fs_root()).name.clone());
+        // One source: no need to look at the folder (a million rows stream through here).
+        let source = match cfg.sources.as_slice() {
+            [only] => only,
+            _ => cfg.source_of_root(&job.fs_root()),
+        };
+        job.source = Some(source.name.clone());
     }
     job
 }
