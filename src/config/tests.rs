@@ -52,6 +52,16 @@ fn unknown_section_is_named() {
 }
 
 #[test]
+fn a_postgres_url_is_not_taken_for_a_file_path() {
+    for url in ["postgres://u@db/callferry", "PostgreSQL://db/x"] {
+        let text = format!("{MINIMAL}\n[queue]\ndatabase = \"{url}\"\n");
+        let e = from_toml_str(&text, &env(&[]), "test").unwrap_err();
+        assert_eq!(e.key, "queue.database", "{e}");
+        assert!(e.to_string().contains("SQLite file path"), "{e}");
+    }
+}
+
+#[test]
 fn bad_duration_names_the_key() {
     let text = format!("{MINIMAL}\nsettle = \"5 parsecs\"\n");
     let err = from_toml_str(&text, &env(&[]), "test").unwrap_err();
