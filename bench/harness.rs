@@ -49,25 +49,61 @@ pub struct Fake {
     pub base: String,
     ctl: String,
     http: reqwest::Client,
+    /// With HTTPS: the CA (PEM file) the fake made at start, for clients to trust.
+    pub ca: Option<PathBuf>,
 }
 
 impl Fake {
     pub async fn start(exe: &Path, log: &Path) -> Result<Fake> {
+        Self::start_with(exe, log, None).await
+    }
+
+    /// With `ca_out`, the fake serves HTTPS with a certificate it makes at start, and writes the
+    /// CA that signed it there.
+    pub async fn start_with(exe: &Path, log: &Path, ca_out: Option<&Path>) -> Result<Fake> {
         let port = free_port()?;
-        let child = Command::new(exe)
-            .args(["fake-api", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--token", TOKEN, "--processing-time", "1h"])
+        let mut cmd = Command::new(exe);
+        cmd.args(["fake-api", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--token", TOKEN, "--processing-time", "1h"]);
+        if let Some(ca) = ca_out {
+            let _ = std::fs::remove_file(ca);
+            cmd.arg("--tls-ca-out").arg(ca);
+        }
+        let mut child = cmd
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(log)?)
             .spawn()
             .with_context(|| format!("cannot start {} fake-api", exe.display()))?;
+        let scheme = if ca_out.is_some() { "https" } else { "http" };
+        let mut http = reqwest::Client::builder().no_proxy();
+        if let Some(ca) = ca_out {
+            let pem = poll(
+                "the fake's CA file",
+                Duration::from_secs(20),
+                Duration::from_millis(20),
+                || {
+                    let exited = child.try_wait().ok().flatten();
+                    async move {
+                        if let Some(st) = exited {
+                            bail!("the fake exited ({st}): {}", tail(log, 2000));
+                        }
+                        Ok(std::fs::read(ca).ok())
+                    }
+                },
+            )
+            .await?;
+            http = http
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+        }
         let fake = Fake {
             child,
-            base: format!("http://127.0.0.1:{port}/v1"),
-            ctl: format!("http://127.0.0.1:{port}/_fake"),
-            http: reqwest::Client::builder().no_proxy().build()?,
+            base: format!("{scheme}://127.0.0.1:{port}/v1"),
+            ctl: format!("{scheme}://127.0.0.1:{port}/_fake"),
+            http: http.build()?,
+            ca: ca_out.map(Path::to_path_buf),
         };
         poll(
             "the fake to listen",
@@ -160,6 +196,8 @@ pub struct DaemonSetup {
     pub workers: Option<usize>,
     pub settle: Duration,
     pub max_bytes_per_sec: u64,
+    /// `[api] ca_file`: the CA of a fake that serves HTTPS.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl DaemonSetup {
@@ -170,6 +208,7 @@ impl DaemonSetup {
             workers: None,
             settle: Duration::from_secs(1),
             max_bytes_per_sec: 0,
+            ca_file: None,
         }
     }
 
@@ -179,8 +218,13 @@ impl DaemonSetup {
             .workers
             .map(|w| format!("workers = {w}\n"))
             .unwrap_or_default();
+        let ca = self
+            .ca_file
+            .as_ref()
+            .map(|c| format!("ca_file = \"{}\"\n", c.display()))
+            .unwrap_or_default();
         let text = format!(
-            "[api]\nbase_url = \"{base_url}\"\ntoken = \"{TOKEN}\"\nstall_timeout = \"60s\"\n\
+            "[api]\nbase_url = \"{base_url}\"\ntoken = \"{TOKEN}\"\nstall_timeout = \"60s\"\n{ca}\
              [watch]\npaths = [\"{watch}\"]\nsettle = \"{settle}ms\"\n\
              [queue]\ndatabase = \"{db}\"\n\
              [upload]\n{workers}max_bytes_per_sec = {bw}\nbackoff_initial = \"100ms\"\n\
@@ -573,4 +617,174 @@ pub fn have(cmd: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// A process's CPU and context switches so far, for figures per file or per GiB.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcCpu {
+    /// User and kernel seconds of the whole process, exited threads included (`/proc/<pid>/stat`,
+    /// in clock ticks: used for the split).
+    pub user_s: f64,
+    pub sys_s: f64,
+    /// Nanoseconds on CPU, summed over the live threads' `schedstat` (exact).
+    pub ns: u64,
+    /// Voluntary and involuntary context switches, summed over the live threads.
+    pub switches: u64,
+}
+
+impl ProcCpu {
+    pub fn of(pid: u32) -> Result<ProcCpu> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let after = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let user_s = f.get(11).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0) / hz;
+        let sys_s = f.get(12).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0) / hz;
+        let mut ns = 0;
+        let mut switches = 0;
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let t = t?.path();
+            if let Ok(s) = std::fs::read_to_string(t.join("schedstat")) {
+                ns += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            if let Ok(s) = std::fs::read_to_string(t.join("status")) {
+                for l in s.lines() {
+                    if let Some(v) = l
+                        .strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                    {
+                        switches += v.trim().parse::<u64>().unwrap_or(0);
+                    }
+                }
+            }
+        }
+        Ok(ProcCpu {
+            user_s,
+            sys_s,
+            ns,
+            switches,
+        })
+    }
+
+    /// What was spent between `self` (earlier) and `later`. Threads that exited in between lose
+    /// their schedstat share; the daemon's threads live for its whole run.
+    pub fn until(&self, later: &ProcCpu) -> ProcCpu {
+        ProcCpu {
+            user_s: (later.user_s - self.user_s).max(0.0),
+            sys_s: (later.sys_s - self.sys_s).max(0.0),
+            ns: later.ns.saturating_sub(self.ns),
+            switches: later.switches.saturating_sub(self.switches),
+        }
+    }
+
+    /// CPU seconds: schedstat's exact sum when there is one, else the ticks.
+    pub fn secs(&self) -> f64 {
+        if self.ns > 0 {
+            self.ns as f64 / 1e9
+        } else {
+            self.user_s + self.sys_s
+        }
+    }
+
+    /// The kernel's share of the ticks (0 when there were none).
+    pub fn sys_share(&self) -> f64 {
+        let t = self.user_s + self.sys_s;
+        if t > 0.0 { self.sys_s / t } else { 0.0 }
+    }
+}
+
+/// What a child process did: its output and its CPU (its own and its reaped children's).
+pub struct Measured {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub user_s: f64,
+    pub sys_s: f64,
+}
+
+impl Measured {
+    pub fn secs(&self) -> f64 {
+        self.user_s + self.sys_s
+    }
+
+    pub fn sys_share(&self) -> f64 {
+        if self.secs() > 0.0 {
+            self.sys_s / self.secs()
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Runs `cmd` to its end and takes its CPU from `wait4` (a shell loop's curls included: the kernel
+/// adds each reaped child's usage to its parent's).
+pub fn run_measured(cmd: &mut Command) -> Result<Measured> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut err = child.stderr.take().context("stderr")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let mut stdout = Vec::new();
+    out.read_to_end(&mut stdout)?;
+    let stderr = reader.join().unwrap_or_default();
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 on our own child, which `Child` has not reaped.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    if r < 0 {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(Measured {
+        ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        user_s: tv(ru.ru_utime),
+        sys_s: tv(ru.ru_stime),
+    })
+}
+
+/// `curl -F` (with `--cacert` when the fake serves HTTPS) of one file: declare, then time the
+/// upload. Bytes per second, and curl's run (its CPU).
+pub async fn curl_upload_measured(fake: &Fake, file: &Path) -> Result<(f64, Measured)> {
+    let name = file
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
+    let id = fake.declare(&name).await?;
+    let url = format!("{}/interactions/{id}/upload", fake.base);
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}"])
+        .args(["-H", &format!("X-API-Token: {TOKEN}")]);
+    if let Some(ca) = &fake.ca {
+        cmd.arg("--cacert").arg(ca);
+    }
+    cmd.arg("-F")
+        .arg(format!(
+            "{name}=@{};type=application/octet-stream",
+            file.display()
+        ))
+        .arg(&url);
+    let m = tokio::task::block_in_place(|| run_measured(&mut cmd)).context("cannot run curl")?;
+    let mut it = m.stdout.split_whitespace();
+    let code = it.next().unwrap_or("");
+    let secs: f64 = it.next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+    if code != "201" || secs <= 0.0 {
+        bail!("curl upload answered {:?}: {}", m.stdout, m.stderr);
+    }
+    Ok((std::fs::metadata(file)?.len() as f64 / secs, m))
 }

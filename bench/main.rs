@@ -14,6 +14,7 @@
 
 mod harness;
 mod history;
+mod https;
 mod peers;
 mod scenarios;
 
@@ -33,7 +34,7 @@ pub struct Args {
     /// CI smoke run: tiny sizes, no peers; checks correctness only, never speed.
     #[arg(long, conflicts_with = "quick")]
     smoke: bool,
-    /// Only these scenarios (1-7), comma-separated.
+    /// Only these scenarios (1-9), comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Skip the Python and curl peers.
@@ -249,7 +250,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     ) -> std::pin::Pin<
         Box<dyn std::future::Future<Output = anyhow::Result<()>> + 'a>,
     >;
-    let all: [(u8, &str, Scenario); 7] = [
+    let all: [(u8, &str, Scenario); 9] = [
         (1, "many small files", |c, r| {
             Box::pin(scenarios::many_small(c, r))
         }),
@@ -261,6 +262,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             Box::pin(scenarios::bandwidth(c, r))
         }),
         (7, "history", |c, r| Box::pin(history::history(c, r))),
+        (8, "HTTPS", |c, r| Box::pin(https::https(c, r))),
+        (9, "CPU per call", |c, r| {
+            Box::pin(https::cpu_per_call(c, r))
+        }),
     ];
     for (n, name, f) in all {
         if !want(n) {

@@ -70,6 +70,19 @@ impl Peers {
 
     /// Runs one peer over every `.wav` in `files` against `base`; returns when it is done.
     pub fn run(&self, p: Peer, base: &str, token: &str, files: &Path) -> Result<()> {
+        self.run_measured(p, base, token, files, None).map(|_| ())
+    }
+
+    /// As [`Peers::run`], trusting the CA `ca` for HTTPS, with the peer's CPU (its curls
+    /// included).
+    pub fn run_measured(
+        &self,
+        p: Peer,
+        base: &str,
+        token: &str,
+        files: &Path,
+        ca: Option<&Path>,
+    ) -> Result<crate::harness::Measured> {
         let mut cmd = match p {
             Peer::SdkLoop | Peer::Aiohttp(_) => {
                 let py = self.python.as_ref().context("no Python venv")?;
@@ -94,19 +107,26 @@ impl Peers {
         if let Peer::Aiohttp(n) = p {
             cmd.arg(n.to_string());
         }
-        let out = cmd
-            .env("NO_PROXY", "127.0.0.1")
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot run peer {}", p.label()))?;
-        if !out.status.success() {
-            bail!(
-                "peer {} failed: {}",
-                p.label(),
-                String::from_utf8_lossy(&out.stderr)
-            );
+        if let Some(ca) = ca {
+            cmd.env("CA_FILE", ca);
         }
-        Ok(())
+        cmd.env("NO_PROXY", "127.0.0.1");
+        let out = crate::harness::run_measured(&mut cmd)
+            .with_context(|| format!("cannot run peer {}", p.label()))?;
+        if !out.ok {
+            bail!("peer {} failed: {}", p.label(), out.stderr);
+        }
+        Ok(out)
+    }
+
+    /// CPU seconds of starting Python and importing what the aiohttp peer imports: taken off its
+    /// figure, as a long-running uploader pays it once.
+    pub fn python_start_cpu(&self) -> Result<f64> {
+        let py = self.python.as_ref().context("no Python venv")?;
+        let m = crate::harness::run_measured(
+            Command::new(py).args(["-c", "import asyncio, os, ssl, sys, aiohttp"]),
+        )?;
+        Ok(m.secs())
     }
 }
 

@@ -16,11 +16,11 @@ use crate::{Ctx, Mode, Report};
 const MIB: usize = 1 << 20;
 const MB: f64 = 1e6;
 
-fn mbps(bytes_per_s: f64) -> String {
+pub(crate) fn mbps(bytes_per_s: f64) -> String {
     format!("{:.0} MB/s", bytes_per_s / MB)
 }
 
-fn pct(x: f64) -> String {
+pub(crate) fn pct(x: f64) -> String {
     format!("{:.0} %", x * 100.0)
 }
 
@@ -46,7 +46,7 @@ impl Run {
     }
 }
 
-fn fresh(dir: &Path) -> Result<PathBuf> {
+pub(crate) fn fresh(dir: &Path) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     Ok(dir.to_path_buf())
@@ -214,7 +214,7 @@ async fn fake_alone(ctx: &Ctx, files: &[PathBuf], conc: usize, latency_ms: u64) 
 }
 
 /// A large file shared by scenarios 1 and 2.
-fn big_file(ctx: &Ctx, mib: usize) -> Result<PathBuf> {
+pub(crate) fn big_file(ctx: &Ctx, mib: usize) -> Result<PathBuf> {
     let dir = ctx.work.join(format!("big-{mib}"));
     let path = dir.join(format!("big-{mib}mib.wav"));
     if !path.exists() {
@@ -392,7 +392,7 @@ pub async fn many_small(ctx: &Ctx, rep: &mut Report) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // 2. One large file
 
-fn logged_upload_seconds(log: &Path) -> Option<f64> {
+pub(crate) fn logged_upload_seconds(log: &Path) -> Option<f64> {
     std::fs::read_to_string(log)
         .ok()?
         .lines()

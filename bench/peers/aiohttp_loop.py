@@ -3,9 +3,11 @@
 Each file is read whole into memory (as the SDK does), then declared and uploaded.
 
 usage: aiohttp_loop.py BASE_URL TOKEN DIR CONCURRENCY
+With CA_FILE set, HTTPS trusts that CA (an ssl context, as a user would give aiohttp).
 """
 import asyncio
 import os
+import ssl
 import sys
 
 import aiohttp
@@ -32,7 +34,9 @@ async def one(session, sem, name):
 async def main():
     names = sorted(n for n in os.listdir(folder) if n.endswith(".wav"))
     sem = asyncio.Semaphore(conc)
-    conn = aiohttp.TCPConnector(limit=conc)
+    ca = os.environ.get("CA_FILE")
+    ctx = ssl.create_default_context(cafile=ca) if ca else None
+    conn = aiohttp.TCPConnector(limit=conc, ssl=ctx) if ctx else aiohttp.TCPConnector(limit=conc)
     async with aiohttp.ClientSession(headers={"X-API-Token": token}, connector=conn) as s:
         await asyncio.gather(*(one(s, sem, n) for n in names))
     print(len(names))

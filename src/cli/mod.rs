@@ -187,6 +187,10 @@ pub enum Command {
         /// Time from upload to "processed".
         #[arg(long, default_value = "2s", value_parser = parse_duration_arg)]
         processing_time: Duration,
+        /// Serve HTTPS with a certificate made at start, and write the CA that signed it (PEM)
+        /// to this file, for `[api] ca_file` or `curl --cacert`.
+        #[arg(long, value_name = "FILE")]
+        tls_ca_out: Option<PathBuf>,
     },
 }
 
@@ -274,7 +278,8 @@ async fn dispatch(cli: Cli, env: BTreeMap<String, String>) -> i32 {
             listen,
             token,
             processing_time,
-        } => try_it::fake_api(listen, token, processing_time, &env).await,
+            tls_ca_out,
+        } => try_it::fake_api(listen, token, processing_time, tls_ca_out, &env).await,
         command => {
             let config_path = config::resolve_path(cli.config.as_deref(), &env);
             with_config(command, config_path, env).await

@@ -17,6 +17,7 @@ pub(super) async fn fake_api(
     listen: SocketAddr,
     token: String,
     processing_time: Duration,
+    tls_ca_out: Option<std::path::PathBuf>,
     env: &BTreeMap<String, String>,
 ) -> i32 {
     init_logging(LogFormat::Text, "info", env);
@@ -25,10 +26,19 @@ pub(super) async fn fake_api(
         processing_time,
         ..Default::default()
     };
+    let scheme = if tls_ca_out.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let trust = tls_ca_out
+        .as_ref()
+        .map(|p| format!("; its CA: {}", p.display()))
+        .unwrap_or_default();
     tell(&format!(
-        "fake ElevateAI API on http://{listen}/v1 (control: http://{listen}/_fake/)"
+        "fake ElevateAI API on {scheme}://{listen}/v1 (control: {scheme}://{listen}/_fake/){trust}"
     ));
-    match crate::fake::serve_forever(listen, opts).await {
+    match crate::fake::serve_forever(listen, opts, tls_ca_out.as_deref()).await {
         Ok(()) => EXIT_OK,
         Err(e) => {
             tell(&format!("callferry: fake API: {e}"));

@@ -230,6 +230,16 @@ pub struct Counters {
     pub faults_injected: u64,
     /// Raw upload request body bytes read (multipart framing included).
     pub bytes_received: u64,
+    /// Connections that carried at least one `/v1` request (those used only for the control
+    /// routes are not counted).
+    #[serde(default)]
+    pub connections: u64,
+    /// Of those, the ones whose TLS handshake was a full one (HTTPS only).
+    #[serde(default)]
+    pub tls_full_handshakes: u64,
+    /// Of those, the ones whose TLS handshake resumed an earlier session (ticket or session id).
+    #[serde(default)]
+    pub tls_resumed_handshakes: u64,
 }
 
 /// Handle to a running fake. Clones share the same server; it stops when
@@ -267,6 +277,22 @@ impl FakeApi {
         cert_chain_pem: &[u8],
         key_pem: &[u8],
     ) -> std::io::Result<FakeApi> {
+        Self::start_tls_on(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            opts,
+            cert_chain_pem,
+            key_pem,
+        )
+        .await
+    }
+
+    /// [`FakeApi::start_tls`] on a given address.
+    pub async fn start_tls_on(
+        addr: SocketAddr,
+        opts: FakeOptions,
+        cert_chain_pem: &[u8],
+        key_pem: &[u8],
+    ) -> std::io::Result<FakeApi> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let bad = |e: &dyn std::fmt::Display| std::io::Error::other(e.to_string());
@@ -275,19 +301,30 @@ impl FakeApi {
             .map_err(|e| bad(&e))?;
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad(&e))?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| bad(&e))?
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .map_err(|e| bad(&e))?;
+        // As a real front end does, so a client that resumes sessions can show it: TLS 1.3
+        // tickets (the session-id cache that rustls keeps by default serves TLS 1.2 and 1.3
+        // clients that send no ticket extension).
+        config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| bad(&e))?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        Self::start_inner(
-            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-            opts,
-            Some(acceptor),
-        )
-        .await
+        Self::start_inner(addr, opts, Some(acceptor)).await
+    }
+
+    /// Starts on `addr` serving HTTPS with a certificate made now ([`TestPki`]); the CA to trust
+    /// is returned with the handle.
+    pub async fn start_tls_generated(
+        addr: SocketAddr,
+        opts: FakeOptions,
+    ) -> std::io::Result<(FakeApi, TestPki)> {
+        let pki = TestPki::generate()?;
+        let fake =
+            Self::start_tls_on(addr, opts, pki.cert_pem.as_bytes(), pki.key_pem.as_bytes()).await?;
+        Ok((fake, pki))
     }
 
     async fn start_inner(
@@ -305,7 +342,7 @@ impl FakeApi {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(opts));
         let router = handlers::router(shared.clone());
-        let running = server::spawn(listener, router.clone(), tls.clone());
+        let running = server::spawn(listener, router.clone(), tls.clone(), shared.clone());
         tracing::debug!(%addr, "fake ElevateAI API listening");
         Ok(FakeApi {
             inner: Arc::new(Inner {
@@ -414,6 +451,7 @@ impl FakeApi {
                 listener,
                 self.inner.router.clone(),
                 self.inner.tls.clone(),
+                self.inner.shared.clone(),
             ));
             self.inner.held.lock().unwrap().take();
         }
@@ -441,11 +479,91 @@ impl FakeApi {
     }
 }
 
+/// A CA and a server certificate signed by it for `127.0.0.1`, `::1` and `localhost`, made when
+/// asked (ECDSA P-256, valid from now for a week): what the fake's HTTPS mode serves. A client
+/// trusts `ca_pem` (callferry: `[api] ca_file`; curl: `--cacert`), as it would a private CA in
+/// front of the real service. The CA is separate from the server certificate because webpki
+/// refuses a CA certificate as the server's own, and a real deployment has a chain.
+pub struct TestPki {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    /// The server certificate's private key (PKCS#8).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TestPki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestPki").finish_non_exhaustive()
+    }
+}
+
+impl TestPki {
+    pub fn generate() -> std::io::Result<TestPki> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair, KeyUsagePurpose,
+        };
+        let bad =
+            |e: rcgen::Error| std::io::Error::other(format!("making the fake's certificate: {e}"));
+        let now = std::time::SystemTime::now();
+        let validity = |p: &mut CertificateParams| {
+            // An hour back, so a clock a little behind the fake's still accepts it.
+            p.not_before = (now - Duration::from_secs(3600)).into();
+            p.not_after = (now + Duration::from_secs(7 * 86_400)).into();
+        };
+        let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(bad)?;
+        ca.distinguished_name
+            .push(DnType::CommonName, "callferry fake ElevateAI CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        validity(&mut ca);
+        let ca =
+            CertifiedIssuer::self_signed(ca, KeyPair::generate().map_err(bad)?).map_err(bad)?;
+        let mut leaf = CertificateParams::new(vec![
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+            "localhost".to_owned(),
+        ])
+        .map_err(bad)?;
+        leaf.distinguished_name
+            .push(DnType::CommonName, "callferry fake ElevateAI");
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        leaf.use_authority_key_identifier_extension = true;
+        validity(&mut leaf);
+        let key = KeyPair::generate().map_err(bad)?;
+        let cert = leaf.signed_by(&key, &ca).map_err(bad)?;
+        Ok(TestPki {
+            ca_pem: ca.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
 /// Serves the fake on `addr` until the process ends, for the
 /// `callferry fake-api` command. Returns only if binding fails. Prints
 /// nothing; drive and inspect it through the `/_fake` control routes.
-pub async fn serve_forever(addr: SocketAddr, opts: FakeOptions) -> std::io::Result<()> {
-    let _api = FakeApi::start_on(addr, opts).await?;
+///
+/// With `tls_ca_out`, serves HTTPS with a certificate made now and writes the CA that signed it
+/// (PEM) to that path once listening, so a client can trust it (`[api] ca_file`, `curl --cacert`).
+pub async fn serve_forever(
+    addr: SocketAddr,
+    opts: FakeOptions,
+    tls_ca_out: Option<&std::path::Path>,
+) -> std::io::Result<()> {
+    let _api = match tls_ca_out {
+        None => FakeApi::start_on(addr, opts).await?,
+        Some(out) => {
+            let (api, pki) = FakeApi::start_tls_generated(addr, opts).await?;
+            // Written whole under another name, then renamed: whoever waits for the file never
+            // reads half a certificate.
+            let tmp = out.with_extension("pem.tmp");
+            std::fs::write(&tmp, pki.ca_pem.as_bytes())?;
+            std::fs::rename(&tmp, out)?;
+            api
+        }
+    };
     std::future::pending::<()>().await;
     Ok(())
 }

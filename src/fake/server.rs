@@ -6,6 +6,8 @@
 //! that are in the middle of a request.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Body;
@@ -16,6 +18,8 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tower::ServiceExt;
+
+use super::state::Shared;
 
 /// Response extension set by a handler that wants its client to see the
 /// connection die instead of an answer.
@@ -89,9 +93,10 @@ pub(super) fn spawn(
     listener: TcpListener,
     router: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
 ) -> Running {
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(accept_loop(listener, router, tls, stopped));
+    let task = tokio::spawn(accept_loop(listener, router, tls, shared, stopped));
     Running { stop, task }
 }
 
@@ -99,6 +104,7 @@ async fn accept_loop(
     listener: TcpListener,
     router: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -112,12 +118,16 @@ async fn accept_loop(
                     let router = router.clone();
                     match tls.clone() {
                         None => {
-                            conns.spawn(serve_connection(stream, router));
+                            conns.spawn(serve_connection(stream, router, shared.clone(), None));
                         }
                         Some(acceptor) => {
+                            let shared = shared.clone();
                             conns.spawn(async move {
                                 match acceptor.accept(stream).await {
-                                    Ok(s) => serve_connection(s, router).await,
+                                    Ok(s) => {
+                                        let kind = s.get_ref().1.handshake_kind();
+                                        serve_connection(s, router, shared, Some(kind)).await
+                                    }
                                     Err(e) => tracing::debug!(error = %e, "fake ElevateAI: TLS handshake failed"),
                                 }
                             });
@@ -137,12 +147,34 @@ async fn accept_loop(
     conns.shutdown().await;
 }
 
-async fn serve_connection<S>(stream: S, router: Router)
-where
+/// `tls` is the connection's handshake, when it is TLS. The connection is counted (and its
+/// handshake by kind) at its first `/v1` request: a benchmark's own control requests on other
+/// connections must not look like the client's.
+async fn serve_connection<S>(
+    stream: S,
+    router: Router,
+    shared: Arc<Shared>,
+    tls: Option<Option<rustls::HandshakeKind>>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let router = router.clone();
+        if req.uri().path().starts_with("/v1/") && !counted.swap(true, Ordering::Relaxed) {
+            shared.connections.fetch_add(1, Ordering::Relaxed);
+            match tls {
+                None => {}
+                Some(Some(rustls::HandshakeKind::Resumed)) => {
+                    shared
+                        .tls_resumed_handshakes
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Some(_) => {
+                    shared.tls_full_handshakes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         async move {
             let resp = match router.oneshot(req.map(Body::new)).await {
                 Ok(resp) => resp,

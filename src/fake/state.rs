@@ -17,6 +17,11 @@ pub(super) struct Shared {
     // Kept outside the mutex because it is bumped once per body chunk of
     // uploads that may be a gigabyte long.
     bytes_received: AtomicU64,
+    /// Connections that carried `/v1` requests, and their TLS handshakes by kind: how a
+    /// benchmark sees whether a client reuses its connections and TLS sessions.
+    pub connections: AtomicU64,
+    pub tls_full_handshakes: AtomicU64,
+    pub tls_resumed_handshakes: AtomicU64,
 }
 
 pub(super) struct State {
@@ -131,6 +136,9 @@ impl Shared {
                 counters: Counters::default(),
             }),
             bytes_received: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            tls_full_handshakes: AtomicU64::new(0),
+            tls_resumed_handshakes: AtomicU64::new(0),
         }
     }
 
@@ -146,6 +154,9 @@ impl Shared {
     pub fn counters(&self) -> Counters {
         let mut c = self.lock().counters.clone();
         c.bytes_received = self.bytes_received.load(Ordering::Relaxed);
+        c.connections = self.connections.load(Ordering::Relaxed);
+        c.tls_full_handshakes = self.tls_full_handshakes.load(Ordering::Relaxed);
+        c.tls_resumed_handshakes = self.tls_resumed_handshakes.load(Ordering::Relaxed);
         c
     }
 

@@ -953,7 +953,7 @@ async fn serve_forever_serves_until_dropped() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let server = tokio::spawn(serve_forever(addr, FakeOptions::default()));
+    let server = tokio::spawn(serve_forever(addr, FakeOptions::default(), None));
     let c = client();
     let url = format!("http://{addr}/v1/interactions");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -981,4 +981,73 @@ fn timestamps_are_rfc3339_utc() {
     let leap = UNIX_EPOCH + Duration::from_secs(1_709_210_096);
     assert_eq!(rfc3339(leap), "2024-02-29T12:34:56.000000Z");
     assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+}
+
+/// The HTTPS mode with a certificate made at start: trusted through its CA alone (no system
+/// roots), refused without it, and its counters tell a reused connection from a new one and a
+/// resumed TLS session from a full handshake.
+#[tokio::test]
+async fn https_with_a_generated_ca_counts_connections_and_resumed_sessions() {
+    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+    let (api, pki) = FakeApi::start_tls_generated(addr, FakeOptions::default())
+        .await
+        .unwrap();
+    assert!(api.base_url().starts_with("https://127.0.0.1:"));
+    assert!(!format!("{pki:?}").contains("PRIVATE"), "no key in Debug");
+    let ca = reqwest::Certificate::from_pem(pki.ca_pem.as_bytes()).unwrap();
+    let trusting = |pooled: bool| {
+        let b = reqwest::Client::builder()
+            .no_proxy()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca.clone());
+        let b = if pooled {
+            b
+        } else {
+            b.pool_max_idle_per_host(0)
+        };
+        b.build().unwrap()
+    };
+    let declare = |c: &reqwest::Client| {
+        c.post(format!("{}/interactions", api.base_url()))
+            .header("X-API-Token", TOKEN)
+            .json(&declare_body(false))
+            .send()
+    };
+
+    let untrusting = reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_root_certs(false)
+        .build()
+        .unwrap();
+    assert!(
+        declare(&untrusting).await.is_err(),
+        "an unknown CA is refused"
+    );
+    assert_eq!(api.counters().requests, 0);
+
+    // One pooled client: three requests, one connection, one full handshake.
+    let before = api.counters();
+    let c = trusting(true);
+    for _ in 0..3 {
+        assert_eq!(declare(&c).await.unwrap().status(), 201);
+    }
+    let after = api.counters();
+    assert_eq!(after.connections - before.connections, 1);
+    assert_eq!(after.tls_full_handshakes - before.tls_full_handshakes, 1);
+    assert_eq!(after.tls_resumed_handshakes, 0);
+
+    // No pool: each request a new connection, the later ones resuming the first's session.
+    let before = api.counters();
+    let c = trusting(false);
+    for _ in 0..3 {
+        assert_eq!(declare(&c).await.unwrap().status(), 201);
+    }
+    let after = api.counters();
+    assert_eq!(after.connections - before.connections, 3);
+    assert_eq!(after.tls_full_handshakes - before.tls_full_handshakes, 1);
+    assert_eq!(
+        after.tls_resumed_handshakes - before.tls_resumed_handshakes,
+        2
+    );
+    assert_eq!(api.counters().declares, 6);
 }

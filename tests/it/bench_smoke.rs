@@ -1,5 +1,6 @@
 //! The benchmarks' CI smoke run: `callferry-bench --smoke` drives the real binaries (daemon and
-//! fake as child processes) through all seven scenarios at tiny sizes. It checks that each works and
+//! fake as child processes) through all nine scenarios (8: the fake over HTTPS with a CA it made, trusted
+//! through `[api] ca_file`) at tiny sizes. It checks that each works and
 //! that every file arrives exactly once; it asserts nothing about speed, and needs no Python or curl.
 
 use std::process::Command;
@@ -30,6 +31,8 @@ fn benchmarks_smoke_run() {
         "| 5 |",
         "| 6 |",
         "| 7 |",
+        "| 8 |",
+        "| 9 |",
     ] {
         assert!(stdout.contains(scenario), "no {scenario} row in:\n{stdout}");
     }
