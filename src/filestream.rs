@@ -13,7 +13,9 @@
 //! taken back once the HTTP client has sent and dropped it. A fresh 256 KiB allocation per chunk
 //! was served by glibc from the top of the heap and trimmed back to the kernel on free, so every
 //! chunk page-faulted its 64 pages in again: 223,000 minor faults per GiB uploaded, and a third of
-//! the daemon's CPU on a large upload (callferry-bench scenario 8, issue 16).
+//! the daemon's CPU on a large upload (callferry-bench scenario 8, issue 16). The buffers outlive
+//! their upload in a small process-wide pool, so a 1 MiB recording does not fault in a fresh
+//! buffer either.
 
 use std::fs::File;
 use std::future::Future;
@@ -42,13 +44,50 @@ pub struct FileChunks {
     /// Buffers whose chunk may still be in the client's hands; one whose chunk was dropped is
     /// reused for the next read.
     spare: Vec<BytesMut>,
-    /// Buffers allocated (for the tests of their reuse).
+    /// Where the spare buffers go when the upload ends, and where new ones come from.
+    pool: &'static Pool,
+    /// Buffers this stream took from the pool or allocated (not those it reused itself), and of
+    /// those the ones allocated (for the tests of their reuse).
+    taken: usize,
     allocated: usize,
 }
 
 /// The client holds at most a chunk or two while the next is read (hyper's write queue is
 /// bounded); more spare buffers than this would only be memory held for nothing.
 const SPARE_BUFFERS: usize = 4;
+
+/// Buffers kept between uploads: 8 x 256 KiB at most, about what 4 workers have in flight anyway.
+const POOL_BUFFERS: usize = 8;
+
+/// Spare buffers of finished uploads. One whose chunk is still held somewhere is skipped until it
+/// is dropped (`try_reclaim` knows).
+pub(crate) struct Pool(std::sync::Mutex<Vec<BytesMut>>);
+
+impl Pool {
+    pub(crate) const fn new() -> Pool {
+        Pool(std::sync::Mutex::new(Vec::new()))
+    }
+
+    fn take(&self, len: usize) -> Option<BytesMut> {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let i = v.iter_mut().position(|b| b.try_reclaim(len))?;
+        Some(v.swap_remove(i))
+    }
+
+    fn give(&self, bufs: &mut Vec<BytesMut>) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let room = POOL_BUFFERS.saturating_sub(v.len());
+        v.extend(bufs.drain(..).take(room));
+    }
+}
+
+static POOL: Pool = Pool::new();
+
+impl Drop for FileChunks {
+    fn drop(&mut self) {
+        self.pool.give(&mut self.spare);
+    }
+}
 
 impl FileChunks {
     pub fn new(file: File, size: u64, chunk: usize) -> FileChunks {
@@ -60,20 +99,29 @@ impl FileChunks {
             nowait: true,
             pending: None,
             spare: Vec::new(),
+            pool: &POOL,
+            taken: 0,
             allocated: 0,
         }
     }
 
+    #[cfg(test)]
+    fn with_pool(mut self, pool: &'static Pool) -> FileChunks {
+        self.pool = pool;
+        self
+    }
+
     /// An empty buffer with room for `len` bytes: a spare one whose last chunk has been dropped,
-    /// or a new one.
+    /// one from the pool, or a new one.
     fn buffer(&mut self, len: usize) -> BytesMut {
-        match self.spare.iter_mut().position(|b| b.try_reclaim(len)) {
-            Some(i) => self.spare.swap_remove(i),
-            None => {
-                self.allocated += 1;
-                BytesMut::with_capacity(len)
-            }
+        if let Some(i) = self.spare.iter_mut().position(|b| b.try_reclaim(len)) {
+            return self.spare.swap_remove(i);
         }
+        self.taken += 1;
+        self.pool.take(len).unwrap_or_else(|| {
+            self.allocated += 1;
+            BytesMut::with_capacity(len)
+        })
     }
 
     /// Keeps `buf` (whose bytes were split off and lent out) for a later read.
@@ -256,7 +304,7 @@ mod tests {
             }
             assert_eq!(out, data, "nowait {nowait}");
             assert_eq!(
-                s.allocated, 1,
+                s.taken, 1,
                 "nowait {nowait}: one buffer for every chunk dropped before the next read"
             );
         }
@@ -266,7 +314,7 @@ mod tests {
             held.push(c.unwrap());
         }
         let chunks = 100_000usize.div_ceil(4096);
-        assert_eq!(s.allocated, chunks, "a held chunk's buffer is never reused");
+        assert_eq!(s.taken, chunks, "a held chunk's buffer is never reused");
         assert_eq!(held.concat(), data, "and its bytes are never overwritten");
         // Two in the client's hands at a time, as hyper's write queue holds them.
         let mut s = FileChunks::new(File::open(f.path()).unwrap(), 100_000, 4096);
@@ -280,7 +328,42 @@ mod tests {
         }
         out.extend(window.into_iter().flatten());
         assert_eq!(out, data);
-        assert_eq!(s.allocated, 3);
+        assert_eq!(s.taken, 3);
+    }
+
+    /// The next upload takes its buffers from the ones the last one left, unless a chunk of
+    /// theirs is still held.
+    #[tokio::test]
+    async fn the_next_upload_reuses_the_last_ones_buffers() {
+        static POOL: Pool = Pool::new();
+        let (f, data) = sample(100_000);
+        let stream =
+            || FileChunks::new(File::open(f.path()).unwrap(), 100_000, 4096).with_pool(&POOL);
+        let mut s = stream();
+        let chunks = 100_000usize.div_ceil(4096);
+        let mut held = None;
+        for i in 0..chunks {
+            let c = s.next().await.unwrap().unwrap();
+            if i == chunks - 1 {
+                held = Some(c);
+            }
+        }
+        assert!(s.next().await.is_none());
+        assert_eq!(s.allocated, 1);
+        drop(s);
+        // Its one buffer is in the pool, but its last chunk is still held.
+        let mut s = stream();
+        assert!(s.next().await.is_some());
+        assert_eq!(s.allocated, 1, "a buffer whose chunk is held is not taken");
+        drop(s);
+        drop(held);
+        let (got, _) = collect(stream()).await.unwrap();
+        assert_eq!(got, data);
+        let mut s = stream();
+        while let Some(c) = s.next().await {
+            c.unwrap();
+        }
+        assert_eq!((s.taken, s.allocated), (1, 0), "taken from the pool");
     }
 
     #[tokio::test]
