@@ -31,7 +31,12 @@ use futures_util::Stream;
 use tokio::task::JoinHandle;
 
 /// Streams bytes `0..size` of a file. Fails if the file turns out shorter than `size`; bytes past
-/// `size` (a recorder appending to the file since it was queued) are never sent.
+/// `size` (a recorder appending to the file since it was queued) are never sent. Fails at the end
+/// if the file was written to while it was read (its mtime moved): what was sent may then mix two
+/// versions, and the error stops the body before the multipart's closing boundary, so the service
+/// never stores it. The new version is queued on its own (found by the adversary: an in-place
+/// rewrite between the worker's identity check and its last read stored the new bytes under the
+/// old version, and then again under the new one).
 pub struct FileChunks {
     file: Arc<File>,
     offset: u64,
@@ -50,6 +55,16 @@ pub struct FileChunks {
     /// those the ones allocated (for the tests of their reuse).
     taken: usize,
     allocated: usize,
+    /// The file's mtime when the stream was made (None: `fstat` failed; then not compared).
+    mtime_at_start: Option<i64>,
+    /// The end was reached and checked.
+    done: bool,
+}
+
+fn mtime_ns(file: &File) -> Option<i64> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().ok()?;
+    Some(m.mtime() * 1_000_000_000 + m.mtime_nsec())
 }
 
 /// The client holds at most a chunk or two while the next is read (hyper's write queue is
@@ -92,7 +107,6 @@ impl Drop for FileChunks {
 impl FileChunks {
     pub fn new(file: File, size: u64, chunk: usize) -> FileChunks {
         FileChunks {
-            file: Arc::new(file),
             offset: 0,
             size,
             chunk: chunk.max(1),
@@ -102,6 +116,24 @@ impl FileChunks {
             pool: &POOL,
             taken: 0,
             allocated: 0,
+            mtime_at_start: mtime_ns(&file),
+            done: false,
+            file: Arc::new(file),
+        }
+    }
+
+    /// At the end: the bytes sent are one version only if nothing wrote to the file meanwhile.
+    fn finish(&mut self) -> Poll<Option<io::Result<Bytes>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        self.done = true;
+        match (self.mtime_at_start, mtime_ns(&self.file)) {
+            (Some(before), Some(now)) if before != now => Poll::Ready(Some(Err(io::Error::other(
+                "the file was written to while it was being uploaded (its modification time \
+                 changed): this upload is abandoned, and the file's new version is queued on its own",
+            )))),
+            _ => Poll::Ready(None),
         }
     }
 
@@ -216,7 +248,7 @@ impl Stream for FileChunks {
                 };
             }
             if this.offset >= this.size {
-                return Poll::Ready(None);
+                return this.finish();
             }
             let len = this.next_len();
             if this.nowait {
@@ -385,6 +417,38 @@ mod tests {
             let e = collect(s).await.unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
             assert!(e.to_string().contains("5000"), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_written_to_while_it_is_read_fails_at_the_end() {
+        for nowait in [true, false] {
+            let (f, _) = sample(20_000);
+            let mut s = FileChunks::new(File::open(f.path()).unwrap(), 20_000, 4096);
+            if !nowait {
+                s = s.without_nowait();
+            }
+            let mut s = std::pin::pin!(s);
+            let first = s.next().await.unwrap().unwrap();
+            assert_eq!(first.len(), 4096);
+            // Rewritten in place, same size, with a modification time of its own (an explicit
+            // one: a write within the same clock tick could keep the old time).
+            let w = std::fs::OpenOptions::new()
+                .write(true)
+                .open(f.path())
+                .unwrap();
+            w.write_all_at(&[0xAA; 20_000], 0).unwrap();
+            w.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(7))
+                .unwrap();
+            let mut last = None;
+            while let Some(c) = s.next().await {
+                last = Some(c);
+            }
+            let e = last.unwrap().unwrap_err();
+            assert!(
+                e.to_string().contains("written to while"),
+                "nowait {nowait}: {e}"
+            );
         }
     }
 
