@@ -483,7 +483,7 @@ async fn list_streams_a_large_queue_in_bounded_memory() {
     let db = dir.path().join("state/queue.db");
     create_queue(&db).await;
     {
-        use sqlx::ConnectOptions;
+        use sqlx::{ConnectOptions, Connection};
         let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
             .filename(&db)
             .connect()
@@ -499,6 +499,13 @@ async fn list_streams_a_large_queue_in_bounded_memory() {
         .execute(&mut conn)
         .await
         .unwrap();
+        // Closed and checkpointed before `list` starts: a connection merely dropped checkpoints
+        // its 100,000-row WAL in the background, while `list` reads.
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
     }
     for json in [true, false] {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_callferry"));
@@ -541,8 +548,11 @@ async fn list_streams_a_large_queue_in_bounded_memory() {
             bytes as f64 / 1e6,
             max_rss_kib as f64 / 1024.0
         );
+        // Streaming peaks at 24-30 MB alone and up to ~50 MB on a loaded 2-core machine (the
+        // debug binary's own pages count); reading every row first took 382 MB. The bound sits
+        // between, with room for load.
         assert!(
-            max_rss_kib < 48 * 1024,
+            max_rss_kib < 112 * 1024,
             "peak RSS {max_rss_kib} KiB for {JOBS} jobs"
         );
     }
