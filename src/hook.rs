@@ -44,8 +44,9 @@ use crate::config::Config;
 use crate::queue::{Hooked, NewJob, Queue, decode_path, encode_path};
 use crate::watch::Roots;
 
-/// The drop folder, when neither `--hook-dir` nor [`DIR_ENV`] names another.
-pub const DEFAULT_DIR: &str = "/var/spool/callferry/hook";
+/// The drop folder, when neither `--hook-dir` nor [`DIR_ENV`] names another. Its home is the
+/// config (the default of `[watch] hook_dir`), which must not import the hook.
+pub use crate::config::DEFAULT_HOOK_DIR as DEFAULT_DIR;
 /// The environment variable the hook reads its drop folder from.
 pub const DIR_ENV: &str = "CALLFERRY_HOOK_DIR";
 /// The group whose members may drop requests (the recorder's user joins it).

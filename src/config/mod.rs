@@ -22,6 +22,10 @@ pub use load::{from_toml_str, load, read_regular_file, resolve_path};
 pub use logfilter::check_log_filter;
 pub use sources::DEFAULT_SOURCE;
 pub use typed::*;
+
+/// Where `callferry enqueue --now` drops its requests and the daemon looks for them, unless
+/// `[watch] hook_dir`, `--hook-dir` or `CALLFERRY_HOOK_DIR` say otherwise.
+pub const DEFAULT_HOOK_DIR: &str = "/var/spool/callferry/hook";
 pub use validate::{FLOORS, MAX_RESULTS_REQUESTS_PER_SEC, load_ca_file, parse_duration};
 
 use validate::validate;

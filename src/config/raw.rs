@@ -117,7 +117,7 @@ impl Default for RawWatch {
             rescan_interval: "10m".into(),
             naming: "auto".into(),
             sidecar_wait: "0s".into(),
-            hook_dir: crate::hook::DEFAULT_DIR.into(),
+            hook_dir: super::DEFAULT_HOOK_DIR.into(),
         }
     }
 }
