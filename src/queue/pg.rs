@@ -32,6 +32,8 @@ use sqlx::{AssertSqlSafe, Row};
 use super::machine::{Transition, sql_in};
 use super::{Counts, Enqueued, Job, NewJob, QueueError, State, encode_path};
 
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 const JOB_COLUMNS: &str = "id, path, root, size, mtime_ns, dev, ino, state, attempts, \
@@ -233,21 +235,12 @@ impl PgQueue {
         external_id: Option<&str>,
         now: i64,
     ) -> Result<(), QueueError> {
-        const T: Transition = Transition::Declared;
-        let sql = format!(
-            "UPDATE jobs SET state = {to}, interaction_id = $3, external_id = COALESCE($4, \
-             external_id), last_error = NULL, updated_at = $5 \
-             WHERE id = $1 AND fence = $2 AND {from}",
-            to = T.sql_target(),
-            from = T.sql_guard(),
-        );
-        let q = sqlx::query(AssertSqlSafe(sql))
-            .bind(held.job.id)
-            .bind(held.fence)
-            .bind(interaction_id)
-            .bind(external_id)
-            .bind(now);
-        self.fenced(held, T, now, q).await
+        let set = "interaction_id = $3, external_id = COALESCE($4, external_id), \
+                   last_error = NULL, updated_at = $5";
+        self.fenced(held, Transition::Declared, now, set, |q| {
+            q.bind(interaction_id).bind(external_id).bind(now)
+        })
+        .await
     }
 
     /// The service has the audio, 201 or 409 ([`Transition::Uploaded`]): the claim ends.
@@ -257,20 +250,12 @@ impl PgQueue {
         status: u16,
         now: i64,
     ) -> Result<(), QueueError> {
-        const T: Transition = Transition::Uploaded;
-        let sql = format!(
-            "UPDATE jobs SET state = {to}, upload_status = $3, uploaded_at = $4, updated_at = $4, \
-             last_error = NULL, holder = NULL, lease_until = NULL \
-             WHERE id = $1 AND fence = $2 AND {from}",
-            to = T.sql_target(),
-            from = T.sql_guard(),
-        );
-        let q = sqlx::query(AssertSqlSafe(sql))
-            .bind(held.job.id)
-            .bind(held.fence)
-            .bind(i64::from(status))
-            .bind(now);
-        self.fenced(held, T, now, q).await
+        let set = "upload_status = $3, uploaded_at = $4, updated_at = $4, last_error = NULL, \
+                   holder = NULL, lease_until = NULL";
+        self.fenced(held, Transition::Uploaded, now, set, |q| {
+            q.bind(i64::from(status)).bind(now)
+        })
+        .await
     }
 
     /// Back to wait until `at` ([`Transition::PutBack`]), one attempt counted: the claim ends.
@@ -281,49 +266,44 @@ impl PgQueue {
         error: &str,
         now: i64,
     ) -> Result<(), QueueError> {
-        const T: Transition = Transition::PutBack;
-        let sql = format!(
-            "UPDATE jobs SET state = {to}, attempts = attempts + 1, next_attempt_at = $3, \
-             last_error = $4, updated_at = $5, holder = NULL, lease_until = NULL \
-             WHERE id = $1 AND fence = $2 AND {from}",
-            to = T.sql_target(),
-            from = T.sql_guard(),
-        );
-        let q = sqlx::query(AssertSqlSafe(sql))
-            .bind(held.job.id)
-            .bind(held.fence)
-            .bind(at)
-            .bind(error)
-            .bind(now);
-        self.fenced(held, T, now, q).await
+        let set = "attempts = attempts + 1, next_attempt_at = $3, last_error = $4, \
+                   updated_at = $5, holder = NULL, lease_until = NULL";
+        self.fenced(held, Transition::PutBack, now, set, |q| {
+            q.bind(at).bind(error).bind(now)
+        })
+        .await
     }
 
     /// Needs an operator ([`Transition::Fail`]): the claim ends.
     pub async fn fail(&self, held: &Held, error: &str, now: i64) -> Result<(), QueueError> {
-        const T: Transition = Transition::Fail;
-        let sql = format!(
-            "UPDATE jobs SET state = {to}, last_error = $3, updated_at = $4, holder = NULL, \
-             lease_until = NULL WHERE id = $1 AND fence = $2 AND {from}",
-            to = T.sql_target(),
-            from = T.sql_guard(),
-        );
-        let q = sqlx::query(AssertSqlSafe(sql))
-            .bind(held.job.id)
-            .bind(held.fence)
-            .bind(error)
-            .bind(now);
-        self.fenced(held, T, now, q).await
+        let set = "last_error = $3, updated_at = $4, holder = NULL, lease_until = NULL";
+        self.fenced(held, Transition::Fail, now, set, |q| {
+            q.bind(error).bind(now)
+        })
+        .await
     }
 
     /// Runs a transition guarded by the claim's fence, with its event in the same transaction;
     /// a guard that fails says whether the claim was lost or the state was wrong.
-    async fn fenced(
+    async fn fenced<'q>(
         &self,
         held: &Held,
         t: Transition,
         now: i64,
-        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        set: &str,
+        bind: impl FnOnce(PgQuery<'q>) -> PgQuery<'q>,
     ) -> Result<(), QueueError> {
+        // $1 and $2 are the job and the fence; `set` and `bind` go on from $3.
+        let sql = format!(
+            "UPDATE jobs SET state = {to}, {set} WHERE id = $1 AND fence = $2 AND {from}",
+            to = t.sql_target(),
+            from = t.sql_guard(),
+        );
+        let q = bind(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(held.job.id)
+                .bind(held.fence),
+        );
         let mut tx = self.pool.begin().await?;
         if q.execute(&mut *tx).await?.rows_affected() == 1 {
             let event = match t {

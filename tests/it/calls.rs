@@ -6,15 +6,6 @@ use serde_json::json;
 
 use crate::helpers::*;
 
-fn declare_body_of(app: &TestApp, name: &str) -> Vec<serde_json::Value> {
-    app.fake
-        .interactions()
-        .into_iter()
-        .filter(|i| i.declare_body["originalFilename"] == name)
-        .map(|i| i.declare_body)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_freepbx_recording_is_declared_as_its_call_with_utc_metadata() {
     let mut app =

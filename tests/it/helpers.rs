@@ -399,3 +399,13 @@ impl Logs {
         self.count("WARN", "") + self.count("ERROR", "")
     }
 }
+
+/// The declare bodies the fake received for recordings named `name` (its own records).
+pub fn declare_body_of(app: &TestApp, name: &str) -> Vec<serde_json::Value> {
+    app.fake
+        .interactions()
+        .into_iter()
+        .filter(|i| i.declare_body["originalFilename"] == name)
+        .map(|i| i.declare_body)
+        .collect()
+}

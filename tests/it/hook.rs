@@ -95,15 +95,6 @@ fn requests_left(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn declares_of(app: &TestApp, name: &str) -> Vec<serde_json::Value> {
-    app.fake
-        .interactions()
-        .into_iter()
-        .filter(|i| i.declare_body["originalFilename"] == name)
-        .map(|i| i.declare_body)
-        .collect()
-}
-
 /// The hook as the recorder's user: a caller id built to run a command if anything put it through
 /// a shell arrives byte for byte in the declare, and runs nothing. Once straight (argv), once the
 /// way Asterisk's MixMonitor runs it (`sh -c` with the value quoted by SHELL_QUOTE), once
@@ -194,13 +185,13 @@ async fn the_hook_as_the_recorders_user_carries_the_call_byte_for_byte() {
         app.wait_state(p, "uploaded").await;
     }
     for name in names {
-        let bodies = declares_of(&app, name);
+        let bodies = declare_body_of(&app, name);
         assert_eq!(bodies.len(), 1, "{name}: one declare: {bodies:?}");
         assert_eq!(bodies[0]["externalIdentifier"], evil.as_str(), "{name}");
         assert_eq!(bodies[0]["metadata"]["caller"], evil.as_str(), "{name}");
     }
     assert_eq!(
-        declares_of(&app, "direct.wav")[0]["metadata"]["agent"],
+        declare_body_of(&app, "direct.wav")[0]["metadata"]["agent"],
         json!({ "extension": "1001" })
     );
     assert!(!canary.exists(), "a value was run as a command");
@@ -282,7 +273,7 @@ async fn requests_written_while_stopped_are_taken_at_start() {
     assert_eq!(requests_left(&dir).len(), 1);
     app.restart().await;
     app.wait_state(&p, "uploaded").await;
-    let bodies = declares_of(&app, "while-down.wav");
+    let bodies = declare_body_of(&app, "while-down.wav");
     assert_eq!(bodies.len(), 1);
     assert_eq!(bodies[0]["externalIdentifier"], "call-77");
     assert!(requests_left(&dir).is_empty());
@@ -308,7 +299,7 @@ async fn hook_and_watcher_are_one_job_and_one_declare() {
     let job = app.wait_state(&p, "uploaded").await;
     assert_eq!(job.id, queued.id, "the hook attached to the watcher's job");
     assert_eq!(job.external_id.as_deref(), Some("pbx-1"));
-    assert_eq!(declares_of(&app, "both.wav").len(), 1);
+    assert_eq!(declare_body_of(&app, "both.wav").len(), 1);
 
     ok(&hook(
         &dir,
@@ -320,7 +311,7 @@ async fn hook_and_watcher_are_one_job_and_one_declare() {
     })
     .await;
     assert_eq!(logs.count("WARN", "came after this recording's declare"), 1);
-    let bodies = declares_of(&app, "both.wav");
+    let bodies = declare_body_of(&app, "both.wav");
     assert_eq!(bodies.len(), 1, "{bodies:?}");
     assert_eq!(bodies[0]["externalIdentifier"], "pbx-1");
 
@@ -340,7 +331,7 @@ async fn hook_and_watcher_are_one_job_and_one_declare() {
         app.job_for(&marker).await
     })
     .await;
-    assert_eq!(declares_of(&app, "hook-first.wav").len(), 1);
+    assert_eq!(declare_body_of(&app, "hook-first.wav").len(), 1);
     assert_eq!(app.jobs().await.len(), 3);
     app.stop().await;
 }
@@ -430,6 +421,6 @@ async fn a_path_through_the_watched_folders_real_location_is_the_same_job() {
     let job = app.wait_state(&link.join("real.wav"), "uploaded").await;
     assert_eq!(job.external_id.as_deref(), Some("via-real"));
     assert_eq!(app.jobs().await.len(), 1);
-    assert_eq!(declares_of(&app, "real.wav").len(), 1);
+    assert_eq!(declare_body_of(&app, "real.wav").len(), 1);
     app.stop().await;
 }
