@@ -69,13 +69,9 @@ fn kind_of(mode: u32) -> &'static str {
     }
 }
 
-/// Opens `path`, which must lie below `root`, read-only and without following any symbolic link
-/// below `root`; returns the descriptor only if it is a regular file.
-///
-/// Errors: `NotFound` when something on the way is gone; an error carrying [`NotRegular`] (see
-/// [`not_regular_reason`]) when the path is, or goes through, a link, a FIFO, a folder, a device
-/// or anything else that is not a regular file; other I/O errors as they come (EACCES...).
-pub fn open_beneath(root: &Path, path: &Path) -> io::Result<File> {
+/// The names from `root` down to `path`, which must lie below it (`..` is refused: it could leave
+/// `root` whatever the names before it are).
+fn names_below<'p>(root: &Path, path: &'p Path) -> io::Result<Vec<&'p [u8]>> {
     let rel = path.strip_prefix(root).map_err(|_| {
         not_regular(format!(
             "{} is not below the watched folder {}",
@@ -83,7 +79,7 @@ pub fn open_beneath(root: &Path, path: &Path) -> io::Result<File> {
             root.display()
         ))
     })?;
-    let mut parts: Vec<&[u8]> = Vec::new();
+    let mut parts = Vec::new();
     for c in rel.components() {
         match c {
             Component::Normal(n) => parts.push(n.as_bytes()),
@@ -91,6 +87,17 @@ pub fn open_beneath(root: &Path, path: &Path) -> io::Result<File> {
             _ => return Err(not_regular("its path leaves the watched folder (`..`)")),
         }
     }
+    Ok(parts)
+}
+
+/// Opens `path`, which must lie below `root`, read-only and without following any symbolic link
+/// below `root`; returns the descriptor only if it is a regular file.
+///
+/// Errors: `NotFound` when something on the way is gone; an error carrying [`NotRegular`] (see
+/// [`not_regular_reason`]) when the path is, or goes through, a link, a FIFO, a folder, a device
+/// or anything else that is not a regular file; other I/O errors as they come (EACCES...).
+pub fn open_beneath(root: &Path, path: &Path) -> io::Result<File> {
+    let parts = names_below(root, path)?;
     let Some((name, dirs)) = parts.split_last() else {
         return Err(not_regular("it is the watched folder itself"));
     };
@@ -122,21 +129,7 @@ pub fn open_beneath(root: &Path, path: &Path) -> io::Result<File> {
 /// Opens folder `dir` (`root` itself or a folder below it) as an `O_PATH` descriptor, without
 /// following any symbolic link below `root`: the exact folder a walk from `root` reaches.
 pub fn open_dir_beneath(root: &Path, dir: &Path) -> io::Result<OwnedFd> {
-    let rel = dir.strip_prefix(root).map_err(|_| {
-        not_regular(format!(
-            "{} is not below the watched folder {}",
-            dir.display(),
-            root.display()
-        ))
-    })?;
-    let mut parts: Vec<&[u8]> = Vec::new();
-    for c in rel.components() {
-        match c {
-            Component::Normal(n) => parts.push(n.as_bytes()),
-            Component::CurDir => {}
-            _ => return Err(not_regular("its path leaves the watched folder (`..`)")),
-        }
-    }
+    let parts = names_below(root, dir)?;
     open_dirs(root, &parts)
 }
 
