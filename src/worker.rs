@@ -197,19 +197,40 @@ impl Pipeline {
         }
     }
 
+    /// One job's turn, in the order the invariants ask: the queued version checked and opened,
+    /// the interaction declared and its id committed (once per job), the audio uploaded, the
+    /// outcome recorded. Each step records its own way out on the job and ends the turn there.
     async fn process(&self, mut job: Job) {
-        let path = job.fs_path();
+        let Some(Prepared {
+            file,
+            sidecar,
+            lane,
+        }) = self.prepare(&job).await
+        else {
+            return;
+        };
+        if job.state == State::Declaring {
+            let Some(iid) = self.declare(&job, sidecar).await else {
+                return;
+            };
+            job.interaction_id = Some(iid);
+            job.state = State::Uploading;
+        }
+        self.upload(job, file, &lane).await;
+    }
 
-        // The version we queued must still be the one on disk, reached without links; the
-        // descriptor opened here is the one uploaded.
-        let fs = self.roots.get(&job.fs_root());
-        let checked = if fs.hung() {
+    /// The version we queued must still be the one on disk, reached without links; the
+    /// descriptor opened here is the one uploaded. None when the turn ends here (the folder hangs,
+    /// the file left or changed, or cannot be read: each recorded on the job).
+    async fn prepare(&self, job: &Job) -> Option<Prepared> {
+        let lane = self.roots.get(&job.fs_root());
+        let checked = if lane.hung() {
             Err(crate::watch::Hung)
         } else {
             // A job to declare has its sidecar read in the same trip to the lane: one thread
             // hand-off per file fewer than reading it on the blocking pool afterwards (issue 16).
             let j = job.clone();
-            fs.files
+            lane.files
                 .run(move |_| {
                     let c = open_queued(&j);
                     let sc = (j.state == State::Declaring && matches!(c, Checked::Ready(_)))
@@ -221,8 +242,8 @@ impl Pipeline {
         let (checked, sidecar) = match checked {
             Ok(c) => c,
             Err(hung) => {
-                self.root_hung(&job, hung).await;
-                return;
+                self.root_hung(job, hung).await;
+                return None;
             }
         };
         let file = match checked {
@@ -231,18 +252,18 @@ impl Pipeline {
                 if why != NOT_THERE {
                     warn!(reason = %why, "the queued recording is not at its path any more");
                 }
-                self.file_missing(&job, &path).await;
-                return;
+                self.file_missing(job, &job.fs_path()).await;
+                return None;
             }
             Checked::Changed(msg) => {
                 warn!("{msg}");
-                self.record(self.commit(|| self.queue.fail(&job, &msg, now_ms())).await);
-                return;
+                self.record(self.commit(|| self.queue.fail(job, &msg, now_ms())).await);
+                return None;
             }
             Checked::Unreadable(e) => {
-                let err = ApiError::Local(format!("cannot read {}: {e}", path.display()));
-                self.on_error(&job, err).await;
-                return;
+                let err = ApiError::Local(format!("cannot read {}: {e}", job.fs_path().display()));
+                self.on_error(job, err).await;
+                return None;
             }
         };
         if self
@@ -252,59 +273,66 @@ impl Pipeline {
             .remove(&job.id)
             .is_some()
         {
-            self.search.done(&job);
+            self.search.done(job);
         }
+        Some(Prepared {
+            file,
+            sidecar,
+            lane,
+        })
+    }
 
-        if job.state == State::Declaring && job.orphans >= self.cfg.upload.max_declares {
+    /// Declares the job's interaction and commits its id before the upload starts: a crash from
+    /// there on never declares it again. The id, or None when the turn ends here (the declare cap
+    /// reached, the hook data or the sidecar waited for, a failed declare: each recorded).
+    async fn declare(&self, job: &Job, sidecar: Option<SidecarRead>) -> Option<String> {
+        if job.orphans >= self.cfg.upload.max_declares {
             // Declares lost in a crash are counted at recovery; the cap holds across restarts.
-            let msg = self.too_many_declares(&job, job.orphans, "the last one was interrupted");
+            let msg = self.too_many_declares(job, job.orphans, "the last one was interrupted");
             error!(error = %msg, "job failed");
-            self.record(self.commit(|| self.queue.fail(&job, &msg, now_ms())).await);
-            return;
+            self.record(self.commit(|| self.queue.fail(job, &msg, now_ms())).await);
+            return None;
         }
-        if job.state == State::Declaring {
-            let Some(hook) = self.hook_of(&job).await else {
-                return;
-            };
-            let sidecar = sidecar_of(sidecar);
-            // A recorder's end-of-call request carries the call: no sidecar is waited for.
-            if hook.is_none() && matches!(sidecar, Ok(None)) && self.wait_for_sidecar(&job).await {
-                return;
-            }
-            let mut req = self.declare_request(&job, &path, sidecar.ok().flatten().as_ref());
-            if let Some(h) = &hook {
-                crate::hook::apply_to_declare(h, &mut req, self.cfg.declare.send_metadata);
-            }
-            let ext = req.external_identifier.as_deref();
-            let source = Some(self.source_of(&job).name.as_str());
-            match self.api_for(&job).declare(&req).await {
-                Ok(iid) => {
-                    self.api_ok(&job);
-                    // Committed before the upload starts: a crash from here on never declares again.
-                    if let Err(e) = self
-                        .commit(|| {
-                            self.queue
-                                .mark_declared_from(job.id, &iid, ext, source, now_ms())
-                        })
-                        .await
-                    {
-                        // Only a lost race gets here (the row was changed under us, by hand):
-                        // there is no job left to record the id on. Say so loudly, with the id.
-                        error!(interaction_id = %iid, error = %e, "declared but could not record the interaction id");
-                        return;
-                    }
-                    tracing::Span::current().record("interaction_id", iid.as_str());
-                    debug!(interaction_id = %iid, "declared");
-                    job.interaction_id = Some(iid);
-                    job.state = State::Uploading;
-                }
-                Err(e) => {
-                    self.on_error(&job, e).await;
-                    return;
-                }
-            }
+        let hook = self.hook_of(job).await?;
+        let sidecar = sidecar_of(sidecar);
+        // A recorder's end-of-call request carries the call: no sidecar is waited for.
+        if hook.is_none() && matches!(sidecar, Ok(None)) && self.wait_for_sidecar(job).await {
+            return None;
         }
+        let mut req = self.declare_request(job, &job.fs_path(), sidecar.ok().flatten().as_ref());
+        if let Some(h) = &hook {
+            crate::hook::apply_to_declare(h, &mut req, self.cfg.declare.send_metadata);
+        }
+        let iid = match self.api_for(job).declare(&req).await {
+            Ok(iid) => iid,
+            Err(e) => {
+                self.on_error(job, e).await;
+                return None;
+            }
+        };
+        self.api_ok(job);
+        let ext = req.external_identifier.as_deref();
+        let source = Some(self.source_of(job).name.as_str());
+        // Committed before the upload starts: a crash from here on never declares again.
+        if let Err(e) = self
+            .commit(|| {
+                self.queue
+                    .mark_declared_from(job.id, &iid, ext, source, now_ms())
+            })
+            .await
+        {
+            // Only a lost race gets here (the row was changed under us, by hand): there is no
+            // job left to record the id on. Say so loudly, with the id.
+            error!(interaction_id = %iid, error = %e, "declared but could not record the interaction id");
+            return None;
+        }
+        tracing::Span::current().record("interaction_id", iid.as_str());
+        debug!(interaction_id = %iid, "declared");
+        Some(iid)
+    }
 
+    /// Uploads the opened version on the job's interaction, then records the outcome.
+    async fn upload(&self, job: Job, file: std::fs::File, lane: &crate::watch::RootFs) {
         let Some(iid) = job.interaction_id.clone() else {
             // Cannot happen with the queue's CHECKs and transitions; fail loudly rather than guess.
             self.record(
@@ -318,6 +346,7 @@ impl Pipeline {
             );
             return;
         };
+        let path = job.fs_path();
         let started = std::time::Instant::now();
         let name = wire_name(&path);
         match self
@@ -327,61 +356,69 @@ impl Pipeline {
         {
             Ok(outcome) => {
                 self.api_ok(&job);
-                let status = outcome.status();
-                self.metrics.uploaded(
-                    &self.source_of(&job).name,
-                    status,
-                    job.size,
-                    started.elapsed(),
-                );
-                if status == 409 {
-                    info!(interaction_id = %iid, "upload answered 409: the service already has this audio (an earlier attempt got through); counted as uploaded");
-                } else {
-                    let secs = started.elapsed().as_secs_f64();
-                    info!(interaction_id = %iid, bytes = job.size, seconds = secs, "uploaded");
-                }
-                let now = now_ms();
-                let follow_at = self
-                    .cfg
-                    .results
-                    .enabled
-                    .then(|| now + ms(self.cfg.results.poll_interval));
-                match self
-                    .commit(|| self.queue.mark_uploaded(job.id, status, follow_at, now))
-                    .await
-                {
-                    Ok(()) => {
-                        job.state = State::Uploaded;
-                        if follow_at.is_some() {
-                            self.wake.follower.notify_one();
-                        }
-                        if self.cfg.after_upload.when == AfterUploadWhen::Uploaded {
-                            self.after_upload(&job).await;
-                        }
-                    }
-                    Err(e) => self.storage_error(&e).await,
-                }
+                self.uploaded(job, &iid, outcome.status(), started).await;
             }
-            // The file left between the check above and the upload's open: wait for it, as above,
-            // instead of counting an attempt.
-            Err(ApiError::Local(e)) => {
-                let (p, j) = (path.clone(), job.clone());
-                let left = fs
-                    .files
-                    .run(move |_| {
-                        std::fs::metadata(&p).map_or_else(
-                            |e| e.kind() == std::io::ErrorKind::NotFound,
-                            |m| left_its_path(&m, &j),
-                        )
-                    })
-                    .await;
-                match left {
-                    Ok(true) => self.file_missing(&job, &path).await,
-                    Ok(false) => self.on_error(&job, ApiError::Local(e)).await,
-                    Err(hung) => self.root_hung(&job, hung).await,
-                }
-            }
+            Err(ApiError::Local(e)) => self.unreadable_at_upload(&job, e, lane).await,
             Err(e) => self.on_error(&job, e).await,
+        }
+    }
+
+    /// Records an upload the service took (201, or 409: an earlier attempt got through), then
+    /// wakes the results follower or carries out the after-upload action.
+    async fn uploaded(&self, mut job: Job, iid: &str, status: u16, started: std::time::Instant) {
+        self.metrics.uploaded(
+            &self.source_of(&job).name,
+            status,
+            job.size,
+            started.elapsed(),
+        );
+        if status == 409 {
+            info!(interaction_id = %iid, "upload answered 409: the service already has this audio (an earlier attempt got through); counted as uploaded");
+        } else {
+            let secs = started.elapsed().as_secs_f64();
+            info!(interaction_id = %iid, bytes = job.size, seconds = secs, "uploaded");
+        }
+        let now = now_ms();
+        let follow_at = self
+            .cfg
+            .results
+            .enabled
+            .then(|| now + ms(self.cfg.results.poll_interval));
+        match self
+            .commit(|| self.queue.mark_uploaded(job.id, status, follow_at, now))
+            .await
+        {
+            Ok(()) => {
+                job.state = State::Uploaded;
+                if follow_at.is_some() {
+                    self.wake.follower.notify_one();
+                }
+                if self.cfg.after_upload.when == AfterUploadWhen::Uploaded {
+                    self.after_upload(&job).await;
+                }
+            }
+            Err(e) => self.storage_error(&e).await,
+        }
+    }
+
+    /// The upload could not read the file. If it left its path between the check and the
+    /// upload's open, it is waited for as [`Self::prepare`] does, instead of counting an attempt.
+    async fn unreadable_at_upload(&self, job: &Job, e: String, lane: &crate::watch::RootFs) {
+        let path = job.fs_path();
+        let (p, j) = (path.clone(), job.clone());
+        let left = lane
+            .files
+            .run(move |_| {
+                std::fs::metadata(&p).map_or_else(
+                    |e| e.kind() == std::io::ErrorKind::NotFound,
+                    |m| left_its_path(&m, &j),
+                )
+            })
+            .await;
+        match left {
+            Ok(true) => self.file_missing(job, &path).await,
+            Ok(false) => self.on_error(job, ApiError::Local(e)).await,
+            Err(hung) => self.root_hung(job, hung).await,
         }
     }
 
@@ -693,6 +730,17 @@ pub fn wire_name(path: &Path) -> String {
         .collect()
 }
 
+/// What [`Pipeline::prepare`] hands on: the queued version, opened; for a job to declare, its
+/// sidecar as the lane read it; and the job's folder's lane, for the upload's own look.
+struct Prepared {
+    file: std::fs::File,
+    sidecar: Option<SidecarRead>,
+    lane: Arc<crate::watch::RootFs>,
+}
+
+/// A sidecar as [`sidecar::read`] found it.
+type SidecarRead = Result<Option<Sidecar>, String>;
+
 const NOT_THERE: &str = "it is not there";
 
 /// What the pre-upload check found at a job's path.
@@ -714,7 +762,7 @@ enum Checked {
 /// The recording's sidecar as the lane read it (with the recording, for a job to declare). A
 /// malformed one is a warning, and the recording goes without it (`Err(())`: do not wait for
 /// another).
-fn sidecar_of(read: Option<Result<Option<Sidecar>, String>>) -> Result<Option<Sidecar>, ()> {
+fn sidecar_of(read: Option<SidecarRead>) -> Result<Option<Sidecar>, ()> {
     match read {
         Some(Ok(found)) => Ok(found),
         Some(Err(why)) => {
