@@ -316,6 +316,7 @@ impl Follower {
         debug!("results follower stopped");
     }
 
+    /// One followed job's turn: its remote delete once processed, else its status at the service.
     async fn follow_one(&self, job: Job, probe: bool) {
         let Some(iid) = job.interaction_id.clone() else {
             return;
@@ -330,8 +331,6 @@ impl Follower {
             // Results on disk and indexed: `[results] delete_remote_after_fetch`.
             return self.delete_remote(job, &iid).await;
         }
-        let cfg = &self.p.cfg.results;
-        let now = now_ms();
         if self
             .p
             .gate
@@ -341,157 +340,180 @@ impl Follower {
         {
             // Its account's token is rejected: asked about again a poll later, without a request
             // that would only be refused.
-            let next = now + ms(cfg.poll_interval);
-            self.record(
-                self.p
-                    .queue
-                    .follow_later(job.id, next, None, None, now)
-                    .await,
-            );
-            return;
+            return self.ask_later(&job, None).await;
         }
         match self.p.api_for(&job).status(&iid).await {
             Ok(st) => {
                 self.api_ok(&job);
-                let status = st.status.as_str();
-                if status == "processed" {
-                    self.deliver(job).await;
-                } else if status.ends_with("Failed") {
-                    let lost = matches!(status, "fileUploadFailed" | "fileDownloadFailed");
-                    let msg = format!(
-                        "ElevateAI reports {status}: {}",
-                        st.error_message.as_deref().unwrap_or("(no message)")
-                    );
-                    warn!(error = %msg, "interaction failed at the service");
-                    self.record(
-                        self.p
-                            .queue
-                            .fail_following(job.id, &msg, Some(status), lost, now)
-                            .await,
-                    );
-                } else {
-                    let waited = now - job.uploaded_at.unwrap_or(job.updated_at);
-                    if waited > ms(cfg.max_wait) {
-                        let msg = format!(
-                            "still {status} {} after upload (results.max_wait)",
-                            humantime::format_duration(Duration::from_secs((waited / 1000) as u64))
-                        );
-                        warn!(error = %msg, "giving up waiting for results");
-                        self.record(
-                            self.p
-                                .queue
-                                .fail_following(job.id, &msg, Some(status), false, now)
-                                .await,
-                        );
-                    } else {
-                        if job.service_status.as_deref() != Some(status) {
-                            debug!(status, "interaction status");
-                        }
-                        self.record(
-                            self.p
-                                .queue
-                                .follow_later(
-                                    job.id,
-                                    now + ms(cfg.poll_interval),
-                                    Some(status),
-                                    None,
-                                    now,
-                                )
-                                .await,
-                        );
-                    }
-                }
+                self.on_status(job, &st.status, st.error_message.as_deref())
+                    .await;
             }
             Err(e) => self.on_error(&job, e, "status").await,
         }
     }
 
+    /// What the service's status means for the job: its results are delivered (`processed`), it
+    /// fails (a `…Failed` status, or still not processed after `results.max_wait`), or it is
+    /// asked about again a poll later.
+    async fn on_status(&self, job: Job, status: &str, error_message: Option<&str>) {
+        let cfg = &self.p.cfg.results;
+        let now = now_ms();
+        if status == "processed" {
+            return self.deliver(job).await;
+        }
+        if status.ends_with("Failed") {
+            let lost = matches!(status, "fileUploadFailed" | "fileDownloadFailed");
+            let msg = format!(
+                "ElevateAI reports {status}: {}",
+                error_message.unwrap_or("(no message)")
+            );
+            warn!(error = %msg, "interaction failed at the service");
+            self.record(
+                self.p
+                    .queue
+                    .fail_following(job.id, &msg, Some(status), lost, now)
+                    .await,
+            );
+            return;
+        }
+        let waited = now - job.uploaded_at.unwrap_or(job.updated_at);
+        if waited > ms(cfg.max_wait) {
+            let msg = format!(
+                "still {status} {} after upload (results.max_wait)",
+                humantime::format_duration(Duration::from_secs((waited / 1000) as u64))
+            );
+            warn!(error = %msg, "giving up waiting for results");
+            self.record(
+                self.p
+                    .queue
+                    .fail_following(job.id, &msg, Some(status), false, now)
+                    .await,
+            );
+            return;
+        }
+        if job.service_status.as_deref() != Some(status) {
+            debug!(status, "interaction status");
+        }
+        let next = now + ms(cfg.poll_interval);
+        self.record(
+            self.p
+                .queue
+                .follow_later(job.id, next, Some(status), None, now)
+                .await,
+        );
+    }
+
+    /// The job is asked about again a poll later (`results.poll_interval`), with `why` as its
+    /// `last_error` when something went wrong.
+    async fn ask_later(&self, job: &Job, why: Option<&str>) {
+        let now = now_ms();
+        let later = now + ms(self.p.cfg.results.poll_interval);
+        self.record(
+            self.p
+                .queue
+                .follow_later(job.id, later, None, why, now)
+                .await,
+        );
+    }
+
     /// Fetches and writes every configured kind not yet on disk, then marks the job processed.
     async fn deliver(&self, mut job: Job) {
-        let cfg = &self.p.cfg;
         let Some(iid) = job.interaction_id.clone() else {
             return;
         };
-        let mut kinds: Vec<&str> = cfg
-            .results
-            .kinds
-            .iter()
-            .map(String::as_str)
-            .filter(|k| *k != "ai" || self.p.source_of(&job).declare.include_ai_results)
-            .collect();
-        let want_text = cfg.results.format == ResultsFormat::Text;
-        if want_text {
-            kinds.push("text");
-        }
         // Asked once per delivery; the answer cannot change for this job (earlier jobs only go
         // away by pruning, which leaves a fingerprint of the path that still answers).
         let later_call = match self.p.queue.earlier_call_at_path(&job).await {
             Ok(later) => later,
             Err(e) => {
                 error!(error = %e, "cannot read the queue; will try again");
-                let later = now_ms() + ms(cfg.results.poll_interval);
-                self.record(
-                    self.p
-                        .queue
-                        .follow_later(job.id, later, None, None, now_ms())
-                        .await,
-                );
-                return;
+                return self.ask_later(&job, None).await;
             }
         };
-        for kind in kinds {
+        for kind in self.kinds_for(&job) {
             if job.results_written.iter().any(|k| k == kind) {
                 continue;
             }
-            let source = if kind == "text" { "punctuated" } else { kind };
-            let path = result_path_for(&cfg.results.output_dir, &job, kind, later_call);
-            let written = if kind == "text" {
-                // From the punctuated transcript already on disk when there is one.
-                let on_disk = job
-                    .results_written
-                    .iter()
-                    .any(|k| k == "punctuated")
-                    .then(|| {
-                        result_path_for(&cfg.results.output_dir, &job, "punctuated", later_call)
-                    })
-                    .filter(|p| p.is_file());
-                self.write_text(self.p.api_for(&job), &iid, on_disk, &path)
-                    .await
-            } else {
-                self.fetch_into(self.p.api_for(&job), &endpoint(kind, &iid), &path)
-                    .await
-            };
-            let failure = match written {
-                Ok(()) => None,
-                Err(Undelivered::Api(e)) => return self.on_error(&job, e, source).await,
-                Err(Undelivered::Write(m)) => Some(m),
-            };
-            if let Some(e) = failure {
-                // A full or unwritable results disk must not lose anything: ask again later. Held
-                // as an error `/healthz` reports until a result is written, and logged once.
-                if self.p.metrics.results_blocked(Some(e.clone())) {
-                    error!(path = %path.display(), error = %e, "cannot write results: /healthz reports it, and every followed job is asked about again each results.poll_interval until one is written");
-                } else {
-                    debug!(path = %path.display(), error = %e, "cannot write results; will try again");
-                }
-                let later = now_ms() + ms(cfg.results.poll_interval);
-                let msg = format!("cannot write {}: {e}", path.display());
-                self.record(
-                    self.p
-                        .queue
-                        .follow_later(job.id, later, None, Some(&msg), now_ms())
-                        .await,
-                );
+            if !self.deliver_kind(&job, &iid, kind, later_call).await {
                 return;
             }
-            debug!(kind, path = %path.display(), "result written");
-            if self.p.metrics.results_blocked(None) {
-                info!("results can be written again");
-            }
-            self.p.metrics.result_fetched(kind);
-            self.record(self.p.queue.result_written(&job, kind, now_ms()).await);
             job.results_written.push(kind.to_string());
         }
+        self.finish_delivery(job, later_call).await;
+    }
+
+    /// The kinds a job's delivery writes: the configured ones (`ai` only for a source whose
+    /// declares include AI results), and `text` with `format = "text"`.
+    fn kinds_for(&self, job: &Job) -> Vec<&str> {
+        let cfg = &self.p.cfg.results;
+        let mut kinds: Vec<&str> = cfg
+            .kinds
+            .iter()
+            .map(String::as_str)
+            .filter(|k| *k != "ai" || self.p.source_of(job).declare.include_ai_results)
+            .collect();
+        if cfg.format == ResultsFormat::Text {
+            kinds.push("text");
+        }
+        kinds
+    }
+
+    /// Fetches (or renders) one kind into its file and records it as written. False when the
+    /// delivery stops here: a failed request or an unwritable results folder, each recorded.
+    async fn deliver_kind(&self, job: &Job, iid: &str, kind: &str, later_call: bool) -> bool {
+        let dir = &self.p.cfg.results.output_dir;
+        let source = if kind == "text" { "punctuated" } else { kind };
+        let path = result_path_for(dir, job, kind, later_call);
+        let written = if kind == "text" {
+            // From the punctuated transcript already on disk when there is one.
+            let on_disk = job
+                .results_written
+                .iter()
+                .any(|k| k == "punctuated")
+                .then(|| result_path_for(dir, job, "punctuated", later_call))
+                .filter(|p| p.is_file());
+            self.write_text(self.p.api_for(job), iid, on_disk, &path)
+                .await
+        } else {
+            self.fetch_into(self.p.api_for(job), &endpoint(kind, iid), &path)
+                .await
+        };
+        match written {
+            Ok(()) => {}
+            Err(Undelivered::Api(e)) => {
+                self.on_error(job, e, source).await;
+                return false;
+            }
+            Err(Undelivered::Write(e)) => {
+                self.cannot_write(job, &path, e).await;
+                return false;
+            }
+        }
+        debug!(kind, path = %path.display(), "result written");
+        if self.p.metrics.results_blocked(None) {
+            info!("results can be written again");
+        }
+        self.p.metrics.result_fetched(kind);
+        self.record(self.p.queue.result_written(job, kind, now_ms()).await);
+        true
+    }
+
+    /// A full or unwritable results disk must not lose anything: the job is asked about again
+    /// later. Held as an error `/healthz` reports until a result is written, and logged once.
+    async fn cannot_write(&self, job: &Job, path: &Path, e: String) {
+        if self.p.metrics.results_blocked(Some(e.clone())) {
+            error!(path = %path.display(), error = %e, "cannot write results: /healthz reports it, and every followed job is asked about again each results.poll_interval until one is written");
+        } else {
+            debug!(path = %path.display(), error = %e, "cannot write results; will try again");
+        }
+        let msg = format!("cannot write {}: {e}", path.display());
+        self.ask_later(job, Some(&msg)).await;
+    }
+
+    /// With every kind written: the job's index line, then the processed state (and the
+    /// after-upload action when it waits for the results).
+    async fn finish_delivery(&self, job: Job, later_call: bool) {
+        let cfg = &self.p.cfg;
         // Before the processed state: a crash in between writes the line again, which the
         // index recognises; the other order could lose it.
         if let Err(e) = self.index_line(&job, later_call).await {
@@ -499,14 +521,7 @@ impl Follower {
             if self.p.metrics.results_blocked(Some(e.clone())) {
                 error!(error = %e, "cannot write the results index: /healthz reports it; asked again each results.poll_interval");
             }
-            let later = now_ms() + ms(cfg.results.poll_interval);
-            self.record(
-                self.p
-                    .queue
-                    .follow_later(job.id, later, None, Some(&e), now_ms())
-                    .await,
-            );
-            return;
+            return self.ask_later(&job, Some(&e)).await;
         }
         if self.p.metrics.results_blocked(None) {
             info!("results can be written again");
