@@ -3,9 +3,9 @@
 use sqlx::AssertSqlSafe;
 
 use super::open::BUSY_TIMEOUT;
-use super::{Fault, Queue, QueueError, walsync};
+use super::{Fault, Lite, QueueError, walsync};
 
-impl Queue {
+impl Lite {
     /// Makes every commit so far durable against power loss (they are NORMAL commits, safe against
     /// a crash but not a power cut). Called before a recording is moved or deleted, so the
     /// `uploaded` record that allowed it cannot be rolled back while the file is already gone.

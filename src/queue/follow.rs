@@ -3,9 +3,9 @@
 use sqlx::AssertSqlSafe;
 
 use super::machine::Transition;
-use super::{JOB_COLUMNS, Job, Queue, QueueError, event, expect_one, job_from_row};
+use super::{JOB_COLUMNS, Job, Lite, QueueError, event, expect_one, job_from_row};
 
-impl Queue {
+impl Lite {
     /// Uploaded jobs whose next status poll is due, and processed ones whose interaction is due
     /// to be deleted at the service (`[results] delete_remote_after_fetch`), soonest first.
     pub async fn due_followups(&self, now: i64, limit: u32) -> Result<Vec<Job>, QueueError> {

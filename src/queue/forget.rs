@@ -11,7 +11,7 @@ use std::time::Duration;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::history::fingerprint;
-use super::{JOB_COLUMNS, Job, Queue, QueueError, State, decode_path, encode_path, job_from_row};
+use super::{JOB_COLUMNS, Job, Lite, QueueError, State, decode_path, encode_path, job_from_row};
 
 /// What is left to erase of one forgotten call.
 #[derive(Debug, Clone)]
@@ -42,7 +42,7 @@ pub enum Forgot {
     MidDeclare(i64),
 }
 
-impl Queue {
+impl Lite {
     /// Jobs with these ids (those that exist).
     pub async fn jobs_by_ids(&self, ids: &[i64]) -> Result<Vec<Job>, QueueError> {
         let rows = sqlx::query(AssertSqlSafe(format!(
@@ -319,7 +319,7 @@ async fn scrub_due(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{Enqueued, NewJob, OpenMode};
+    use crate::queue::{Enqueued, NewJob, OpenMode, Queue};
 
     async fn queue_with(paths: &[&str]) -> (tempfile::TempDir, Queue, Vec<i64>) {
         let d = tempfile::tempdir().unwrap();

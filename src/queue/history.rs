@@ -6,9 +6,9 @@ use std::sync::LazyLock;
 use sqlx::AssertSqlSafe;
 
 use super::machine::{DONE, NOT_UPLOADED, sql_in};
-use super::{Job, NewJob, Queue, QueueError, State};
+use super::{Job, Lite, NewJob, Queue, QueueError, State};
 
-impl Queue {
+impl Lite {
     /// Whether an earlier job was recorded at this job's path: then this is a later call under a
     /// reused name, and its results must not take the first call's file names.
     pub async fn earlier_call_at_path(&self, job: &Job) -> Result<bool, QueueError> {
@@ -26,7 +26,7 @@ impl Queue {
     }
 }
 
-impl Queue {
+impl Lite {
     /// A recording moved inside the watched folders while its job waited (or failed): the job
     /// follows it to `new_path`, keeping its interaction id if it has one, and is due at once. One
     /// guarded statement: only a job still at `old_path`, not yet uploaded, and only if no job
@@ -120,7 +120,7 @@ pub mod fingerprint {
 /// Jobs removed per transaction while pruning: the daemon's one connection is free in between.
 const PRUNE_BATCH: i64 = 2000;
 
-impl Queue {
+impl Lite {
     /// Of these file versions, those a pruned job already uploaded (by path and version, or by
     /// inode under another path): the indexes into `jobs`. One statement for the whole batch.
     pub(super) async fn pruned_versions(
@@ -294,7 +294,7 @@ mod tests {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE jobs SET {sql} WHERE id = {id}"
         )))
-        .execute(&q.pool)
+        .execute(&q.lite().pool)
         .await
         .unwrap();
     }
@@ -338,7 +338,7 @@ mod tests {
         set(&q, ids[4], &format!("{done}, disposed = 1, follow_at = 9")).await; // followed
         sqlx::query("INSERT INTO job_events (job_id, at, event) VALUES (?, 5, 'declared')")
             .bind(ids[0])
-            .execute(&q.pool)
+            .execute(&q.lite().pool)
             .await
             .unwrap();
         assert_eq!(q.prune(10, false).await.unwrap(), 2);

@@ -4,7 +4,7 @@
 
 use std::str::FromStr;
 
-use super::{Enqueued, NewJob, Queue, QueueError, State, encode_path, event};
+use super::{Enqueued, Lite, NewJob, QueueError, State, encode_path, event};
 
 /// Where a hook's call ended up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +26,7 @@ pub enum Hooked {
     Pruned,
 }
 
-impl Queue {
+impl Lite {
     /// Queues `job` (as [`Queue::enqueue`], so a version the watcher queued is the same job) and,
     /// while it is still `pending`, records `hook` (JSON) on it and makes it due now unless it is
     /// backing off after a failure of its own. Only `pending`: a worker reads the hook after its

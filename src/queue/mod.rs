@@ -11,6 +11,8 @@
 //! `transitions` (enqueue through retry), `follow` (results), `read` (listings, counts, figures),
 //! `history` (moves, reused names, pruning) and `durable` (flushes, over `walsync`).
 
+mod cluster;
+mod dispatch;
 mod durable;
 mod error;
 mod follow;
@@ -34,6 +36,7 @@ use std::sync::Arc;
 use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, Sqlite, Transaction};
 
+pub use dispatch::Queue;
 pub use error::{DbError, QueueError, Unusable};
 pub use forget::{Forgot, Tombstone};
 pub use history::{fingerprint, prune_task};
@@ -242,8 +245,9 @@ impl Counts {
     }
 }
 
+/// The SQLite queue: one host, one daemon (the default backend). Callers see it through [`Queue`].
 #[derive(Clone)]
-pub struct Queue {
+pub(crate) struct Lite {
     pool: SqlitePool,
     path: PathBuf,
     /// Makes the write-ahead log durable for [`Queue::sync_wal`].
@@ -254,13 +258,13 @@ pub struct Queue {
     faults: Arc<Faults>,
 }
 
-impl std::fmt::Debug for Queue {
+impl std::fmt::Debug for Lite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Queue").field("path", &self.path).finish()
     }
 }
 
-impl Queue {
+impl Lite {
     /// Test hook: the next `n` operations of `kind` fail (see [`Fault`]). Shared by every clone of
     /// this queue, so a test arms the daemon's own queue through its handle.
     #[doc(hidden)]

@@ -15,7 +15,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row};
 
-use super::{Queue, QueueError, Unusable, walsync};
+use super::{Lite, QueueError, Unusable, walsync};
 
 /// The `daemon_state` key under which a running daemon publishes why it is paused, for `status`.
 pub const PAUSE_KEY: &str = "pause";
@@ -37,8 +37,8 @@ pub enum OpenMode {
     /// mistake somewhere else.
     Existing,
 }
-impl Queue {
-    pub async fn open(path: &Path, mode: OpenMode) -> Result<Queue, QueueError> {
+impl Lite {
+    pub async fn open(path: &Path, mode: OpenMode) -> Result<Lite, QueueError> {
         let unusable = |reason: Unusable| QueueError::Unusable {
             path: path.to_path_buf(),
             reason,
@@ -64,7 +64,7 @@ impl Queue {
         }
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
-        Ok(Queue {
+        Ok(Lite {
             pool,
             path: path.to_path_buf(),
             wal_sync: Arc::new(walsync::WalSync::new(PathBuf::from(wal))),

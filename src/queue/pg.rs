@@ -66,10 +66,10 @@ pub struct Member {
 
 /// One daemon's handle on the shared queue.
 pub struct PgQueue {
-    pool: PgPool,
+    pub(super) pool: PgPool,
     /// This run of this daemon (`daemons.id`): new at every start.
     me: String,
-    lease: Duration,
+    pub(super) lease: Duration,
 }
 
 impl std::fmt::Debug for PgQueue {
@@ -163,10 +163,21 @@ impl PgQueue {
     /// Takes the next due job ([`Transition::Claim`]) for this daemon, under a lease. Daemons
     /// claiming at the same instant skip each other's locked rows instead of waiting on them.
     pub async fn claim(&self, now: i64) -> Result<Option<Held>, QueueError> {
+        self.claim_except(now, &[]).await
+    }
+
+    /// [`PgQueue::claim`], skipping jobs under the watched folders `roots` (as stored): those of
+    /// an account whose token was rejected.
+    pub async fn claim_except(
+        &self,
+        now: i64,
+        roots: &[String],
+    ) -> Result<Option<Held>, QueueError> {
         let sql = format!(
             "UPDATE jobs SET state = {to}, holder = $2, fence = fence + 1, updated_at = $1, \
              lease_until = now() + make_interval(secs => $3::double precision / 1000) \
              WHERE id = (SELECT id FROM jobs WHERE {due} AND next_attempt_at <= $1 \
+                         AND NOT (root = ANY($4)) \
                          ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
              RETURNING {JOB_COLUMNS}",
             to = Transition::Claim.sql_target(),
@@ -176,6 +187,7 @@ impl PgQueue {
             .bind(now)
             .bind(&self.me)
             .bind(self.lease_ms())
+            .bind(roots)
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(held_from_row).transpose()
@@ -235,10 +247,27 @@ impl PgQueue {
         external_id: Option<&str>,
         now: i64,
     ) -> Result<(), QueueError> {
+        self.mark_declared_from(held, interaction_id, external_id, None, now)
+            .await
+    }
+
+    /// [`PgQueue::mark_declared`], also recording the source the declare was made for.
+    pub async fn mark_declared_from(
+        &self,
+        held: &Held,
+        interaction_id: &str,
+        external_id: Option<&str>,
+        source: Option<&str>,
+        now: i64,
+    ) -> Result<(), QueueError> {
         let set = "interaction_id = $3, external_id = COALESCE($4, external_id), \
-                   last_error = NULL, updated_at = $5";
-        self.fenced(held, Transition::Declared, now, set, |q| {
-            q.bind(interaction_id).bind(external_id).bind(now)
+                   source = COALESCE($6, source), last_error = NULL, updated_at = $5";
+        let event = Some(("declared", None));
+        self.fenced(held, Transition::Declared, set, event, now, |q| {
+            q.bind(interaction_id)
+                .bind(external_id)
+                .bind(now)
+                .bind(source)
         })
         .await
     }
@@ -250,10 +279,22 @@ impl PgQueue {
         status: u16,
         now: i64,
     ) -> Result<(), QueueError> {
+        self.mark_uploaded_follow(held, status, None, now).await
+    }
+
+    /// [`PgQueue::mark_uploaded`]; `follow_at`: when to first ask for the results, if followed.
+    pub async fn mark_uploaded_follow(
+        &self,
+        held: &Held,
+        status: u16,
+        follow_at: Option<i64>,
+        now: i64,
+    ) -> Result<(), QueueError> {
         let set = "upload_status = $3, uploaded_at = $4, updated_at = $4, last_error = NULL, \
-                   holder = NULL, lease_until = NULL";
-        self.fenced(held, Transition::Uploaded, now, set, |q| {
-            q.bind(i64::from(status)).bind(now)
+                   follow_at = $5, follow_attempts = 0, holder = NULL, lease_until = NULL";
+        let event = Some(("uploaded", None));
+        self.fenced(held, Transition::Uploaded, set, event, now, |q| {
+            q.bind(i64::from(status)).bind(now).bind(follow_at)
         })
         .await
     }
@@ -266,31 +307,90 @@ impl PgQueue {
         error: &str,
         now: i64,
     ) -> Result<(), QueueError> {
-        let set = "attempts = attempts + 1, next_attempt_at = $3, last_error = $4, \
-                   updated_at = $5, holder = NULL, lease_until = NULL";
-        self.fenced(held, Transition::PutBack, now, set, |q| {
-            q.bind(at).bind(error).bind(now)
+        self.put_back(held, Some(error), at, true, now).await
+    }
+
+    /// Back to wait until `at` ([`Transition::PutBack`]), counting an attempt only when the
+    /// failure was the job's own; `error` (if any) becomes its last error and a `retry` event.
+    pub async fn put_back(
+        &self,
+        held: &Held,
+        error: Option<&str>,
+        at: i64,
+        count_attempt: bool,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        let set = "attempts = attempts + $3, next_attempt_at = $4, \
+                   last_error = COALESCE($5, last_error), updated_at = $6, holder = NULL, \
+                   lease_until = NULL";
+        let event = error.map(|e| ("retry", Some(e)));
+        self.fenced(held, Transition::PutBack, set, event, now, |q| {
+            q.bind(i64::from(count_attempt))
+                .bind(at)
+                .bind(error)
+                .bind(now)
         })
         .await
     }
 
     /// Needs an operator ([`Transition::Fail`]): the claim ends.
     pub async fn fail(&self, held: &Held, error: &str, now: i64) -> Result<(), QueueError> {
-        let set = "last_error = $3, updated_at = $4, holder = NULL, lease_until = NULL";
-        self.fenced(held, Transition::Fail, now, set, |q| {
+        let set = "last_error = $3, updated_at = $4, attempts = attempts + 1, holder = NULL, \
+                   lease_until = NULL";
+        let event = Some(("failed", Some(error)));
+        self.fenced(held, Transition::Fail, set, event, now, |q| {
             q.bind(error).bind(now)
         })
         .await
     }
 
-    /// Runs a transition guarded by the claim's fence, with its event in the same transaction;
-    /// a guard that fails says whether the claim was lost or the state was wrong.
+    /// A declare under this claim went out and its answer was lost: the service may hold an
+    /// interaction that never gets audio. Counted on the job and in the total, as SQLite does;
+    /// returns the job's count. Only under this claim, like every outcome.
+    pub async fn count_orphan(
+        &self,
+        held: &Held,
+        detail: &str,
+        now: i64,
+    ) -> Result<u32, QueueError> {
+        let mut tx = self.pool.begin().await?;
+        let n: Option<i64> = sqlx::query_scalar(
+            "UPDATE jobs SET orphans = orphans + 1, updated_at = $3 \
+             WHERE id = $1 AND fence = $2 AND state = 'declaring' RETURNING orphans",
+        )
+        .bind(held.job.id)
+        .bind(held.fence)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(n) = n else {
+            tx.rollback().await?;
+            return Err(self.why_not(held, &[State::Declaring]).await);
+        };
+        sqlx::query("UPDATE counters SET n = n + 1 WHERE name = 'orphan_declares'")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO job_events (job_id, at, event, detail) VALUES ($1, $2, 'declare-lost', $3)",
+        )
+        .bind(held.job.id)
+        .bind(now)
+        .bind(detail)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(n.max(0) as u32)
+    }
+
+    /// Runs a transition guarded by the claim's fence, with its event (if any) in the same
+    /// transaction; a guard that fails says whether the claim was lost or the state was wrong.
     async fn fenced<'q>(
         &self,
         held: &Held,
         t: Transition,
-        now: i64,
         set: &str,
+        event: Option<(&str, Option<&str>)>,
+        now: i64,
         bind: impl FnOnce(PgQuery<'q>) -> PgQuery<'q>,
     ) -> Result<(), QueueError> {
         // $1 and $2 are the job and the fence; `set` and `bind` go on from $3.
@@ -306,37 +406,53 @@ impl PgQueue {
         );
         let mut tx = self.pool.begin().await?;
         if q.execute(&mut *tx).await?.rows_affected() == 1 {
-            let event = match t {
-                Transition::Declared => "declared",
-                Transition::Uploaded => "uploaded",
-                Transition::PutBack => "retry",
-                Transition::Fail => "failed",
-                _ => "changed",
-            };
-            sqlx::query("INSERT INTO job_events (job_id, at, event) VALUES ($1, $2, $3)")
+            if let Some((event, detail)) = event {
+                sqlx::query(
+                    "INSERT INTO job_events (job_id, at, event, detail) VALUES ($1, $2, $3, $4)",
+                )
                 .bind(held.job.id)
                 .bind(now)
                 .bind(event)
+                .bind(detail)
                 .execute(&mut *tx)
                 .await?;
+            }
             tx.commit().await?;
             return Ok(());
         }
         tx.rollback().await?;
-        let row: Option<(String, i64)> =
+        // A commit whose answer was lost (the connection dropped after it went in) is tried
+        // again by the caller: finding the row already where this transition takes it, under
+        // the same fence, is success, not a lost race.
+        let done = match t {
+            Transition::Declared => Some(State::Uploading),
+            Transition::Uploaded => Some(State::Uploaded),
+            _ => None,
+        };
+        match self.why_not(held, &t.from_states()).await {
+            QueueError::NotInState { found, .. } if found.is_some() && found == done => Ok(()),
+            e => Err(e),
+        }
+    }
+
+    /// Why a fenced statement changed nothing: another daemon's claim (the fence moved on), or
+    /// the job is not in a state it leaves.
+    async fn why_not(&self, held: &Held, expected: &[State]) -> QueueError {
+        let row: Result<Option<(String, i64)>, _> =
             sqlx::query_as("SELECT state, fence FROM jobs WHERE id = $1")
                 .bind(held.job.id)
                 .fetch_optional(&self.pool)
-                .await?;
+                .await;
         match row {
-            Some((_, fence)) if fence != held.fence => {
-                Err(QueueError::LostClaim { job: held.job.id })
+            Err(e) => e.into(),
+            Ok(Some((_, fence))) if fence != held.fence => {
+                QueueError::LostClaim { job: held.job.id }
             }
-            found => Err(QueueError::NotInState {
+            Ok(found) => QueueError::NotInState {
                 job: held.job.id,
-                expected: t.from_states(),
-                found: found.and_then(|(s, _)| s.parse().ok()),
-            }),
+                expected: expected.to_vec(),
+                found: found.and_then(|(s, _)| s.parse::<State>().ok()),
+            },
         }
     }
 

@@ -5,9 +5,9 @@ use std::sync::LazyLock;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::machine::{NOT_UPLOADED, Transition, sql_in};
-use super::{Counts, JOB_COLUMNS, Job, Queue, QueueError, State, display_path, job_from_row};
+use super::{Counts, JOB_COLUMNS, Job, Lite, QueueError, State, display_path, job_from_row};
 
-impl Queue {
+impl Lite {
     /// When the next job falls due, if any job waits at all.
     pub async fn next_due(&self) -> Result<Option<i64>, QueueError> {
         static SQL: LazyLock<String> = LazyLock::new(|| {

@@ -7,9 +7,9 @@ use std::str::FromStr;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::machine::Transition;
-use super::{Counts, JOB_COLUMNS, Job, Queue, QueueError, State, job_from_row};
+use super::{Counts, JOB_COLUMNS, Job, Lite, QueueError, State, job_from_row};
 
-impl Queue {
+impl Lite {
     /// [`Queue::claim`], skipping jobs found under the watched folders `roots` (as stored, see
     /// [`super::encode_path`]).
     pub async fn claim_except(

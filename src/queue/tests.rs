@@ -296,7 +296,7 @@ async fn a_reader_waits_for_a_schema_the_daemon_has_not_finished_migrating() {
     let (dir, q) = fresh().await;
     let db = dir.path().join("state/queue.db");
     let latest: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
-        .fetch_one(&q.pool)
+        .fetch_one(&q.lite().pool)
         .await
         .unwrap();
     // As a reader sees it while the daemon is between two migrations.
@@ -306,7 +306,7 @@ async fn a_reader_waits_for_a_schema_the_daemon_has_not_finished_migrating() {
     ] {
         sqlx::query(sql)
             .bind(latest)
-            .execute(&q.pool)
+            .execute(&q.lite().pool)
             .await
             .unwrap();
     }
@@ -321,7 +321,7 @@ async fn a_reader_waits_for_a_schema_the_daemon_has_not_finished_migrating() {
         "INSERT INTO _sqlx_migrations SELECT * FROM saved",
         "DROP TABLE saved",
     ] {
-        sqlx::query(sql).execute(&q.pool).await.unwrap();
+        sqlx::query(sql).execute(&q.lite().pool).await.unwrap();
     }
     let reader = Queue::open(&db, OpenMode::Existing).await.unwrap();
     assert_eq!(reader.counts().await.unwrap().total(), 0);

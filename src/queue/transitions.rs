@@ -6,11 +6,11 @@ use sqlx::{AssertSqlSafe, Sqlite, Transaction};
 
 use super::machine::Transition;
 use super::{
-    Enqueued, Fault, JOB_COLUMNS, Job, NewJob, Queue, QueueError, State, encode_path, event,
+    Enqueued, Fault, JOB_COLUMNS, Job, Lite, NewJob, QueueError, State, encode_path, event,
     expect_one, job_from_row, not_in_state,
 };
 
-impl Queue {
+impl Lite {
     /// Queues file versions in one transaction. A version already known (any state) is not queued
     /// again.
     ///

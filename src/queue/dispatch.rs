@@ -1,0 +1,258 @@
+//! [`Queue`]: the one queue type callers see, on either backend. `queue.database` picks it: a file
+//! path is the SQLite queue (one host; every call documented on its implementation, in the files
+//! beside this one), a `postgres://` URL the PostgreSQL queue shared by several daemons
+//! (`cluster.rs` over `pg.rs`).
+//!
+//! Each call is a `match` on the backend. What PostgreSQL does not do yet answers
+//! [`QueueError::Unsupported`], naming what, never a panic; the configuration refuses what it can
+//! up front (`[results] enabled` with PostgreSQL).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::cluster::Cluster;
+use super::pg::PgQueue;
+use super::{
+    Counts, Enqueued, Fault, Forgot, Hooked, Job, Lite, NewJob, OpenMode, QueueError, State,
+    Tombstone,
+};
+
+#[derive(Clone, Debug)]
+pub struct Queue(Backend);
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Lite(Lite),
+    Pg(Arc<Cluster>),
+}
+
+/// Calls both backends answer, with the same arguments.
+macro_rules! both {
+    ($( $name:ident ( $($a:ident : $t:ty),* ) -> $r:ty; )*) => {$(
+        pub async fn $name(&self, $($a: $t),*) -> Result<$r, QueueError> {
+            match &self.0 {
+                Backend::Lite(q) => q.$name($($a),*).await,
+                Backend::Pg(q) => q.$name($($a),*).await,
+            }
+        }
+    )*};
+}
+
+/// Calls only the SQLite queue answers yet; PostgreSQL says so, naming `$what`.
+macro_rules! sqlite_only {
+    ($( $what:literal: $name:ident ( $($a:ident : $t:ty),* ) -> $r:ty; )*) => {$(
+        pub async fn $name(&self, $($a: $t),*) -> Result<$r, QueueError> {
+            match &self.0 {
+                Backend::Lite(q) => q.$name($($a),*).await,
+                Backend::Pg(_) => Err(QueueError::Unsupported($what)),
+            }
+        }
+    )*};
+}
+
+impl Queue {
+    /// The SQLite queue at `path`.
+    pub async fn open(path: &Path, mode: OpenMode) -> Result<Queue, QueueError> {
+        Ok(Queue(Backend::Lite(Lite::open(path, mode).await?)))
+    }
+
+    /// The PostgreSQL queue at `url`, joined as a daemon named `name` on `host` whose claims last
+    /// `lease` unless renewed (see [`PgQueue::connect`]).
+    pub async fn connect_pg(
+        url: &str,
+        name: &str,
+        host: &str,
+        lease: Duration,
+    ) -> Result<Queue, QueueError> {
+        let pg = PgQueue::connect(url, name, host, lease).await?;
+        Ok(Queue(Backend::Pg(Arc::new(Cluster::new(pg)))))
+    }
+
+    /// The PostgreSQL queue's own calls (heartbeat, takeover, roles, the cluster's members);
+    /// None on SQLite.
+    pub fn cluster(&self) -> Option<&PgQueue> {
+        match &self.0 {
+            Backend::Lite(_) => None,
+            Backend::Pg(q) => Some(q),
+        }
+    }
+
+    /// Claims this daemon holds on the PostgreSQL queue now (0 on SQLite).
+    pub fn claims_held(&self) -> usize {
+        match &self.0 {
+            Backend::Lite(_) => 0,
+            Backend::Pg(q) => q.claims_held(),
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn lite(&self) -> &Lite {
+        match &self.0 {
+            Backend::Lite(q) => q,
+            Backend::Pg(_) => panic!("a SQLite queue was expected"),
+        }
+    }
+
+    /// The SQLite database's path; empty for PostgreSQL (no file: nothing to lock, watch or
+    /// flush on this host).
+    pub fn path(&self) -> &Path {
+        match &self.0 {
+            Backend::Lite(q) => q.path(),
+            Backend::Pg(_) => Path::new(""),
+        }
+    }
+
+    /// See `Lite::wake_file`; empty for PostgreSQL, where a daemon on another host could not see
+    /// it anyway (its idle workers look at the database instead).
+    pub fn wake_file(&self) -> PathBuf {
+        match &self.0 {
+            Backend::Lite(q) => q.wake_file(),
+            Backend::Pg(_) => PathBuf::new(),
+        }
+    }
+
+    pub fn wake_daemon(&self) {
+        if let Backend::Lite(q) = &self.0 {
+            q.wake_daemon()
+        }
+    }
+
+    #[doc(hidden)]
+    pub fn inject_fault(&self, kind: Fault, n: u32) {
+        if let Backend::Lite(q) = &self.0 {
+            q.inject_fault(kind, n)
+        }
+    }
+
+    pub async fn close(&self) {
+        match &self.0 {
+            Backend::Lite(q) => q.close().await,
+            Backend::Pg(q) => q.close().await,
+        }
+    }
+
+    /// Jobs, newest first, each handed to `each` as it is read.
+    pub async fn list_each<E: From<QueueError>>(
+        &self,
+        state: Option<State>,
+        limit: u32,
+        mut each: impl FnMut(Job) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match &self.0 {
+            Backend::Lite(q) => q.list_each(state, limit, each).await,
+            // Not streamed yet: read whole, so `list` on a large cluster wants a `--limit`.
+            Backend::Pg(q) => {
+                for job in q.list(state, limit).await? {
+                    each(job)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub async fn forget_job(
+        &self,
+        id: i64,
+        files: impl Fn(&Job, bool) -> Vec<PathBuf>,
+        declaring_too: bool,
+        now: i64,
+    ) -> Result<Forgot, QueueError> {
+        match &self.0 {
+            Backend::Lite(q) => q.forget_job(id, files, declaring_too, now).await,
+            Backend::Pg(_) => Err(QueueError::Unsupported("forget")),
+        }
+    }
+
+    both! {
+        enqueue(jobs: &[NewJob], now: i64) -> Vec<Enqueued>;
+        claim(now: i64) -> Option<Job>;
+        claim_except(now: i64, roots: &[String]) -> Option<Job>;
+        mark_declared(id: i64, interaction_id: &str, now: i64) -> ();
+        mark_declared_as(id: i64, interaction_id: &str, external_id: Option<&str>, now: i64) -> ();
+        mark_declared_from(
+            id: i64,
+            interaction_id: &str,
+            external_id: Option<&str>,
+            source: Option<&str>,
+            now: i64
+        ) -> ();
+        mark_uploaded(id: i64, status: u16, follow_at: Option<i64>, now: i64) -> ();
+        reschedule(
+            job: &Job,
+            error: Option<&str>,
+            next_at: i64,
+            count_attempt: bool,
+            now: i64
+        ) -> ();
+        count_orphan(id: i64, detail: &str, now: i64) -> u32;
+        fail(job: &Job, error: &str, now: i64) -> ();
+        recover(now: i64) -> (u64, u64);
+        retry(ids: Option<&[i64]>, now: i64) -> u64;
+        mark_disposed(id: i64, what: &str, now: i64) -> ();
+        next_due() -> Option<i64>;
+        next_due_except(roots: &[String]) -> Option<i64>;
+        get(id: i64) -> Option<Job>;
+        list(state: Option<State>, limit: u32) -> Vec<Job>;
+        counts() -> Counts;
+        counts_by_root() -> Vec<(String, Counts)>;
+        oldest_waiting() -> Option<i64>;
+        last_errors(n: u32) -> Vec<(i64, String, String, i64)>;
+        undisposed(states: &[State]) -> Vec<Job>;
+        orphan_declares() -> u64;
+        events(id: i64) -> Vec<(i64, String, Option<String>)>;
+        uploaded_since(since: i64) -> (u64, u64);
+        set_daemon_state(key: &str, value: Option<&str>, now: i64) -> ();
+        daemon_state(key: &str) -> Option<(String, i64)>;
+        known_fingerprints() -> Vec<i64>;
+        hook_of(id: i64) -> Option<String>;
+        make_durable() -> ();
+        sync_wal() -> ();
+        prepare_wal(bytes: u64) -> ();
+    }
+
+    sqlite_only! {
+        "following results": due_followups(now: i64, limit: u32) -> Vec<Job>;
+        "following results": next_followup() -> Option<i64>;
+        "following results": follow_later(
+            id: i64,
+            next_at: i64,
+            service_status: Option<&str>,
+            error: Option<&str>,
+            now: i64
+        ) -> ();
+        "following results": result_written(job: &Job, kind: &str, now: i64) -> ();
+        "following results": mark_processed(id: i64, now: i64) -> ();
+        "following results": mark_processed_then(id: i64, delete_at: Option<i64>, now: i64) -> ();
+        "following results": fail_following(
+            id: i64,
+            error: &str,
+            service_status: Option<&str>,
+            lost_file: bool,
+            now: i64
+        ) -> ();
+        "following results": remote_delete_done(id: i64, outcome: Result<bool, &str>, now: i64) -> ();
+        "following results": earlier_call_at_path(job: &Job) -> bool;
+        "following a moved recording": follow_move(
+            id: i64,
+            old_path: &str,
+            new_path: &str,
+            new_root: &str,
+            now: i64
+        ) -> bool;
+        "pruning (queue.keep_history)": prune(cutoff: i64, undisposed_too: bool) -> u64;
+        "a simulated full disk": simulate_disk_full(full: bool) -> ();
+        "forget": jobs_by_ids(ids: &[i64]) -> Vec<Job>;
+        "forget": jobs_by_external_ids(ids: &[String]) -> Vec<Job>;
+        "forget": undeclared_jobs() -> Vec<Job>;
+        "forget": jobs_recorded_before(cutoff_ns: i64, after: i64, limit: u32) -> Vec<Job>;
+        "forget": secure_delete() -> ();
+        "forget": pending_forgets() -> Vec<Tombstone>;
+        "forget": forget_local_done(ids: &[i64]) -> ();
+        "forget": forget_remote(id: i64, error: Option<&str>) -> ();
+        "forget": forget_finish(now: i64) -> u64;
+        "forget": scrub_pending() -> bool;
+        "forget": scrub(vacuum: bool, deadline: Duration) -> ();
+        "the recorder's hook (enqueue --now)": enqueue_hooked(job: &NewJob, hook: &str, now: i64) -> Hooked;
+    }
+}
