@@ -108,7 +108,14 @@ pub fn tenant_clients(
 }
 
 /// Takes the lock, opens (and migrates) the queue, and puts back the jobs a stopped daemon held.
-async fn open_queue(cfg: &Config) -> Result<(DaemonLock, Queue), AppError> {
+/// On PostgreSQL: joins the cluster instead (no lock: several daemons share the queue, and a dead
+/// one's jobs are taken over by the others' reapers, see [`cluster_upkeep`]).
+async fn open_queue(cfg: &Config) -> Result<(Option<DaemonLock>, Queue), AppError> {
+    if let Some(url) = &cfg.queue.postgres {
+        let host = host_name();
+        let queue = Queue::connect_pg(url.expose(), &host, &host, cfg.queue.lease).await?;
+        return Ok((None, queue));
+    }
     // The lock first: a second daemon (a newer build, say) must not migrate the schema under one
     // that is still working on it.
     crate::queue::create_folder(&cfg.queue.database)?;
@@ -130,7 +137,82 @@ async fn open_queue(cfg: &Config) -> Result<(DaemonLock, Queue), AppError> {
     if let Err(e) = queue.prepare_wal(8 << 20).await {
         warn!(error = %e, "cannot pre-zero the queue's write-ahead log; the first uploads after this start will be slower");
     }
-    Ok((lock, queue))
+    Ok((Some(lock), queue))
+}
+
+/// The queue a command (`status`, `list`, `retry`, `enqueue`) works on: the SQLite file, or the
+/// PostgreSQL queue, attached without joining the cluster as a daemon.
+pub async fn command_queue(cfg: &Config, mode: OpenMode) -> Result<Queue, AppError> {
+    Ok(match &cfg.queue.postgres {
+        Some(url) => Queue::attach_pg(url.expose(), cfg.queue.lease).await?,
+        None => Queue::open(&cfg.queue.database, mode).await?,
+    })
+}
+
+/// This host's name, as the cluster's members are shown (`status`).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// PostgreSQL only: keeps this daemon's claims alive and takes over dead daemons' jobs. The
+/// heartbeat renews every claim this daemon holds every third of the lease, so one late round
+/// trip does not lose them; the reaper, run by every daemon every half lease (one indexed
+/// `UPDATE`), puts back jobs whose lease ran out and wakes the workers for them. It also wakes
+/// them when a job is due: another daemon may have queued or put it back, and no wake file
+/// reaches across hosts.
+async fn cluster_upkeep(queue: Queue, workers: Arc<Notify>, cancel: CancellationToken) {
+    let Some(pg) = queue.cluster() else { return };
+    let lease = queue_lease(pg);
+    let mut beat = tokio::time::interval(lease / 3);
+    let mut reap = tokio::time::interval(lease / 2);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        let r = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = beat.tick() => pg.heartbeat().await.map(|_| ()),
+            _ = reap.tick() => reap_and_wake(&queue, pg, &workers).await,
+        };
+        match r {
+            Ok(()) if failing => {
+                failing = false;
+                info!("the shared queue answers again; claims renewed");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                warn!(error = %e, "cannot renew this daemon's claims in the shared queue; other daemons take its jobs over if this lasts longer than queue.lease");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+fn queue_lease(pg: &crate::queue::pg::PgQueue) -> Duration {
+    pg.lease().max(crate::config::MIN_LEASE)
+}
+
+async fn reap_and_wake(
+    queue: &Queue,
+    pg: &crate::queue::pg::PgQueue,
+    workers: &Notify,
+) -> Result<(), QueueError> {
+    let n = pg.reap_expired(now_ms()).await?;
+    if n > 0 {
+        info!(
+            jobs = n,
+            "took over jobs whose daemon stopped renewing its claims; they resume on their interaction ids"
+        );
+    }
+    if n > 0 || queue.next_due().await?.is_some_and(|d| d <= now_ms()) {
+        workers.notify_waiters();
+    }
+    Ok(())
 }
 
 /// The running daemon's parts, from [`Daemon::start`] to [`Daemon::drain`].
@@ -196,7 +278,15 @@ impl Daemon {
             // Every file-system call on a watched folder goes through that folder's lanes.
             roots: Arc::new(crate::watch::Roots::default()),
         });
-        let db_watcher = pipeline.wake.watch_file(&queue);
+        let db_watcher = match queue.cluster() {
+            Some(_) => None,
+            None => pipeline.wake.watch_file(&queue),
+        };
+        tasks.spawn(cluster_upkeep(
+            queue.clone(),
+            pipeline.wake.workers.clone(),
+            background.clone(),
+        ));
         tidy_up(&cfg, &queue, &pipeline).await?;
         let recheck_now = Arc::new(Notify::new());
         let ready_rx = spawn_background(&pipeline, &recheck_now, &mut tasks, &background);
@@ -239,9 +329,13 @@ impl Daemon {
             _ = shutdown.cancelled() => {}
         }
         let cfg = &self.cfg;
+        let database = match &cfg.queue.postgres {
+            Some(url) => crate::secret::display_url_text(url.expose()),
+            None => cfg.queue.database.display().to_string(),
+        };
         info!(
             workers = cfg.upload.workers,
-            database = %cfg.queue.database.display(),
+            database = %database,
             api = %crate::secret::display_url(&cfg.api.base_url),
             "callferry running"
         );
@@ -278,6 +372,11 @@ impl Daemon {
             while tasks.join_next().await.is_some() {}
         })
         .await;
+        if let Some(pg) = self.queue.cluster()
+            && let Err(e) = pg.stop().await
+        {
+            warn!(error = %e, "cannot hand this daemon's roles back in the shared queue; others take them over after queue.lease");
+        }
         let _ = self.queue.set_daemon_state(PAUSE_KEY, None, now_ms()).await;
         let _ = (self.queue)
             .set_daemon_state(crate::status::ACCOUNTS_PAUSED_KEY, None, now_ms())
@@ -371,15 +470,20 @@ fn spawn_background(
             error!(error = %e, "the folder watcher stopped; files are no longer discovered until restart");
         }
     });
-    // The recorder's end-of-call requests (`callferry enqueue --now`), those left while stopped
-    // first.
-    tasks.spawn(crate::hook::run(
-        cfg.clone(),
-        p.queue.clone(),
-        p.roots.clone(),
-        p.wake.workers.clone(),
-        cancel.clone(),
-    ));
+    let shared_queue = p.queue.cluster().is_some();
+    if shared_queue {
+        info!("on the PostgreSQL queue, the recorder's hook, `forget` and pruning are not run yet");
+    } else {
+        // The recorder's end-of-call requests (`callferry enqueue --now`), those left while
+        // stopped first.
+        tasks.spawn(crate::hook::run(
+            cfg.clone(),
+            p.queue.clone(),
+            p.roots.clone(),
+            p.wake.workers.clone(),
+            cancel.clone(),
+        ));
+    }
     tasks.spawn(crate::watch::health_task(
         p.roots.clone(),
         p.queue.clone(),
@@ -389,22 +493,26 @@ fn spawn_background(
     if cfg.results.enabled {
         tasks.spawn(crate::results::Follower::new(p.shared.clone()).run(cancel.clone()));
     }
-    // Forgets a `callferry forget` left pending (`forget.rs`): finished once, in the background.
-    tasks.spawn(crate::forget::resume_in_daemon(
-        cfg.clone(),
-        p.queue.clone(),
-        crate::forget::Apis {
-            default: Some(p.api.clone()),
-            tenants: p.shared.tenants.clone(),
-        },
-    ));
-    // Old jobs go, fingerprints stay (queue.keep_history); a move/delete still to do keeps its job.
-    tasks.spawn(crate::queue::prune_task(
-        p.queue.clone(),
-        cfg.queue.keep_history,
-        cfg.after_upload.action == AfterUploadAction::Keep,
-        cancel.clone(),
-    ));
+    if !shared_queue {
+        // Forgets a `callferry forget` left pending (`forget.rs`): finished once, in the
+        // background.
+        tasks.spawn(crate::forget::resume_in_daemon(
+            cfg.clone(),
+            p.queue.clone(),
+            crate::forget::Apis {
+                default: Some(p.api.clone()),
+                tenants: p.shared.tenants.clone(),
+            },
+        ));
+        // Old jobs go, fingerprints stay (queue.keep_history); a move/delete still to do keeps
+        // its job.
+        tasks.spawn(crate::queue::prune_task(
+            p.queue.clone(),
+            cfg.queue.keep_history,
+            cfg.after_upload.action == AfterUploadAction::Keep,
+            cancel.clone(),
+        ));
+    }
     ready_rx
 }
 

@@ -79,7 +79,11 @@ impl Shared {
     /// in its in-flight state, recovered at the next start.
     pub fn record(&self, r: Result<(), QueueError>) {
         self.metrics.outcome_recorded();
-        if let Err(e) = r {
+        if let Err(e @ crate::queue::QueueError::LostClaim { .. }) = &r {
+            // PostgreSQL: another daemon took the job over after this one's claim expired; it
+            // is that daemon's to finish, and nothing here is committed.
+            tracing::warn!(error = %e, "job dropped here");
+        } else if let Err(e) = r {
             error!(error = %e, "could not record the job's outcome in the queue");
         }
     }

@@ -128,6 +128,11 @@ impl Pipeline {
     /// worker until a write goes through again: taking more work would only pile up outcomes that
     /// cannot be recorded, each a declare the service has made and we might forget.
     async fn storage_error(&self, e: &QueueError) {
+        if let QueueError::LostClaim { .. } = e {
+            // PostgreSQL: another daemon has the job now and finishes it; nothing to wait for.
+            warn!(error = %e, "job dropped here");
+            return;
+        }
         if !e.is_transient() {
             error!(error = %e, "queue database error");
         } else if self.gate.pause_storage(e.to_string()) {
@@ -321,6 +326,12 @@ impl Pipeline {
             })
             .await
         {
+            if let QueueError::LostClaim { .. } = e {
+                // Another daemon took the job over meanwhile and declares it itself: this
+                // interaction stays an orphan, the floor a late answer costs.
+                warn!(interaction_id = %iid, error = %e, "declared, but the job is another daemon's now; dropped here");
+                return None;
+            }
             // Only a lost race gets here (the row was changed under us, by hand): there is no
             // job left to record the id on. Say so loudly, with the id.
             error!(interaction_id = %iid, error = %e, "declared but could not record the interaction id");

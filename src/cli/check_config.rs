@@ -26,7 +26,10 @@ pub(super) async fn check_config(cfg: &Config, online: bool) -> Result<i32, AppE
         }
     }
     watch_paths(&mut r, cfg);
-    database(&mut r, &cfg.queue.database).await;
+    match &cfg.queue.postgres {
+        Some(url) => shared_database(&mut r, url.expose(), cfg.queue.lease).await,
+        None => database(&mut r, &cfg.queue.database).await,
+    }
     if let Some(dest) = &cfg.after_upload.move_to {
         let dir = existing_ancestor(dest);
         if is_writable_dir(&dir) {
@@ -99,6 +102,18 @@ fn watch_paths(r: &mut Report, cfg: &Config) {
             )),
             Err(e) => r.error(format!("watch path {}: {e}", p.display())),
         }
+    }
+}
+
+/// The PostgreSQL queue: reachable, and its schema brought up to date (as the daemon would).
+async fn shared_database(r: &mut Report, url: &str, lease: std::time::Duration) {
+    let shown = crate::secret::display_url_text(url);
+    match Queue::attach_pg(url, lease).await {
+        Ok(q) => {
+            r.ok(format!("queue database {shown} (PostgreSQL) usable"));
+            q.close().await;
+        }
+        Err(e) => r.error(format!("queue database {shown} (PostgreSQL): {e}")),
     }
 }
 

@@ -6,14 +6,14 @@ use super::{EXIT_FAILURE, EXIT_OK, out, tell};
 use crate::app::AppError;
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::queue::{Enqueued, OpenMode, Queue};
+use crate::queue::{Enqueued, OpenMode};
 
 /// Files queued per transaction by `enqueue`: few enough that the daemon waits only briefly for the
 /// write lock, many enough that 10,000 files are a handful of commits.
 const ENQUEUE_BATCH: usize = 500;
 
 pub(super) async fn enqueue(cfg: &Config, files: &[PathBuf]) -> Result<i32, AppError> {
-    let q = Queue::open(&cfg.queue.database, OpenMode::Create).await?;
+    let q = crate::app::command_queue(cfg, OpenMode::Create).await?;
     let mut code = EXIT_OK;
     let mut result = Ok(());
     for chunk in files.chunks(ENQUEUE_BATCH) {

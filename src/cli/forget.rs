@@ -19,6 +19,9 @@ pub(super) async fn forget(cfg: &Config, args: &ForgetArgs) -> Result<i32, AppEr
     } else {
         Selector::Pending
     };
+    if cfg.queue.postgres.is_some() {
+        return Err(crate::queue::QueueError::Unsupported("forget").into());
+    }
     let db: &Path = &cfg.queue.database;
     let queue = Queue::open(db, OpenMode::Existing).await?;
     // Without a token the local traces still go; the remote deletes wait for a run that has one.

@@ -1,17 +1,14 @@
 //! `callferry list [--state S] [--limit N] [--json]`: jobs, newest first, streamed as they are read.
 
-use std::path::Path;
-
 use super::{EXIT_OK, EXIT_USAGE, out, tell};
 use crate::app::AppError;
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::queue::{OpenMode, Queue, State};
+use crate::queue::{OpenMode, State};
 use crate::status;
 
 pub(super) async fn list(
     cfg: &Config,
-    db: &Path,
     state: Option<&str>,
     limit: u32,
     json: bool,
@@ -24,7 +21,7 @@ pub(super) async fn list(
         }
         None => None,
     };
-    let q = Queue::open(db, OpenMode::Existing).await?;
+    let q = crate::app::command_queue(cfg, OpenMode::Existing).await?;
     // Written as the rows come: a million jobs held all of them, then their JSON, in memory
     // (3.7 GB) before the first byte went out.
     let mut w = std::io::BufWriter::with_capacity(64 << 10, std::io::stdout().lock());

@@ -315,9 +315,9 @@ async fn with_config(command: Command, config_path: PathBuf, env: BTreeMap<Strin
     finish(match command {
         Command::Status { json } => status::status(&cfg, db, json).await,
         Command::List { state, limit, json } => {
-            list::list(&cfg, db, state.as_deref(), limit, json).await
+            list::list(&cfg, state.as_deref(), limit, json).await
         }
-        Command::Retry(args) => retry::retry(db, &args).await,
+        Command::Retry(args) => retry::retry(&cfg, &args).await,
         Command::Enqueue { files, .. } => enqueue::enqueue(&cfg, &files).await,
         Command::CheckConfig { online } => check_config::check_config(&cfg, online).await,
         Command::Forget(args) => forget::forget(&cfg, &args).await,

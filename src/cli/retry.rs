@@ -1,14 +1,13 @@
 //! `callferry retry (ID... | --failed)`: failed jobs back in the queue; a running daemon is woken.
 
-use std::path::Path;
-
 use super::{EXIT_FAILURE, EXIT_OK, RetryArgs, out, tell};
 use crate::app::AppError;
 use crate::clock::now_ms;
-use crate::queue::{OpenMode, Queue};
+use crate::config::Config;
+use crate::queue::OpenMode;
 
-pub(super) async fn retry(db: &Path, args: &RetryArgs) -> Result<i32, AppError> {
-    let q = Queue::open(db, OpenMode::Existing).await?;
+pub(super) async fn retry(cfg: &Config, args: &RetryArgs) -> Result<i32, AppError> {
+    let q = crate::app::command_queue(cfg, OpenMode::Existing).await?;
     let n = if args.failed {
         q.retry(None, now_ms()).await?
     } else {

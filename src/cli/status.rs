@@ -5,11 +5,11 @@ use std::path::Path;
 use super::{EXIT_OK, out};
 use crate::app::AppError;
 use crate::config::Config;
-use crate::queue::{OpenMode, Queue};
+use crate::queue::OpenMode;
 use crate::status;
 
 pub(super) async fn status(cfg: &Config, db: &Path, json: bool) -> Result<i32, AppError> {
-    let q = Queue::open(db, OpenMode::Existing).await?;
+    let q = crate::app::command_queue(cfg, OpenMode::Existing).await?;
     let report = status::gather_for(&q, db, Some(cfg)).await?;
     let text = if json {
         serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"

@@ -26,7 +26,7 @@ pub use typed::*;
 /// Where `callferry enqueue --now` drops its requests and the daemon looks for them, unless
 /// `[watch] hook_dir`, `--hook-dir` or `CALLFERRY_HOOK_DIR` say otherwise.
 pub const DEFAULT_HOOK_DIR: &str = "/var/spool/callferry/hook";
-pub use validate::{FLOORS, MAX_RESULTS_REQUESTS_PER_SEC, load_ca_file, parse_duration};
+pub use validate::{FLOORS, MAX_RESULTS_REQUESTS_PER_SEC, MIN_LEASE, load_ca_file, parse_duration};
 
 use validate::validate;
 

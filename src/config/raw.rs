@@ -127,6 +127,7 @@ impl Default for RawWatch {
 pub(super) struct RawQueue {
     pub(super) database: String,
     pub(super) keep_history: String,
+    pub(super) lease: String,
 }
 
 impl Default for RawQueue {
@@ -134,6 +135,7 @@ impl Default for RawQueue {
         RawQueue {
             database: "/var/lib/callferry/queue.db".into(),
             keep_history: "90d".into(),
+            lease: "30s".into(),
         }
     }
 }

@@ -52,13 +52,38 @@ fn unknown_section_is_named() {
 }
 
 #[test]
-fn a_postgres_url_is_not_taken_for_a_file_path() {
-    for url in ["postgres://u@db/callferry", "PostgreSQL://db/x"] {
+fn a_postgres_url_selects_the_shared_queue_and_is_kept_secret() {
+    for url in ["postgres://u:pw@db/callferry", "PostgreSQL://db/x"] {
         let text = format!("{MINIMAL}\n[queue]\ndatabase = \"{url}\"\n");
-        let e = from_toml_str(&text, &env(&[]), "test").unwrap_err();
-        assert_eq!(e.key, "queue.database", "{e}");
-        assert!(e.to_string().contains("SQLite file path"), "{e}");
+        let c = from_toml_str(&text, &env(&[]), "test").unwrap();
+        assert_eq!(c.queue.postgres.as_ref().map(|s| s.expose()), Some(url));
+        assert_eq!(
+            c.queue.database,
+            std::path::PathBuf::new(),
+            "not a file path"
+        );
+        assert_eq!(c.queue.lease, std::time::Duration::from_secs(30));
+        assert!(
+            !format!("{c:?}").contains("pw"),
+            "the password is not in Debug"
+        );
     }
+}
+
+#[test]
+fn the_postgres_queue_refuses_what_it_cannot_do_yet_naming_the_key() {
+    let url = "[queue]\ndatabase = \"postgres://db/x\"\n";
+    let text = format!("{MINIMAL}\n[results]\nenabled = true\n{url}");
+    let e = from_toml_str(&text, &env(&[]), "test").unwrap_err();
+    assert_eq!(e.key, "results.enabled", "{e}");
+    assert!(e.to_string().contains("PostgreSQL"), "{e}");
+    let text = format!("{MINIMAL}\n[queue]\ndatabase = \"postgres://db/x\"\nlease = \"2s\"\n");
+    let e = from_toml_str(&text, &env(&[]), "test").unwrap_err();
+    assert_eq!(e.key, "queue.lease", "{e}");
+    let text = format!("{MINIMAL}\n[queue]\ndatabase = \"postgres://u:pw@[db/x\"\n");
+    let e = from_toml_str(&text, &env(&[]), "test").unwrap_err();
+    assert_eq!(e.key, "queue.database", "{e}");
+    assert!(!e.to_string().contains("pw"), "{e}");
 }
 
 #[test]
@@ -312,7 +337,7 @@ fn the_known_keys_are_read_from_the_raw_structs() {
     assert!(keys("api").contains(&"allow_insecure_http"));
     assert!(keys("api").contains(&"token_file"));
     assert!(keys("after_upload").contains(&"when"));
-    assert_eq!(keys("queue"), ["database", "keep_history"]);
+    assert_eq!(keys("queue"), ["database", "keep_history", "lease"]);
     // Every key is accepted as a key (its value may still be refused).
     for (section, keys) in KNOWN_KEYS.iter() {
         for key in *keys {

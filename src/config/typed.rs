@@ -180,7 +180,14 @@ pub struct WatchConfig {
 
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
+    /// The SQLite database's path; empty when `postgres` is set.
     pub database: PathBuf,
+    /// `queue.database` given as a `postgres://` URL: the queue several daemons share (issue
+    /// 15). A secret: the URL may carry a password.
+    pub postgres: Option<Secret>,
+    /// How long a PostgreSQL claim (and a role) stands unless its daemon renews it; a dead
+    /// daemon's jobs are taken over after it. Extension.
+    pub lease: Duration,
     /// Jobs done longer ago than this are pruned, keeping a fingerprint that still prevents a
     /// re-upload; zero keeps everything. Extension.
     pub keep_history: Duration,

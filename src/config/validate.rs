@@ -141,7 +141,7 @@ pub(super) fn validate(raw: Raw, sources: Vec<SourceConfig>) -> Result<Config, C
     let declare = validate_declare(raw.declare)?;
     let mut watch = validate_watch(raw.watch, !sources.is_empty())?;
     let sources = all_sources(&mut watch, &declare, sources)?;
-    let queue = validate_queue(raw.queue)?;
+    let queue = validate_queue(raw.queue, results_enabled)?;
     let upload = validate_upload(raw.upload)?;
     let after_upload = validate_after_upload(raw.after_upload, &watch, results_enabled)?;
     let results = validate_results(raw.results)?;
@@ -360,20 +360,54 @@ fn validate_watch(raw: RawWatch, has_sources: bool) -> Result<WatchConfig, Confi
     })
 }
 
-fn validate_queue(raw: RawQueue) -> Result<QueueConfig, ConfigError> {
-    // A URL would otherwise be taken for a relative file path ("postgres:" folder and all).
-    let scheme = raw.database.trim_start().to_ascii_lowercase();
-    if scheme.starts_with("postgres://") || scheme.starts_with("postgresql://") {
+/// The shortest `[queue] lease`: renewed every third of it, a shorter one would be lost to one
+/// slow round trip to the database.
+pub const MIN_LEASE: Duration = Duration::from_secs(3);
+
+fn validate_queue(raw: RawQueue, results_enabled: bool) -> Result<QueueConfig, ConfigError> {
+    let lease = parse_duration("queue.lease", &raw.lease)?;
+    if lease < MIN_LEASE {
         return Err(ConfigError::new(
-            "queue.database",
-            "the PostgreSQL queue (several hosts, one spool) is not in this version yet: its \
-             claims and takeover are built and tested, the daemon does not use them yet; give a \
-             SQLite file path (the default is /var/lib/callferry/queue.db)",
+            "queue.lease",
+            format!(
+                "must be at least {}s (it is renewed every third of it)",
+                MIN_LEASE.as_secs()
+            ),
         ));
+    }
+    let keep_history = parse_duration("queue.keep_history", &raw.keep_history)?;
+    // A URL would otherwise be taken for a relative file path ("postgres:" folder and all).
+    let text = raw.database.trim();
+    let scheme = text.to_ascii_lowercase();
+    if scheme.starts_with("postgres://") || scheme.starts_with("postgresql://") {
+        if let Err(e) = url::Url::parse(text) {
+            return Err(ConfigError::new(
+                "queue.database",
+                format!(
+                    "{} is not a valid PostgreSQL URL: {e}",
+                    crate::secret::display_url_text(text)
+                ),
+            ));
+        }
+        if results_enabled {
+            return Err(ConfigError::new(
+                "results.enabled",
+                "following results is not available on the PostgreSQL queue yet (queue.database \
+                 is a postgres:// URL): set results.enabled = false, or use a SQLite queue",
+            ));
+        }
+        return Ok(QueueConfig {
+            database: PathBuf::new(),
+            postgres: Some(Secret::new(text)),
+            lease,
+            keep_history,
+        });
     }
     Ok(QueueConfig {
         database: non_empty_path("queue.database", &raw.database)?,
-        keep_history: parse_duration("queue.keep_history", &raw.keep_history)?,
+        postgres: None,
+        lease,
+        keep_history,
     })
 }
 

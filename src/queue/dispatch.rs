@@ -69,6 +69,13 @@ impl Queue {
         Ok(Queue(Backend::Pg(Arc::new(Cluster::new(pg)))))
     }
 
+    /// The PostgreSQL queue at `url` for a command: it claims nothing and does not join as a
+    /// daemon (see [`PgQueue::attach`]).
+    pub async fn attach_pg(url: &str, lease: Duration) -> Result<Queue, QueueError> {
+        let pg = PgQueue::attach(url, lease).await?;
+        Ok(Queue(Backend::Pg(Arc::new(Cluster::new(pg)))))
+    }
+
     /// The PostgreSQL queue's own calls (heartbeat, takeover, roles, the cluster's members);
     /// None on SQLite.
     pub fn cluster(&self) -> Option<&PgQueue> {

@@ -92,26 +92,39 @@ impl PgQueue {
         host: &str,
         lease: Duration,
     ) -> Result<PgQueue, QueueError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(8)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect(url)
-            .await?;
-        MIGRATOR.run(&pool).await?;
+        let q = PgQueue::attach(url, lease).await?;
         let me = format!("{name}/{}", uuid::Uuid::new_v4().simple());
         sqlx::query("INSERT INTO daemons (id, name, host, pid) VALUES ($1, $2, $3, $4)")
             .bind(&me)
             .bind(name)
             .bind(host)
             .bind(i64::from(std::process::id()))
-            .execute(&pool)
+            .execute(&q.pool)
             .await?;
+        Ok(PgQueue { me, ..q })
+    }
+
+    /// Connects and migrates without joining as a daemon: for the commands (`status`, `list`,
+    /// `retry`, `enqueue`), which claim nothing and must not show up as a member.
+    pub async fn attach(url: &str, lease: Duration) -> Result<PgQueue, QueueError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(url)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        let me = format!("command/{}", uuid::Uuid::new_v4().simple());
         Ok(PgQueue { pool, me, lease })
     }
 
     /// This run's id, as `holder` columns name it.
     pub fn instance(&self) -> &str {
         &self.me
+    }
+
+    /// How long a claim stands unless renewed.
+    pub fn lease(&self) -> Duration {
+        self.lease
     }
 
     fn lease_ms(&self) -> i64 {
