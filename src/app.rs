@@ -36,9 +36,22 @@ pub enum AppError {
     /// The HTTP client could not be built (an unreadable `api.ca_file`, say).
     #[error("{0}")]
     Api(#[from] ApiError),
-    /// Free text, for the commands' own messages.
-    #[error("{0}")]
-    Other(String),
+    /// A file or folder a command needs for itself (the demo's temporary tree, its recordings).
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// SIGTERM, SIGINT or SIGHUP could not be caught: the daemon could not stop gracefully.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    /// The daemon's task panicked or was cancelled (`demo`, which runs it in a task of its own).
+    #[error("the daemon task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The daemon's task ended, without an error, before it said it had started.
+    #[error("the daemon stopped before it started")]
+    NotStarted,
     /// Writing a command's output failed; a closed pipe ends the command quietly (exit 0).
     #[error("cannot write the output: {0}")]
     Output(std::io::Error),

@@ -34,9 +34,10 @@ const TOTAL: u64 = DROPPED.len() as u64 + 1;
 /// processed.
 pub async fn run(out: &mut impl Write) -> Result<i32, AppError> {
     let started = Instant::now();
-    let dir = tempfile::tempdir().map_err(|e| AppError::Other(format!("temp dir: {e}")))?;
+    let dir =
+        tempfile::tempdir().map_err(|e| io("cannot create the demo's temporary folder", e))?;
     std::fs::create_dir_all(dir.path().join("recordings"))
-        .map_err(|e| AppError::Other(e.to_string()))?;
+        .map_err(|e| io("cannot create the demo's recordings folder", e))?;
     let fake = start_fake().await?;
     let cfg = demo_config(&fake.base_url(), dir.path())?;
     let shutdown = CancellationToken::new();
@@ -46,7 +47,8 @@ pub async fn run(out: &mut impl Write) -> Result<i32, AppError> {
         fake.shutdown().await;
         return match daemon.await {
             Ok(Err(e)) => Err(e),
-            _ => Err(AppError::Other("the daemon did not start".into())),
+            Ok(Ok(())) => Err(AppError::NotStarted),
+            Err(e) => Err(AppError::Task(e)),
         };
     };
     // Whatever `show` ends with (a closed stdout included), the daemon and the fake stop cleanly.
@@ -55,7 +57,7 @@ pub async fn run(out: &mut impl Write) -> Result<i32, AppError> {
     let stopped = daemon.await;
     fake.shutdown().await;
     let code = shown?;
-    stopped.map_err(|e| AppError::Other(format!("daemon task: {e}")))??;
+    stopped??;
     Ok(code)
 }
 
@@ -66,7 +68,7 @@ async fn start_fake() -> Result<FakeApi, AppError> {
         ..Default::default()
     })
     .await
-    .map_err(|e| AppError::Other(format!("cannot start the fake API: {e}")))?;
+    .map_err(|e| io("cannot start the fake API", e))?;
     // One upload is answered by a dropped connection after the service stored it: the retry then
     // gets 409, which callferry counts as uploaded.
     fake.push_fault(
@@ -109,6 +111,14 @@ format = "text"
         &Default::default(),
         "demo",
     )?)
+}
+
+/// An I/O error of the demo's own, with what it was doing.
+fn io(what: impl Into<String>, source: std::io::Error) -> AppError {
+    AppError::Io {
+        what: what.into(),
+        source,
+    }
 }
 
 /// One line of the demo's output. A reader that went away is [`AppError::Output`].
@@ -168,7 +178,7 @@ fn drop_recordings(
         let tmp = rec.join(format!(".{name}.part"));
         std::fs::write(&tmp, wav_bytes(2.0 + i as f64, 440.0 + 110.0 * i as f64))
             .and_then(|_| std::fs::rename(&tmp, rec.join(name)))
-            .map_err(|e| AppError::Other(e.to_string()))?;
+            .map_err(|e| io(format!("cannot drop {name} into {}", rec.display()), e))?;
         say(out, format_args!("  dropped    {name}"))?;
     }
     let live = rec.join(LIVE);

@@ -22,8 +22,8 @@ pub const WATCHDOG_GRACE: Duration = Duration::from_secs(120);
 pub struct HealthInputs {
     /// The gate's pause, if any.
     pub pause: Option<Pause>,
-    /// The result of a small write to the queue database.
-    pub database: Result<(), String>,
+    /// Why a small write to the queue database failed, if it did.
+    pub database_not_writable: Option<String>,
     /// Why results cannot be written (`[results] output_dir`), while they cannot.
     pub results: Option<String>,
     /// Jobs due now or in flight.
@@ -36,37 +36,69 @@ pub struct HealthInputs {
     pub folders_not_answering: Vec<String>,
 }
 
-/// `Ok(())` when healthy, else the reason (the body of the 503).
-pub fn assess(i: &HealthInputs) -> Result<(), String> {
+/// Why the pipeline is unhealthy: the body of `/healthz`'s 503.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unhealthy {
+    /// Paused for a reason that waiting alone does not fix (a rejected token, a database that
+    /// takes no writes).
+    #[error("uploads paused: {}", .0.reason())]
+    Paused(Pause),
+    /// The health probe's own small write failed or did not finish in time.
+    #[error("queue database not writable: {0}")]
+    DatabaseNotWritable(String),
+    /// The counts could not be read.
+    #[error("queue database not readable: {0}")]
+    DatabaseNotReadable(String),
+    /// `[results] output_dir` takes no files.
+    #[error("results cannot be written: {0}")]
+    Results(String),
+    #[error(
+        "watched folder(s) not answering (a hung mount?), their recordings wait: {}",
+        .0.join(", ")
+    )]
+    FoldersNotAnswering(Vec<String>),
+    /// Work waits and nothing moved for longer than `[metrics] unhealthy_after`.
+    #[error(
+        "no progress for {} with {waiting} job(s) waiting (metrics.unhealthy_after = {}){}",
+        humantime::format_duration(Duration::from_secs(since_progress.as_secs())),
+        humantime::format_duration(*unhealthy_after),
+        pause.as_ref().map(|p| format!("; {}", p.reason())).unwrap_or_default()
+    )]
+    NoProgress {
+        since_progress: Duration,
+        waiting: u64,
+        unhealthy_after: Duration,
+        /// The pause meanwhile, if any (an outage, a 429 hold): the likely why.
+        pause: Option<Pause>,
+    },
+}
+
+/// `Ok(())` when healthy, else the reason.
+pub fn assess(i: &HealthInputs) -> Result<(), Unhealthy> {
     if let Some(p @ Pause::Auth(_)) = &i.pause {
-        return Err(format!("uploads paused: {}", p.reason()));
+        return Err(Unhealthy::Paused(p.clone()));
     }
-    if let Err(e) = &i.database {
-        return Err(format!("queue database not writable: {e}"));
+    if let Some(e) = &i.database_not_writable {
+        return Err(Unhealthy::DatabaseNotWritable(e.clone()));
     }
     if let Some(p @ Pause::Storage(_)) = &i.pause {
-        return Err(format!("uploads paused: {}", p.reason()));
+        return Err(Unhealthy::Paused(p.clone()));
     }
     if let Some(why) = &i.results {
-        return Err(format!("results cannot be written: {why}"));
+        return Err(Unhealthy::Results(why.clone()));
     }
     if !i.folders_not_answering.is_empty() {
-        return Err(format!(
-            "watched folder(s) not answering (a hung mount?), their recordings wait: {}",
-            i.folders_not_answering.join(", ")
+        return Err(Unhealthy::FoldersNotAnswering(
+            i.folders_not_answering.clone(),
         ));
     }
     if i.work_waiting > 0 && i.since_progress > i.unhealthy_after {
-        let mut why = format!(
-            "no progress for {} with {} job(s) waiting (metrics.unhealthy_after = {})",
-            humantime::format_duration(Duration::from_secs(i.since_progress.as_secs())),
-            i.work_waiting,
-            humantime::format_duration(i.unhealthy_after)
-        );
-        if let Some(p) = &i.pause {
-            why.push_str(&format!("; {}", p.reason()));
-        }
-        return Err(why);
+        return Err(Unhealthy::NoProgress {
+            since_progress: i.since_progress,
+            waiting: i.work_waiting,
+            unhealthy_after: i.unhealthy_after,
+            pause: i.pause.clone(),
+        });
     }
     Ok(())
 }
@@ -110,7 +142,7 @@ mod tests {
     fn healthy() -> HealthInputs {
         HealthInputs {
             pause: None,
-            database: Ok(()),
+            database_not_writable: None,
             results: None,
             work_waiting: 0,
             since_progress: Duration::from_secs(3600),
@@ -125,7 +157,7 @@ mod tests {
             folders_not_answering: vec!["/mnt/nas/calls".into()],
             ..healthy()
         };
-        let e = assess(&i).unwrap_err();
+        let e = assess(&i).unwrap_err().to_string();
         assert!(
             e.contains("not answering") && e.contains("/mnt/nas/calls"),
             "{e}"
@@ -143,7 +175,7 @@ mod tests {
             pause: Some(Pause::Auth("HTTP 401: bad token".into())),
             ..healthy()
         };
-        let e = assess(&i).unwrap_err();
+        let e = assess(&i).unwrap_err().to_string();
         assert!(e.contains("token rejected"), "{e}");
     }
 
@@ -153,7 +185,7 @@ mod tests {
             results: Some("cannot create a file in /srv/t: Not a directory".into()),
             ..healthy()
         };
-        let e = assess(&i).unwrap_err();
+        let e = assess(&i).unwrap_err().to_string();
         assert!(
             e.contains("results cannot be written") && e.contains("/srv/t"),
             "{e}"
@@ -164,15 +196,15 @@ mod tests {
     #[test]
     fn an_unwritable_database_is_unhealthy() {
         let i = HealthInputs {
-            database: Err("disk I/O error".into()),
+            database_not_writable: Some("disk I/O error".into()),
             ..healthy()
         };
-        assert!(assess(&i).unwrap_err().contains("not writable"));
+        assert!(assess(&i).unwrap_err().to_string().contains("not writable"));
         let i = HealthInputs {
             pause: Some(Pause::Storage("database or disk is full".into())),
             ..healthy()
         };
-        assert!(assess(&i).unwrap_err().contains("not writable"));
+        assert!(assess(&i).unwrap_err().to_string().contains("not writable"));
     }
 
     #[test]
@@ -185,7 +217,7 @@ mod tests {
         assert!(assess(&i).is_ok());
         i.since_progress = Duration::from_secs(601);
         i.pause = Some(Pause::Outage("connection refused".into()));
-        let e = assess(&i).unwrap_err();
+        let e = assess(&i).unwrap_err().to_string();
         assert!(e.contains("3 job(s) waiting"), "{e}");
         assert!(e.contains("API unreachable"), "{e}");
     }

@@ -20,9 +20,9 @@ use tracing::{error, info, warn};
 
 use crate::clock::now_ms;
 use crate::gate::{Gate, Pause};
-use crate::health::{self, HealthInputs};
+use crate::health::{self, HealthInputs, Unhealthy};
 use crate::metrics::{Metrics, Snapshot};
-use crate::queue::{Counts, Queue};
+use crate::queue::{Counts, Queue, QueueError};
 use crate::systemd;
 
 /// Key of the row `/healthz` writes to prove the database takes writes.
@@ -47,30 +47,25 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    async fn snapshot(&self) -> Result<Snapshot, String> {
-        let counts = self.queue.counts().await.map_err(|e| e.to_string())?;
+    async fn snapshot(&self) -> Result<Snapshot, QueueError> {
+        let counts = self.queue.counts().await?;
         let now = now_ms();
         let oldest = self
             .queue
             .oldest_waiting()
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .map(|t| ((now - t).max(0) as f64) / 1000.0);
         Ok(Snapshot {
             counts,
             oldest_pending_age_s: oldest,
             paused: self.gate.state().shown().is_some(),
-            orphan_declares: self
-                .queue
-                .orphan_declares()
-                .await
-                .map_err(|e| e.to_string())?,
+            orphan_declares: self.queue.orphan_declares().await?,
         })
     }
 
     /// Jobs due now or in flight (0 when everything waiting is backing off).
-    async fn work_waiting(&self, counts: &Counts) -> Result<u64, String> {
-        let due = match self.queue.next_due().await.map_err(|e| e.to_string())? {
+    async fn work_waiting(&self, counts: &Counts) -> Result<u64, QueueError> {
+        let due = match self.queue.next_due().await? {
             Some(t) => t <= now_ms(),
             None => false,
         };
@@ -82,29 +77,26 @@ impl Monitor {
     }
 
     /// `Ok(())` or the reason the pipeline is unhealthy.
-    pub async fn health(&self) -> Result<(), String> {
-        let database = match tokio::time::timeout(
+    pub async fn health(&self) -> Result<(), Unhealthy> {
+        let database_not_writable = match tokio::time::timeout(
             DB_PROBE_TIMEOUT,
             self.queue
                 .set_daemon_state(HEALTH_KEY, Some("ok"), now_ms()),
         )
         .await
         {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!(
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!(
                 "a write did not complete within {DB_PROBE_TIMEOUT:?}"
             )),
         };
-        let counts = self
-            .queue
-            .counts()
-            .await
-            .map_err(|e| format!("queue database not readable: {e}"))?;
-        let work_waiting = self.work_waiting(&counts).await?;
+        let unreadable = |e: QueueError| Unhealthy::DatabaseNotReadable(e.to_string());
+        let counts = self.queue.counts().await.map_err(unreadable)?;
+        let work_waiting = self.work_waiting(&counts).await.map_err(unreadable)?;
         health::assess(&HealthInputs {
             pause: self.gate.state().shown(),
-            database,
+            database_not_writable,
             results: self.metrics.results_blocked_reason(),
             work_waiting,
             since_progress: self.metrics.progress.since_progress(),

@@ -750,7 +750,7 @@ struct Prepared {
 }
 
 /// A sidecar as [`sidecar::read`] found it.
-type SidecarRead = Result<Option<Sidecar>, String>;
+type SidecarRead = Result<Option<Sidecar>, sidecar::SidecarError>;
 
 const NOT_THERE: &str = "it is not there";
 

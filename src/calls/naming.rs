@@ -17,24 +17,29 @@ pub enum Naming {
     Pattern(Regex),
 }
 
+/// Why a `naming` value is neither a known convention nor a usable regex.
+#[derive(Debug, thiserror::Error)]
+pub enum NamingError {
+    #[error("is neither auto, freepbx, fusionpbx nor none, and not a valid regex: {0}")]
+    NotARegex(#[from] regex::Error),
+    #[error(
+        "the regex {0:?} has no (?P<external_id>...) group: name the part of the file name that \
+         is the call's id"
+    )]
+    NoExternalId(String),
+}
+
 impl Naming {
-    pub fn parse(s: &str) -> Result<Naming, String> {
+    pub fn parse(s: &str) -> Result<Naming, NamingError> {
         match s.trim() {
             "" | "auto" => Ok(Naming::Auto),
             "freepbx" => Ok(Naming::FreePbx),
             "fusionpbx" => Ok(Naming::FusionPbx),
             "none" => Ok(Naming::None),
             pattern => {
-                let re = Regex::new(pattern).map_err(|e| {
-                    format!(
-                        "is neither auto, freepbx, fusionpbx nor none, and not a valid regex: {e}"
-                    )
-                })?;
+                let re = Regex::new(pattern)?;
                 if !re.capture_names().flatten().any(|n| n == "external_id") {
-                    return Err(format!(
-                        "the regex {pattern:?} has no (?P<external_id>...) group: name the part of \
-                         the file name that is the call's id"
-                    ));
+                    return Err(NamingError::NoExternalId(pattern.to_string()));
                 }
                 Ok(Naming::Pattern(re))
             }
@@ -273,9 +278,13 @@ mod tests {
         assert_eq!(got.fields, vec![("agent".to_string(), "alice".to_string())]);
         assert_eq!(recognise(&n, "alice_SIDEWAYS_1.wav"), None);
 
-        let err = Naming::parse(r"^(?P<id>[0-9]+)\.wav$").unwrap_err();
+        let err = Naming::parse(r"^(?P<id>[0-9]+)\.wav$")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("external_id"), "{err}");
-        let err = Naming::parse(r"^(?P<external_id>[0-9+\.wav$").unwrap_err();
+        let err = Naming::parse(r"^(?P<external_id>[0-9+\.wav$")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a valid regex"), "{err}");
     }
 }

@@ -35,57 +35,87 @@ pub fn candidates(recording: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The recording's sidecar: `Ok(None)` when there is none; `Err` (a warning's text, naming the
-/// file) when one is there but unusable. Blocking: call it off the runtime thread.
-pub fn read(root: &Path, recording: &Path) -> Result<Option<Sidecar>, String> {
+/// A sidecar that is there but cannot be used; the recording goes without it. Each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("sidecar {}: cannot open it: {source}", file.display())]
+    Open {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("sidecar {}: cannot read it: {source}", file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("sidecar {}: larger than {MAX_BYTES} bytes; ignored", file.display())]
+    TooLarge { file: PathBuf },
+    #[error("sidecar {}: {why}; ignored", file.display())]
+    Invalid { file: PathBuf, why: Invalid },
+}
+
+/// Why a sidecar's bytes are not a sidecar.
+#[derive(Debug, thiserror::Error)]
+pub enum Invalid {
+    #[error("not valid JSON ({0})")]
+    Json(#[from] serde_json::Error),
+    /// Valid JSON of another shape.
+    #[error("{0}")]
+    Shape(&'static str),
+}
+
+/// The recording's sidecar: `Ok(None)` when there is none; `Err` when one is there but unusable.
+/// Blocking: call it off the runtime thread.
+pub fn read(root: &Path, recording: &Path) -> Result<Option<Sidecar>, SidecarError> {
     for file in candidates(recording) {
         let f = match crate::safefs::open_beneath(root, &file) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(format!("sidecar {}: cannot open it: {e}", file.display())),
+            Err(source) => return Err(SidecarError::Open { file, source }),
         };
         let mut bytes = Vec::new();
         f.take(MAX_BYTES + 1)
             .read_to_end(&mut bytes)
-            .map_err(|e| format!("sidecar {}: cannot read it: {e}", file.display()))?;
+            .map_err(|source| SidecarError::Read {
+                file: file.clone(),
+                source,
+            })?;
         if bytes.len() as u64 > MAX_BYTES {
-            return Err(format!(
-                "sidecar {}: larger than {MAX_BYTES} bytes; ignored",
-                file.display()
-            ));
+            return Err(SidecarError::TooLarge { file });
         }
-        return parse(&bytes)
-            .map(|(external_id, metadata)| {
-                Some(Sidecar {
-                    file: file.clone(),
-                    external_id,
-                    metadata,
-                })
-            })
-            .map_err(|e| format!("sidecar {}: {e}; ignored", file.display()));
+        return match parse(&bytes) {
+            Ok((external_id, metadata)) => Ok(Some(Sidecar {
+                file,
+                external_id,
+                metadata,
+            })),
+            Err(why) => Err(SidecarError::Invalid { file, why }),
+        };
     }
     Ok(None)
 }
 
 type Parsed = (Option<String>, Option<Map<String, Value>>);
 
-fn parse(bytes: &[u8]) -> Result<Parsed, String> {
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("not valid JSON ({e})"))?;
+/// The sidecar's two fields, or why it is not one.
+fn parse(bytes: &[u8]) -> Result<Parsed, Invalid> {
+    let v: Value = serde_json::from_slice(bytes)?;
+    let shape = |why| Err(Invalid::Shape(why));
     let Value::Object(mut o) = v else {
-        return Err("not a JSON object".into());
+        return shape("not a JSON object");
     };
     let external_id = match o.remove("externalIdentifier") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
-        Some(_) => return Err("externalIdentifier must be a non-empty string".into()),
+        Some(_) => return shape("externalIdentifier must be a non-empty string"),
     };
     let metadata = match o.remove("metadata") {
         None | Some(Value::Null) => None,
         Some(Value::Object(m)) => Some(m),
-        Some(_) => return Err("metadata must be an object".into()),
+        Some(_) => return shape("metadata must be an object"),
     };
     if external_id.is_none() && metadata.is_none() {
-        return Err("has neither externalIdentifier nor metadata".into());
+        return shape("has neither externalIdentifier nor metadata");
     }
     Ok((external_id, metadata))
 }
@@ -99,7 +129,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let rec = d.path().join("a.wav");
         std::fs::write(&rec, b"RIFF").unwrap();
-        assert_eq!(read(d.path(), &rec), Ok(None));
+        assert_eq!(read(d.path(), &rec).unwrap(), None);
 
         std::fs::write(
             d.path().join("a_metadata.json"),
@@ -112,7 +142,7 @@ mod tests {
 
         // `<stem>.json` first; a malformed one is an error naming it, not a silent fallback.
         std::fs::write(d.path().join("a.json"), b"{not json").unwrap();
-        let err = read(d.path(), &rec).unwrap_err();
+        let err = read(d.path(), &rec).unwrap_err().to_string();
         assert!(
             err.contains("a.json") && err.contains("not valid JSON"),
             "{err}"
@@ -124,7 +154,7 @@ mod tests {
         std::fs::write(&secret, br#"{"externalIdentifier":"SECRET"}"#).unwrap();
         std::fs::remove_file(d.path().join("a.json")).unwrap();
         std::os::unix::fs::symlink(&secret, d.path().join("a.json")).unwrap();
-        let err = read(d.path(), &rec).unwrap_err();
+        let err = read(d.path(), &rec).unwrap_err().to_string();
         assert!(!err.contains("SECRET") && err.contains("a.json"), "{err}");
 
         for bad in [&b"[]"[..], br#"{"externalIdentifier":5}"#, br#"{"x":1}"#] {

@@ -20,14 +20,12 @@ pub(super) async fn run_daemon(
     let shutdown = CancellationToken::new();
     // Installed before anything else happens: until then SIGHUP's default action kills the
     // process (exit 129, no graceful stop, no log line).
-    let (mut term, mut int, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
-        _ => return Err(AppError::Other("cannot install signal handlers".into())),
-    };
+    let catch = |kind| signal(kind).map_err(AppError::Signals);
+    let (mut term, mut int, mut hup) = (
+        catch(SignalKind::terminate())?,
+        catch(SignalKind::interrupt())?,
+        catch(SignalKind::hangup())?,
+    );
     let (started_tx, mut started_rx) = tokio::sync::oneshot::channel();
     let token = cfg.api.token.clone();
     let sources = cfg.sources.clone();

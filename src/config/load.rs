@@ -122,7 +122,7 @@ pub fn from_toml_str(
     })?;
     use_token_credential(&mut raw, env);
     let naming = crate::calls::naming::Naming::parse(&raw.watch.naming)
-        .map_err(|e| ConfigError::new("watch.naming", e))?;
+        .map_err(|e| ConfigError::new("watch.naming", e.to_string()))?;
     let declare = value.get("declare").cloned().unwrap_or_default();
     let sources = super::sources::read(&file, &declare, &naming)?;
     super::validate(raw, sources)

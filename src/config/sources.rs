@@ -133,9 +133,8 @@ fn one(
         (None, None) => None,
     };
     let naming = match &raw.naming {
-        Some(s) => {
-            crate::calls::naming::Naming::parse(s).map_err(|e| ConfigError::new(at("naming"), e))?
-        }
+        Some(s) => crate::calls::naming::Naming::parse(s)
+            .map_err(|e| ConfigError::new(at("naming"), e.to_string()))?,
         None => default_naming.clone(),
     };
     Ok(SourceConfig {

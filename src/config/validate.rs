@@ -345,7 +345,7 @@ fn validate_watch(raw: RawWatch, has_sources: bool) -> Result<WatchConfig, Confi
         poll_interval: parse_duration("watch.poll_interval", &raw.poll_interval)?,
         rescan_interval: parse_duration("watch.rescan_interval", &raw.rescan_interval)?,
         naming: crate::calls::naming::Naming::parse(&raw.naming)
-            .map_err(|e| ConfigError::new("watch.naming", e))?,
+            .map_err(|e| ConfigError::new("watch.naming", e.to_string()))?,
         sidecar_wait: parse_duration("watch.sidecar_wait", &raw.sidecar_wait)?,
         hook_dir: match raw.hook_dir.trim() {
             "" => None,
