@@ -11,14 +11,23 @@
 //! one for results, which go to disk); and every text the server sends is stripped of the token and
 //! of `base_url`'s credentials where it enters ([`error_from_response`]), and again at the edge of
 //! every public call, before it can reach a log, the database or `status`.
+//!
+//! The parts: this file is the client and its requests; [`error`] is what a failure is and what to
+//! do about it; [`body`] reads answers under their caps and keeps the stall guard's clock.
 
+mod body;
+mod error;
+#[cfg(test)]
+mod tests;
+
+pub use error::{ApiError, ErrorClass};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use reqwest::header::{HeaderMap, HeaderValue, LOCATION, RETRY_AFTER};
+use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
@@ -26,171 +35,14 @@ use crate::config::Config;
 use crate::ratelimit::RateLimiter;
 use crate::secret::{Redactor, Secret};
 
+use body::{BodyMeter, Progress, error_from_response, read_capped, snippet};
+use error::{LocalRead, from_reqwest, local_read};
+
 const TOKEN_HEADER: &str = "X-API-Token";
-/// Largest error body we read to build a message; a server that sends megabytes of HTML does not
-/// get them into our memory or logs.
-const MAX_ERROR_BODY: usize = 16 * 1024;
 /// Largest JSON answer (declare, status) we accept. Real ones are well under a kilobyte; a bigger
 /// one is a broken or hostile server, and reading it whole would put it in our memory.
 pub const MAX_JSON_BODY: u64 = 1024 * 1024;
-/// A body that is still arriving counts as progress for the stall guard only once per this many
-/// bytes, so a server that drips a byte at a time is cut off like a silent one.
-const PROGRESS_BYTES: u64 = 64 * 1024;
 const UPLOAD_CHUNK: usize = 256 * 1024;
-
-/// What the caller should do about a failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Retry this job later, with backoff; counts as an attempt.
-    Transient,
-    /// The service asks us to slow down; wait at least this long. Not the job's fault.
-    RateLimited(Option<Duration>),
-    /// The service refuses this file; retrying will not help. The job fails.
-    Rejected,
-    /// The token is wrong for every file: pause all work.
-    Auth,
-    /// The service cannot be reached at all (refused, DNS, connect timeout): an outage, not the
-    /// job's fault.
-    Unreachable,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("HTTP {status}: {message}")]
-    Status {
-        status: u16,
-        message: String,
-        retry_after: Option<Duration>,
-    },
-    #[error("cannot reach the API: {0}")]
-    Unreachable(String),
-    #[error("connection failed mid-request: {0}")]
-    Transport(String),
-    #[error("no progress for {0:?} (api.stall_timeout); request aborted")]
-    Stalled(Duration),
-    #[error("unexpected answer from the API: {0}")]
-    Protocol(String),
-    #[error("cannot read the recording: {0}")]
-    Local(String),
-    /// A 3xx. Never followed: the token would go with it, and a 201 from the other end would not
-    /// mean the audio reached ElevateAI.
-    #[error(
-        "HTTP {status}: the API redirected to {to}; callferry never follows redirects (the token \
-         goes only to api.base_url's host). If the API has moved, set api.base_url to its new address"
-    )]
-    Redirected { status: u16, to: String },
-}
-
-impl ApiError {
-    pub fn class(&self) -> ErrorClass {
-        match self {
-            ApiError::Status {
-                status,
-                retry_after,
-                ..
-            } => match *status {
-                401 | 403 => ErrorClass::Auth,
-                429 => ErrorClass::RateLimited(*retry_after),
-                400 | 404 | 405 | 413 | 415 | 422 => ErrorClass::Rejected,
-                _ => ErrorClass::Transient,
-            },
-            // Not this job's fault: every request would be redirected the same way, like an outage.
-            ApiError::Unreachable(_) | ApiError::Redirected { .. } => ErrorClass::Unreachable,
-            ApiError::Transport(_) | ApiError::Stalled(_) | ApiError::Protocol(_) => {
-                ErrorClass::Transient
-            }
-            ApiError::Local(_) => ErrorClass::Transient,
-        }
-    }
-
-    /// The `outcome` label of `callferry_uploads_total` for this failure.
-    pub fn outcome(&self) -> &'static str {
-        use crate::metrics::outcome;
-        match (self, self.class()) {
-            (ApiError::Local(_), _) => outcome::LOCAL,
-            (_, ErrorClass::Transient) => outcome::RETRY,
-            (_, ErrorClass::Rejected) => outcome::REJECTED,
-            (_, ErrorClass::Auth) => outcome::UNAUTHORIZED,
-            (_, ErrorClass::RateLimited(_)) => outcome::RATE_LIMITED,
-            (_, ErrorClass::Unreachable) => outcome::UNREACHABLE,
-        }
-    }
-
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            ApiError::Status { status, .. } | ApiError::Redirected { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    /// The same error with every credential `r` knows taken out of its text.
-    pub fn redacted(self, r: &Redactor) -> ApiError {
-        if r.is_empty() {
-            return self;
-        }
-        match self {
-            ApiError::Status {
-                status,
-                message,
-                retry_after,
-            } => ApiError::Status {
-                status,
-                message: r.redact(&message),
-                retry_after,
-            },
-            ApiError::Unreachable(m) => ApiError::Unreachable(r.redact(&m)),
-            ApiError::Transport(m) => ApiError::Transport(r.redact(&m)),
-            ApiError::Protocol(m) => ApiError::Protocol(r.redact(&m)),
-            ApiError::Local(m) => ApiError::Local(r.redact(&m)),
-            ApiError::Redirected { status, to } => ApiError::Redirected {
-                status,
-                to: r.redact(&to),
-            },
-            e @ ApiError::Stalled(_) => e,
-        }
-    }
-}
-
-/// A failure to read the recording while streaming it: ours, not the network's.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct LocalRead(std::io::Error);
-
-/// The file-read failure behind a failed request, if that is what failed it.
-fn local_read(e: &reqwest::Error) -> Option<&LocalRead> {
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        if let Some(r) = s.downcast_ref::<LocalRead>() {
-            return Some(r);
-        }
-        src = s.source();
-    }
-    None
-}
-
-fn from_reqwest(e: reqwest::Error) -> ApiError {
-    // reqwest's Display includes the URL, which is fine (no secrets in our URLs); the source chain
-    // carries the useful part ("connection refused", "dns error").
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        src = s.source();
-    }
-    if e.is_connect() {
-        if msg.contains("invalid peer certificate") {
-            // rustls's words for a chain that does not lead to a trusted root: say what to do.
-            msg = format!(
-                "the server's TLS certificate is not trusted ({msg}). callferry trusts the system's \
-                 CA store, SSL_CERT_FILE and api.ca_file; add the CA that signed it to one of them"
-            );
-        }
-        ApiError::Unreachable(msg)
-    } else {
-        ApiError::Transport(msg)
-    }
-}
 
 /// The declare request body, as the public API documents it.
 #[derive(Debug, Clone, Serialize)]
@@ -240,47 +92,6 @@ pub struct InteractionStatus {
     pub status: String,
     #[serde(default)]
     pub error_message: Option<String>,
-}
-
-/// A clock of "last progress", shared between a request's body stream and its stall guard.
-struct Progress {
-    origin: Instant,
-    last_ms: AtomicU64,
-    /// Set while the body waits for its turn on our own bandwidth cap (`upload.max_bytes_per_sec`).
-    /// That wait is ours, not the server's: however long the cap makes it, it is not a stall.
-    throttled: AtomicBool,
-}
-
-impl Progress {
-    fn new() -> Arc<Self> {
-        Arc::new(Progress {
-            origin: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            throttled: AtomicBool::new(false),
-        })
-    }
-    fn touch(&self) {
-        self.last_ms
-            .store(self.origin.elapsed().as_millis() as u64, Ordering::SeqCst);
-    }
-    fn last(&self) -> Instant {
-        self.origin + Duration::from_millis(self.last_ms.load(Ordering::SeqCst))
-    }
-    /// The stall clock restarts when the wait ends (`touch` before the flag drops, so the guard
-    /// never sees "not throttled" with the clock from before the wait).
-    fn set_throttled(&self, on: bool) {
-        if !on {
-            self.touch();
-        }
-        self.throttled.store(on, Ordering::SeqCst);
-    }
-    fn throttled(&self) -> bool {
-        self.throttled.load(Ordering::SeqCst)
-    }
-    /// Whether no progress was made for `stall`, not counting time spent on our own cap.
-    fn stalled(&self, stall: Duration, now: Instant) -> bool {
-        !self.throttled() && self.last() + stall <= now
-    }
 }
 
 #[derive(Clone)]
@@ -712,225 +523,4 @@ fn valid_id(id: &str) -> bool {
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
-
-/// Counts a body's bytes against its cap, and lets a body that keeps arriving count as progress.
-struct BodyMeter<'a> {
-    cap: u64,
-    total: u64,
-    progress: &'a Progress,
-    what: &'a str,
-}
-
-impl<'a> BodyMeter<'a> {
-    fn new(cap: u64, progress: &'a Progress, what: &'a str) -> Self {
-        BodyMeter {
-            cap,
-            total: 0,
-            progress,
-            what,
-        }
-    }
-
-    fn add(&mut self, n: usize) -> Result<(), ApiError> {
-        let before = self.total;
-        self.total += n as u64;
-        if self.total > self.cap {
-            // Counted against the job like any other lie: a server that does this once may not
-            // do it again, and one that always does fails the job with this reason.
-            return Err(ApiError::Protocol(format!(
-                "the answer to {} is larger than the {} bytes allowed; not read further",
-                self.what, self.cap
-            )));
-        }
-        if self.total / PROGRESS_BYTES > before / PROGRESS_BYTES {
-            self.progress.touch();
-        }
-        Ok(())
-    }
-}
-
-/// Reads a whole body of at most `cap` bytes; a longer one is an error, not a truncation.
-async fn read_capped(
-    mut resp: reqwest::Response,
-    cap: u64,
-    progress: &Progress,
-    what: &str,
-) -> Result<Vec<u8>, ApiError> {
-    let mut meter = BodyMeter::new(cap, progress, what);
-    let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(from_reqwest)? {
-        meter.add(chunk.len())?;
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
-}
-
-/// The first [`MAX_ERROR_BODY`] bytes of an error body: enough to explain it, and the rest is
-/// never read.
-async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, ApiError> {
-    let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(from_reqwest)? {
-        let room = MAX_ERROR_BODY.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if out.len() >= MAX_ERROR_BODY {
-            break;
-        }
-    }
-    Ok(out)
-}
-
-/// Builds an error from a non-success answer: the service's own `message` if it sent JSON, the
-/// title of an HTML error page (a proxy's), or the start of whatever else it sent. This is where
-/// server text enters: it leaves with no credential `r` knows in it.
-async fn error_from_response(resp: reqwest::Response, r: &Redactor) -> ApiError {
-    let status = resp.status();
-    if status.is_redirection() {
-        // Only the target's origin is named: its path and query are the server's to fill.
-        let to = match resp.headers().get(LOCATION).map(|v| v.to_str()) {
-            None => "nowhere (no Location header)".to_string(),
-            Some(Err(_)) => "an unreadable Location".to_string(),
-            Some(Ok(l)) => match resp.url().join(l) {
-                Ok(u) if u.host_str().is_some() => u.origin().ascii_serialization(),
-                _ => "an unusable Location".to_string(),
-            },
-        };
-        return ApiError::Redirected {
-            status: status.as_u16(),
-            to,
-        }
-        .redacted(r);
-    }
-    let retry_after = resp
-        .headers()
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| crate::retry::parse_retry_after(v, SystemTime::now()));
-    let is_html = resp
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("html"));
-    let body = match read_limited(resp).await {
-        Ok(b) => r.redact_bytes(&b),
-        Err(e) => return e.redacted(r),
-    };
-    let reason = status.canonical_reason().unwrap_or("");
-    let detail = describe_body(&body, is_html);
-    ApiError::Status {
-        status: status.as_u16(),
-        message: if detail.is_empty() {
-            reason.to_string()
-        } else {
-            format!("{reason}: {detail}")
-        },
-        retry_after,
-    }
-    .redacted(r)
-}
-
-fn describe_body(body: &[u8], is_html: bool) -> String {
-    if body.is_empty() {
-        return String::new();
-    }
-    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) {
-        for key in ["message", "errorMessage", "error", "title", "detail"] {
-            if let Some(s) = v.get(key).and_then(|m| m.as_str()) {
-                return s.chars().take(300).collect();
-            }
-        }
-        return snippet(body);
-    }
-    let text = String::from_utf8_lossy(body);
-    if is_html || text.trim_start().starts_with('<') {
-        let lower = text.to_ascii_lowercase();
-        if let (Some(a), Some(b)) = (lower.find("<title>"), lower.find("</title>"))
-            && b > a + 7
-        {
-            return format!("HTML error page \"{}\"", text[a + 7..b].trim());
-        }
-        return format!("HTML error page ({} bytes)", body.len());
-    }
-    snippet(body)
-}
-
-fn snippet(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let s: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
-    if s.is_empty() {
-        format!("({} bytes)", body.len())
-    } else {
-        format!("{s:?}")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classes() {
-        let st = |s| ApiError::Status {
-            status: s,
-            message: String::new(),
-            retry_after: None,
-        };
-        assert_eq!(st(401).class(), ErrorClass::Auth);
-        assert_eq!(st(400).class(), ErrorClass::Rejected);
-        assert_eq!(st(413).class(), ErrorClass::Rejected);
-        assert_eq!(st(503).class(), ErrorClass::Transient);
-        assert_eq!(st(429).class(), ErrorClass::RateLimited(None));
-        assert_eq!(
-            ApiError::Unreachable("refused".into()).class(),
-            ErrorClass::Unreachable
-        );
-        assert_eq!(
-            ApiError::Transport("reset".into()).class(),
-            ErrorClass::Transient
-        );
-    }
-
-    #[test]
-    fn bodies_are_described_for_people() {
-        assert_eq!(
-            describe_body(br#"{"message":"File too large"}"#, false),
-            "File too large"
-        );
-        assert_eq!(
-            describe_body(
-                b"<html><head><title>502 Bad Gateway</title></head></html>",
-                true
-            ),
-            "HTML error page \"502 Bad Gateway\""
-        );
-        assert_eq!(describe_body(b"", false), "");
-        assert!(describe_body(b"oops\x00\x01", false).contains("oops"));
-    }
-
-    #[test]
-    fn time_spent_on_our_own_cap_is_not_a_stall() {
-        let stall = Duration::from_secs(1);
-        let p = Progress::new();
-        p.touch();
-        let later = Instant::now() + Duration::from_secs(10);
-        assert!(p.stalled(stall, later));
-        p.set_throttled(true);
-        assert!(
-            !p.stalled(stall, later),
-            "waiting on the cap is not a stall"
-        );
-        p.set_throttled(false);
-        assert!(
-            !p.stalled(stall, Instant::now()),
-            "the clock restarts after the wait"
-        );
-    }
-
-    #[test]
-    fn ids_are_checked() {
-        assert!(valid_id("4b1b2f5e-0000-4000-8000-000000000001"));
-        assert!(!valid_id(""));
-        assert!(!valid_id("../../etc/passwd"));
-        assert!(!valid_id("a b"));
-    }
 }
