@@ -5,6 +5,16 @@
 //! uploaded state is committed before the file is moved or deleted, and nothing is held in a
 //! transaction while the network is in use.
 
+mod check;
+mod failure;
+#[cfg(test)]
+mod tests;
+mod waits;
+
+pub use waits::missing_grace;
+
+use check::{Checked, NOT_THERE, SidecarRead, left_its_path, open_queued, sidecar_of};
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +26,7 @@ use crate::api::{ApiError, DeclareRequest};
 use crate::calls::sidecar::{self, Sidecar};
 use crate::calls::{self, Call};
 use crate::clock::{ms, now_ms};
-use crate::config::{AfterUploadWhen, Config};
-use crate::policy::{self, Failure, Hold, Limits, Verdict};
+use crate::config::AfterUploadWhen;
 use crate::queue::{Job, QueueError, State};
 use crate::shared::Shared;
 
@@ -37,20 +46,6 @@ pub struct Pipeline {
     /// Every watched folder's lanes: the pre-upload open runs on the job's root's lane, never on
     /// the runtime's thread, so a folder on a hung mount holds up only its own jobs (issue 17.1).
     pub roots: Arc<crate::watch::Roots>,
-}
-
-/// How long a job waits for its file to turn up again (moved inside the watched folders, found by
-/// the watcher, which points the job at the new path) before it fails: long enough for a rescan
-/// and the new path's quiet period.
-pub fn missing_grace(cfg: &Config) -> Duration {
-    (cfg.watch.settle * 4).max(Duration::from_secs(15))
-}
-
-/// Whether the recording a job queued has left its path: nothing there, or another file (a new
-/// inode of another size or age: a recorder that reused the name after the call was moved away).
-fn left_its_path(meta: &std::fs::Metadata, job: &Job) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    job.ino != 0 && (meta.dev(), meta.ino()) != (job.dev, job.ino) && !job.is_version(meta)
 }
 
 /// The workers reach the shared parts as their own (`self.cfg`, `self.queue`...): they are theirs
@@ -433,81 +428,6 @@ impl Pipeline {
         }
     }
 
-    /// The job's watched folder does not answer (a hung mount): the job waits, without an
-    /// attempt counted, and is tried again after a while. The folder's state is said once, by
-    /// `watch::health_task`; the job's `last_error` says why it waits.
-    async fn root_hung(&self, job: &Job, hung: crate::watch::Hung) {
-        let msg = format!("waiting: {hung}");
-        debug!("{msg}");
-        let now = now_ms();
-        let next = now + ms(crate::watch::DEADLINE * 2);
-        // The reason once, not an event every few seconds for as long as the mount hangs.
-        let why = (job.last_error.as_deref() != Some(msg.as_str())).then_some(msg.as_str());
-        self.record(
-            self.commit(|| self.queue.reschedule(job, why, next, false, now))
-                .await,
-        );
-    }
-
-    /// The job's file is not at its path. It may have been moved inside the watched folders: the
-    /// watcher is asked to look, and when it finds the recording (by device, inode, size and
-    /// mtime) it points the job at the new path. Meanwhile the job waits, without an attempt
-    /// counted; after [`missing_grace`] it fails with the reason. Before, an undeclared job was
-    /// dropped at once (its file then waited for the next periodic rescan) and a declared one
-    /// failed at once, even when the file had only been filed into another folder.
-    async fn file_missing(&self, job: &Job, path: &Path) {
-        let now = now_ms();
-        let grace = missing_grace(&self.cfg);
-        let since = *self
-            .missing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(job.id)
-            .or_insert(now);
-        if now - since >= ms(grace) {
-            self.missing
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&job.id);
-            self.search.done(job);
-            let waited =
-                humantime::format_duration(Duration::from_secs(((now - since) / 1000) as u64));
-            let msg = match &job.interaction_id {
-                None => format!(
-                    "file vanished: not at {} and not found elsewhere in the watched folders for {waited} \
-                     (deleted, or moved out of them); nothing was declared. If it comes back: `callferry retry {}`",
-                    path.display(),
-                    job.id
-                ),
-                Some(iid) => format!(
-                    "file vanished after its interaction {iid} was declared: not at {} and not found \
-                     elsewhere in the watched folders for {waited} (deleted, or moved out of them); \
-                     the interaction has no audio. If the file comes back: `callferry retry {}`",
-                    path.display(),
-                    job.id
-                ),
-            };
-            warn!("{msg}");
-            self.record(self.commit(|| self.queue.fail(job, &msg, now)).await);
-            return;
-        }
-        if since == now {
-            info!(
-                "file is not at its path any more (moved?); looking for it in the watched folders"
-            );
-        }
-        self.search.want(job);
-        let msg = format!(
-            "file not at {} (moved?); looking for it in the watched folders",
-            path.display()
-        );
-        let next = now + ms(self.cfg.watch.settle).max(1000);
-        self.record(
-            self.commit(|| self.queue.reschedule(job, Some(&msg), next, false, now))
-                .await,
-        );
-    }
-
     /// The call recorded at `path` (the job's file, wherever it is now).
     fn call_of(&self, job: &Job, path: &Path, sidecar: Option<&Sidecar>) -> Call {
         let source = self.source_of(job);
@@ -541,26 +461,6 @@ impl Pipeline {
         }
     }
 
-    /// With `[watch] sidecar_wait`, a recording whose sidecar has not arrived waits for it, up to
-    /// that long after it was queued, without an attempt counted. True if it now waits.
-    async fn wait_for_sidecar(&self, job: &Job) -> bool {
-        let wait = self.cfg.watch.sidecar_wait;
-        let until = job.created_at + ms(wait);
-        let now = now_ms();
-        if wait.is_zero() || now >= until {
-            return false;
-        }
-        debug!(
-            until_ms = until,
-            "waiting for its sidecar (watch.sidecar_wait)"
-        );
-        self.record(
-            self.commit(|| self.queue.reschedule(job, None, until, false, now))
-                .await,
-        );
-        true
-    }
-
     fn declare_request(&self, job: &Job, path: &Path, sidecar: Option<&Sidecar>) -> DeclareRequest {
         let d = &self.source_of(job).declare;
         let call = self.call_of(job, path, sidecar);
@@ -577,149 +477,11 @@ impl Pipeline {
         }
     }
 
-    /// A declare refused over its metadata is the account's licence, not the recording: says which
-    /// key to change. Nothing was created, so the job's `retry` declares it once more.
-    fn explain_refusal(&self, job: &Job, msg: String) -> String {
-        if job.state == State::Declaring
-            && self.source_of(job).declare.send_metadata
-            && msg.to_ascii_lowercase().contains("metadata")
-        {
-            format!(
-                "{msg}; declares carry metadata because declare.send_metadata = true, which needs \
-                 the Explore feature on the ElevateAI account: set send_metadata = false (or have \
-                 Explore enabled), then `callferry retry {}`",
-                job.id
-            )
-        } else {
-            msg
-        }
-    }
-
-    /// Reports a 5xx to the circuit breaker; true if it is open.
-    fn api_failing(&self, msg: &str, unit: f64) -> bool {
-        self.gate.server_error(msg.to_string(), unit).report(msg)
-    }
-
-    /// Why a job fails at `[upload] max_declares`: an operator's reason, with what to look for at
-    /// the service.
-    fn too_many_declares(&self, job: &Job, n: u32, last: &str) -> String {
-        format!(
-            "declared {n} time(s) without a usable answer (upload.max_declares = {}; last: {last}); \
-             each may have left an interaction without audio at ElevateAI, with externalIdentifier \
-             {}. `callferry retry {}` declares it again",
-            self.cfg.upload.max_declares,
-            job.external_id
-                .clone()
-                .unwrap_or_else(|| self.call_of(job, &job.fs_path(), None).external_id),
-            job.id
-        )
-    }
-
     fn api_ok(&self, job: &Job) {
         if let Some(p) = self.gate.success() {
             info!(was = %p.reason(), "API reachable and token accepted again; uploads resume");
         }
         self.account_ok(job);
-    }
-
-    /// Carries out the policy's verdict on a failure: the gate for every worker, the queue for
-    /// the job.
-    async fn on_error(&self, job: &Job, err: ApiError) {
-        let now = now_ms();
-        let unit: f64 = rand::random();
-        let msg = err.to_string();
-        self.metrics
-            .attempt_failed(&self.source_of(job).name, err.outcome());
-        let failure = Failure::of(&err);
-        // Out of descriptors, nothing was sent that could have created an interaction (a socket
-        // or file that could not be opened).
-        if failure != Failure::Descriptors
-            && job.state == State::Declaring
-            && declare_may_have_created(&err)
-        {
-            match self
-                .commit(|| self.queue.count_orphan(job.id, &msg, now))
-                .await
-            {
-                Ok(n) if n >= self.cfg.upload.max_declares => {
-                    let full = self.too_many_declares(job, n, &msg);
-                    error!(error = %full, "job failed");
-                    self.record(self.commit(|| self.queue.fail(job, &full, now)).await);
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => error!(error = %e, "could not count a declare whose answer was lost"),
-            }
-        }
-        let attempts = job.attempts + 1;
-        let age = Duration::from_millis((now - job.created_at).max(0) as u64);
-        let breaker_open = failure == Failure::ServerError && self.api_failing(&msg, unit);
-        let limits = Limits::upload(&self.cfg);
-        let (at, counted) = match policy::decide(
-            failure,
-            attempts,
-            age,
-            breaker_open,
-            &limits,
-            unit,
-        ) {
-            Verdict::Hold(hold) => {
-                self.hold_all(job, hold, &msg, unit);
-                (now, false)
-            }
-            Verdict::SlowDown(d) => {
-                warn!(error = %msg, wait = ?d, "API asks us to slow down; all workers hold back");
-                self.gate.hold(d);
-                (now + ms(d), false)
-            }
-            Verdict::Retry(d) => {
-                warn!(error = %msg, attempt = attempts, retry_in = ?d, "will retry");
-                (now + ms(d), true)
-            }
-            Verdict::Fail(None) => {
-                let msg = self.explain_refusal(job, msg);
-                warn!(error = %msg, "the API refused this file; job failed (`callferry retry {}` after fixing it)", job.id);
-                self.record(self.commit(|| self.queue.fail(job, &msg, now)).await);
-                return;
-            }
-            Verdict::Fail(Some(why)) => {
-                let full = format!("{msg}; {why}");
-                error!(error = %full, "job failed");
-                self.record(self.commit(|| self.queue.fail(job, &full, now)).await);
-                return;
-            }
-        };
-        self.record(
-            self.commit(|| self.queue.reschedule(job, Some(&msg), at, counted, now))
-                .await,
-        );
-    }
-
-    /// Holds every worker back (a 5xx storm was already reported to the gate by `api_failing`).
-    fn hold_all(&self, job: &Job, hold: Hold, msg: &str, unit: f64) {
-        match hold {
-            Hold::Descriptors => {
-                if let Some(d) = self.gate.out_of_descriptors(msg.to_string(), unit) {
-                    warn!(error = %msg, retry_in = ?d, "out of file descriptors: all workers hold back (attempts are not counted). Raise LimitNOFILE (systemd) or ulimit -n, or lower upload.workers");
-                }
-            }
-            Hold::Auth => {
-                let account = self.account_of(job);
-                if self.gate.pause_account(account, msg.to_string()) {
-                    let key = match self.source_of(job) {
-                        s if s.token.is_some() => format!("source {:?}'s token_file", s.name),
-                        _ => "api.token_file".to_string(),
-                    };
-                    error!(error = %msg, account, "the API rejected the token: every upload on this account is paused (other accounts' sources go on) and every job is kept. Fix {key} (it is re-read) — work resumes by itself, no restart needed");
-                }
-            }
-            Hold::Outage => {
-                if let Some(d) = self.gate.outage(msg.to_string(), unit) {
-                    warn!(error = %msg, retry_in = ?d, "API unreachable; all workers hold back (attempts are not counted during an outage)");
-                }
-            }
-            Hold::Failing => {}
-        }
     }
 }
 
@@ -749,76 +511,6 @@ struct Prepared {
     lane: Arc<crate::watch::RootFs>,
 }
 
-/// A sidecar as [`sidecar::read`] found it.
-type SidecarRead = Result<Option<Sidecar>, sidecar::SidecarError>;
-
-const NOT_THERE: &str = "it is not there";
-
-/// What the pre-upload check found at a job's path.
-enum Checked {
-    /// The queued version, opened (a regular file, reached without links).
-    Ready(std::fs::File),
-    /// Nothing usable is there any more (why): deleted, moved away, or replaced by a link, a FIFO,
-    /// a folder or another file.
-    Gone(String),
-    /// The file there is the one queued, but it changed since (the reason, for `last_error`).
-    Changed(String),
-    /// It could not be opened now (EACCES, EIO...): retried.
-    Unreadable(std::io::Error),
-}
-
-/// Opens a job's file as [`crate::safefs::open_beneath`] does and checks that the descriptor is
-/// the version that was judged complete: same size and mtime, and the same inode on the same
-/// device (rows queued before those were recorded have 0 there and skip that part).
-/// The recording's sidecar as the lane read it (with the recording, for a job to declare). A
-/// malformed one is a warning, and the recording goes without it (`Err(())`: do not wait for
-/// another).
-fn sidecar_of(read: Option<SidecarRead>) -> Result<Option<Sidecar>, ()> {
-    match read {
-        Some(Ok(found)) => Ok(found),
-        Some(Err(why)) => {
-            warn!(warning = %why, "the recording goes without its sidecar");
-            Err(())
-        }
-        None => Ok(None),
-    }
-}
-
-fn open_queued(job: &Job) -> Checked {
-    use std::os::unix::fs::MetadataExt;
-    let file = match crate::safefs::open_beneath(&job.fs_root(), &job.fs_path()) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Checked::Gone(NOT_THERE.into());
-        }
-        Err(e) => {
-            return match crate::safefs::not_regular_reason(&e) {
-                Some(why) => Checked::Gone(format!("its path is no longer a regular file: {why}")),
-                None => Checked::Unreadable(e),
-            };
-        }
-    };
-    let meta = match file.metadata() {
-        Ok(m) => m,
-        Err(e) => return Checked::Unreadable(e),
-    };
-    if job.ino != 0 && (meta.ino() != job.ino || meta.dev() != job.dev) {
-        return Checked::Gone(
-            "another file was put in its place (a different inode); the queued recording is not there"
-                .into(),
-        );
-    }
-    if !job.is_version(&meta) {
-        return Checked::Changed(format!(
-            "file changed after it was queued (size {} -> {}); this version is gone, \
-             the new version is queued on its own",
-            job.size,
-            meta.len()
-        ));
-    }
-    Checked::Ready(file)
-}
-
 /// The span of one job's turn. Its `interaction_id` is empty until known: set to "" at the claim
 /// of a new recording and recorded after the declare, the text log printed both
 /// (`interaction_id="" ... interaction_id="…"`).
@@ -830,97 +522,4 @@ fn job_span(job: &Job, source: &str) -> tracing::Span {
         span.record("interaction_id", iid);
     }
     span
-}
-
-/// Whether a failed declare may have created its interaction: the request went out and the answer
-/// was lost (a reset, a stall, a gateway's 500/502/504) or unusable (a 201 without a usable id, a
-/// body that is not the expected JSON). Not a refusal (4xx, 429, 503) nor a connection that never
-/// opened.
-fn declare_may_have_created(err: &ApiError) -> bool {
-    match err {
-        ApiError::Transport(_) | ApiError::Stalled(_) | ApiError::Protocol(_) => true,
-        ApiError::Status { status, .. } => matches!(status, 500 | 502 | 504),
-        _ => false,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::dispose::tests::job_for;
-
-    #[test]
-    fn the_wire_name_cannot_break_out_of_its_header() {
-        use std::os::unix::ffi::OsStrExt;
-        let p = Path::new(std::ffi::OsStr::from_bytes(b"/r/O\"Bri\xe9n\r\n\\x.wav"));
-        assert_eq!(wire_name(p), "O_Bri\u{FFFD}n___x.wav");
-        assert_eq!(wire_name(Path::new("/r/José.wav")), "José.wav");
-    }
-
-    #[test]
-    fn the_text_log_names_the_interaction_once() {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buf(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buf {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let buf = Buf::default();
-        let sink = buf.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || sink.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            // A new recording: no id at the claim, recorded after the declare.
-            let mut j = job_for(&std::env::current_exe().unwrap(), "x");
-            j.interaction_id = None;
-            let span = job_span(&j, "default");
-            span.record("interaction_id", "iid-new");
-            span.in_scope(|| info!("uploaded"));
-            // A recording declared earlier: the id from the start.
-            j.interaction_id = Some("iid-old".into());
-            job_span(&j, "default").in_scope(|| info!("uploaded"));
-        });
-        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
-        for (l, iid) in lines.iter().zip(["iid-new", "iid-old"]) {
-            assert_eq!(l.matches("interaction_id=").count(), 1, "{l}");
-            assert!(l.contains(&format!("interaction_id=\"{iid}\"")), "{l}");
-        }
-    }
-
-    #[test]
-    fn running_out_of_descriptors_is_its_own_class() {
-        let os = |n| std::io::Error::from_raw_os_error(n).to_string();
-        let is_emfile = |e: &ApiError| Failure::of(e) == Failure::Descriptors;
-        // As the API client reports a socket that could not be opened, and a recording.
-        assert!(is_emfile(&ApiError::Unreachable(format!(
-            "error sending request: client error (Connect): tcp open error: {}",
-            os(libc::EMFILE)
-        ))));
-        assert!(is_emfile(&ApiError::Local(format!(
-            "/rec/a.wav: {}",
-            os(libc::ENFILE)
-        ))));
-        assert!(!is_emfile(&ApiError::Unreachable(format!(
-            "tcp connect error: {}",
-            os(libc::ECONNREFUSED)
-        ))));
-        assert!(!is_emfile(&ApiError::Local(format!(
-            "/rec/a.wav: {}",
-            os(libc::ENOENT)
-        ))));
-        // Nothing was sent: not a lost declare answer either.
-        assert!(!declare_may_have_created(&ApiError::Unreachable(os(
-            libc::EMFILE
-        ))));
-    }
 }
