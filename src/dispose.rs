@@ -282,6 +282,7 @@ pub(crate) mod tests {
             orphans: 0,
             external_id: None,
             source: None,
+            hook: None,
         }
     }
 

@@ -540,6 +540,7 @@ mod tests {
             orphans: 0,
             external_id: None,
             source: None,
+            hook: None,
         };
         for n in [0, 1, 3] {
             let jobs: Vec<Job> = (1..=n).map(job).collect();

@@ -115,6 +115,11 @@ pub struct Job {
     /// The source it was declared for (a `[[source]]` name, or `default` for the top-level
     /// `[watch]` folders); None until declared, and for jobs declared before sources existed.
     pub source: Option<String>,
+    /// What the recorder's end-of-call hook said about the call (JSON, `crate::hook`), read by the
+    /// claim in the same statement, so the declare costs no second trip to the database. Only a
+    /// claimed job carries it: a job read any other way has None here (`Queue::hook_of` reads it).
+    #[serde(skip)]
+    pub hook: Option<String>,
 }
 
 impl Job {
@@ -186,7 +191,15 @@ where
         orphans: r.try_get::<i64, _>("orphans")? as u32,
         external_id: r.try_get("external_id")?,
         source: r.try_get("source")?,
+        hook: None,
     })
+}
+
+/// A claimed job, from a row of `{JOB_COLUMNS}, hook`.
+fn claimed_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Job, sqlx::Error> {
+    let mut job = job_from_row(r)?;
+    job.hook = r.try_get("hook")?;
+    Ok(job)
 }
 
 /// A file version to queue.

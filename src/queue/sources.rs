@@ -7,7 +7,7 @@ use std::str::FromStr;
 use sqlx::{AssertSqlSafe, Row};
 
 use super::machine::Transition;
-use super::{Counts, JOB_COLUMNS, Job, Lite, QueueError, State, job_from_row};
+use super::{Counts, JOB_COLUMNS, Job, Lite, QueueError, State, claimed_from_row};
 
 impl Lite {
     /// [`Queue::claim`], skipping jobs found under the watched folders `roots` (as stored, see
@@ -29,14 +29,14 @@ impl Lite {
              WHERE id = (SELECT id FROM jobs WHERE {due} AND next_attempt_at <= ?1 \
                          AND root NOT IN (SELECT value FROM json_each(?2)) \
                          ORDER BY next_attempt_at, id LIMIT 1) \
-             RETURNING {JOB_COLUMNS}"
+             RETURNING {JOB_COLUMNS}, hook"
         );
         let row = sqlx::query(AssertSqlSafe(sql))
             .bind(now)
             .bind(serde_json::to_string(roots).unwrap_or_else(|_| "[]".into()))
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(job_from_row).transpose()?)
+        Ok(row.as_ref().map(claimed_from_row).transpose()?)
     }
 
     /// [`Queue::next_due`], leaving out jobs under `roots`.

@@ -553,3 +553,34 @@ async fn a_failed_guard_says_what_was_expected_and_what_was_found() {
 fn e_text(r: Result<(), QueueError>) -> String {
     r.unwrap_err().to_string()
 }
+
+/// The claim brings the recorder's hook data with the job (one trip to the database, not two),
+/// through either claim, and only the hooked job carries it.
+#[tokio::test]
+async fn a_claim_carries_the_hook_data_of_its_job() {
+    let (_d, q) = fresh().await;
+    let hooked = nj("/rec/hooked.wav", 10, 1);
+    let plain = nj("/rec/plain.wav", 10, 1);
+    let call = r#"{"external_id":"call-7","meta":{"agent":"';$(touch /tmp/x)'"}}"#;
+    q.enqueue(std::slice::from_ref(&plain), 100).await.unwrap();
+    assert!(matches!(
+        q.enqueue_hooked(&hooked, call, 100).await.unwrap(),
+        Hooked::Attached { new: true, .. }
+    ));
+    let first = q.claim(200).await.unwrap().unwrap();
+    let second = q
+        .claim_except(200, &["/elsewhere".into()])
+        .await
+        .unwrap()
+        .unwrap();
+    let (h, p) = if first.path.ends_with("hooked.wav") {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(h.hook.as_deref(), Some(call));
+    assert_eq!(p.hook, None);
+    assert_eq!(q.hook_of(h.id).await.unwrap().as_deref(), Some(call));
+    // A job read for a listing does not carry it (only claims do).
+    assert_eq!(q.get(h.id).await.unwrap().unwrap().hook, None);
+}

@@ -6,8 +6,8 @@ use sqlx::{AssertSqlSafe, Sqlite, Transaction};
 
 use super::machine::Transition;
 use super::{
-    Enqueued, Fault, JOB_COLUMNS, Job, Lite, NewJob, QueueError, State, encode_path, event,
-    expect_one, job_from_row, not_in_state,
+    Enqueued, Fault, JOB_COLUMNS, Job, Lite, NewJob, QueueError, State, claimed_from_row,
+    encode_path, event, expect_one, not_in_state,
 };
 
 impl Lite {
@@ -89,14 +89,14 @@ impl Lite {
                 "UPDATE jobs SET state = {to}, updated_at = ?1 \
                  WHERE id = (SELECT id FROM jobs WHERE {due} \
                              AND next_attempt_at <= ?1 ORDER BY next_attempt_at, id LIMIT 1) \
-                 RETURNING {JOB_COLUMNS}"
+                 RETURNING {JOB_COLUMNS}, hook"
             )
         });
         let row = sqlx::query(AssertSqlSafe(SQL.as_str()))
             .bind(now)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(job_from_row).transpose()?)
+        Ok(row.as_ref().map(claimed_from_row).transpose()?)
     }
 
     /// Records the interaction id *before* the upload starts: from here on the job is never

@@ -28,6 +28,7 @@ fn job(path: &str, root: &str) -> Job {
         orphans: 0,
         external_id: None,
         source: None,
+        hook: None,
     }
 }
 

@@ -284,7 +284,7 @@ impl Pipeline {
 
     /// Declares the job's interaction and commits its id before the upload starts: a crash from
     /// there on never declares it again. The id, or None when the turn ends here (the declare cap
-    /// reached, the hook data or the sidecar waited for, a failed declare: each recorded).
+    /// reached, the sidecar waited for, a failed declare: each recorded).
     async fn declare(&self, job: &Job, sidecar: Option<SidecarRead>) -> Option<String> {
         if job.orphans >= self.cfg.upload.max_declares {
             // Declares lost in a crash are counted at recovery; the cap holds across restarts.
@@ -293,7 +293,7 @@ impl Pipeline {
             self.record(self.commit(|| self.queue.fail(job, &msg, now_ms())).await);
             return None;
         }
-        let hook = self.hook_of(job).await?;
+        let hook = hook_of(job);
         let sidecar = sidecar_of(sidecar);
         // A recorder's end-of-call request carries the call: no sidecar is waited for.
         if hook.is_none() && matches!(sidecar, Ok(None)) && self.wait_for_sidecar(job).await {
@@ -440,27 +440,6 @@ impl Pipeline {
         )
     }
 
-    /// What the recorder's end-of-call hook said about the job's call (`crate::hook`); None (the
-    /// job was put back) when it cannot be read now: declaring without it would lose it.
-    async fn hook_of(&self, job: &Job) -> Option<Option<crate::hook::HookCall>> {
-        match self.queue.hook_of(job.id).await {
-            Ok(h) => Some(h.and_then(|text| {
-                serde_json::from_str(&text)
-                    .inspect_err(|e| warn!(error = %e, "the recorder's hook data is unreadable; declared without it"))
-                    .ok()
-            })),
-            Err(e) => {
-                let now = now_ms();
-                warn!(error = %e, "cannot read the recorder's hook data; the declare waits");
-                self.record(
-                    self.commit(|| self.queue.reschedule(job, None, now + 1000, false, now))
-                        .await,
-                );
-                None
-            }
-        }
-    }
-
     fn declare_request(&self, job: &Job, path: &Path, sidecar: Option<&Sidecar>) -> DeclareRequest {
         let d = &self.source_of(job).declare;
         let call = self.call_of(job, path, sidecar);
@@ -509,6 +488,17 @@ struct Prepared {
     file: std::fs::File,
     sidecar: Option<SidecarRead>,
     lane: Arc<crate::watch::RootFs>,
+}
+
+/// What the recorder's end-of-call hook said about the job's call (`crate::hook`), as its claim
+/// read it. Unreadable data (a hand-edited row) is said, and the declare goes without it.
+fn hook_of(job: &Job) -> Option<crate::hook::HookCall> {
+    let text = job.hook.as_deref()?;
+    serde_json::from_str(text)
+        .inspect_err(
+            |e| warn!(error = %e, "the recorder's hook data is unreadable; declared without it"),
+        )
+        .ok()
 }
 
 /// The span of one job's turn. Its `interaction_id` is empty until known: set to "" at the claim
