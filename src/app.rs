@@ -269,6 +269,7 @@ impl Daemon {
             bytes_sent: api.bytes_sent.clone(),
             stall_timeout: cfg.api.stall_timeout,
             unhealthy_after: cfg.metrics.unhealthy_after,
+            bytes_seen: Arc::default(),
         };
         let metrics_addr =
             spawn_monitor(&cfg, monitor, &ready_flag, &mut tasks, &background).await?;

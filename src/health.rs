@@ -8,7 +8,7 @@
 //! the worker pool is wedged (no sign of life for longer than a request may legally stall), never
 //! because the API said no.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::gate::Pause;
 
@@ -116,23 +116,19 @@ pub fn should_feed_watchdog(
     gate_closed || since_beat <= stall_timeout + WATCHDOG_GRACE
 }
 
-/// The systemd watchdog's ping schedule: `(feed_every, tick)` for a `WatchdogSec=` of `timeout`.
-/// Pings are due every half of the timeout, checked on a tick of at most `max_tick` (and at
-/// most a quarter of the timeout), so a late tick still lands well inside it.
-pub fn watchdog_schedule(timeout: Duration, max_tick: Duration) -> (Duration, Duration) {
-    let feed_every = (timeout / 2).max(Duration::from_millis(500));
-    (
-        feed_every,
-        (timeout / 4).clamp(Duration::from_millis(250), max_tick),
-    )
+/// The systemd watchdog's ping period for a `WatchdogSec=` of `timeout`: half of it. The ticker
+/// sleeps until each ping is due (tokio's timers never fire early), so it needs no finer tick to
+/// catch the moment (issue 16: it ticked every `timeout / 4`, at most 5 s, to ping on time).
+pub fn watchdog_period(timeout: Duration) -> Duration {
+    (timeout / 2).max(Duration::from_millis(500))
 }
 
-/// Whether a ping is due, `since_feed` after the last one. Half a tick of slack: with the tick a
-/// divisor of `feed_every`, the tick that should ping does, even if it fires a hair early. With
-/// `WatchdogSec` of 10 s or less the tick used to equal `feed_every`, a tick arrived a hair before
-/// `feed_every` had elapsed, and pings came a whole `WatchdogSec` apart.
-pub fn watchdog_due(since_feed: Duration, feed_every: Duration, tick: Duration) -> bool {
-    since_feed + tick / 2 >= feed_every
+/// When the ticker wakes next, after a turn that was due at `due` and ran at `now`: one period
+/// on, from the schedule; a turn that ran late (a busy runtime) does not make the next ones bunch
+/// up, nor push them further: a missed one is not made up for.
+pub fn next_turn(due: Instant, now: Instant, every: Duration) -> Instant {
+    let next = due + every;
+    if next > now { next } else { now + every }
 }
 
 #[cfg(test)]
@@ -252,30 +248,21 @@ mod tests {
     }
 
     #[test]
-    fn watchdog_pings_come_at_about_half_the_timeout_however_short() {
-        let max_tick = Duration::from_secs(5);
-        for secs in [1, 2, 4, 6, 10, 20, 180] {
-            let timeout = Duration::from_secs(secs);
-            let (every, tick) = watchdog_schedule(timeout, max_tick);
-            assert!(tick <= every / 2, "{secs}s: tick {tick:?}, every {every:?}");
-            // Ticks that fire a little early or late: the next ping comes on the first tick at or
-            // after half the timeout, give or take one tick.
-            for jitter_ms in [-3i64, 0, 3] {
-                let mut since = Duration::ZERO;
-                let mut gap = Duration::ZERO;
-                for _ in 0..1000 {
-                    let step = (tick.as_millis() as i64 + jitter_ms) as u64;
-                    since += Duration::from_millis(step);
-                    if watchdog_due(since, every, tick) {
-                        gap = since;
-                        break;
-                    }
-                }
-                assert!(
-                    gap + tick / 2 >= every && gap <= every + tick / 2,
-                    "{secs}s, jitter {jitter_ms} ms: a ping {gap:?} after the last"
-                );
-            }
+    fn watchdog_pings_come_every_half_timeout_from_the_schedule() {
+        for secs in [1, 2, 10, 180] {
+            assert_eq!(
+                watchdog_period(Duration::from_secs(secs)),
+                Duration::from_secs(secs) / 2
+            );
         }
+        let every = Duration::from_secs(90);
+        let t0 = Instant::now();
+        // On time, or a little late: the next turn keeps the schedule.
+        assert_eq!(next_turn(t0, t0, every), t0 + every);
+        let late = t0 + Duration::from_millis(300);
+        assert_eq!(next_turn(t0, late, every), t0 + every);
+        // A whole period late (a stalled runtime): one period from now, not at once.
+        let very_late = t0 + Duration::from_secs(100);
+        assert_eq!(next_turn(t0, very_late, every), very_late + every);
     }
 }

@@ -28,11 +28,10 @@ use crate::systemd;
 /// Key of the row `/healthz` writes to prove the database takes writes.
 const HEALTH_KEY: &str = "healthz";
 const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// The ticker's period when the watchdog does not ask for more: progress of upload bytes is only
-/// needed at the scale of `[metrics] unhealthy_after` (minutes), and every wake-up costs CPU on an
-/// idle host.
-const TICK: Duration = Duration::from_secs(5);
-const STATUS_EVERY: Duration = Duration::from_secs(5);
+/// Under systemd without a watchdog: how often the STATUS line is refreshed. With a watchdog it is
+/// refreshed at each ping (every `WatchdogSec / 2`); without systemd the ticker does not run at
+/// all. Every wake-up costs CPU on an idle host (issue 16).
+const STATUS_EVERY: Duration = Duration::from_secs(60);
 
 /// What the endpoint and the ticker look at.
 #[derive(Clone)]
@@ -44,9 +43,21 @@ pub struct Monitor {
     pub bytes_sent: Arc<AtomicU64>,
     pub stall_timeout: Duration,
     pub unhealthy_after: Duration,
+    /// `bytes_sent` when last looked at (see [`Monitor::sample_bytes`]).
+    pub bytes_seen: Arc<AtomicU64>,
 }
 
 impl Monitor {
+    /// Upload bytes that moved since the last look are progress (and a sign of life). Looked at
+    /// when someone needs the answer: the watchdog's ping, `/healthz`, a scrape; no tick samples
+    /// them.
+    pub fn sample_bytes(&self) {
+        let bytes = self.bytes_sent.load(Ordering::Relaxed);
+        if self.bytes_seen.swap(bytes, Ordering::Relaxed) != bytes {
+            self.metrics.progress.progress();
+        }
+    }
+
     async fn snapshot(&self) -> Result<Snapshot, QueueError> {
         let counts = self.queue.counts().await?;
         let now = now_ms();
@@ -78,6 +89,7 @@ impl Monitor {
 
     /// `Ok(())` or the reason the pipeline is unhealthy.
     pub async fn health(&self) -> Result<(), Unhealthy> {
+        self.sample_bytes();
         let database_not_writable = match tokio::time::timeout(
             DB_PROBE_TIMEOUT,
             self.queue
@@ -193,6 +205,7 @@ pub async fn serve(listener: tokio::net::TcpListener, monitor: Monitor, cancel: 
 }
 
 async fn metrics_handler(State(m): State<Monitor>) -> Response {
+    m.sample_bytes();
     match m.snapshot().await {
         Ok(snap) => (
             [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
@@ -230,38 +243,31 @@ pub fn status_line(c: &Counts, pause: Option<&Pause>) -> String {
     s
 }
 
-/// Runs every [`TICK`] (or as often as the watchdog needs) until `cancel`: upload bytes moving count as progress; the watchdog is fed
-/// while [`health::should_feed_watchdog`] says so (always before `ready`, during start-up); the
-/// STATUS line is refreshed when it changes.
+/// Feeds the systemd watchdog every `WatchdogSec / 2` while [`health::should_feed_watchdog`] says
+/// so (always before `ready`, during start-up), looking at upload bytes first (moving bytes are
+/// progress), and refreshes the STATUS line when it changes. Sleeps from one turn to the next;
+/// without systemd there is nothing to do and it returns at once.
 pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: CancellationToken) {
     let watchdog = systemd::watchdog_timeout();
     if let Some(d) = watchdog {
         info!(timeout = ?d, "systemd watchdog enabled");
     }
-    let schedule = watchdog.map(|d| health::watchdog_schedule(d, TICK));
-    let feed_every = schedule.map(|(every, _)| every);
-    let mut last_feed: Option<Instant> = None;
+    let feed_every = watchdog.map(health::watchdog_period);
+    let Some(every) = feed_every.or(systemd::enabled().then_some(STATUS_EVERY)) else {
+        return;
+    };
     let mut starving = false;
-    let mut last_bytes = monitor.bytes_sent.load(Ordering::Relaxed);
-    let mut last_status: Option<(Instant, String)> = None;
-    // Idle cost: tick only as often as the watchdog needs; otherwise every TICK.
-    let tick = schedule.map_or(TICK, |(_, tick)| tick);
-    let mut interval = tokio::time::interval(tick);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_status: Option<String> = None;
+    let mut due = Instant::now();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = interval.tick() => {}
+            _ = tokio::time::sleep_until(due.into()) => {}
         }
-        let bytes = monitor.bytes_sent.load(Ordering::Relaxed);
-        if bytes != last_bytes {
-            last_bytes = bytes;
-            monitor.metrics.progress.progress();
-        }
+        due = health::next_turn(due, Instant::now(), every);
+        monitor.sample_bytes();
 
-        if let Some(every) = feed_every
-            && last_feed.is_none_or(|t| health::watchdog_due(t.elapsed(), every, tick))
-        {
+        if feed_every.is_some() {
             let gate = monitor.gate.state();
             let gate_closed =
                 gate.shown().is_some() || gate.hold_until.is_some_and(|h| h > Instant::now());
@@ -270,7 +276,6 @@ pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: Cancellati
                 || health::should_feed_watchdog(since, monitor.stall_timeout, gate_closed);
             if feed {
                 systemd::watchdog();
-                last_feed = Some(Instant::now());
                 if starving {
                     info!("the workers show signs of life again; feeding the systemd watchdog");
                     starving = false;
@@ -285,18 +290,14 @@ pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: Cancellati
             }
         }
 
-        if systemd::enabled()
-            && last_status
-                .as_ref()
-                .is_none_or(|(t, _)| t.elapsed() >= STATUS_EVERY)
-        {
+        if systemd::enabled() {
             match monitor.queue.counts().await {
                 Ok(c) => {
                     let line = status_line(&c, monitor.gate.state().shown().as_ref());
-                    if last_status.as_ref().is_none_or(|(_, l)| *l != line) {
+                    if last_status.as_ref() != Some(&line) {
                         systemd::status(&line);
+                        last_status = Some(line);
                     }
-                    last_status = Some((Instant::now(), line));
                 }
                 Err(e) => warn!(error = %e, "cannot read the queue for the STATUS line"),
             }

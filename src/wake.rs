@@ -6,6 +6,10 @@
 //! `queue/open.rs`, which also names the file); [`Wake::watch_file`] watches that one file. Where it
 //! cannot be watched, one idle worker at a time looks at the database files' size and mtime every
 //! [`IDLE_POLL`] instead (a `stat`, not a query) and wakes the others when a commit changed them.
+//!
+//! An idle worker has no tick (issue 16): it registers for wake-ups before it reads when the next
+//! job falls due, so a wake-up sent meanwhile is not lost, and sleeps until that job or a wake-up.
+//! Only one of them re-reads the queue, every [`IDLE_RECHECK`], as a safety net.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::clock::{ms, now_ms};
+use crate::clock::now_ms;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 
@@ -24,10 +28,11 @@ use crate::queue::Queue;
 /// again, so jobs another process made due (`callferry retry`, `enqueue`) are picked up without a
 /// restart.
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
-/// An idle worker's look every [`IDLE_POLL`] is a `stat` of the database and its WAL, not a query:
-/// it queries again only when they changed (a commit, by this process or another) or a job fell
-/// due, and at the latest after this long (a change that left size and coarse mtime alike).
-const IDLE_RECHECK: Duration = Duration::from_secs(30);
+/// The one idle worker that watches the database re-reads the queue at the latest after this long:
+/// a safety net for a wake-up lost outside this process (the wake file's watch gone), or, when
+/// polling, a change that left size and coarse mtime alike. The other idle workers wait for a
+/// wake-up or a due job only.
+const IDLE_RECHECK: Duration = Duration::from_secs(600);
 
 /// The wake-ups the daemon's tasks share.
 #[derive(Default)]
@@ -85,12 +90,13 @@ impl Wake {
         }
     }
 
-    /// Waits until there may be work for an upload worker. One idle worker at a time watches the
-    /// database: every [`IDLE_POLL`] (without a watched wake file) it looks at the files' size and
-    /// mtime (a `stat`, not a query) and wakes the others when they changed. The others sleep
-    /// until a job falls due, a wake-up, or [`IDLE_RECHECK`]. So an idle daemon wakes about once a
-    /// second, not once per worker. Jobs under `paused` (folders of sources whose token was
-    /// rejected) are not waited for: they are not claimed until their account is back.
+    /// Waits until there may be work for an upload worker: a wake-up, a job falling due, or (for
+    /// the one idle worker that watches the database) [`IDLE_RECHECK`]. Without a watched wake
+    /// file that worker looks at the database files' size and mtime every [`IDLE_POLL`] (a `stat`,
+    /// not a query) and wakes the others when they changed. Jobs under `paused` (folders of sources
+    /// whose token was rejected) are not waited for: they are not claimed until their account is
+    /// back, which wakes the workers. While parked the worker counts as alive for the watchdog
+    /// ([`crate::metrics::Progress::park`]), so it never wakes only to say so.
     pub async fn idle(
         &self,
         queue: &Queue,
@@ -104,37 +110,58 @@ impl Wake {
                 self.0.store(false, Ordering::Release);
             }
         }
+        // Registered before the queue is read: a wake-up sent after that read is not lost.
+        let woken = self.workers.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         let due = queue.next_due_except(paused).await.ok().flatten();
         let stamp = db_stamp(queue.path());
         let since = Instant::now();
         let watching = !self.idle_watch.swap(true, Ordering::AcqRel);
         let _role = watching.then(|| Role(&self.idle_watch));
-        let every = if watching && !self.db_events.load(Ordering::Relaxed) {
-            IDLE_POLL
-        } else {
-            IDLE_RECHECK
-        };
+        let polling = watching && !self.db_events.load(Ordering::Relaxed);
+        let _parked = metrics.progress.park();
         loop {
-            let wait = match due {
-                Some(due) => Duration::from_millis((due - now_ms()).clamp(0, ms(every)) as u64),
-                None => every,
-            };
+            let wait = next_wake(due, now_ms(), watching, polling, since.elapsed());
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = self.workers.notified() => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = &mut woken => return,
+                _ = sleep_for(wait) => {}
             }
-            // A sign of life for the watchdog: at least every IDLE_RECHECK from every idle worker.
             metrics.idle_turn();
-            if due.is_some_and(|d| d <= now_ms()) || since.elapsed() >= IDLE_RECHECK {
+            if due.is_some_and(|d| d <= now_ms()) || (watching && since.elapsed() >= IDLE_RECHECK) {
                 return;
             }
-            if watching && db_stamp(queue.path()) != stamp {
+            if polling && db_stamp(queue.path()) != stamp {
                 // A commit, by this daemon or another process (retry, enqueue): everyone looks.
                 self.workers.notify_waiters();
+                self.follower.notify_one();
                 return;
             }
         }
+    }
+}
+
+/// How long an idle worker sleeps: until the next due job (`due`, ms), or the watching worker's
+/// poll or recheck, whichever is first; None (until a wake-up) for a worker with neither. The
+/// min of deadlines, never a fixed period.
+fn next_wake(
+    due: Option<i64>,
+    now: i64,
+    watching: bool,
+    polling: bool,
+    idle_for: Duration,
+) -> Option<Duration> {
+    let until_due = due.map(|d| Duration::from_millis((d - now).max(0) as u64));
+    let recheck = watching.then(|| IDLE_RECHECK.saturating_sub(idle_for));
+    let poll = polling.then_some(IDLE_POLL);
+    [until_due, recheck, poll].into_iter().flatten().min()
+}
+
+async fn sleep_for(wait: Option<Duration>) {
+    match wait {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -156,6 +183,29 @@ fn db_stamp(db: &Path) -> DbStamp {
 mod tests {
     use super::*;
     use crate::queue::OpenMode;
+
+    #[test]
+    fn an_idle_worker_sleeps_until_its_first_deadline_never_a_fixed_period() {
+        let s = Duration::from_secs;
+        // Nothing due, not the watching worker: until a wake-up, however long.
+        assert_eq!(next_wake(None, 0, false, false, s(0)), None);
+        // A job due in 5 min: then, not on a 30 s recheck as before.
+        assert_eq!(
+            next_wake(Some(300_000), 0, false, false, s(0)),
+            Some(s(300))
+        );
+        // The watching worker: the due job or its recheck, whichever is first.
+        assert_eq!(next_wake(Some(300_000), 0, true, false, s(0)), Some(s(300)));
+        assert_eq!(next_wake(None, 0, true, false, s(0)), Some(IDLE_RECHECK));
+        assert_eq!(
+            next_wake(None, 0, true, false, s(100)),
+            Some(IDLE_RECHECK - s(100))
+        );
+        // Overdue: at once.
+        assert_eq!(next_wake(Some(-5), 0, false, false, s(0)), Some(s(0)));
+        // Polling (no watched wake file): the watching worker looks every IDLE_POLL.
+        assert_eq!(next_wake(None, 0, true, true, s(0)), Some(IDLE_POLL));
+    }
 
     #[tokio::test]
     async fn another_process_touching_the_wake_file_wakes_idle_workers() {

@@ -45,8 +45,13 @@ pub use crate::watch::known::Search;
 
 const EVENT_CHANNEL: usize = 8192;
 const ENQUEUE_BATCH: usize = 2000;
-/// How often missing watched folders are looked for, and watched ones checked for removal.
+/// While a root check has not been answered (a hung mount) or a root was passed over, the loop
+/// looks again this often (a degraded state, not idle).
 const ROOT_CHECK: Duration = Duration::from_secs(5);
+/// Missing roots are found through an inotify watch on their nearest existing parent; they are
+/// also looked for this often (or every `watch.rescan_interval` when set), for what inotify does not
+/// report: a file system mounted over the path, a parent on NFS changed from another host.
+const MISSING_POLL: Duration = Duration::from_secs(600);
 /// Rescan period for a folder that could not get an inotify watch (limit reached).
 const FALLBACK_POLL: Duration = Duration::from_secs(10);
 /// Searches for recordings that left their queued path (asked for by workers) run at most this
@@ -120,6 +125,14 @@ struct State {
     events: mpsc::Sender<Ev>,
     overflow: Arc<AtomicBool>,
     overflow_wake: Arc<Notify>,
+    /// The watches on the nearest existing parent of each missing root (and their reader): a root
+    /// that appears is noticed by its event, not by polling.
+    ancestors: Option<(Arc<Inotify>, AbortOnDropHandle<()>)>,
+    /// The missing roots, as the ancestors' reader filters its events by them.
+    wanted: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+    /// A root went or may have come back: check the roots.
+    roots_wake: Arc<Notify>,
+    recheck_roots: bool,
 }
 
 impl State {
@@ -158,6 +171,10 @@ impl State {
             events,
             overflow: Arc::new(AtomicBool::new(false)),
             overflow_wake: Arc::new(Notify::new()),
+            ancestors: None,
+            wanted: Arc::default(),
+            roots_wake: Arc::new(Notify::new()),
+            recheck_roots: false,
         };
         (st, rx)
     }
@@ -201,8 +218,9 @@ pub async fn run(
     st.start(ready).await;
     let mut due = Schedule::new(&st.cfg.watch);
     let overflow_wake = st.overflow_wake.clone();
+    let roots_wake = st.roots_wake.clone();
     loop {
-        let wake_at = due.wake_at(&st);
+        let wake_at = due.wake_at(&st.waits());
         tokio::select! {
             _ = cancel.cancelled() => break,
             ev = rx.recv() => {
@@ -215,8 +233,9 @@ pub async fn run(
                 st.on_events(batch).await;
             }
             _ = overflow_wake.notified() => {}
+            _ = roots_wake.notified() => st.recheck_roots = true,
             _ = search.wake.notified() => due.search_asked(),
-            _ = tokio::time::sleep_until(wake_at) => {}
+            _ = sleep_until(wake_at) => {}
         }
         if st.overflow.swap(false, Ordering::Relaxed) {
             // Events still queued are stale now; the rescan sees the current truth.
@@ -224,18 +243,44 @@ pub async fn run(
             st.on_overflow().await;
         }
         st.run_due(&mut due).await;
+        // Each pass may watch a nearer parent of a missing root, after which the root is looked
+        // at once more (it may have appeared before that watch); the path is finite.
+        for _ in 0..16 {
+            if !std::mem::take(&mut st.recheck_roots) {
+                break;
+            }
+            st.check_roots(false).await;
+        }
         st.rescan_recovered().await;
         st.evaluate().await;
     }
     Ok(())
 }
 
-/// When each of the loop's periodic duties is next due.
+/// What the loop may have to wake up for, as the state stands (see [`Schedule::wake_at`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Waits {
+    /// The first candidate to look at again.
+    next_eval: Option<Instant>,
+    /// Roots polled as a whole (no inotify).
+    polled: bool,
+    /// Folders polled for want of a watch.
+    polled_dirs: bool,
+    /// Roots missing: looked for at [`MISSING_POLL`] besides their parent's events.
+    missing: bool,
+    /// A root check unanswered, or a root passed over: looked at every [`ROOT_CHECK`].
+    degraded: bool,
+}
+
+/// When each of the loop's duties is next due. Nothing here ticks: each duty has its own
+/// deadline, and with nothing to do (every root watched, no candidate, no search) the loop sleeps
+/// until the periodic rescan, or for good with rescans off (issue 16).
 struct Schedule {
     rescan_every: Option<Duration>,
     /// Roots without inotify (poll_interval > 0) are walked this often; folders out of watches
     /// every FALLBACK_POLL (as documented).
     poll_every: Duration,
+    missing_every: Duration,
     next_rescan: Option<Instant>,
     next_poll: Instant,
     next_dir_poll: Instant,
@@ -255,6 +300,7 @@ impl Schedule {
         Schedule {
             rescan_every,
             poll_every,
+            missing_every: rescan_every.unwrap_or(MISSING_POLL),
             next_rescan: rescan_every.map(|d| now + d),
             next_poll: now + poll_every,
             next_dir_poll: now + FALLBACK_POLL,
@@ -269,9 +315,41 @@ impl Schedule {
             .get_or_insert(self.last_search + SEARCH_GAP);
     }
 
-    /// The first duty due, or the first candidate to look at again.
-    fn wake_at(&self, st: &State) -> Instant {
-        let next_eval = st
+    /// The first deadline among the duties the state has: the min of them, never a fixed period.
+    /// None: nothing is due until an event comes.
+    fn wake_at(&self, w: &Waits) -> Option<Instant> {
+        let due = [
+            w.next_eval,
+            self.next_rescan,
+            self.next_search,
+            w.polled.then_some(self.next_poll),
+            w.polled_dirs.then_some(self.next_dir_poll),
+            (w.missing || w.degraded).then_some(self.next_root_check),
+        ];
+        due.into_iter().flatten().min()
+    }
+
+    /// After a root check: the next one, if the state needs one.
+    fn root_checked(&mut self, now: Instant, w: &Waits) {
+        self.next_root_check = now
+            + if w.degraded {
+                ROOT_CHECK
+            } else {
+                self.missing_every
+            };
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl State {
+    fn waits(&self) -> Waits {
+        let next_eval = self
             .candidates
             .values()
             .map(|c| c.next_check_ms)
@@ -279,15 +357,13 @@ impl Schedule {
             .map(|t| {
                 Instant::now() + Duration::from_millis((t - now_ms()).clamp(0, 3_600_000) as u64)
             });
-        let polls = [
-            (!st.polled.is_empty()).then_some(self.next_poll),
-            (!st.polled_dirs.is_empty()).then_some(self.next_dir_poll),
-        ];
-        [next_eval, self.next_rescan, self.next_search]
-            .into_iter()
-            .chain(polls)
-            .flatten()
-            .fold(self.next_root_check, Instant::min)
+        Waits {
+            next_eval,
+            polled: !self.polled.is_empty(),
+            polled_dirs: !self.polled_dirs.is_empty(),
+            missing: !self.missing.is_empty(),
+            degraded: !self.probes.is_empty() || !self.skipped.is_empty(),
+        }
     }
 }
 
@@ -303,10 +379,14 @@ impl State {
         }
         if s.next_rescan.is_some_and(|t| t <= now) {
             debug!("periodic rescan (watch.rescan_interval)");
+            // The roots too: what inotify cannot report (a mount over a root) is seen here.
+            self.check_roots(false).await;
             self.rescan_all().await;
             s.next_rescan = s.rescan_every.map(|d| now + d);
         }
         if !self.polled.is_empty() && s.next_poll <= now {
+            // Polled roots have no inotify to say they went.
+            self.check_roots(false).await;
             for root in self.polled.clone() {
                 self.rescan(&root, false).await;
             }
@@ -316,9 +396,13 @@ impl State {
             self.poll_dirs().await;
             s.next_dir_poll = now + FALLBACK_POLL;
         }
-        if s.next_root_check <= now {
+        let w = self.waits();
+        if (w.missing || w.degraded) && s.next_root_check <= now {
             self.check_roots(false).await;
-            s.next_root_check = now + ROOT_CHECK;
+            s.root_checked(now, &self.waits());
+        } else if !(w.missing || w.degraded) {
+            // A root that goes missing later is looked for a whole period after.
+            s.root_checked(now, &w);
         }
     }
 
@@ -726,6 +810,64 @@ fn not_yet_for_enqueue(w: &WatchConfig, why: Pending) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn watch_cfg(rescan: &str) -> WatchConfig {
+        let text = format!(
+            "[api]\nbase_url = \"http://127.0.0.1:9/v1\"\ntoken = \"t\"\nallow_insecure_http = true\n\
+             [watch]\npaths = [\"/rec\"]\nrescan_interval = \"{rescan}\"\n\
+             [queue]\ndatabase = \"/tmp/q.db\"\n"
+        );
+        crate::config::from_toml_str(&text, &Default::default(), "test")
+            .unwrap()
+            .watch
+    }
+
+    /// Issue 16: the loop slept at most 5 s (the root check) whatever the state. Now it sleeps
+    /// until the first of its duties' own deadlines, and for good when it has none.
+    #[test]
+    fn the_loop_sleeps_until_the_first_deadline_never_a_fixed_period() {
+        let now = Instant::now();
+        let s = Schedule::new(&watch_cfg("10m"));
+        let idle = Waits::default();
+        let first = s.wake_at(&idle).expect("the periodic rescan");
+        assert_eq!(Some(first), s.next_rescan);
+        assert!(first >= now + Duration::from_secs(600), "{:?}", first - now);
+        let soon = Waits {
+            next_eval: Some(now + Duration::from_secs(3)),
+            ..idle
+        };
+        assert_eq!(s.wake_at(&soon), soon.next_eval);
+
+        let mut off = Schedule::new(&watch_cfg("0s"));
+        assert_eq!(
+            off.wake_at(&idle),
+            None,
+            "rescans off, nothing to do: no wake-up"
+        );
+        // A missing root is looked for at the long fallback period (its parent's events come
+        // first); a root check left unanswered (a hung mount) every ROOT_CHECK.
+        let missing = Waits {
+            missing: true,
+            ..idle
+        };
+        off.root_checked(now, &missing);
+        assert_eq!(off.wake_at(&missing), Some(now + MISSING_POLL));
+        let degraded = Waits {
+            degraded: true,
+            ..idle
+        };
+        off.root_checked(now, &degraded);
+        assert_eq!(off.wake_at(&degraded), Some(now + ROOT_CHECK));
+        // Folders out of watches are polled; a search is due soon.
+        let polled = Waits {
+            polled_dirs: true,
+            ..idle
+        };
+        assert_eq!(off.wake_at(&polled), Some(off.next_dir_poll));
+        assert!(off.next_dir_poll >= now + FALLBACK_POLL);
+        off.search_asked();
+        assert_eq!(off.wake_at(&idle), off.next_search);
+    }
 
     #[test]
     fn root_of_picks_the_longest_match() {

@@ -30,9 +30,14 @@ use super::{GROUP, MAX_REQUEST, Request, SUFFIX, TEMP_PREFIX};
 const PATIENCE: Duration = Duration::from_secs(120);
 /// A temporary file a hook left behind (it died between create and rename) is removed after this.
 const STALE_TEMP: Duration = Duration::from_secs(3600);
-/// The drop folder is listed this often even without an event (a lost one, or no inotify).
-const RESCAN: Duration = Duration::from_secs(30);
-/// How often a missing drop folder is looked for.
+/// The drop folder is listed this often even without an event (a lost one). Long: inotify does
+/// not lose events on a local folder (a queue overflow is an event too), and each listing wakes
+/// an idle daemon (issue 16).
+const RESCAN: Duration = Duration::from_secs(600);
+/// How often a missing (or unusable) drop folder is looked for when its nearest existing parent
+/// cannot be watched; with that watch (the usual case) its creation, or a `chmod`, is an event,
+/// and it is looked for every [`RESCAN`] besides (issue 16: a default config without the folder
+/// woke every 10 s).
 const MISSING_RECHECK: Duration = Duration::from_secs(10);
 
 /// Reads one request, trusting nothing: no link followed, a regular file with one link (a hard
@@ -222,9 +227,14 @@ pub async fn run(
     };
     let events = Arc::new(Notify::new());
     let mut watch: Option<notify::RecommendedWatcher> = None;
+    let mut parent: Option<notify::RecommendedWatcher> = None;
     let mut usable = false;
     let mut said: Option<String> = None;
     loop {
+        if !usable {
+            // Before the look, so the folder made just after it is an event.
+            parent = watch_parent(&t.dir, &events);
+        }
         let d = t.dir.clone();
         let state = tokio::task::spawn_blocking(move || check_dir(&d))
             .await
@@ -235,6 +245,7 @@ pub async fn run(
                     info!(folder = %t.dir.display(), "taking the recorder's end-of-call requests (callferry enqueue --now)");
                     usable = true;
                     said = None;
+                    parent = None;
                     watch = watch_dir(&t.dir, &events);
                 }
                 if let Err(e) = t.round().await {
@@ -259,9 +270,9 @@ pub async fn run(
         }
         let wait = if !t.waiting.is_empty() {
             Duration::from_secs(1)
-        } else if !usable {
+        } else if !usable && parent.is_none() {
             MISSING_RECHECK
-        } else if watch.is_some() {
+        } else if !usable || watch.is_some() {
             RESCAN
         } else {
             Duration::from_secs(2)
@@ -278,7 +289,7 @@ fn watch_dir(dir: &Path, events: &Arc<Notify>) -> Option<notify::RecommendedWatc
     use notify::{RecursiveMode, Watcher};
     let ev = events.clone();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        if res.as_ref().is_ok_and(|e| !is_own_read(&e.kind)) {
             ev.notify_one();
         }
     })
@@ -290,6 +301,38 @@ fn watch_dir(dir: &Path, events: &Arc<Notify>) -> Option<notify::RecommendedWatc
             None
         }
     }
+}
+
+/// An event that reading the folder raises itself: notify 8 watches `IN_OPEN` and
+/// `IN_CLOSE_NOWRITE` too, so each listing of the folder was an event that listed it again, a busy
+/// loop of a whole core while idle (issue 16). A request arrives by a rename (or a create and a
+/// close after writing), never by a read.
+fn is_own_read(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    matches!(kind, EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
+}
+
+/// Watches the nearest existing parent of a drop folder that is missing or unusable, for what
+/// happens to the names on the way to it (made, moved in, its mode or owner changed). None if
+/// no parent can be watched.
+fn watch_parent(dir: &Path, events: &Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let ev = events.clone();
+    let target = dir.to_path_buf();
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(e) = res
+            && !is_own_read(&e.kind)
+            && (e.need_rescan() || e.paths.iter().any(|p| target.starts_with(p)))
+        {
+            ev.notify_one();
+        }
+    })
+    .ok()?;
+    let nearest = dir
+        .ancestors()
+        .skip(1)
+        .find(|a| a.is_dir() && w.watch(a, RecursiveMode::NonRecursive).is_ok());
+    nearest.map(|_| w)
 }
 
 struct Taker {
@@ -461,4 +504,53 @@ pub(super) fn list(dir: &Path) -> std::io::Result<Vec<OsString>> {
     }
     names.sort();
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 16: listing the drop folder raised events (notify 8 watches opens and closes) that
+    /// listed it again, forever. Events come in order: by the time the request's rename is seen,
+    /// the listing's own events have been seen too, and none may pass the filter.
+    #[test]
+    fn reading_the_drop_folder_raises_no_event_that_wakes_the_taker() {
+        use notify::event::{AccessKind, AccessMode, ModifyKind};
+        use notify::{EventKind, RecursiveMode, Watcher};
+        let d = tempfile::tempdir().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(e) = res {
+                s.lock().unwrap().push((e.kind, is_own_read(&e.kind)));
+            }
+        })
+        .unwrap();
+        w.watch(d.path(), RecursiveMode::NonRecursive).unwrap();
+        list(d.path()).unwrap();
+        std::fs::write(d.path().join(".tmp-x"), b"{}").unwrap();
+        std::fs::rename(d.path().join(".tmp-x"), d.path().join("x.req")).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let renamed = |v: &[(EventKind, bool)]| {
+            v.iter()
+                .any(|(k, _)| matches!(k, EventKind::Modify(ModifyKind::Name(_))))
+        };
+        while !renamed(&seen.lock().unwrap()) {
+            assert!(std::time::Instant::now() < deadline, "no rename event");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.iter()
+                .any(|(k, own)| *own && matches!(k, EventKind::Access(_))),
+            "the listing raised no event at all: the test proves nothing ({seen:?})"
+        );
+        for (k, own) in seen.iter() {
+            let read = matches!(
+                k,
+                EventKind::Access(AccessKind::Open(_) | AccessKind::Close(AccessMode::Read))
+            );
+            assert_eq!(*own, read, "{k:?}");
+        }
+    }
 }

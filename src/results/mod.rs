@@ -37,8 +37,10 @@ use crate::shared::Shared;
 const BATCH: u32 = 64;
 /// Requests in flight at once (the rate cap is what really limits).
 const CONCURRENCY: usize = 8;
-/// An idle follower looks at the queue at least this often (jobs made due by another process).
-const IDLE_POLL: Duration = Duration::from_secs(2);
+/// An idle follower sleeps until the next followed job is due or a wake-up (a job uploaded here, a
+/// change by another process through the wake file, `wake.rs`); this is only a safety net. It
+/// was 2 s: an idle daemon with results on woke every 2 s for nothing (issue 16).
+const IDLE_POLL: Duration = Duration::from_secs(600);
 
 pub struct Follower {
     p: Arc<Shared>,

@@ -3,7 +3,7 @@
 //! a bounded channel filled with `try_send`. When an event storm fills it, events are dropped and
 //! a full rescan is flagged instead, so memory stays bounded and nothing is missed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -23,6 +23,8 @@ pub enum Ev {
     },
     /// The kernel dropped this root's events.
     Overflow(PathBuf),
+    /// The root itself went (deleted, moved away, unmounted).
+    RootGone(PathBuf),
 }
 
 /// The inotify descriptor, for tokio's reactor.
@@ -44,8 +46,54 @@ pub async fn read_events(
     overflow: Arc<AtomicBool>,
     overflow_wake: Arc<Notify>,
 ) {
+    let r = root.clone();
+    let hand_over = move |raw: Raw| {
+        let ev = match raw {
+            Raw::Overflow => Ev::Overflow(r.clone()),
+            Raw::At { path, dir } => Ev::At {
+                root: r.clone(),
+                path,
+                dir,
+            },
+            Raw::SelfGone(p) if p == r => Ev::RootGone(p),
+            // A folder below the root: its parent's event (deleted, moved from) says so.
+            Raw::SelfGone(_) => return,
+        };
+        if tx.try_send(ev).is_err() {
+            overflow.store(true, Ordering::Relaxed);
+            overflow_wake.notify_one();
+        }
+    };
+    pump(&root, ino, hand_over).await
+}
+
+/// Reads the instance that watches the nearest existing ancestor of each missing root, and wakes
+/// the watcher when a name on the way to one of `wanted` appears there (or an ancestor goes).
+/// Names on other paths (a busy spool's other folders) wake nobody.
+pub async fn read_ancestors(
+    ino: Arc<Inotify>,
+    wanted: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+    wake: Arc<Notify>,
+) {
+    let on_the_way = move |raw: Raw| {
+        let hit = match &raw {
+            Raw::Overflow => true,
+            Raw::At { path, .. } | Raw::SelfGone(path) => wanted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|w| w.starts_with(path)),
+        };
+        if hit {
+            wake.notify_one();
+        }
+    };
+    pump(Path::new("(the missing folders' parents)"), ino, on_the_way).await
+}
+
+async fn pump(what: &Path, ino: Arc<Inotify>, mut on: impl FnMut(Raw)) {
     let lost = |e: std::io::Error| {
-        error!(path = %root.display(), error = %e, "cannot read file events; this folder is found by rescans only");
+        error!(path = %what.display(), error = %e, "cannot read file events; this folder is found by rescans only");
     };
     // SAFETY: the descriptor stays open as long as the AsyncFd: `Fd` holds the instance that
     // owns it.
@@ -67,18 +115,7 @@ pub async fn read_events(
             Err(e) => return lost(e),
         }
         for raw in out.drain(..) {
-            let ev = match raw {
-                Raw::Overflow => Ev::Overflow(root.clone()),
-                Raw::At { path, dir } => Ev::At {
-                    root: root.clone(),
-                    path,
-                    dir,
-                },
-            };
-            if tx.try_send(ev).is_err() {
-                overflow.store(true, Ordering::Relaxed);
-                overflow_wake.notify_one();
-            }
+            on(raw);
         }
     }
 }

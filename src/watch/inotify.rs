@@ -52,6 +52,10 @@ pub enum Raw {
     At { path: PathBuf, dir: bool },
     /// The kernel dropped events (its queue overflowed): rescan.
     Overflow,
+    /// The watched folder `path` itself went: deleted, moved away, its file system unmounted, or
+    /// its watch removed by the kernel. For a watched root, this is how its disappearance is
+    /// noticed (issue 16: no polling of the roots).
+    SelfGone(PathBuf),
 }
 
 #[derive(Default)]
@@ -160,6 +164,51 @@ impl Inotify {
         Ok(wd)
     }
 
+    /// Watches `dir` by name (following links: it is a configured folder's ancestor, not a path
+    /// inside a watched tree) for names appearing in it (`IN_CREATE`, `IN_MOVED_TO`) and for its
+    /// own removal. Blocking (a path lookup): call it on a lane.
+    pub fn watch_ancestor(&self, dir: &Path) -> io::Result<()> {
+        const ANCESTOR: u32 = libc::IN_CREATE
+            | libc::IN_MOVED_TO
+            | libc::IN_DELETE_SELF
+            | libc::IN_MOVE_SELF
+            | libc::IN_ONLYDIR;
+        let c = CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: valid descriptor and NUL-terminated path.
+        let wd = unsafe { libc::inotify_add_watch(self.fd.as_raw_fd(), c.as_ptr(), ANCESTOR) };
+        if wd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut m = self.map();
+        if let Some(old) = m.by_wd.insert(wd, dir.to_path_buf())
+            && old != dir
+        {
+            m.by_path.remove(&old);
+        }
+        m.by_path.insert(dir.to_path_buf(), wd);
+        Ok(())
+    }
+
+    /// The folders watched now.
+    pub fn watched(&self) -> Vec<PathBuf> {
+        self.map().by_path.keys().cloned().collect()
+    }
+
+    /// Drops the watch on exactly `dir` (not those below it). Takes no path lookup.
+    pub fn unwatch(&self, dir: &Path) {
+        let wd = {
+            let mut m = self.map();
+            let wd = m.by_path.remove(dir);
+            if let Some(wd) = wd {
+                m.by_wd.remove(&wd);
+            }
+            wd
+        };
+        if let Some(wd) = wd {
+            self.rm_wd(wd);
+        }
+    }
+
     fn rm_wd(&self, wd: i32) {
         // SAFETY: plain system call on our descriptor; a stale wd is EINVAL, harmless.
         unsafe { libc::inotify_rm_watch(self.fd.as_raw_fd(), wd) };
@@ -216,11 +265,19 @@ impl Inotify {
                 continue;
             }
             if ev.mask & libc::IN_IGNORED != 0 {
-                // The kernel removed the watch (folder deleted, or we removed it).
-                if let Some(p) = m.by_wd.remove(&ev.wd)
-                    && m.by_path.get(&p) == Some(&ev.wd)
-                {
-                    m.by_path.remove(&p);
+                // The kernel removed the watch (folder deleted, file system unmounted); one we
+                // removed ourselves is already out of the map.
+                if let Some(p) = m.by_wd.remove(&ev.wd) {
+                    if m.by_path.get(&p) == Some(&ev.wd) {
+                        m.by_path.remove(&p);
+                    }
+                    out.push(Raw::SelfGone(p));
+                }
+                continue;
+            }
+            if ev.mask & libc::IN_UNMOUNT != 0 {
+                if let Some(p) = m.by_wd.get(&ev.wd) {
+                    out.push(Raw::SelfGone(p.clone()));
                 }
                 continue;
             }
@@ -237,9 +294,13 @@ impl Inotify {
             } else {
                 dir.join(std::ffi::OsString::from_vec(name))
             };
+            let gone = ev.mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0;
+            if gone {
+                out.push(Raw::SelfGone(path.clone()));
+            }
             out.push(Raw::At {
                 path,
-                dir: is_dir || ev.mask & (libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0,
+                dir: is_dir || gone,
             });
         }
         Ok(Some(()))

@@ -13,7 +13,7 @@
 //! 200,000-file walk on a slow share is busy, not hung.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,34 @@ impl std::fmt::Display for Hung {
 impl std::error::Error for Hung {}
 
 type Job = Box<dyn FnOnce(&Beat) + Send>;
+
+/// Tells the folders' health task that a lane started a call, so it needs no tick of its own: it
+/// sleeps until a call has run long enough to be hung, or, with every lane idle, until a call
+/// starts (issue 16). Only a task that asked for it (`arm`) is woken, once, so a busy lane costs
+/// nothing here.
+#[derive(Debug, Default)]
+pub struct Pulse {
+    armed: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl Pulse {
+    /// The next call that starts wakes [`Pulse::changed`]. Arm before looking at the lanes:
+    /// a change in between is then not lost.
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    fn poke(&self) {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
+    }
+
+    pub async fn changed(&self) {
+        self.wake.notified().await
+    }
+}
 
 /// The lane's sign of life, shared between its thread and its callers.
 #[derive(Debug, Default)]
@@ -91,7 +119,7 @@ impl Lane {
     /// Starts the lane's thread for calls on `root`. It ends when the lane is dropped and its
     /// call in hand returns (a thread stuck on a dead mount is never joined: the process may exit
     /// under it). If no thread can be started, every call is [`Hung`] (and said so).
-    pub fn spawn(root: &std::path::Path, name: &str) -> Lane {
+    pub fn spawn(root: &std::path::Path, name: &str, pulse: Arc<Pulse>) -> Lane {
         let (tx, rx) = sync_channel::<Job>(QUEUE);
         let beat = Arc::new(Beat::default());
         let b = beat.clone();
@@ -102,6 +130,7 @@ impl Lane {
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
                     b.busy_since.store(b.now(), Ordering::Relaxed);
+                    pulse.poke();
                     super::fault::hang_point(&r);
                     job(&b);
                     b.busy_since.store(0, Ordering::Relaxed);
@@ -170,7 +199,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_and_then_gives_up_on_a_stuck_call_without_queueing_more() {
-        let lane = Lane::spawn(std::path::Path::new("/"), "t-lane");
+        let lane = Lane::spawn(std::path::Path::new("/"), "t-lane", Arc::default());
         assert_eq!(lane.run(|_| 2 + 2).await, Ok(4));
         let (release, held) = std::sync::mpsc::channel::<()>();
         let t = Instant::now();
@@ -197,7 +226,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_long_call_that_makes_progress_is_not_hung() {
-        let lane = Lane::spawn(std::path::Path::new("/"), "t-lane");
+        let lane = Lane::spawn(std::path::Path::new("/"), "t-lane", Arc::default());
         let r = lane
             .run(|beat| {
                 let t = Instant::now();

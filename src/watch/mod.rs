@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use lane::{DEADLINE, Hung, Lane};
+pub use lane::{DEADLINE, Hung, Lane, Pulse};
 
 /// `daemon_state` key under which the daemon keeps the folders that do not answer, for `status`
 /// (another process): a JSON array of paths, absent when every folder answers.
@@ -56,6 +56,8 @@ impl RootFs {
 #[derive(Debug, Default)]
 pub struct Roots {
     map: std::sync::Mutex<HashMap<PathBuf, Arc<RootFs>>>,
+    /// Every lane's calls starting and ending, for [`health_task`].
+    pulse: Arc<Pulse>,
 }
 
 impl Roots {
@@ -63,12 +65,13 @@ impl Roots {
     /// its own too: its recording is still opened off the runtime).
     pub fn get(&self, root: &Path) -> Arc<RootFs> {
         let mut m = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let pulse = &self.pulse;
         m.entry(root.to_path_buf())
             .or_insert_with(|| {
                 Arc::new(RootFs {
                     root: root.to_path_buf(),
-                    scan: Lane::spawn(root, "cf-scan"),
-                    files: Lane::spawn(root, "cf-files"),
+                    scan: Lane::spawn(root, "cf-scan", pulse.clone()),
+                    files: Lane::spawn(root, "cf-files", pulse.clone()),
                     unhealthy: AtomicBool::new(false),
                 })
             })
@@ -93,7 +96,11 @@ impl Roots {
 }
 
 /// Turns lanes that stopped answering into one warning per folder (and one info line when it
-/// answers again), the metric, `/healthz`'s reason and the state `status` reads. Every second.
+/// answers again), the metric, `/healthz`'s reason and the state `status` reads. Without a tick:
+/// it sleeps until a call in hand could have run [`DEADLINE`] without progress, or, with every
+/// lane idle, until a lane starts a call ([`Pulse`]); while a folder is hung it looks every second
+/// (for its answer, or a walk making progress again). An idle daemon never wakes it; a busy one
+/// about twice per [`DEADLINE`], however many calls it makes.
 pub async fn health_task(
     roots: Arc<Roots>,
     queue: crate::queue::Queue,
@@ -105,9 +112,12 @@ pub async fn health_task(
         .await;
     let mut unwritten = false;
     loop {
+        roots.pulse.arm();
         let mut changed = false;
+        let mut any_hung = false;
         for r in roots.all() {
             let hung = r.hung();
+            any_hung |= hung;
             if hung != r.unhealthy.swap(hung, Ordering::Relaxed) {
                 changed = true;
                 if hung {
@@ -134,9 +144,34 @@ pub async fn health_task(
                 .await
                 .is_err();
         }
+        let wait = if any_hung || unwritten {
+            Some(Duration::from_secs(1))
+        } else {
+            next_look(&roots.all())
+        };
+        // With a deadline pending, a call starting meanwhile is seen at that deadline anyway.
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = roots.pulse.changed(), if wait.is_none() => {}
+            _ = sleep_for(wait) => {}
         }
+    }
+}
+
+/// When a call in hand could first be hung: [`DEADLINE`] after its last progress (None: every
+/// lane is idle, nothing can turn hung before a call starts).
+pub fn next_look(roots: &[Arc<RootFs>]) -> Option<Duration> {
+    roots
+        .iter()
+        .flat_map(|r| [&r.scan, &r.files])
+        .filter_map(|lane| lane.busy_for())
+        .map(|busy| DEADLINE.saturating_sub(busy) + Duration::from_millis(10))
+        .min()
+}
+
+async fn sleep_for(wait: Option<Duration>) {
+    match wait {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
 }

@@ -18,15 +18,25 @@ use crate::watch::bridge::Ev;
 /// A path as `symlink_metadata` found it, with what the caller attached to it.
 type Looked<T> = Vec<(PathBuf, T, std::io::Result<std::fs::Metadata>)>;
 
-/// Each root's paths (and whether an event said they were folders), and the roots whose events
-/// the kernel dropped.
-type Grouped = (Vec<(PathBuf, Vec<(PathBuf, bool)>)>, Vec<PathBuf>);
+/// Each root's paths (and whether an event said they were folders), the roots whose events the
+/// kernel dropped, and the roots that went.
+type Grouped = (
+    Vec<(PathBuf, Vec<(PathBuf, bool)>)>,
+    Vec<PathBuf>,
+    Vec<PathBuf>,
+);
 
 fn group(batch: Vec<Ev>) -> Grouped {
     let mut by_root: Vec<(PathBuf, Vec<(PathBuf, bool)>)> = Vec::new();
     let mut overflowed: Vec<PathBuf> = Vec::new();
+    let mut went: Vec<PathBuf> = Vec::new();
     for ev in batch {
         match ev {
+            Ev::RootGone(root) => {
+                if !went.contains(&root) {
+                    went.push(root);
+                }
+            }
             Ev::Overflow(root) => {
                 if !overflowed.contains(&root) {
                     overflowed.push(root);
@@ -48,13 +58,16 @@ fn group(batch: Vec<Ev>) -> Grouped {
             }
         }
     }
-    (by_root, overflowed)
+    (by_root, overflowed, went)
 }
 
 impl State {
     /// A burst of file events: each root's paths are looked at in one call on its lane.
     pub(super) async fn on_events(&mut self, batch: Vec<Ev>) {
-        let (by_root, overflowed) = group(batch);
+        let (by_root, overflowed, went) = group(batch);
+        for root in &went {
+            self.root_went(root);
+        }
         for root in &overflowed {
             self.metrics.watcher_overflow();
             warn!(path = %root.display(), "the kernel dropped file events; rescanning the folder");
@@ -62,14 +75,14 @@ impl State {
         }
         let mut relinked: Vec<PathBuf> = Vec::new();
         for (root, paths) in by_root {
-            if overflowed.contains(&root) || !self.watched.contains(&root) {
+            if overflowed.contains(&root) || went.contains(&root) || !self.watched.contains(&root) {
                 continue;
             }
             let Some(looked) = self.stat_on_lane(&root, paths).await else {
                 continue;
             };
             for (path, was_dir, meta) in looked {
-                // The root itself (moved, deleted): check_roots decides.
+                // The root itself: its going is `Ev::RootGone`; other events on it change nothing.
                 if path != root {
                     self.on_path(&root, path, was_dir, meta, &mut relinked)
                         .await;

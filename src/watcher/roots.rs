@@ -10,8 +10,8 @@ use std::time::Duration;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{error, info, warn};
 
-use super::{FALLBACK_POLL, ROOT_CHECK, State};
-use crate::watch::bridge::read_events;
+use super::{FALLBACK_POLL, State};
+use crate::watch::bridge::{read_ancestors, read_events};
 use crate::watch::inotify::Inotify;
 use crate::watch::{DEADLINE, Hung};
 
@@ -44,13 +44,13 @@ impl State {
             Some(true) => {}
             Some(false) => {
                 if self.warned_missing.insert(root.clone()) {
-                    warn!(path = %root.display(), "watched folder does not exist (yet) or is not a folder; waiting for it (checked every {}s)", ROOT_CHECK.as_secs());
+                    warn!(path = %root.display(), "watched folder does not exist (yet) or is not a folder; waiting for it (its parent folder is watched for it)");
                 }
                 self.missing.push(root);
                 return;
             }
             None => {
-                // Said by the health task; looked at again every ROOT_CHECK.
+                // Said by the health task; looked at again once it answers.
                 self.missing.push(root);
                 return;
             }
@@ -95,10 +95,25 @@ impl State {
             .set_polled_folders(self.polled_dirs.len());
     }
 
+    /// A watched root's own inotify watch says it went (deleted, moved away, unmounted): it is
+    /// dropped and waited for, and looked at once more at once (it may be back already, a new
+    /// folder under the old name, whose events the old watch would never see).
+    pub(super) fn root_went(&mut self, r: &Path) {
+        if self.roots().iter().any(|w| w == r) {
+            warn!(path = %r.display(), "watched folder disappeared; waiting for it to come back");
+            self.drop_root(r);
+            self.warned_missing.insert(r.to_path_buf());
+            self.missing.push(r.to_path_buf());
+        }
+        self.recheck_roots = true;
+    }
+
     /// Folders that vanished: stop watching, wait for them to return; missing ones: watch them
     /// once they are there. Each root is asked on its lane; an answer that does not come within
     /// [`PROBE_PATIENCE`] is collected at a later check, so a folder that starts hanging while
-    /// idle never holds the watcher up (its lane is then reported by the health task).
+    /// idle never holds the watcher up (its lane is then reported by the health task). Called
+    /// on events (a root's own watch, a missing root's parent), at the periodic rescan, and on a
+    /// long fallback period while a root is missing: never on a tick.
     pub(super) async fn check_roots(&mut self, startup: bool) {
         self.start_probes();
         self.wait_for_probes().await;
@@ -114,6 +129,64 @@ impl State {
                 self.on_answer(r, answer, startup).await;
             }
         }
+        if self.watch_ancestors().await {
+            // A root may have appeared between its probe and the new watch.
+            self.recheck_roots = true;
+        }
+    }
+
+    /// Watches the nearest existing parent of each missing root for the names on the way to it
+    /// (`watch/bridge.rs`, `read_ancestors`), and nothing else. Returns whether a watch was added
+    /// (the caller then looks at the roots once more). Each lookup runs on the root's scan lane.
+    async fn watch_ancestors(&mut self) -> bool {
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = self.missing.clone();
+        if self.missing.is_empty() {
+            self.ancestors = None;
+            return false;
+        }
+        if self.ancestors.is_none() {
+            match Inotify::new() {
+                Ok(ino) => {
+                    let ino = Arc::new(ino);
+                    let reader = tokio::spawn(read_ancestors(
+                        ino.clone(),
+                        self.wanted.clone(),
+                        self.roots_wake.clone(),
+                    ));
+                    self.ancestors = Some((ino, AbortOnDropHandle::new(reader)));
+                }
+                // Looked for at the fallback period only.
+                Err(_) => return false,
+            }
+        }
+        let Some((ino, _)) = &self.ancestors else {
+            return false;
+        };
+        let ino = ino.clone();
+        let before = ino.watched();
+        let mut want = Vec::new();
+        for root in self.missing.clone() {
+            let fs = self.fs.get(&root);
+            if fs.hung() {
+                continue;
+            }
+            let (i, r) = (ino.clone(), root.clone());
+            let nearest = fs.scan.run(move |_| {
+                r.ancestors()
+                    .skip(1)
+                    .find(|d| d.is_dir() && i.watch_ancestor(d).is_ok())
+                    .map(Path::to_path_buf)
+            });
+            if let Ok(Some(d)) = nearest.await {
+                want.push(d);
+            }
+        }
+        for d in &before {
+            if !want.contains(d) {
+                ino.unwatch(d);
+            }
+        }
+        want.iter().any(|d| !before.contains(d))
     }
 
     /// Asks every root, watched or missing, whether it is a folder, on its scan lane; one whose
@@ -164,7 +237,7 @@ impl State {
             Ok(true) if missing => self.root_is_back(r, startup).await,
             Ok(false) if missing => {
                 if self.warned_missing.insert(r.clone()) {
-                    warn!(path = %r.display(), "watched folder does not exist (yet) or is not a folder; waiting for it (checked every {}s)", ROOT_CHECK.as_secs());
+                    warn!(path = %r.display(), "watched folder does not exist (yet) or is not a folder; waiting for it (its parent folder is watched for it)");
                 }
             }
             Ok(false) if self.roots().contains(&r) => {

@@ -22,4 +22,5 @@ mod pg_queue;
 mod pipeline;
 mod recorders;
 mod results;
+mod roots;
 mod sources;
