@@ -100,7 +100,7 @@ impl Wake {
     pub async fn idle(
         &self,
         queue: &Queue,
-        paused: &[String],
+        paused: impl FnOnce() -> Vec<String>,
         metrics: &Metrics,
         stop: &CancellationToken,
     ) {
@@ -110,11 +110,13 @@ impl Wake {
                 self.0.store(false, Ordering::Release);
             }
         }
-        // Registered before the queue is read: a wake-up sent after that read is not lost.
+        // Registered before the paused folders and the queue are read: a wake-up sent after
+        // those reads is not lost. (The paused folders were read by the caller before, once: an
+        // account's pause lifted in between was missed, and its jobs waited for the next wake-up.)
         let woken = self.workers.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        let due = queue.next_due_except(paused).await.ok().flatten();
+        let due = queue.next_due_except(&paused()).await.ok().flatten();
         let stamp = db_stamp(queue.path());
         let since = Instant::now();
         let watching = !self.idle_watch.swap(true, Ordering::AcqRel);
@@ -257,6 +259,46 @@ mod tests {
             .expect("the watcher woke the workers");
     }
 
+    /// An account's pause lifted just after the idle worker read which folders are paused wakes
+    /// it: it registered for wake-ups before that read. (Read before the registration, as it was,
+    /// the lift's wake-up could be lost, and the source's jobs waited for the next wake-up.)
+    #[tokio::test]
+    async fn a_pause_lifted_just_after_it_was_read_wakes_the_idle_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&dir.path().join("q.db"), OpenMode::Create)
+            .await
+            .unwrap();
+        // Due now, but under the paused folder: not waited for.
+        q.enqueue(
+            &[crate::queue::NewJob {
+                path: "/b/x.wav".into(),
+                root: "/b".into(),
+                size: 1,
+                mtime_ns: 1,
+                dev: 0,
+                ino: 0,
+            }],
+            1,
+        )
+        .await
+        .unwrap();
+        let wake = Arc::new(Wake::default());
+        let (metrics, stop) = (Metrics::new(), CancellationToken::new());
+        let lifter = wake.clone();
+        let paused = move || {
+            let read = vec!["/b".to_string()];
+            // The lift, right after the read: `gate_lift` wakes the workers.
+            lifter.workers.notify_waiters();
+            read
+        };
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            wake.idle(&q, paused, &metrics, &stop),
+        )
+        .await
+        .expect("the lift's wake-up was lost");
+    }
+
     /// Without a watched wake file, the idle worker that watches the database notices another
     /// process's commit by the files' stamp, and wakes the other idle workers.
     #[tokio::test]
@@ -272,7 +314,7 @@ mod tests {
         other.as_mut().enable();
         let watcher = {
             let (wake, q, metrics, stop) = (wake.clone(), q.clone(), metrics.clone(), stop.clone());
-            tokio::spawn(async move { wake.idle(&q, &[], &metrics, &stop).await })
+            tokio::spawn(async move { wake.idle(&q, Vec::new, &metrics, &stop).await })
         };
         // The watching role is taken before the first stat, so the commit below is a change.
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -112,10 +112,12 @@ impl Pipeline {
 
     /// Waits until there may be work (see [`Wake::idle`](crate::wake::Wake::idle)).
     async fn idle(&self) {
-        let paused = self.paused_roots();
-        (self
-            .wake
-            .idle(&self.queue, &paused, &self.metrics, &self.stop_claiming))
+        (self.wake.idle(
+            &self.queue,
+            || self.paused_roots(),
+            &self.metrics,
+            &self.stop_claiming,
+        ))
         .await
     }
 
