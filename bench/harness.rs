@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, anyhow, bail};
-use callferry::fake::{Counters, InteractionRecord};
+use callferry_fake::{Counters, InteractionRecord};
 
 pub const TOKEN: &str = "bench-token-5c1d";
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use callferry::fake::{Counters, InteractionRecord};
+use callferry_fake::{Counters, InteractionRecord};
 
 use crate::harness::{
     self, Daemon, DaemonSetup, Fake, Measured, ProcCpu, TOKEN, check_exactly_once, make_files,

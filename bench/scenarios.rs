@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use callferry::fake::InteractionRecord;
+use callferry_fake::InteractionRecord;
 
 use crate::harness::{
     self, Daemon, DaemonSetup, Fake, TOKEN, check_exactly_once, make_files, percentile, span_s,

@@ -14,8 +14,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, AppError};
-use crate::fake::{FakeApi, FakeOptions, wav_bytes};
 use crate::queue::{Job, State};
+use callferry_fake::{FakeApi, FakeOptions, wav_bytes};
 
 const DEMO_TOKEN: &str = "demo-token-not-secret";
 
@@ -72,8 +72,8 @@ async fn start_fake() -> Result<FakeApi, AppError> {
     // One upload is answered by a dropped connection after the service stored it: the retry then
     // gets 409, which callferry counts as uploaded.
     fake.push_fault(
-        crate::fake::Endpoint::Upload,
-        crate::fake::Fault::ResetAfterStore,
+        callferry_fake::Endpoint::Upload,
+        callferry_fake::Fault::ResetAfterStore,
     );
     Ok(fake)
 }

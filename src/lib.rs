@@ -13,7 +13,6 @@ pub mod completeness;
 pub mod config;
 pub mod demo;
 pub mod dispose;
-pub mod fake;
 pub mod filestream;
 pub mod forget;
 pub mod gate;

@@ -1,7 +1,7 @@
 //! A throwaway PostgreSQL server for the tests and the benchmarks of the PostgreSQL queue: `initdb`
 //! and `pg_ctl` in a temporary folder, reached only through a Unix socket in that folder, removed
-//! with it. Like [`crate::fake`], it ships in the library so the integration tests, the unit tests
-//! and the bench share one copy; the daemon never uses it.
+//! with it. It ships in the library so the integration tests, the unit tests and the bench share
+//! one copy; the daemon never uses it.
 //!
 //! PostgreSQL refuses to run as root, and CI runs as root: then the cluster belongs to `nobody`.
 //! The server binaries are looked up where Debian puts them (`/usr/lib/postgresql/<major>/bin`),

@@ -21,7 +21,7 @@ pub(super) async fn fake_api(
     env: &BTreeMap<String, String>,
 ) -> i32 {
     init_logging(LogFormat::Text, "info", env);
-    let opts = crate::fake::FakeOptions {
+    let opts = callferry_fake::FakeOptions {
         token,
         processing_time,
         ..Default::default()
@@ -38,7 +38,7 @@ pub(super) async fn fake_api(
     tell(&format!(
         "fake ElevateAI API on {scheme}://{listen}/v1 (control: {scheme}://{listen}/_fake/){trust}"
     ));
-    match crate::fake::serve_forever(listen, opts, tls_ca_out.as_deref()).await {
+    match callferry_fake::serve_forever(listen, opts, tls_ca_out.as_deref()).await {
         Ok(()) => EXIT_OK,
         Err(e) => {
             tell(&format!("callferry: fake API: {e}"));

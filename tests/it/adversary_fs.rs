@@ -39,8 +39,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use callferry::fake::{FakeApi, FakeOptions};
 use callferry::queue::State;
+use callferry_fake::{FakeApi, FakeOptions};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as PtConfig, RngSeed, TestCaseError, TestError, TestRunner};

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use callferry::fake::{FakeApi, FakeOptions};
+use callferry_fake::{FakeApi, FakeOptions};
 
 use crate::hardening::proc::{Daemon, callferry, write_config};
 use crate::helpers::*;
@@ -31,7 +31,7 @@ fn drop_recordings_of(rec: &Path, prefix: &str, n: usize, seconds: f64) -> usize
     for i in 0..n {
         // Distinct content per file (a tone of its own), a valid WAV header.
         let bytes =
-            callferry::fake::wav_bytes(seconds, 200.0 + i as f64 + prefix.len() as f64 * 0.1);
+            callferry_fake::wav_bytes(seconds, 200.0 + i as f64 + prefix.len() as f64 * 0.1);
         let tmp = rec.join(format!(".{prefix}-{i}.wav.part"));
         std::fs::write(&tmp, &bytes).unwrap();
         std::fs::rename(&tmp, rec.join(format!("{prefix}-{i}.wav"))).unwrap();

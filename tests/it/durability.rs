@@ -3,9 +3,9 @@
 //! crash), an upload's outcome is never left in flight, and a long reader does not hold up the
 //! workers or the after-upload action.
 
-use callferry::fake::{Endpoint, Fault};
 use callferry::gate::Pause;
 use callferry::queue::Fault as QueueFault;
+use callferry_fake::{Endpoint, Fault};
 
 use callferry::queue::{OpenMode, Queue};
 
@@ -95,7 +95,7 @@ async fn a_long_reader_holds_up_neither_uploads_nor_deletes() {
     let started = std::time::Instant::now();
     let files: Vec<_> = (0..N)
         .map(|i| {
-            let b = callferry::fake::wav_bytes(0.05, 300.0 + i as f64);
+            let b = callferry_fake::wav_bytes(0.05, 300.0 + i as f64);
             (app.drop_file(&format!("r{i}.wav"), &b), b)
         })
         .collect();
@@ -141,7 +141,7 @@ async fn enqueue_of_a_backlog_beside_a_busy_daemon_queues_every_file() {
     let backlog = app.dir.path().join("backlog");
     std::fs::create_dir_all(&backlog).unwrap();
     let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-    let bytes = callferry::fake::wav_bytes(0.01, 440.0);
+    let bytes = callferry_fake::wav_bytes(0.01, 440.0);
     let mut args = Vec::new();
     for i in 0..BACKLOG {
         let p = backlog.join(format!("old-{i:05}.wav"));
@@ -343,7 +343,7 @@ async fn running_out_of_descriptors_holds_the_workers_back_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let rec = dir.path().join("rec");
     std::fs::create_dir_all(&rec).unwrap();
-    let fake = callferry::fake::FakeApi::start(callferry::fake::FakeOptions {
+    let fake = callferry_fake::FakeApi::start(callferry_fake::FakeOptions {
         token: TOKEN.into(),
         ..Default::default()
     })
@@ -384,7 +384,7 @@ async fn running_out_of_descriptors_holds_the_workers_back_and_loses_nothing() {
         });
     }
     let mut child = cmd.spawn().unwrap();
-    let bytes = callferry::fake::wav_bytes(0.05, 440.0);
+    let bytes = callferry_fake::wav_bytes(0.05, 440.0);
     for i in 0..N {
         let p = rec.join(format!("fd-{i:02}.wav"));
         std::fs::write(&p, &bytes).unwrap();
@@ -445,7 +445,7 @@ async fn an_unwritable_results_folder_is_a_held_error_on_healthz() {
             "[metrics]\nlisten = \"127.0.0.1:0\"\n[results]\nenabled = true\noutput_dir = \"{}\"\npoll_interval = \"200ms\"\n",
             out.display()
         ),
-        callferry::fake::FakeOptions {
+        callferry_fake::FakeOptions {
             token: TOKEN.into(),
             processing_time: std::time::Duration::from_millis(100),
             ..Default::default()

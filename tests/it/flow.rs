@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use callferry::fake::{Endpoint, Fault, RandomFaults};
 use callferry::gate::{BREAKER_THRESHOLD, Pause};
 use callferry::queue::State;
+use callferry_fake::{Endpoint, Fault, RandomFaults};
 
 use crate::helpers::*;
 

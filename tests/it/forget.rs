@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use callferry::fake::{Endpoint, Fault};
 use callferry::queue::Job;
+use callferry_fake::{Endpoint, Fault};
 
 use crate::helpers::*;
 

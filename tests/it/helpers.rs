@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use callferry::app::{self, AppError, Handle};
 use callferry::config::Config;
-use callferry::fake::{FakeApi, FakeOptions, InteractionRecord};
 use callferry::queue::{Job, OpenMode, Queue};
+use callferry_fake::{FakeApi, FakeOptions, InteractionRecord};
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +33,7 @@ pub fn sha256(bytes: &[u8]) -> String {
 }
 
 pub fn wav(seconds: f64) -> Vec<u8> {
-    callferry::fake::wav_bytes(seconds, 440.0)
+    callferry_fake::wav_bytes(seconds, 440.0)
 }
 
 /// Polls `cond` until it is true or the deadline passes.
@@ -372,7 +372,7 @@ impl Logs {
             .with_writer(self.clone())
             .with_ansi(false)
             .with_env_filter(tracing_subscriber::EnvFilter::new(
-                "callferry=info,callferry::fake=off",
+                "callferry=info,callferry_fake=off",
             ))
             .finish();
         tracing::subscriber::set_default(sub)

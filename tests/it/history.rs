@@ -5,8 +5,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use callferry::fake::{Endpoint, FakeOptions, Fault};
 use callferry::queue::Job;
+use callferry_fake::{Endpoint, FakeOptions, Fault};
 
 use crate::helpers::*;
 

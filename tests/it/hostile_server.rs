@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use callferry::api::{ApiClient, ApiError, ErrorClass};
-use callferry::fake::{Endpoint, FakeApi, FakeOptions, Fault};
 use callferry::queue::State;
 use callferry::secret::Secret;
+use callferry_fake::{Endpoint, FakeApi, FakeOptions, Fault};
 use tokio::io::AsyncReadExt;
 
 use crate::hardening::proc::{Daemon, callferry, queue_when_ready};

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use callferry::fake::{Endpoint, Fault};
+use callferry_fake::{Endpoint, Fault};
 
 use crate::helpers::*;
 
@@ -214,7 +214,7 @@ async fn under_systemd_it_says_ready_status_feeds_the_watchdog_and_says_stopping
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("rec")).unwrap();
-    let fake = callferry::fake::FakeApi::start(callferry::fake::FakeOptions {
+    let fake = callferry_fake::FakeApi::start(callferry_fake::FakeOptions {
         token: TOKEN.into(),
         ..Default::default()
     })

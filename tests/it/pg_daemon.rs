@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use callferry::app::{self, AppError, Handle};
-use callferry::fake::{Endpoint, FakeApi, FakeOptions, Fault};
 use callferry::pgcluster::PgCluster;
 use callferry::queue::{Job, Queue};
+use callferry_fake::{Endpoint, FakeApi, FakeOptions, Fault};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

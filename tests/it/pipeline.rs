@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use callferry::api::ApiClient;
 use callferry::clock::now_ms;
-use callferry::fake::{Endpoint, Fault};
 use callferry::queue::{NewJob, OpenMode, Queue, State};
+use callferry_fake::{Endpoint, Fault};
 
 use crate::helpers::*;
 
@@ -185,7 +185,7 @@ async fn a_server_that_lies_does_not_cause_double_uploads() {
 async fn rejected_files_fail_with_the_servers_reason_and_retry_brings_them_back() {
     let mut app = TestApp::start_with(
         "",
-        callferry::fake::FakeOptions {
+        callferry_fake::FakeOptions {
             token: TOKEN.into(),
             max_upload_bytes: Some(20_000),
             ..Default::default()
@@ -344,7 +344,7 @@ async fn restart_with_jobs_in_every_state_resumes_without_a_second_declare() {
     let dir = tempfile::tempdir().unwrap();
     let rec = dir.path().join("rec");
     std::fs::create_dir_all(&rec).unwrap();
-    let fake = callferry::fake::FakeApi::start(callferry::fake::FakeOptions {
+    let fake = callferry_fake::FakeApi::start(callferry_fake::FakeOptions {
         token: TOKEN.into(),
         ..Default::default()
     })
@@ -580,7 +580,7 @@ async fn a_second_daemon_on_the_same_database_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_shorter_than_queued_fails_its_upload_as_a_local_error_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = callferry::fake::FakeApi::start(callferry::fake::FakeOptions {
+    let fake = callferry_fake::FakeApi::start(callferry_fake::FakeOptions {
         token: TOKEN.into(),
         ..Default::default()
     })

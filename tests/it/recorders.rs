@@ -6,7 +6,7 @@ use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use callferry::fake::{wav_bytes, wav_header};
+use callferry_fake::{wav_bytes, wav_header};
 
 use crate::helpers::*;
 
@@ -447,7 +447,7 @@ async fn long_call_is_uploaded_once_with_flat_memory() {
     let dir = tempfile::tempdir().unwrap();
     let rec = dir.path().join("rec");
     std::fs::create_dir_all(&rec).unwrap();
-    let fake = callferry::fake::FakeApi::start(callferry::fake::FakeOptions {
+    let fake = callferry_fake::FakeApi::start(callferry_fake::FakeOptions {
         token: TOKEN.into(),
         ..Default::default()
     })

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use callferry::api::ApiClient;
 use callferry::clock::now_ms;
-use callferry::fake::FakeOptions;
 use callferry::queue::{NewJob, OpenMode, Queue};
+use callferry_fake::FakeOptions;
 
 use crate::helpers::*;
 
@@ -211,7 +211,7 @@ async fn a_thousand_followed_jobs_respect_the_global_request_rate() {
     let dir = tempfile::tempdir().unwrap();
     let rec = dir.path().join("rec");
     std::fs::create_dir_all(&rec).unwrap();
-    let fake = callferry::fake::FakeApi::start(fake_processing(3_600_000))
+    let fake = callferry_fake::FakeApi::start(fake_processing(3_600_000))
         .await
         .unwrap();
     let cap = 100.0;
@@ -322,7 +322,7 @@ impl Drop for ChildGuard {
 }
 
 struct FollowRun {
-    fake: callferry::fake::FakeApi,
+    fake: callferry_fake::FakeApi,
     ids: Vec<String>,
     out: PathBuf,
     child: ChildGuard,
@@ -337,7 +337,7 @@ async fn follow_run(n: usize, poll: u64, cap: f64) -> FollowRun {
     let rec = dir.path().join("rec");
     let out = dir.path().join("out");
     std::fs::create_dir_all(&rec).unwrap();
-    let fake = callferry::fake::FakeApi::start(fake_processing(3_600_000))
+    let fake = callferry_fake::FakeApi::start(fake_processing(3_600_000))
         .await
         .unwrap();
     let ids = fake.seed_uploaded(n);

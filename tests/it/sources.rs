@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use callferry::app::{self, AppError, Handle};
-use callferry::fake::{FakeApi, FakeOptions};
 use callferry::queue::Job;
+use callferry_fake::{FakeApi, FakeOptions};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

@@ -18,7 +18,7 @@ fn is_root() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watched_folder_missing_at_start_or_removed_later_is_waited_for() {
     let dir = tempfile::tempdir().unwrap();
-    let fake = callferry::fake::FakeApi::start(callferry::fake::FakeOptions {
+    let fake = callferry_fake::FakeApi::start(callferry_fake::FakeOptions {
         token: TOKEN.into(),
         ..Default::default()
     })

@@ -23,7 +23,7 @@ async fn a_full_disk_pauses_keeps_every_job_and_resumes_when_space_is_back() {
     // Enough jobs that recording their outcomes needs new database pages.
     let files: Vec<(PathBuf, Vec<u8>)> = (0..N)
         .map(|i| {
-            let b = callferry::fake::wav_bytes(0.05, 300.0 + i as f64);
+            let b = callferry_fake::wav_bytes(0.05, 300.0 + i as f64);
             (app.drop_file(&format!("full-{i:02}.wav"), &b), b)
         })
         .collect();

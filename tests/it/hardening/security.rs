@@ -5,8 +5,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Output;
 
-use callferry::fake::{Endpoint, FakeApi, FakeOptions, Fault};
 use callferry::queue::State;
+use callferry_fake::{Endpoint, FakeApi, FakeOptions, Fault};
 
 use super::proc::{Daemon, ShowLogOnPanic, callferry, queue_when_ready, write_config};
 use crate::helpers::*;

@@ -19,8 +19,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use callferry::fake::{FakeApi, FakeOptions, RandomFaults};
 use callferry::queue::State;
+use callferry_fake::{FakeApi, FakeOptions, RandomFaults};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -135,7 +135,7 @@ fn write_files(rec: &Path, n: usize, seed: u64, spread: Duration) -> Vec<Written
         let dest = rec.join(&rel);
         std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
         let secs = rng.random_range(0.1..4.0);
-        let bytes = callferry::fake::wav_bytes(secs, 200.0 + i as f64);
+        let bytes = callferry_fake::wav_bytes(secs, 200.0 + i as f64);
         if rng.random_bool(0.15) {
             use std::io::Write;
             let mut f = std::fs::File::create(&dest).unwrap();
@@ -328,7 +328,7 @@ level = "info"
         .map(|j| (j.fs_path().strip_prefix(&rec).unwrap().to_path_buf(), j.id))
         .collect();
     let job_of = |ext: &str| by_rel.get(Path::new(ext)).copied();
-    let mut per_job: BTreeMap<i64, Vec<&callferry::fake::InteractionRecord>> = BTreeMap::new();
+    let mut per_job: BTreeMap<i64, Vec<&callferry_fake::InteractionRecord>> = BTreeMap::new();
     for i in &interactions {
         let ext = i.declare_body["externalIdentifier"].as_str().unwrap_or("");
         let job = job_of(ext).unwrap_or_else(|| panic!("declare without our identifier: {i:?}"));

@@ -5,8 +5,8 @@ use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::time::Duration;
 
-use callferry::fake::{FakeApi, FakeOptions};
 use callferry::queue::{Queue, State};
+use callferry_fake::{FakeApi, FakeOptions};
 
 use super::proc::{Daemon, queue_when_ready, write_config};
 use crate::helpers::*;
@@ -59,7 +59,7 @@ async fn sigterm_lets_in_flight_uploads_finish_claims_nothing_more_and_exits_0()
 
     let files: Vec<(String, Vec<u8>)> = (0..4)
         .map(|i| {
-            let b = callferry::fake::wav_bytes(10.0, 300.0 + i as f64);
+            let b = callferry_fake::wav_bytes(10.0, 300.0 + i as f64);
             let name = format!("t{i}.wav");
             std::fs::write(rec.join(&name), &b).unwrap();
             (name, b)
@@ -138,7 +138,7 @@ async fn a_grace_shorter_than_the_upload_puts_it_back_and_the_next_start_finishe
     let log = dir.path().join("daemon.log");
     let mut d = Daemon::spawn(&cfg, &log, &[]);
     d.wait_log("callferry running").await;
-    let bytes = callferry::fake::wav_bytes(10.0, 440.0);
+    let bytes = callferry_fake::wav_bytes(10.0, 440.0);
     std::fs::write(rec.join("long.wav"), &bytes).unwrap();
     let q = queue(dir.path()).await;
     eventually("the upload in flight", || async {

@@ -1,6 +1,8 @@
 //! A fake of the ElevateAI REST API, for integration tests, the `callferry
 //! demo` command and benchmarks. It is test infrastructure, not a product
-//! component: nothing in the daemon's upload path depends on it.
+//! component: nothing in the daemon's upload path depends on it. A crate of its own
+//! (`callferry-fake`), so it cannot reach the daemon's internals: it knows the API only as the
+//! service documents it.
 //!
 //! The fake owns:
 //! - the audio-interaction part of ElevateAI's `/v1` API: declare, multipart
