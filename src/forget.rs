@@ -20,7 +20,7 @@ use std::time::Duration;
 use crate::api::{ApiClient, ErrorClass};
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::queue::{Forgot, Job, Queue, QueueError};
+use crate::queue::{Forgot, Job, Queue, QueueError, Tombstone};
 use crate::results::result_path_for;
 
 /// The clients to delete with: `[api]`'s token, and each `[[source]]` that has its own account.
@@ -283,30 +283,67 @@ pub async fn finish_pending(
 ) -> Result<(), QueueError> {
     queue.secure_delete().await?;
     let pending = queue.pending_forgets().await?;
-    let local: Vec<_> = pending.iter().filter(|t| !t.local_done).collect();
-    if !local.is_empty() {
-        let dir = cfg.results.output_dir.clone();
-        let ids: HashSet<String> = local
-            .iter()
-            .filter_map(|t| t.interaction_id.clone())
-            .collect();
-        let mut files: Vec<PathBuf> = local.iter().flat_map(|t| t.files.clone()).collect();
-        let outcome = tokio::task::spawn_blocking(move || remove_local(&dir, &ids, &mut files))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        match outcome {
-            Ok((f, l)) => {
-                report.files_removed += f;
-                report.index_lines_removed += l;
-                let ids: Vec<i64> = local.iter().map(|t| t.id).collect();
-                queue.forget_local_done(&ids).await?;
-            }
-            Err(e) => report.pending.push(format!(
-                "cannot remove results under {}: {e}",
-                cfg.results.output_dir.display()
-            )),
-        }
+    remove_local_results(cfg, queue, &pending, report).await?;
+    delete_remote(cfg, queue, apis, &pending, report).await?;
+    report.finished += queue.forget_finish(now_ms()).await?;
+    fault_point(5);
+    if queue.scrub_pending().await? {
+        let lock = match in_daemon {
+            true => None,
+            false => crate::queue::DaemonLock::acquire(queue.path()).ok(),
+        };
+        let vacuum = in_daemon || lock.is_some();
+        queue.scrub(vacuum, Duration::from_secs(60)).await?;
+        report.vacuumed = vacuum;
     }
+    Ok(())
+}
+
+/// The local step of the tombstones that still need it: their result files and index lines go,
+/// then the step is recorded. A failure is reported and the step is tried again next time.
+async fn remove_local_results(
+    cfg: &Config,
+    queue: &Queue,
+    pending: &[Tombstone],
+    report: &mut Report,
+) -> Result<(), QueueError> {
+    let local: Vec<_> = pending.iter().filter(|t| !t.local_done).collect();
+    if local.is_empty() {
+        return Ok(());
+    }
+    let dir = cfg.results.output_dir.clone();
+    let ids: HashSet<String> = local
+        .iter()
+        .filter_map(|t| t.interaction_id.clone())
+        .collect();
+    let mut files: Vec<PathBuf> = local.iter().flat_map(|t| t.files.clone()).collect();
+    let outcome = tokio::task::spawn_blocking(move || remove_local(&dir, &ids, &mut files))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    match outcome {
+        Ok((f, l)) => {
+            report.files_removed += f;
+            report.index_lines_removed += l;
+            let ids: Vec<i64> = local.iter().map(|t| t.id).collect();
+            queue.forget_local_done(&ids).await?;
+        }
+        Err(e) => report.pending.push(format!(
+            "cannot remove results under {}: {e}",
+            cfg.results.output_dir.display()
+        )),
+    }
+    Ok(())
+}
+
+/// The remote step: each interaction deleted at ElevateAI (a 404 is done too), the outcome
+/// recorded on its tombstone, and what failed reported.
+async fn delete_remote(
+    cfg: &Config,
+    queue: &Queue,
+    apis: &Apis,
+    pending: &[Tombstone],
+    report: &mut Report,
+) -> Result<(), QueueError> {
     // By account: one rejected token is rejected for every call of its account, so it is not
     // asked again for each; other accounts go on.
     let mut auth_failed: std::collections::HashMap<String, String> = Default::default();
@@ -347,17 +384,6 @@ pub async fn finish_pending(
         if let Some(why) = why {
             report.pending.push(why);
         }
-    }
-    report.finished += queue.forget_finish(now_ms()).await?;
-    fault_point(5);
-    if queue.scrub_pending().await? {
-        let lock = match in_daemon {
-            true => None,
-            false => crate::queue::DaemonLock::acquire(queue.path()).ok(),
-        };
-        let vacuum = in_daemon || lock.is_some();
-        queue.scrub(vacuum, Duration::from_secs(60)).await?;
-        report.vacuumed = vacuum;
     }
     Ok(())
 }

@@ -81,58 +81,14 @@ pub(super) fn enqueue_now(
     urlencoded: bool,
     env: &std::collections::BTreeMap<String, String>,
 ) -> i32 {
-    use super::{EXIT_CONFIG, EXIT_USAGE};
     use crate::hook;
-    let usage = |m: &str| {
-        tell(&format!("callferry enqueue --now: {m}"));
-        EXIT_USAGE
-    };
-    let [file] = files else {
-        return usage("takes exactly one FILE (the recording whose call just ended)");
-    };
-    let decode = |s: &str| {
-        if urlencoded {
-            hook::percent_decode(s)
-        } else {
-            Ok(s.to_string())
+    let req = match hook_request(files, external_id, meta, urlencoded) {
+        Ok(req) => req,
+        Err(Usage(m)) => {
+            tell(&format!("callferry enqueue --now: {m}"));
+            return super::EXIT_USAGE;
         }
     };
-    let external_id = match external_id.map(decode).transpose() {
-        Ok(id) => id,
-        Err(e) => return usage(&format!("--external-id {e}")),
-    };
-    let mut pairs = std::collections::BTreeMap::new();
-    for m in meta {
-        let Some((k, v)) = m.split_once('=') else {
-            return usage(&format!("--meta {m:?} is not KEY=VALUE"));
-        };
-        if let Err(e) = hook::check_key(k) {
-            return usage(&e);
-        }
-        let v = match decode(v) {
-            Ok(v) => v,
-            Err(e) => return usage(&format!("--meta {k}: {e}")),
-        };
-        if pairs.insert(k.to_string(), v).is_some() {
-            return usage(&format!("--meta {k} is given twice"));
-        }
-    }
-    let path = match std::path::absolute(file) {
-        Ok(p) => p,
-        Err(e) => return usage(&format!("{}: {e}", file.display())),
-    };
-    match std::fs::metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return usage(&format!("{} does not exist", path.display()));
-        }
-        Ok(m) if m.is_dir() => return usage(&format!("{} is a folder", path.display())),
-        // Anything else is the daemon's to judge: it reads the file as its own user.
-        _ => {}
-    }
-    let req = hook::Request::new(&path, external_id, pairs);
-    if let Err(e) = req.validate() {
-        return usage(&e);
-    }
     let dir = hook::hook_dir(hook_dir, env);
     match hook::submit(&dir, &req) {
         Ok(written) => {
@@ -140,7 +96,7 @@ pub(super) fn enqueue_now(
                 &mut std::io::stdout().lock(),
                 &format!(
                     "requested {} ({})\n",
-                    path.display(),
+                    req.path().display(),
                     written.file_name().unwrap_or_default().to_string_lossy()
                 ),
             );
@@ -148,11 +104,78 @@ pub(super) fn enqueue_now(
         }
         Err(hook::SubmitError::Setup(m)) => {
             tell(&format!("callferry enqueue --now: {m}"));
-            EXIT_CONFIG
+            super::EXIT_CONFIG
         }
         Err(hook::SubmitError::Failed(m)) => {
             tell(&format!("callferry enqueue --now: {m}"));
             EXIT_FAILURE
         }
+    }
+}
+
+/// A mistake in the hook's arguments (exit 64), as the recorder's log will show it.
+struct Usage(String);
+
+/// The request the hook's arguments describe, checked by the rules the daemon applies too.
+fn hook_request(
+    files: &[PathBuf],
+    external_id: Option<&str>,
+    meta: &[String],
+    urlencoded: bool,
+) -> Result<crate::hook::Request, Usage> {
+    let [file] = files else {
+        return Err(Usage(
+            "takes exactly one FILE (the recording whose call just ended)".into(),
+        ));
+    };
+    let external_id = external_id
+        .map(|s| decoded(s, urlencoded))
+        .transpose()
+        .map_err(|e| Usage(format!("--external-id {e}")))?;
+    let pairs = meta_pairs(meta, urlencoded)?;
+    let path = recording_path(file)?;
+    let req = crate::hook::Request::new(&path, external_id, pairs);
+    req.validate().map_err(Usage)?;
+    Ok(req)
+}
+
+/// A value as given, or `%XX`-decoded with `--urlencoded`.
+fn decoded(s: &str, urlencoded: bool) -> Result<String, String> {
+    if urlencoded {
+        crate::hook::percent_decode(s)
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+/// The `--meta KEY=VALUE` pairs: each key once, each key a valid one.
+fn meta_pairs(
+    meta: &[String],
+    urlencoded: bool,
+) -> Result<std::collections::BTreeMap<String, String>, Usage> {
+    let mut pairs = std::collections::BTreeMap::new();
+    for m in meta {
+        let Some((k, v)) = m.split_once('=') else {
+            return Err(Usage(format!("--meta {m:?} is not KEY=VALUE")));
+        };
+        crate::hook::check_key(k).map_err(Usage)?;
+        let v = decoded(v, urlencoded).map_err(|e| Usage(format!("--meta {k}: {e}")))?;
+        if pairs.insert(k.to_string(), v).is_some() {
+            return Err(Usage(format!("--meta {k} is given twice")));
+        }
+    }
+    Ok(pairs)
+}
+
+/// The recording's absolute path. Only a missing file or a folder is refused here; anything else
+/// is the daemon's to judge: it reads the file as its own user.
+fn recording_path(file: &std::path::Path) -> Result<PathBuf, Usage> {
+    let path = std::path::absolute(file).map_err(|e| Usage(format!("{}: {e}", file.display())))?;
+    match std::fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(Usage(format!("{} does not exist", path.display())))
+        }
+        Ok(m) if m.is_dir() => Err(Usage(format!("{} is a folder", path.display()))),
+        _ => Ok(path),
     }
 }
