@@ -193,6 +193,12 @@ impl Progress {
         Parked(self)
     }
 
+    /// Changes with every sign of life (a worker waking up included): what was derived from the
+    /// queue since it last changed is still true, as far as this daemon's own work goes.
+    pub fn generation(&self) -> u64 {
+        self.last_beat_ms.load(Ordering::Relaxed)
+    }
+
     /// Time since the last sign of life; zero while a worker is parked idle.
     pub fn since_beat(&self) -> Duration {
         if self.parked.load(Ordering::Relaxed) > 0 {
@@ -663,7 +669,9 @@ mod tests {
         assert!(p.since_beat() >= Duration::from_secs(3600));
         let parked = p.park();
         assert_eq!(p.since_beat(), Duration::ZERO);
+        let g = p.generation();
         drop(parked);
         assert!(p.since_beat() < Duration::from_secs(60), "unparking beats");
+        assert_ne!(p.generation(), g, "and is a new generation");
     }
 }

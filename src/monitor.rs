@@ -258,6 +258,10 @@ pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: Cancellati
     };
     let mut starving = false;
     let mut last_status: Option<String> = None;
+    // What the line was made from: the workers' last sign of life and the pause. Counts change
+    // only through a worker, the watcher or the follower (each a beat: they wake the workers), so
+    // an idle daemon's ping does not read the queue for a line that cannot have changed.
+    let mut status_of: Option<(u64, Option<String>)> = None;
     let mut due = Instant::now();
     loop {
         tokio::select! {
@@ -290,7 +294,11 @@ pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: Cancellati
             }
         }
 
-        if systemd::enabled() {
+        let now_of = (
+            monitor.metrics.progress.generation(),
+            monitor.gate.state().shown().map(|p| p.reason()),
+        );
+        if systemd::enabled() && status_of.as_ref() != Some(&now_of) {
             match monitor.queue.counts().await {
                 Ok(c) => {
                     let line = status_line(&c, monitor.gate.state().shown().as_ref());
@@ -298,6 +306,7 @@ pub async fn ticker(monitor: Monitor, ready: Arc<AtomicBool>, cancel: Cancellati
                         systemd::status(&line);
                         last_status = Some(line);
                     }
+                    status_of = Some(now_of);
                 }
                 Err(e) => warn!(error = %e, "cannot read the queue for the STATUS line"),
             }
