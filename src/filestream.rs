@@ -55,8 +55,11 @@ pub struct FileChunks {
     /// those the ones allocated (for the tests of their reuse).
     taken: usize,
     allocated: usize,
-    /// The file's mtime when the stream was made (None: `fstat` failed; then not compared).
-    mtime_at_start: Option<i64>,
+    /// The mtime of the version being sent: the one the caller checked ([`FileChunks::of_version`]),
+    /// else the file's when the stream was made (None: `fstat` failed; then not compared).
+    version_mtime: Option<i64>,
+    /// The file was compared with its version before the first read.
+    started: bool,
     /// The end was reached and checked.
     done: bool,
 }
@@ -116,10 +119,28 @@ impl FileChunks {
             pool: &POOL,
             taken: 0,
             allocated: 0,
-            mtime_at_start: mtime_ns(&file),
+            version_mtime: mtime_ns(&file),
+            started: false,
             done: false,
             file: Arc::new(file),
         }
+    }
+
+    /// Sends the version whose mtime is `mtime_ns` (the one the caller checked when it opened the
+    /// file), and nothing else: a file written to after that check, before the first read (while
+    /// the worker declared its interaction, a round trip and a flush), fails before a byte is
+    /// sent, and one written to while it is read fails at the end. (Compared with the mtime the
+    /// file had when the stream was made, a rewrite during the declare went unseen: the new bytes
+    /// were stored under the old version's interaction, and again under their own. The adversary
+    /// found it.)
+    pub fn of_version(mut self, mtime_ns: i64) -> FileChunks {
+        self.version_mtime = Some(mtime_ns);
+        self
+    }
+
+    /// Whether the file is no longer the version being sent.
+    fn changed(&self) -> bool {
+        matches!((self.version_mtime, mtime_ns(&self.file)), (Some(v), Some(now)) if v != now)
     }
 
     /// At the end: the bytes sent are one version only if nothing wrote to the file meanwhile.
@@ -128,13 +149,13 @@ impl FileChunks {
             return Poll::Ready(None);
         }
         self.done = true;
-        match (self.mtime_at_start, mtime_ns(&self.file)) {
-            (Some(before), Some(now)) if before != now => Poll::Ready(Some(Err(io::Error::other(
+        if self.changed() {
+            return Poll::Ready(Some(Err(io::Error::other(
                 "the file was written to while it was being uploaded (its modification time \
                  changed): this upload is abandoned, and the file's new version is queued on its own",
-            )))),
-            _ => Poll::Ready(None),
+            ))));
         }
+        Poll::Ready(None)
     }
 
     #[cfg(test)]
@@ -231,6 +252,9 @@ impl Stream for FileChunks {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
         loop {
             if let Some(task) = &mut this.pending {
                 let r = ready!(Pin::new(task).poll(cx));
@@ -246,6 +270,17 @@ impl Stream for FileChunks {
                         "file read task failed: {e}"
                     ))))),
                 };
+            }
+            if !this.started {
+                this.started = true;
+                if this.changed() {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(io::Error::other(
+                        "the file was written to after it was checked for upload (its \
+                         modification time changed): this upload is abandoned before sending, and \
+                         the file's new version is queued on its own",
+                    ))));
+                }
             }
             if this.offset >= this.size {
                 return this.finish();
@@ -450,6 +485,38 @@ mod tests {
                 "nowait {nowait}: {e}"
             );
         }
+    }
+
+    /// A file rewritten after the worker checked it (during the declare) and before the stream
+    /// was made sends nothing: the stream compares with the version checked, not with what the
+    /// file holds when the stream is made. The version itself streams whole.
+    #[tokio::test]
+    async fn a_file_rewritten_after_its_check_sends_nothing() {
+        use std::os::unix::fs::MetadataExt;
+        let (f, data) = sample(20_000);
+        let checked = {
+            let m = std::fs::metadata(f.path()).unwrap();
+            m.mtime() * 1_000_000_000 + m.mtime_nsec()
+        };
+        let (got, _) = collect(
+            FileChunks::new(File::open(f.path()).unwrap(), 20_000, 4096).of_version(checked),
+        )
+        .await
+        .unwrap();
+        assert_eq!(got, data, "the checked version streams whole");
+        // Rewritten in place, same size, new modification time, before the upload starts.
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .open(f.path())
+            .unwrap();
+        w.write_all_at(&[0xAA; 20_000], 0).unwrap();
+        w.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(7))
+            .unwrap();
+        let s = FileChunks::new(File::open(f.path()).unwrap(), 20_000, 4096).of_version(checked);
+        let mut s = std::pin::pin!(s);
+        let e = s.next().await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("after it was checked"), "{e}");
+        assert!(s.next().await.is_none(), "nothing after the error");
     }
 
     #[tokio::test]

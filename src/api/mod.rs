@@ -298,11 +298,14 @@ impl ApiClient {
         let name = crate::worker::wire_name(path);
         let file = std::fs::File::open(path)
             .map_err(|e| ApiError::Local(format!("{}: {e}", path.display())))?;
-        self.upload_file(id, file, &name, path, size).await
+        self.upload_file(id, file, &name, path, size, None).await
     }
 
     /// As [`ApiClient::upload`], from a descriptor the caller opened (and checked) itself; `name`
-    /// is what the service is told the file is called, `path` only names it in errors.
+    /// is what the service is told the file is called, `path` only names it in errors. With
+    /// `version_mtime`, only that version of the file is sent ([`FileChunks::of_version`]).
+    ///
+    /// [`FileChunks::of_version`]: crate::filestream::FileChunks::of_version
     pub async fn upload_file(
         &self,
         id: &str,
@@ -310,6 +313,7 @@ impl ApiClient {
         name: &str,
         path: &Path,
         size: u64,
+        version_mtime: Option<i64>,
     ) -> Result<UploadOutcome, ApiError> {
         let name = name.to_string();
         let progress = Progress::new();
@@ -319,7 +323,10 @@ impl ApiClient {
         let sent = self.bytes_sent.clone();
         // Exactly the version that was found complete, even if the recorder has since appended to
         // it; a shorter file fails the request instead.
-        let reader = crate::filestream::FileChunks::new(file, size, UPLOAD_CHUNK);
+        let mut reader = crate::filestream::FileChunks::new(file, size, UPLOAD_CHUNK);
+        if let Some(m) = version_mtime {
+            reader = reader.of_version(m);
+        }
         let stream = reader.then(move |chunk| {
             let prog = prog.clone();
             let limiter = limiter.clone();

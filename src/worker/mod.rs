@@ -359,7 +359,7 @@ impl Pipeline {
         let name = wire_name(&path);
         match self
             .api_for(&job)
-            .upload_file(&iid, file, &name, &path, job.size)
+            .upload_file(&iid, file, &name, &path, job.size, Some(job.mtime_ns))
             .await
         {
             Ok(outcome) => {
