@@ -46,6 +46,10 @@ pub struct StatusReport {
     /// documented shape.
     #[serde(skip)]
     pub last_hour: (u64, u64),
+    /// With the PostgreSQL queue: every daemon seen in the last hour (host, seconds since its
+    /// heartbeat, jobs it holds), newest first. Absent for SQLite. An extension.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cluster: Vec<crate::queue::pg::Member>,
 }
 
 /// One source in `status`.
@@ -121,7 +125,23 @@ async fn per_source(
 
 async fn gather_all(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError> {
     let counts = queue.counts().await?;
-    let daemon_running = DaemonLock::is_held(db);
+    let (cluster, daemon_running, database) = match queue.cluster() {
+        Some(pg) => {
+            let members = pg.members(std::time::Duration::from_secs(3600)).await?;
+            // Alive: not stopped, and heard from within its lease (after that, its jobs are
+            // taken over anyway).
+            let lease = pg.lease().as_secs_f64();
+            let alive = members
+                .iter()
+                .any(|m| !m.stopped && m.heartbeat_age_s <= lease);
+            (members, Some(alive), "PostgreSQL (shared)".to_string())
+        }
+        None => (
+            Vec::new(),
+            DaemonLock::is_held(db),
+            db.display().to_string(),
+        ),
+    };
     // A pause recorded by a daemon that has since died says nothing about now.
     let pause_reason = match daemon_running {
         Some(false) => None,
@@ -163,10 +183,11 @@ async fn gather_all(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError
         daemon_running,
         last_error: recent.first().map(|e| e.error.clone()),
         recent_errors: recent,
-        database: db.display().to_string(),
+        database,
         orphan_declares,
         folders_not_answering,
         sources: Vec::new(),
+        cluster,
     })
 }
 
@@ -223,6 +244,17 @@ pub fn render_text(r: &StatusReport, style: Style) -> String {
         "daemon      {daemon}  {}\n",
         style.dim(&format!("(database {})", r.database))
     ));
+    for m in &r.cluster {
+        let state = if m.stopped {
+            "stopped".to_string()
+        } else {
+            format!("{} job(s) held", m.held)
+        };
+        out.push_str(&format!(
+            "member      {} on {} (pid {}): heartbeat {:.0}s ago, {state}\n",
+            m.name, m.host, m.pid, m.heartbeat_age_s
+        ));
+    }
     match &r.pause_reason {
         Some(reason) => out.push_str(&format!("uploads     {} {reason}\n", style.red("PAUSED:"))),
         None => out.push_str(&format!("uploads     {}\n", style.green("active"))),
@@ -484,6 +516,7 @@ mod tests {
             folders_not_answering: Vec::new(),
             sources: Vec::new(),
             last_hour: (42, 325_000_000),
+            cluster: Vec::new(),
         }
     }
 

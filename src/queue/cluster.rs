@@ -82,12 +82,38 @@ impl Cluster {
         now: i64,
         roots: &[String],
     ) -> Result<Option<Job>, QueueError> {
-        let Some(held) = self.pg.claim_except(now, roots).await? else {
-            return Ok(None);
-        };
-        let job = held.job.clone();
-        self.claims().insert(job.id, held);
-        Ok(Some(job))
+        // At most twice: a job handed back (below) is not due again for a second, so the second
+        // try finds another one or none.
+        for _ in 0..2 {
+            let Some(held) = self.pg.claim_except(now, roots).await? else {
+                return Ok(None);
+            };
+            let id = held.job.id;
+            let fresh = {
+                let mut claims = self.claims();
+                let fresh = !claims.contains_key(&id);
+                if fresh {
+                    claims.insert(id, held.clone());
+                }
+                fresh
+            };
+            if !fresh {
+                // One of this daemon's workers still works on an older claim of this job, which
+                // was taken over (this daemon could not renew it in time) and came back to us. Its
+                // outcomes are refused by the old fence, but workers name a job by id only, so the
+                // two claims must not overlap here: the new one is handed back, and the job goes
+                // to whichever daemon claims it after the old worker let go.
+                let r = (self.pg)
+                    .put_back(&held, None, now + 1000, false, now)
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(job = id, error = %e, "cannot hand back a job this daemon still works on; it is taken over after the lease");
+                }
+                continue;
+            }
+            return Ok(Some(held.job));
+        }
+        Ok(None)
     }
 
     pub async fn mark_declared(

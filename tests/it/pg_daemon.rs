@@ -241,6 +241,15 @@ async fn the_daemon_and_the_commands_work_end_to_end_on_postgresql() {
     assert_eq!(code, 0, "{out}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["counts"]["uploaded"], 4, "{status}");
+    // The cluster: the running daemon, its host, nothing held once idle.
+    assert_eq!(status["daemon_running"], true, "{status}");
+    let members = status["cluster"].as_array().expect("cluster listed");
+    assert_eq!(members.len(), 1, "the commands do not join: {status}");
+    assert_eq!(members[0]["stopped"], false);
+    assert_eq!(members[0]["held"], 0);
+    let (code, text) = spool.command(&cfg, &["status"]).await;
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("member "), "{text}");
     let (code, out) = spool.command(&cfg, &["list", "--json"]).await;
     assert_eq!(code, 0, "{out}");
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -438,3 +438,49 @@ async fn run_ops(ds: &[PgQueue], admin: &sqlx::PgPool, ops: &[Op]) -> Result<(),
     }
     Ok(())
 }
+
+/// Through [`callferry::queue::Queue`], as the workers use it (jobs named by id, the fence kept
+/// inside): one daemon whose claim was taken over while its worker still works on it, and which
+/// then claims the same job again, must not let the old worker commit under the new claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_never_holds_two_claims_of_one_job_and_a_stale_worker_cannot_commit() {
+    use callferry::queue::Queue;
+    let url = server().fresh_db().unwrap();
+    let q = Queue::connect_pg(&url, "d", "h", Duration::from_secs(30))
+        .await
+        .unwrap();
+    q.enqueue(&[version(1)], 1).await.unwrap();
+    let job = q.claim(2).await.unwrap().expect("claimed");
+    // The daemon could not renew in time: another daemon's reaper puts the job back.
+    expire(&url, job.id).await;
+    let other = PgQueue::connect(&url, "e", "h2", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(other.reap_expired(3).await.unwrap(), 1);
+    // The same daemon's next claim finds it again, and hands it back rather than hold it twice.
+    assert!(q.claim(4).await.unwrap().is_none());
+    assert_eq!(q.claims_held(), 1, "only the old claim, still its worker's");
+    let back = q.get(job.id).await.unwrap().unwrap();
+    assert_eq!(back.state, State::Pending);
+    assert!(back.next_attempt_at > 4, "not due again at once");
+    // The old worker's late outcome is refused and its claim forgotten.
+    let late = q.mark_declared(job.id, "late", 5).await;
+    assert!(
+        matches!(late, Err(QueueError::LostClaim { .. })),
+        "{late:?}"
+    );
+    assert_eq!(q.claims_held(), 0);
+    let again = q
+        .claim(back.next_attempt_at)
+        .await
+        .unwrap()
+        .expect("claimed again");
+    q.mark_declared(again.id, "i-1", 6).await.unwrap();
+    q.mark_uploaded(again.id, 201, None, 7).await.unwrap();
+    let done = q.get(job.id).await.unwrap().unwrap();
+    assert_eq!(
+        (done.state, done.interaction_id.as_deref()),
+        (State::Uploaded, Some("i-1"))
+    );
+    assert_eq!(q.claims_held(), 0);
+}
