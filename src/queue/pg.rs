@@ -230,25 +230,55 @@ impl PgQueue {
     /// Takes over the jobs whose holder's lease ran out (it died, was cut off, or is paused):
     /// they go back to wait and any daemon claims them ([`Transition::PutBack`]). The fence is
     /// raised here already, so the old holder's late commit is refused even before another
-    /// daemon claims the job. A lost
-    /// declare's possible orphan is counted, as a restart's recovery counts it.
+    /// daemon claims the job. A lost declare's possible orphan is counted, on the job and in the
+    /// database's total, as a restart's recovery counts it; each job gets a `taken-over` event.
     pub async fn reap_expired(&self, now: i64) -> Result<u64, QueueError> {
+        const WHY: &str = "taken over: its daemon stopped renewing its claim";
+        let declaring = Transition::PutBack
+            .target(State::Declaring)
+            .map(State::as_str);
         let sql = format!(
             "WITH expired AS (SELECT id FROM jobs WHERE state IN ('declaring', 'uploading') \
                               AND lease_until < now() FOR UPDATE SKIP LOCKED) \
              UPDATE jobs SET state = {to}, holder = NULL, lease_until = NULL, updated_at = $1, \
                  fence = fence + 1, \
                  orphans = orphans + (CASE WHEN state = 'declaring' THEN 1 ELSE 0 END), \
-                 last_error = 'taken over: its daemon stopped renewing its claim' \
-             FROM expired WHERE jobs.id = expired.id",
+                 last_error = $2 \
+             FROM expired WHERE jobs.id = expired.id RETURNING jobs.id, jobs.state",
             to = Transition::PutBack.sql_target(),
         );
-        let n = sqlx::query(AssertSqlSafe(sql))
+        let mut tx = self.pool.begin().await?;
+        let reaped: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(sql))
             .bind(now)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n)
+            .bind(WHY)
+            .fetch_all(&mut *tx)
+            .await?;
+        if reaped.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let orphans = reaped
+            .iter()
+            .filter(|(_, s)| Some(s.as_str()) == declaring)
+            .count() as i64;
+        if orphans > 0 {
+            sqlx::query("UPDATE counters SET n = n + $1 WHERE name = 'orphan_declares'")
+                .bind(orphans)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let ids: Vec<i64> = reaped.iter().map(|(id, _)| *id).collect();
+        sqlx::query(
+            "INSERT INTO job_events (job_id, at, event, detail) \
+             SELECT id, $2, 'taken-over', $3 FROM unnest($1::bigint[]) AS id",
+        )
+        .bind(&ids)
+        .bind(now)
+        .bind(WHY)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(reaped.len() as u64)
     }
 
     /// Commits the interaction id before the upload starts ([`Transition::Declared`]), only

@@ -19,6 +19,7 @@ mod hung;
 mod ops;
 mod pg_daemon;
 mod pg_queue;
+mod pg_soak;
 mod pipeline;
 mod recorders;
 mod results;

@@ -352,7 +352,7 @@ async fn a_daemon_killed_while_uploading_has_its_job_taken_over_after_the_lease(
         .into_iter()
         .map(|e| e.1)
         .collect();
-    assert_eq!(events, ["queued", "declared", "uploaded"]);
+    assert_eq!(events, ["queued", "declared", "taken-over", "uploaded"]);
     assert!(
         job.last_error.is_none(),
         "the upload's success clears the takeover's note"

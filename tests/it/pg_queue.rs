@@ -457,6 +457,16 @@ async fn a_daemon_never_holds_two_claims_of_one_job_and_a_stale_worker_cannot_co
         .await
         .unwrap();
     assert_eq!(other.reap_expired(3).await.unwrap(), 1);
+    // Its declare may have reached the service: counted, as a restart's recovery counts it.
+    assert_eq!(q.orphan_declares().await.unwrap(), 1);
+    let events: Vec<String> = q
+        .events(job.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(events, ["queued", "taken-over"]);
     // The same daemon's next claim finds it again, and hands it back rather than hold it twice.
     assert!(q.claim(4).await.unwrap().is_none());
     assert_eq!(q.claims_held(), 1, "only the old claim, still its worker's");
