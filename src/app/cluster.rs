@@ -1,0 +1,69 @@
+//! PostgreSQL only: this daemon's upkeep of the shared queue, the heartbeat that renews its claims
+//! and the reaper that takes over dead daemons' jobs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::clock::now_ms;
+use crate::queue::{Queue, QueueError};
+
+/// PostgreSQL only: keeps this daemon's claims alive and takes over dead daemons' jobs. The
+/// heartbeat renews every claim this daemon holds every third of the lease, so one late round
+/// trip does not lose them; the reaper, run by every daemon every half lease (one indexed
+/// `UPDATE`), puts back jobs whose lease ran out and wakes the workers for them. It also wakes
+/// them when a job is due: another daemon may have queued or put it back, and no wake file
+/// reaches across hosts.
+pub(super) async fn cluster_upkeep(queue: Queue, workers: Arc<Notify>, cancel: CancellationToken) {
+    let Some(pg) = queue.cluster() else { return };
+    let lease = queue_lease(pg);
+    let mut beat = tokio::time::interval(lease / 3);
+    let mut reap = tokio::time::interval(lease / 2);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        let r = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = beat.tick() => pg.heartbeat().await.map(|_| ()),
+            _ = reap.tick() => reap_and_wake(&queue, pg, &workers).await,
+        };
+        match r {
+            Ok(()) if failing => {
+                failing = false;
+                info!("the shared queue answers again; claims renewed");
+            }
+            Ok(()) => {}
+            Err(e) if !failing => {
+                failing = true;
+                warn!(error = %e, "cannot renew this daemon's claims in the shared queue; other daemons take its jobs over if this lasts longer than queue.lease");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+pub(super) fn queue_lease(pg: &crate::queue::pg::PgQueue) -> Duration {
+    pg.lease().max(crate::config::MIN_LEASE)
+}
+
+pub(super) async fn reap_and_wake(
+    queue: &Queue,
+    pg: &crate::queue::pg::PgQueue,
+    workers: &Notify,
+) -> Result<(), QueueError> {
+    let n = pg.reap_expired(now_ms()).await?;
+    if n > 0 {
+        info!(
+            jobs = n,
+            "took over jobs whose daemon stopped renewing its claims; they resume on their interaction ids"
+        );
+    }
+    if n > 0 || queue.next_due().await?.is_some_and(|d| d <= now_ms()) {
+        workers.notify_waiters();
+    }
+    Ok(())
+}
