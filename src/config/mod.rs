@@ -8,7 +8,8 @@
 //! - `typed`: the [`Config`] the daemon uses;
 //! - `raw`: the file's shape, the defaults, and the known keys derived from it;
 //! - `load`: files, environment, credential, unknown keys with "did you mean";
-//! - `validate`: one function per section, and the floors of the intervals that pace requests;
+//! - `validate`: one function per section (grouped by what the sections are about: the service,
+//!   the recordings, the daemon), and the floors of the intervals that pace requests;
 //! - `logfilter`: `[log] level` and `RUST_LOG`.
 
 mod load;
