@@ -233,7 +233,6 @@ impl Style {
 
 /// The table `callferry status` prints for people.
 pub fn render_text(r: &StatusReport, style: Style) -> String {
-    let c = &r.counts;
     let mut out = String::new();
     let daemon = match r.daemon_running {
         Some(true) => style.green("running"),
@@ -282,6 +281,14 @@ pub fn render_text(r: &StatusReport, style: Style) -> String {
             r.orphan_declares
         ));
     }
+    render_states(&mut out, &r.counts, style);
+    render_sources(&mut out, r, style);
+    render_recent_errors(&mut out, r, style);
+    out
+}
+
+/// The jobs by state.
+fn render_states(out: &mut String, c: &Counts, style: Style) {
     out.push('\n');
     out.push_str(&style.bold(&format!("{:<12}{:>8}", "STATE", "JOBS")));
     out.push('\n');
@@ -303,24 +310,27 @@ pub fn render_text(r: &StatusReport, style: Style) -> String {
         }
         out.push('\n');
     }
-    render_sources(&mut out, r, style);
-    if !r.recent_errors.is_empty() {
-        out.push('\n');
-        out.push_str(&style.bold("RECENT ERRORS (newest first)"));
-        out.push('\n');
-        for e in &r.recent_errors {
-            let ago = human_age(((now_ms() - e.at).max(0) as f64) / 1000.0);
-            out.push_str(&format!(
-                "{:<8}{:<11}{}\n{:19}{}\n",
-                format!("#{}", e.job_id),
-                format!("{ago} ago"),
-                e.path,
-                "",
-                style.yellow(&e.error)
-            ));
-        }
+}
+
+/// The last failures, newest first.
+fn render_recent_errors(out: &mut String, r: &StatusReport, style: Style) {
+    if r.recent_errors.is_empty() {
+        return;
     }
-    out
+    out.push('\n');
+    out.push_str(&style.bold("RECENT ERRORS (newest first)"));
+    out.push('\n');
+    for e in &r.recent_errors {
+        let ago = human_age(((now_ms() - e.at).max(0) as f64) / 1000.0);
+        out.push_str(&format!(
+            "{:<8}{:<11}{}\n{:19}{}\n",
+            format!("#{}", e.job_id),
+            format!("{ago} ago"),
+            e.path,
+            "",
+            style.yellow(&e.error)
+        ));
+    }
 }
 
 /// The per-source table, when there is more than one source or one is paused.
