@@ -14,7 +14,63 @@ pub enum DisposeError {
     #[error("cannot make the upload record durable first: {0}")]
     NotDurable(#[from] QueueError),
     #[error("{0}")]
-    Failed(String),
+    Failed(#[from] FileError),
+}
+
+/// Why a move or delete did not happen. The file is left where it is (a move never leaves half a
+/// copy), and the step is tried again at the next start.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// A call on one path failed: `what` is the call in words (stat, delete, create, ...).
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Neither the recording nor a moved copy of it is there.
+    #[error("{} is gone and {} does not exist", src.display(), dest.display())]
+    Gone { src: PathBuf, dest: PathBuf },
+    #[error("cannot move {} to {}: {source}", src.display(), at.display())]
+    Move {
+        src: PathBuf,
+        at: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot move {}: {} and {MOVE_NAME_TRIES} suffixed names are taken",
+        src.display(),
+        dest.display()
+    )]
+    NamesTaken { src: PathBuf, dest: PathBuf },
+    /// A step of a copy across file systems (the copy, its flush, its rename into place).
+    #[error("{what}: {source}")]
+    Copy {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("copied, but cannot remove {}: {source}", src.display())]
+    CopiedNotRemoved {
+        src: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The blocking task that does it panicked.
+    #[error("{what} task failed: {source}")]
+    Task {
+        what: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// A failed call on `path`, for `map_err`.
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> FileError {
+    let path = path.to_path_buf();
+    move |source| FileError::Io { what, path, source }
 }
 
 /// Carries out `[after_upload] action` for an uploaded job. `Ok(None)`: nothing to do (`keep`);
@@ -37,7 +93,12 @@ pub async fn after_upload(
             let job = job.clone();
             tokio::task::spawn_blocking(move || delete(&path, &job))
                 .await
-                .unwrap_or_else(|e| Err(format!("delete task failed: {e}")))
+                .unwrap_or_else(|source| {
+                    Err(FileError::Task {
+                        what: "delete",
+                        source,
+                    })
+                })
         }
         AfterUploadAction::Move => {
             let dest_root = cfg.after_upload.move_to.clone().unwrap_or_default();
@@ -48,23 +109,28 @@ pub async fn after_upload(
             let job = job.clone();
             tokio::task::spawn_blocking(move || move_to(&path, &dest, &job))
                 .await
-                .unwrap_or_else(|e| Err(format!("move task failed: {e}")))
+                .unwrap_or_else(|source| {
+                    Err(FileError::Task {
+                        what: "move",
+                        source,
+                    })
+                })
         }
         AfterUploadAction::Keep => unreachable!(),
     };
-    done.map(Some).map_err(DisposeError::Failed)
+    Ok(Some(done?))
 }
 
-fn delete(path: &Path, job: &Job) -> Result<String, String> {
+fn delete(path: &Path, job: &Job) -> Result<String, FileError> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("deleted (already gone)".into()),
-        Err(e) => Err(format!("cannot stat {}: {e}", path.display())),
+        Err(e) => Err(io("stat", path)(e)),
         Ok(m) if !job.is_version(&m) => {
             Ok("kept: the file changed after upload (a new version)".into())
         }
         Ok(_) => std::fs::remove_file(path)
             .map(|_| "deleted".to_string())
-            .map_err(|e| format!("cannot delete {}: {e}", path.display())),
+            .map_err(io("delete", path)),
     }
 }
 
@@ -152,11 +218,11 @@ fn rename_noreplace(src: &Path, dst: &Path, how: NoReplace) -> std::io::Result<(
     std::fs::remove_file(src)
 }
 
-fn move_to(src: &Path, dest: &Path, job: &Job) -> Result<String, String> {
+fn move_to(src: &Path, dest: &Path, job: &Job) -> Result<String, FileError> {
     move_with(src, dest, job, NoReplace::Rename)
 }
 
-fn move_with(src: &Path, dest: &Path, job: &Job, how: NoReplace) -> Result<String, String> {
+fn move_with(src: &Path, dest: &Path, job: &Job, how: NoReplace) -> Result<String, FileError> {
     let done = |at: &Path| format!("moved to {}", at.display());
     let src_meta = match std::fs::symlink_metadata(src) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -169,22 +235,20 @@ fn move_with(src: &Path, dest: &Path, job: &Job, how: NoReplace) -> Result<Strin
             });
             return match same.or_else(|| names.iter().find(|n| n.exists())) {
                 Some(at) => Ok(done(at)),
-                None => Err(format!(
-                    "{} is gone and {} does not exist",
-                    src.display(),
-                    dest.display()
-                )),
+                None => Err(FileError::Gone {
+                    src: src.to_path_buf(),
+                    dest: dest.to_path_buf(),
+                }),
             };
         }
-        Err(e) => return Err(format!("cannot stat {}: {e}", src.display())),
+        Err(e) => return Err(io("stat", src)(e)),
         Ok(m) if !job.is_version(&m) => {
             return Ok("kept: the file changed after upload (a new version)".into());
         }
         Ok(m) => m,
     };
     if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
     }
     for at in move_names(dest, job) {
         match rename_noreplace(src, &at, how) {
@@ -192,61 +256,58 @@ fn move_with(src: &Path, dest: &Path, job: &Job, how: NoReplace) -> Result<Strin
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 // Our own link from a run that a crash stopped before the unlink: finish it.
                 if std::fs::symlink_metadata(&at).is_ok_and(|m| same_inode(&m, &src_meta)) {
-                    std::fs::remove_file(src)
-                        .map_err(|e| format!("cannot remove {}: {e}", src.display()))?;
+                    std::fs::remove_file(src).map_err(io("remove", src))?;
                     return Ok(done(&at));
                 }
             }
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
                 return move_across(src, dest, job);
             }
-            Err(e) => {
-                return Err(format!(
-                    "cannot move {} to {}: {e}",
-                    src.display(),
-                    at.display()
-                ));
+            Err(source) => {
+                return Err(FileError::Move {
+                    src: src.to_path_buf(),
+                    at,
+                    source,
+                });
             }
         }
     }
-    Err(format!(
-        "cannot move {}: {} and {MOVE_NAME_TRIES} suffixed names are taken",
-        src.display(),
-        dest.display()
-    ))
+    Err(FileError::NamesTaken {
+        src: src.to_path_buf(),
+        dest: dest.to_path_buf(),
+    })
 }
 
 /// Across file systems: copy to a temporary name beside the destination, flush, link it into place
 /// under the first free name (never replacing one), then remove the source. A crash at any point
 /// leaves the source intact.
-fn move_across(src: &Path, dest: &Path, job: &Job) -> Result<String, String> {
+fn move_across(src: &Path, dest: &Path, job: &Job) -> Result<String, FileError> {
     let dir = dest.parent().unwrap_or(Path::new("/"));
     let mut tmp = tempfile::Builder::new()
         .prefix(".callferry-move-")
         .tempfile_in(dir)
-        .map_err(|e| format!("cannot create a temporary file in {}: {e}", dir.display()))?;
-    let mut input =
-        std::fs::File::open(src).map_err(|e| format!("cannot open {}: {e}", src.display()))?;
-    std::io::copy(&mut input, tmp.as_file_mut()).map_err(|e| format!("copy failed: {e}"))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| format!("fsync failed: {e}"))?;
+        .map_err(io("create a temporary file in", dir))?;
+    let mut input = std::fs::File::open(src).map_err(io("open", src))?;
+    let step = |what| move |source| FileError::Copy { what, source };
+    std::io::copy(&mut input, tmp.as_file_mut()).map_err(step("copy failed"))?;
+    tmp.as_file().sync_all().map_err(step("fsync failed"))?;
     for at in move_names(dest, job) {
         match tmp.persist_noclobber(&at) {
             Ok(_) => {
-                std::fs::remove_file(src)
-                    .map_err(|e| format!("copied, but cannot remove {}: {e}", src.display()))?;
+                std::fs::remove_file(src).map_err(|source| FileError::CopiedNotRemoved {
+                    src: src.to_path_buf(),
+                    source,
+                })?;
                 return Ok(format!("moved to {}", at.display()));
             }
             Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => tmp = e.file,
-            Err(e) => return Err(format!("cannot rename into place: {}", e.error)),
+            Err(e) => return Err(step("cannot rename into place")(e.error)),
         }
     }
-    Err(format!(
-        "cannot move {}: {} and {MOVE_NAME_TRIES} suffixed names are taken",
-        src.display(),
-        dest.display()
-    ))
+    Err(FileError::NamesTaken {
+        src: src.to_path_buf(),
+        dest: dest.to_path_buf(),
+    })
 }
 
 #[cfg(test)]
@@ -317,6 +378,39 @@ pub(crate) mod tests {
             );
             assert!(placed[2].ends_with("call.second.2.wav"), "{placed:?}");
         }
+    }
+
+    /// A failed move or delete says what failed, as a type the caller can tell apart, with the
+    /// words the job's record has always had.
+    #[test]
+    fn a_failed_move_or_delete_says_what_failed() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("call.wav");
+        std::fs::write(&src, b"audio").unwrap();
+        let job = job_for(&src, "iid");
+        std::fs::remove_file(&src).unwrap();
+        let dest = d.path().join("done/call.wav");
+        let e = move_with(&src, &dest, &job, NoReplace::Rename).unwrap_err();
+        assert!(matches!(&e, FileError::Gone { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} is gone and {} does not exist",
+                src.display(),
+                dest.display()
+            )
+        );
+        // A destination folder that cannot be made: a file stands where it would be.
+        std::fs::write(&src, b"audio").unwrap();
+        let job = job_for(&src, "iid");
+        std::fs::write(d.path().join("done"), b"not a folder").unwrap();
+        let e = move_with(&src, &dest, &job, NoReplace::Rename).unwrap_err();
+        assert!(matches!(&e, FileError::Io { what: "create", .. }), "{e:?}");
+        assert!(e.to_string().starts_with("cannot create "), "{e}");
+        assert!(
+            src.exists(),
+            "a failed move leaves the recording where it is"
+        );
     }
 
     /// A crash between the link and the unlink of the fallback leaves both names: the re-run

@@ -42,7 +42,7 @@ use crate::watch::{Hung, Roots};
 use schedule::{Schedule, sleep_until};
 
 pub use crate::watch::known::Search;
-pub use check::check_file;
+pub use check::{NotQueued, check_file};
 
 const EVENT_CHANNEL: usize = 8192;
 const ENQUEUE_BATCH: usize = 2000;

@@ -135,12 +135,12 @@ fn hook_request(
     let pairs = meta_pairs(meta, urlencoded)?;
     let path = recording_path(file)?;
     let req = crate::hook::Request::new(&path, external_id, pairs);
-    req.validate().map_err(Usage)?;
+    req.validate().map_err(|e| Usage(e.to_string()))?;
     Ok(req)
 }
 
 /// A value as given, or `%XX`-decoded with `--urlencoded`.
-fn decoded(s: &str, urlencoded: bool) -> Result<String, String> {
+fn decoded(s: &str, urlencoded: bool) -> Result<String, crate::hook::DecodeError> {
     if urlencoded {
         crate::hook::percent_decode(s)
     } else {
@@ -158,7 +158,7 @@ fn meta_pairs(
         let Some((k, v)) = m.split_once('=') else {
             return Err(Usage(format!("--meta {m:?} is not KEY=VALUE")));
         };
-        crate::hook::check_key(k).map_err(Usage)?;
+        crate::hook::check_key(k).map_err(|e| Usage(e.to_string()))?;
         let v = decoded(v, urlencoded).map_err(|e| Usage(format!("--meta {k}: {e}")))?;
         if pairs.insert(k.to_string(), v).is_some() {
             return Err(Usage(format!("--meta {k} is given twice")));

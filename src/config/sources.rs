@@ -106,7 +106,7 @@ fn one(
     let value = serde_json::to_value(table).map_err(|e| ConfigError::new(at(""), e.to_string()))?;
     let raw: RawSource = serde_path_to_error::deserialize(&value)
         .map_err(|e| ConfigError::new(at(&e.path().to_string()), e.into_inner().to_string()))?;
-    let name = check_name(&raw.name).map_err(|m| ConfigError::new(at("name"), m))?;
+    let name = check_name(&raw.name, &at("name"))?;
     let paths: Vec<PathBuf> = raw
         .paths
         .iter()
@@ -181,19 +181,30 @@ fn merged_declare(
 }
 
 /// A name that is safe as a metric label value and a column: letters, digits, `-`, `_`, `.`.
-fn check_name(name: &str) -> Result<String, String> {
+/// `key` is where the name was given (`source[N].name`).
+fn check_name(name: &str, key: &str) -> Result<String, ConfigError> {
     let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     if name.is_empty() {
-        return Err("is required: a short name shown in logs, `status`, `list` and metrics".into());
+        return Err(ConfigError::new(
+            key,
+            "is required: a short name shown in logs, `status`, `list` and metrics",
+        ));
     }
     if name.len() > MAX_NAME || !name.chars().all(ok) {
-        return Err(format!(
-            "{name:?} is not a usable name: use up to {MAX_NAME} letters, digits, '-', '_' or '.'"
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{name:?} is not a usable name: use up to {MAX_NAME} letters, digits, '-', '_' \
+                 or '.'"
+            ),
         ));
     }
     if name == DEFAULT_SOURCE {
-        return Err(format!(
-            "{DEFAULT_SOURCE:?} is the name of the [watch] paths' own source; choose another"
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{DEFAULT_SOURCE:?} is the name of the [watch] paths' own source; choose another"
+            ),
         ));
     }
     Ok(name.to_string())

@@ -22,7 +22,7 @@ use crate::config::Config;
 use crate::queue::{Hooked, NewJob, Queue};
 use crate::watch::Roots;
 
-use super::{GROUP, MAX_REQUEST, Request, SUFFIX, TEMP_PREFIX};
+use super::{GROUP, MAX_REQUEST, Request, RequestError, SUFFIX, TEMP_PREFIX};
 
 /// A request whose recording is still being written (a writer holds it open, or its header is not
 /// final yet) is looked at again every second for this long, then refused; the watcher still
@@ -40,53 +40,105 @@ const RESCAN: Duration = Duration::from_secs(600);
 /// woke every 10 s).
 const MISSING_RECHECK: Duration = Duration::from_secs(10);
 
+/// Why a request file is refused before its recording is looked at.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ReadError {
+    #[error("it is a symbolic link")]
+    Symlink,
+    #[error("cannot open it: {0}")]
+    Open(#[source] std::io::Error),
+    #[error("cannot stat it: {0}")]
+    Stat(#[source] std::io::Error),
+    #[error("it is not a regular file")]
+    NotRegular,
+    #[error("it has {0} hard links (a request has one)")]
+    Links(u64),
+    #[error("it is {0} bytes, more than the {MAX_REQUEST} a request may be")]
+    TooBig(u64),
+    #[error("cannot read it: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("it grew past {MAX_REQUEST} bytes")]
+    Grew,
+    /// serde's reason, cut to 200 bytes: a request's content is not echoed at length.
+    #[error("it is not a valid request: {0}")]
+    NotJson(String),
+    #[error("{0}")]
+    Rules(#[from] RequestError),
+    /// The blocking task that reads it panicked.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A request's recording is not below any watched folder.
+#[derive(Debug, thiserror::Error)]
+#[error("{} is not inside a watched folder ({folders})", path.display())]
+struct NotWatched {
+    path: PathBuf,
+    /// The watched folders, listed for the log (", not recursive" when subfolders are not).
+    folders: String,
+}
+
+/// Why the drop folder is not used.
+#[derive(Debug, thiserror::Error)]
+enum DirError {
+    #[error("it does not exist")]
+    Missing,
+    #[error("{0}")]
+    Unreadable(#[source] std::io::Error),
+    #[error("it is not a folder")]
+    NotFolder,
+    // Anyone could queue anything in the watched folders, and read or remove others' requests.
+    #[error(
+        "it is writable by everyone (mode {0:o}): make it chmod 3730, owned by callferry, group \
+         {GROUP}"
+    )]
+    WorldWritable(u32),
+    /// The blocking task that looks at it panicked.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Reads one request, trusting nothing: no link followed, a regular file with one link (a hard
 /// link to someone else's file is not a request), at most [`MAX_REQUEST`] bytes, strict JSON.
 /// Returns its owner's uid (once known) and it.
-pub(super) fn read_request(dir: &Path, name: &OsStr) -> (Option<u32>, Result<Request, String>) {
+pub(super) fn read_request(dir: &Path, name: &OsStr) -> (Option<u32>, Result<Request, ReadError>) {
     let mut uid = None;
     let r = read_request_as(dir, name, &mut uid);
     (uid, r)
 }
 
-fn read_request_as(dir: &Path, name: &OsStr, uid: &mut Option<u32>) -> Result<Request, String> {
+fn read_request_as(dir: &Path, name: &OsStr, uid: &mut Option<u32>) -> Result<Request, ReadError> {
     let p = dir.join(name);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&p)
         .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => "it is a symbolic link".to_string(),
-            _ => format!("cannot open it: {e}"),
+            Some(libc::ELOOP) => ReadError::Symlink,
+            _ => ReadError::Open(e),
         })?;
-    let m = f.metadata().map_err(|e| format!("cannot stat it: {e}"))?;
+    let m = f.metadata().map_err(ReadError::Stat)?;
     *uid = Some(m.uid());
     if !m.is_file() {
-        return Err("it is not a regular file".into());
+        return Err(ReadError::NotRegular);
     }
     if m.nlink() != 1 {
-        return Err(format!(
-            "it has {} hard links (a request has one)",
-            m.nlink()
-        ));
+        return Err(ReadError::Links(m.nlink()));
     }
     if m.len() > MAX_REQUEST {
-        return Err(format!(
-            "it is {} bytes, more than the {MAX_REQUEST} a request may be",
-            m.len()
-        ));
+        return Err(ReadError::TooBig(m.len()));
     }
     let mut body = Vec::with_capacity(m.len() as usize);
     f.take(MAX_REQUEST + 1)
         .read_to_end(&mut body)
-        .map_err(|e| format!("cannot read it: {e}"))?;
+        .map_err(ReadError::Read)?;
     if body.len() as u64 > MAX_REQUEST {
-        return Err(format!("it grew past {MAX_REQUEST} bytes"));
+        return Err(ReadError::Grew);
     }
     let req: Request = serde_json::from_slice(&body).map_err(|e| {
         let mut why = e.to_string();
         why.truncate(200);
-        format!("it is not a valid request: {why}")
+        ReadError::NotJson(why)
     })?;
     req.validate()?;
     Ok(req)
@@ -95,7 +147,11 @@ fn read_request_as(dir: &Path, name: &OsStr, uid: &mut Option<u32>) -> Result<Re
 /// The watched folder `path` is below, and the path as the watcher names it (below that folder as
 /// configured). A path through a watched folder's real location (the folder is a link) is named
 /// through the link, so the watcher and the hook find one job.
-async fn locate(cfg: &Config, roots: &Roots, path: &Path) -> Result<(PathBuf, PathBuf), String> {
+async fn locate(
+    cfg: &Config,
+    roots: &Roots,
+    path: &Path,
+) -> Result<(PathBuf, PathBuf), NotWatched> {
     let watched = &cfg.watch.paths;
     let recursive = cfg.watch.recursive;
     if let Some(r) = crate::watcher::root_of(watched, path, recursive) {
@@ -120,16 +176,15 @@ async fn locate(cfg: &Config, roots: &Roots, path: &Path) -> Result<(PathBuf, Pa
             }
         }
     }
-    Err(format!(
-        "{} is not inside a watched folder ({}{})",
-        path.display(),
-        watched
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        if recursive { "" } else { ", not recursive" }
-    ))
+    let listed: Vec<String> = watched.iter().map(|p| p.display().to_string()).collect();
+    Err(NotWatched {
+        path: path.to_path_buf(),
+        folders: format!(
+            "{}{}",
+            listed.join(", "),
+            if recursive { "" } else { ", not recursive" }
+        ),
+    })
 }
 
 enum Verdict {
@@ -184,22 +239,17 @@ fn check(cfg: &Config, root: &Path, path: &Path, now: i64) -> Result<NewJob, Ver
     }
 }
 
-/// Why the drop folder is not used.
-fn check_dir(dir: &Path) -> Result<(), String> {
+/// Whether the drop folder can be used.
+fn check_dir(dir: &Path) -> Result<(), DirError> {
     let m = std::fs::metadata(dir).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => "it does not exist".to_string(),
-        _ => e.to_string(),
+        std::io::ErrorKind::NotFound => DirError::Missing,
+        _ => DirError::Unreadable(e),
     })?;
     if !m.is_dir() {
-        return Err("it is not a folder".into());
+        return Err(DirError::NotFolder);
     }
     if m.mode() & 0o002 != 0 {
-        // Anyone could queue anything in the watched folders, and read or remove others' requests.
-        return Err(format!(
-            "it is writable by everyone (mode {:o}): make it chmod 3730, owned by callferry, \
-             group {GROUP}",
-            m.mode() & 0o7777
-        ));
+        return Err(DirError::WorldWritable(m.mode() & 0o7777));
     }
     Ok(())
 }
@@ -238,7 +288,7 @@ pub async fn run(
         let d = t.dir.clone();
         let state = tokio::task::spawn_blocking(move || check_dir(&d))
             .await
-            .unwrap_or_else(|e| Err(e.to_string()));
+            .unwrap_or_else(|e| Err(e.into()));
         match state {
             Ok(()) => {
                 if !usable {
@@ -254,12 +304,12 @@ pub async fn run(
                     watch = None;
                 }
             }
-            Err(why) => {
+            Err(e) => {
                 usable = false;
                 watch = None;
+                let why = e.to_string();
                 if said.as_deref() != Some(why.as_str()) {
-                    let level_info = why == "it does not exist";
-                    if level_info {
+                    if matches!(e, DirError::Missing) {
                         info!(folder = %t.dir.display(), "no hook folder ({why}): `callferry enqueue --now` requests are not taken until it exists (README: The recorder's hook)");
                     } else {
                         warn!(folder = %t.dir.display(), reason = %why, "the hook folder is not used: `callferry enqueue --now` requests are not taken");
@@ -368,16 +418,20 @@ impl Taker {
         let (d, n) = (self.dir.clone(), name.clone());
         let (uid, read) = tokio::task::spawn_blocking(move || read_request(&d, &n))
             .await
-            .unwrap_or_else(|e| (None, Err(e.to_string())));
+            .unwrap_or_else(|e| (None, Err(e.into())));
         let req = match read {
             Ok(r) => r,
-            Err(why) => return self.refuse(&name, uid, None, &why).await,
+            Err(why) => return self.refuse(&name, uid, None, &why.to_string()).await,
         };
         let uid = uid.unwrap_or_default();
         let asked = req.path();
         let (root, path) = match locate(&self.cfg, &self.roots, &asked).await {
             Ok(found) => found,
-            Err(why) => return self.refuse(&name, Some(uid), Some(&asked), &why).await,
+            Err(why) => {
+                return self
+                    .refuse(&name, Some(uid), Some(&asked), &why.to_string())
+                    .await;
+            }
         };
         let (cfg, r, p) = (self.cfg.clone(), root.clone(), path.clone());
         let checked = self

@@ -31,7 +31,9 @@ mod submit;
 mod tests;
 
 pub use intake::run;
-pub use request::{HookCall, Request, apply_to_declare, check_key, percent_decode};
+pub use request::{
+    DecodeError, HookCall, Request, RequestError, apply_to_declare, check_key, percent_decode,
+};
 pub use submit::{SubmitError, hook_dir, submit};
 
 /// The drop folder, when neither `--hook-dir` nor [`DIR_ENV`] names another. Its home is the

@@ -14,6 +14,52 @@ use super::{MAX_ID, MAX_KEY, MAX_PAIRS, MAX_VALUE};
 /// Sections of a dotted key (`agent.extension` has two).
 const MAX_DEPTH: usize = 4;
 
+/// A rule a request breaks: the hook says it as a usage error (exit 2), the daemon as the reason
+/// it refused the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("request version {0} is not known to this daemon (1 is); update callferry")]
+    Version(u32),
+    #[error("the path {} is not absolute", .0.display())]
+    NotAbsolute(PathBuf),
+    #[error("the path is longer than PATH_MAX")]
+    PathTooLong,
+    #[error("the path {} contains `..`", .0.display())]
+    ParentDir(PathBuf),
+    #[error("{what} is {len} bytes, more than {max}")]
+    TooLong {
+        what: String,
+        len: usize,
+        max: usize,
+    },
+    #[error("{what} contains a control character (U+{code:04X})")]
+    ControlCharacter { what: String, code: u32 },
+    #[error("the external id is empty")]
+    EmptyExternalId,
+    #[error("{0} meta pairs, more than {MAX_PAIRS}")]
+    TooManyPairs(usize),
+    #[error("meta key {key:?} is {len} bytes, more than {MAX_KEY}")]
+    KeyTooLong { key: String, len: usize },
+    #[error(
+        "meta key {0:?} must be letters, digits, '_' and '-', in at most {MAX_DEPTH} sections \
+         joined by dots (e.g. caller, agent.extension)"
+    )]
+    BadKey(String),
+    #[error("meta key {key}: {section} is given a value of its own")]
+    SectionHasValue { key: String, section: String },
+    #[error("meta key {0} is also a section of other keys")]
+    KeyIsSection(String),
+}
+
+/// Why a `--urlencoded` value does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{0:?}: '%' must be followed by two hex digits")]
+    BadEscape(String),
+    #[error("{0:?} does not decode to UTF-8")]
+    NotUtf8(String),
+}
+
 /// One request, as the hook writes it and the daemon reads it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,38 +108,39 @@ fn merge(into: &mut Map<String, Value>, from: &Map<String, Value>) {
     }
 }
 
-fn check_text(what: &str, s: &str, max: usize) -> Result<(), String> {
+fn check_text(what: &str, s: &str, max: usize) -> Result<(), RequestError> {
     if s.len() > max {
-        return Err(format!("{what} is {} bytes, more than {max}", s.len()));
+        return Err(RequestError::TooLong {
+            what: what.to_string(),
+            len: s.len(),
+            max,
+        });
     }
     if let Some(c) = s.chars().find(|c| c.is_control()) {
-        return Err(format!(
-            "{what} contains a control character (U+{:04X})",
-            c as u32
-        ));
+        return Err(RequestError::ControlCharacter {
+            what: what.to_string(),
+            code: c as u32,
+        });
     }
     Ok(())
 }
 
 /// A `--meta` key: sections of ASCII letters, digits, `_` and `-`, joined by dots.
-pub fn check_key(k: &str) -> Result<(), String> {
+pub fn check_key(k: &str) -> Result<(), RequestError> {
     let ok_section = |s: &str| {
         !s.is_empty()
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     };
     if k.len() > MAX_KEY {
-        return Err(format!(
-            "meta key {k:?} is {} bytes, more than {MAX_KEY}",
-            k.len()
-        ));
+        return Err(RequestError::KeyTooLong {
+            key: k.to_string(),
+            len: k.len(),
+        });
     }
     let sections: Vec<&str> = k.split('.').collect();
     if !sections.iter().all(|s| ok_section(s)) || sections.len() > MAX_DEPTH {
-        return Err(format!(
-            "meta key {k:?} must be letters, digits, '_' and '-', in at most {MAX_DEPTH} \
-             sections joined by dots (e.g. caller, agent.extension)"
-        ));
+        return Err(RequestError::BadKey(k.to_string()));
     }
     Ok(())
 }
@@ -114,34 +161,28 @@ impl Request {
     }
 
     /// Every rule a request must keep, the same in the hook (usage errors) and the daemon.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RequestError> {
         if self.version != 1 {
-            return Err(format!(
-                "request version {} is not known to this daemon (1 is); update callferry",
-                self.version
-            ));
+            return Err(RequestError::Version(self.version));
         }
         let path = self.path();
         if !path.is_absolute() {
-            return Err(format!("the path {} is not absolute", path.display()));
+            return Err(RequestError::NotAbsolute(path));
         }
         if path.as_os_str().len() > libc::PATH_MAX as usize {
-            return Err("the path is longer than PATH_MAX".into());
+            return Err(RequestError::PathTooLong);
         }
         if path.components().any(|c| c == Component::ParentDir) {
-            return Err(format!("the path {} contains `..`", path.display()));
+            return Err(RequestError::ParentDir(path));
         }
         if let Some(id) = &self.external_id {
             check_text("the external id", id, MAX_ID)?;
             if id.trim().is_empty() {
-                return Err("the external id is empty".into());
+                return Err(RequestError::EmptyExternalId);
             }
         }
         if self.meta.len() > MAX_PAIRS {
-            return Err(format!(
-                "{} meta pairs, more than {MAX_PAIRS}",
-                self.meta.len()
-            ));
+            return Err(RequestError::TooManyPairs(self.meta.len()));
         }
         for (k, v) in &self.meta {
             check_key(k)?;
@@ -151,7 +192,7 @@ impl Request {
     }
 
     /// The `--meta` pairs in ElevateAI's shape: dotted keys become sections.
-    pub fn metadata(&self) -> Result<Map<String, Value>, String> {
+    pub fn metadata(&self) -> Result<Map<String, Value>, RequestError> {
         let mut m = Map::new();
         // Sorted: a key comes before its own sections ("agent" < "agent.id").
         for (key, value) in &self.meta {
@@ -164,10 +205,13 @@ impl Request {
                     .or_insert_with(|| Value::Object(Map::new()));
                 at = slot
                     .as_object_mut()
-                    .ok_or_else(|| format!("meta key {key}: {p} is given a value of its own"))?;
+                    .ok_or_else(|| RequestError::SectionHasValue {
+                        key: key.clone(),
+                        section: p.to_string(),
+                    })?;
             }
             if at.get(last).is_some_and(Value::is_object) {
-                return Err(format!("meta key {key} is also a section of other keys"));
+                return Err(RequestError::KeyIsSection(key.clone()));
             }
             at.insert(last.to_string(), Value::String(value.clone()));
         }
@@ -186,7 +230,7 @@ impl Request {
 /// `URIENCODE` give, so a value with spaces (or nothing) stays one argument where a hook splits
 /// its arguments on spaces (FreeSWITCH's `luarun`). Both leave `$`, `(` and `'` as they are: not a
 /// shell's quoting. `+` stays `+` (phone numbers).
-pub fn percent_decode(s: &str) -> Result<String, String> {
+pub fn percent_decode(s: &str) -> Result<String, DecodeError> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -196,7 +240,7 @@ pub fn percent_decode(s: &str) -> Result<String, String> {
                 .get(i + 1..i + 3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("{s:?}: '%' must be followed by two hex digits"))?;
+                .ok_or_else(|| DecodeError::BadEscape(s.to_string()))?;
             out.push(hex);
             i += 3;
         } else {
@@ -204,5 +248,5 @@ pub fn percent_decode(s: &str) -> Result<String, String> {
             i += 1;
         }
     }
-    String::from_utf8(out).map_err(|_| format!("{s:?} does not decode to UTF-8"))
+    String::from_utf8(out).map_err(|_| DecodeError::NotUtf8(s.to_string()))
 }

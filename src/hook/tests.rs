@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::intake::{list, read_request};
+use super::intake::{ReadError, list, read_request};
 use super::*;
 
 fn req(meta: &[(&str, &str)]) -> Request {
@@ -67,14 +67,16 @@ fn bad_requests_say_why() {
             "version 2",
         ),
     ] {
-        let e = r.validate().expect_err(want);
+        let e = r.validate().expect_err(want).to_string();
         assert!(e.contains(want), "{e} (wanted {want})");
     }
     let many: Vec<(String, String)> = (0..=MAX_PAIRS)
         .map(|i| (format!("k{i}"), "v".into()))
         .collect();
     let r = Request::new(Path::new("/a.wav"), None, many.into_iter().collect());
-    assert!(r.validate().unwrap_err().contains("meta pairs"));
+    let e = r.validate().unwrap_err();
+    assert_eq!(e, RequestError::TooManyPairs(MAX_PAIRS + 1));
+    assert!(e.to_string().contains("meta pairs"), "{e}");
 }
 
 #[test]
@@ -138,19 +140,22 @@ fn a_request_round_trips_through_the_folder_and_links_are_refused() {
     let e = read_request(d.path(), OsStr::new("link.req"))
         .1
         .unwrap_err();
-    assert!(e.contains("symbolic link"), "{e}");
+    assert!(matches!(e, ReadError::Symlink), "{e}");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
     std::fs::hard_link(&written, d.path().join("hard.req")).unwrap();
     let e = read_request(d.path(), OsStr::new("hard.req"))
         .1
         .unwrap_err();
-    assert!(e.contains("hard links"), "{e}");
+    assert!(matches!(e, ReadError::Links(2)), "{e}");
+    assert!(e.to_string().contains("hard links"), "{e}");
     std::fs::write(
         d.path().join("big.req"),
         vec![b' '; MAX_REQUEST as usize + 1],
     )
     .unwrap();
     let e = read_request(d.path(), OsStr::new("big.req")).1.unwrap_err();
-    assert!(e.contains("more than"), "{e}");
+    assert!(matches!(e, ReadError::TooBig(_)), "{e}");
+    assert!(e.to_string().contains("more than"), "{e}");
     std::fs::write(
         d.path().join("extra.req"),
         br#"{"version":1,"path":"/a.wav","command":"rm -rf /"}"#,
@@ -159,7 +164,8 @@ fn a_request_round_trips_through_the_folder_and_links_are_refused() {
     let e = read_request(d.path(), OsStr::new("extra.req"))
         .1
         .unwrap_err();
-    assert!(e.contains("unknown field"), "{e}");
+    assert!(matches!(e, ReadError::NotJson(_)), "{e}");
+    assert!(e.to_string().contains("unknown field"), "{e}");
     // Temporary files are not requests.
     std::fs::write(d.path().join(".tmp-x"), b"{").unwrap();
     assert!(!list(d.path()).unwrap().iter().any(|n| n == ".tmp-x"));
