@@ -36,3 +36,34 @@ pub mod watch;
 pub mod watcher;
 pub mod watchmetrics;
 pub mod worker;
+
+#[cfg(test)]
+mod layout {
+    /// The README's Layout tables name every module of the library and of the fake, so a reader
+    /// finds each from the file list (the table had fallen behind five modules once).
+    #[test]
+    fn the_readme_layout_names_every_module() {
+        let readme = include_str!("../README.md");
+        let layout = readme
+            .split("\n## Layout\n")
+            .nth(1)
+            .expect("README has a Layout section");
+        let layout = layout.split("\n## ").next().unwrap_or(layout);
+        let modules = |lib: &'static str| {
+            lib.lines()
+                .filter_map(|l| l.trim_start_matches("pub ").strip_prefix("mod "))
+                .filter_map(|l| l.strip_suffix(';'))
+                .filter(|m| *m != "tests")
+                .collect::<Vec<_>>()
+        };
+        let ours = modules(include_str!("lib.rs"));
+        let fakes = modules(include_str!("../fake-api/src/lib.rs"));
+        assert!(ours.len() > 20 && fakes.len() > 5, "{ours:?} {fakes:?}");
+        for m in ours.iter().chain(&fakes) {
+            assert!(
+                layout.contains(&format!("| `{m}`")) || layout.contains(&format!("| `{m}/`")),
+                "README's Layout tables do not name the module `{m}`"
+            );
+        }
+    }
+}
