@@ -74,24 +74,14 @@ impl Daemon {
         };
         let metrics_addr =
             spawn_monitor(&cfg, monitor, &ready_flag, &mut tasks, &background).await?;
-        let pipeline = Arc::new(Pipeline {
-            shared: Arc::new(Shared {
-                cfg: cfg.clone(),
-                queue: queue.clone(),
-                api: api.clone(),
-                tenants: tenants.clone(),
-                gate: gate.clone(),
-                metrics: metrics.clone(),
-                wake: Wake::default(),
-            }),
-            stop_claiming: CancellationToken::new(),
-            abort: CancellationToken::new(),
-            // Workers that find a job's file gone ask the watcher to look for it (it may have
-            // moved).
-            search: Arc::new(crate::watcher::Search::default()),
-            missing: Default::default(),
-            // Every file-system call on a watched folder goes through that folder's lanes.
-            roots: Arc::new(crate::watch::Roots::default()),
+        let pipeline = new_pipeline(Shared {
+            cfg: cfg.clone(),
+            queue: queue.clone(),
+            api: api.clone(),
+            tenants: tenants.clone(),
+            gate: gate.clone(),
+            metrics: metrics.clone(),
+            wake: Wake::default(),
         });
         let db_watcher = match queue.cluster() {
             Some(_) => None,
@@ -199,6 +189,20 @@ impl Daemon {
         self.queue.close().await;
         info!("stopped");
     }
+}
+
+/// What the upload workers share, around what they share with the results follower.
+fn new_pipeline(shared: Shared) -> Arc<Pipeline> {
+    Arc::new(Pipeline {
+        shared: Arc::new(shared),
+        stop_claiming: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        // Workers that find a job's file gone ask the watcher to look for it (it may have moved).
+        search: Arc::new(crate::watcher::Search::default()),
+        missing: Default::default(),
+        // Every file-system call on a watched folder goes through that folder's lanes.
+        roots: Arc::new(crate::watch::Roots::default()),
+    })
 }
 
 /// The watchdog ticker, and `/metrics` and `/healthz` when `[metrics] listen` is set. The port is
