@@ -21,7 +21,7 @@ use crate::api::{ApiClient, ErrorClass};
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::queue::{Forgot, Job, Queue, QueueError, Tombstone};
-use crate::results::result_path_for;
+use crate::results::result_files;
 
 /// The clients to delete with: `[api]`'s token, and each `[[source]]` that has its own account.
 #[derive(Debug, Default, Clone)]
@@ -125,29 +125,6 @@ fn fault_point(step: u32) {
         std::process::abort();
     }
     let _ = step;
-}
-
-/// Every file the follower may have written for this job: each kind (and the text rendering)
-/// under the name carrying its interaction id, and, unless an earlier call was recorded at the
-/// same path (whose files those are), under the plain name.
-pub fn result_files(cfg: &Config, job: &Job, later_call: bool) -> Vec<PathBuf> {
-    let dir = &cfg.results.output_dir;
-    let mut kinds: Vec<&str> = cfg.results.kinds.iter().map(String::as_str).collect();
-    for k in ["transcript", "punctuated", "ai", "text"] {
-        if !kinds.contains(&k) {
-            kinds.push(k);
-        }
-    }
-    let mut out = Vec::new();
-    for k in kinds {
-        if job.interaction_id.is_some() {
-            out.push(result_path_for(dir, job, k, true));
-        }
-        if !later_call {
-            out.push(result_path_for(dir, job, k, false));
-        }
-    }
-    out
 }
 
 /// The jobs a selector names, with what it named that matched nothing.

@@ -295,7 +295,7 @@ impl ApiClient {
                 path.display()
             )));
         }
-        let name = crate::worker::wire_name(path);
+        let name = wire_name(path);
         let file = std::fs::File::open(path)
             .map_err(|e| ApiError::Local(format!("{}: {e}", path.display())))?;
         self.upload_file(id, file, &name, path, size, None).await
@@ -351,7 +351,7 @@ impl ApiClient {
         // Names as browsers send them: raw UTF-8 in quotes. reqwest's default percent-encodes a
         // non-ASCII field name into `name*=utf-8''...`, which leaves the plain `name` empty, so a
         // recording called "José.wav" was refused (400) as having no field name. The caller's
-        // name has no quotes, backslashes or control characters (see `worker::wire_name`).
+        // name has no quotes, backslashes or control characters (see [`wire_name`]).
         let form = reqwest::multipart::Form::new()
             .percent_encode_noop()
             .part(name, part);
@@ -530,4 +530,22 @@ fn valid_id(id: &str) -> bool {
         && id
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// The file's name as the service is told it (form field name and filename): bytes that are not
+/// UTF-8 as U+FFFD, and the characters that would break out of a quoted multipart header value
+/// (quotes, backslashes, control characters) as `_`.
+pub fn wire_name(path: &Path) -> String {
+    path.file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c == '"' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
 }

@@ -66,3 +66,11 @@ fn ids_are_checked() {
     assert!(!valid_id("../../etc/passwd"));
     assert!(!valid_id("a b"));
 }
+
+#[test]
+fn the_wire_name_cannot_break_out_of_its_header() {
+    use std::os::unix::ffi::OsStrExt;
+    let p = Path::new(std::ffi::OsStr::from_bytes(b"/r/O\"Bri\xe9n\r\n\\x.wav"));
+    assert_eq!(wire_name(p), "O_Bri\u{FFFD}n___x.wav");
+    assert_eq!(wire_name(Path::new("/r/José.wav")), "José.wav");
+}

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::raw::{KNOWN_KEYS, Raw};
+use super::suggest::suggest;
 use super::{
     CONFIG_ENV, CREDENTIALS_ENV, Config, ConfigError, DEFAULT_CONFIG_PATH, TOKEN_CREDENTIAL,
 };
@@ -228,28 +229,4 @@ fn check_known_keys(value: &serde_json::Value) -> Result<(), ConfigError> {
         }
     }
     Ok(())
-}
-
-pub(super) fn suggest(word: &str, candidates: &[&str]) -> String {
-    candidates
-        .iter()
-        .map(|c| (edit_distance(word, c), *c))
-        .filter(|(d, _)| *d <= 2)
-        .min()
-        .map(|(_, c)| format!(" (did you mean `{c}`?)"))
-        .unwrap_or_default()
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }

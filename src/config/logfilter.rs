@@ -1,7 +1,7 @@
 //! `[log] level` and `RUST_LOG`: a filter that would silence the log by a typo is refused.
 
 use super::ConfigError;
-use super::load::suggest;
+use super::suggest::suggest;
 
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
 

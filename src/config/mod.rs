@@ -7,7 +7,9 @@
 //!
 //! - `typed`: the [`Config`] the daemon uses;
 //! - `raw`: the file's shape, the defaults, and the known keys derived from it;
-//! - `load`: files, environment, credential, unknown keys with "did you mean";
+//! - `load`: files, environment, credential, unknown keys;
+//! - `sources`: the `[[source]]` tables;
+//! - `suggest`: the "did you mean" of every message about an unknown word;
 //! - `validate`: one function per section (grouped by what the sections are about: the service,
 //!   the recordings, the daemon), and the floors of the intervals that pace requests;
 //! - `logfilter`: `[log] level` and `RUST_LOG`.
@@ -16,6 +18,7 @@ mod load;
 mod logfilter;
 mod raw;
 mod sources;
+mod suggest;
 mod typed;
 mod validate;
 

@@ -97,7 +97,7 @@ fn one(
                 at(key),
                 format!(
                     "unknown key{}; [[source]] knows: {}",
-                    super::load::suggest(key, SOURCE_KEYS),
+                    super::suggest::suggest(key, SOURCE_KEYS),
                     SOURCE_KEYS.join(", ")
                 ),
             ));
@@ -164,7 +164,7 @@ fn merged_declare(
                 format!("source[{n}].declare.{k}"),
                 format!(
                     "unknown key{}; [source.declare] takes any [declare] key: {}",
-                    super::load::suggest(k, keys),
+                    super::suggest::suggest(k, keys),
                     keys.join(", ")
                 ),
             ));
@@ -208,36 +208,4 @@ fn check_name(name: &str, key: &str) -> Result<String, ConfigError> {
         ));
     }
     Ok(name.to_string())
-}
-
-/// No folder belongs to two sources: a path of one may not equal, contain or lie inside a path of
-/// another (the top-level `[watch] paths` being the default source). `sources[0]` is the default.
-pub(super) fn check_overlaps(sources: &[SourceConfig]) -> Result<(), ConfigError> {
-    let key = |i: usize| match i {
-        0 => "watch.paths".to_string(),
-        i => format!("source[{}].paths", i - 1),
-    };
-    for (i, a) in sources.iter().enumerate() {
-        for (j, b) in sources.iter().enumerate().skip(i + 1) {
-            for pa in &a.paths {
-                for pb in &b.paths {
-                    if pa.starts_with(pb) || pb.starts_with(pa) {
-                        return Err(ConfigError::new(
-                            key(j),
-                            format!(
-                                "{} (source {:?}) overlaps {} (source {:?}, {}): a folder belongs \
-                                 to one source; list each folder under one source only",
-                                pb.display(),
-                                b.name,
-                                pa.display(),
-                                a.name,
-                                key(i)
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
 }

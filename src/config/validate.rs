@@ -1,7 +1,7 @@
 //! Validation: the raw, file-shaped values read once into the typed [`Config`], one function per
-//! section, each error naming its key. Checks that span sections (a move destination inside a
-//! watched folder, the floors of the intervals that pace requests) come after the sections they
-//! read. The sections, by what they are about: the service (`service`: api, declare, upload,
+//! section, each error naming its key. Checks that span sections (a folder in two sources, a move
+//! destination inside a watched folder, the floors of the intervals that pace requests) come after
+//! the sections they read. The sections, by what they are about: the service (`service`: api, declare, upload,
 //! results), the recordings (`recordings`: watch, after_upload) and the daemon itself (`daemon`:
 //! queue, metrics, log). This file holds the order they are read in and the checks across them.
 
@@ -154,7 +154,39 @@ fn all_sources(
         declare: declare.clone(),
     }];
     sources.extend(tables);
-    super::sources::check_overlaps(&sources)?;
+    check_overlaps(&sources)?;
     watch.paths = sources.iter().flat_map(|s| s.paths.clone()).collect();
     Ok(sources)
+}
+
+/// No folder belongs to two sources: a path of one may not equal, contain or lie inside a path of
+/// another (the top-level `[watch] paths` being the default source). `sources[0]` is the default.
+fn check_overlaps(sources: &[SourceConfig]) -> Result<(), ConfigError> {
+    let key = |i: usize| match i {
+        0 => "watch.paths".to_string(),
+        i => format!("source[{}].paths", i - 1),
+    };
+    for (i, a) in sources.iter().enumerate() {
+        for (j, b) in sources.iter().enumerate().skip(i + 1) {
+            for pa in &a.paths {
+                for pb in &b.paths {
+                    if pa.starts_with(pb) || pb.starts_with(pa) {
+                        return Err(ConfigError::new(
+                            key(j),
+                            format!(
+                                "{} (source {:?}) overlaps {} (source {:?}, {}): a folder belongs \
+                                 to one source; list each folder under one source only",
+                                pb.display(),
+                                b.name,
+                                pa.display(),
+                                a.name,
+                                key(i)
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -209,7 +209,7 @@ impl Follower {
     /// they were being written.
     async fn unwrite(&self, job: &Job, later_call: bool) {
         let dir = self.p.cfg.results.output_dir.clone();
-        let files = crate::forget::result_files(&self.p.cfg, job, later_call);
+        let files = super::result_files(&self.p.cfg, job, later_call);
         let ids: std::collections::HashSet<String> = job.interaction_id.iter().cloned().collect();
         let r = tokio::task::spawn_blocking(move || {
             for f in files {

@@ -5,6 +5,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::api::ApiError;
+use crate::config::Config;
 use crate::queue::Job;
 
 /// Where one result kind of a recording goes: `<output_dir>/<path relative to its watched
@@ -12,6 +13,29 @@ use crate::queue::Job;
 /// see [`result_path_for`].
 pub fn result_path(output_dir: &Path, job: &Job, kind: &str) -> PathBuf {
     result_path_for(output_dir, job, kind, false)
+}
+
+/// Every file the follower may have written for this job: each kind (and the text rendering)
+/// under the name carrying its interaction id, and, unless an earlier call was recorded at the
+/// same path (whose files those are), under the plain name.
+pub fn result_files(cfg: &Config, job: &Job, later_call: bool) -> Vec<PathBuf> {
+    let dir = &cfg.results.output_dir;
+    let mut kinds: Vec<&str> = cfg.results.kinds.iter().map(String::as_str).collect();
+    for k in ["transcript", "punctuated", "ai", "text"] {
+        if !kinds.contains(&k) {
+            kinds.push(k);
+        }
+    }
+    let mut out = Vec::new();
+    for k in kinds {
+        if job.interaction_id.is_some() {
+            out.push(result_path_for(dir, job, k, true));
+        }
+        if !later_call {
+            out.push(result_path_for(dir, job, k, false));
+        }
+    }
+    out
 }
 
 /// Where one result kind goes, for a recording that may not be the first call at its path.

@@ -16,7 +16,7 @@ mod files;
 mod tests;
 mod text;
 
-pub use files::{result_path, result_path_for, write_atomic};
+pub use files::{result_files, result_path, result_path_for, write_atomic};
 pub use text::render_text;
 
 use std::sync::Arc;

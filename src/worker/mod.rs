@@ -356,7 +356,7 @@ impl Pipeline {
         };
         let path = job.fs_path();
         let started = std::time::Instant::now();
-        let name = wire_name(&path);
+        let name = crate::api::wire_name(&path);
         match self
             .api_for(&job)
             .upload_file(&iid, file, &name, &path, job.size, Some(job.mtime_ns))
@@ -464,24 +464,6 @@ impl Pipeline {
         }
         self.account_ok(job);
     }
-}
-
-/// The file's name as the service is told it (form field name and filename): bytes that are not
-/// UTF-8 as U+FFFD, and the characters that would break out of a quoted multipart header value
-/// (quotes, backslashes, control characters) as `_`.
-pub fn wire_name(path: &Path) -> String {
-    path.file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c == '"' || c == '\\' || c.is_control() {
-                '_'
-            } else {
-                c
-            }
-        })
-        .collect()
 }
 
 /// What [`Pipeline::prepare`] hands on: the queued version, opened; for a job to declare, its

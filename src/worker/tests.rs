@@ -4,14 +4,6 @@ use crate::dispose::tests::job_for;
 use crate::policy::Failure;
 
 #[test]
-fn the_wire_name_cannot_break_out_of_its_header() {
-    use std::os::unix::ffi::OsStrExt;
-    let p = Path::new(std::ffi::OsStr::from_bytes(b"/r/O\"Bri\xe9n\r\n\\x.wav"));
-    assert_eq!(wire_name(p), "O_Bri\u{FFFD}n___x.wav");
-    assert_eq!(wire_name(Path::new("/r/José.wav")), "José.wav");
-}
-
-#[test]
 fn the_text_log_names_the_interaction_once() {
     use std::sync::{Arc, Mutex};
     #[derive(Clone, Default)]
