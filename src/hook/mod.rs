@@ -22,13 +22,15 @@
 //! reach the declare byte for byte.
 //!
 //! The parts: [`request`] is the request's format and its rules (the same on both sides),
-//! [`submit`] the hook's side (the CLI), [`intake`] the daemon's.
+//! [`submit`] the hook's side (the CLI), [`intake`] the daemon's (the drop folder and what becomes
+//! of each request), [`vet`] the daemon's look at one request and its recording.
 
 mod intake;
 mod request;
 mod submit;
 #[cfg(test)]
 mod tests;
+mod vet;
 
 pub use intake::run;
 pub use request::{

@@ -5,7 +5,8 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::intake::{ReadError, list, read_request};
+use super::intake::list;
+use super::vet::{ReadError, read_request};
 use super::*;
 
 fn req(meta: &[(&str, &str)]) -> Request {
