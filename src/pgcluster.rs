@@ -24,6 +24,43 @@ const PORT: u16 = 5432;
 /// The superuser `initdb` creates, trusted on the socket (nothing else can reach it).
 const SUPERUSER: &str = "callferry";
 
+/// Why a throwaway server could not be had. Cloneable, because the shared server's failure is
+/// kept once and told to every test that asks for it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PgClusterError {
+    #[error("no PostgreSQL server binaries found: {HOW}")]
+    NotInstalled,
+    #[error("{0}\n(then: {HOW})")]
+    InstallFailed(Box<PgClusterError>),
+    /// A file-system step of the set-up (`what` says which) failed.
+    #[error("cannot {what}: {reason}")]
+    Setup { what: String, reason: String },
+    #[error("{tool} failed ({status}): {output}")]
+    Tool {
+        tool: String,
+        status: String,
+        output: String,
+    },
+    #[error("{source}\nserver log:\n{log}")]
+    NotStarted {
+        source: Box<PgClusterError>,
+        log: String,
+    },
+    #[error("postgresql was installed, but initdb is still not found")]
+    StillMissing,
+}
+
+const HOW: &str = "install PostgreSQL's server (Debian: `apt-get install postgresql`), or point \
+                   CALLFERRY_PG_BIN at the folder holding initdb and pg_ctl";
+
+fn setup(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PgClusterError {
+    let what = what.into();
+    move |e| PgClusterError::Setup {
+        what,
+        reason: e.to_string(),
+    }
+}
+
 /// One running server. Dropping it stops the server (immediately: its data is thrown away).
 pub struct PgCluster {
     dir: tempfile::TempDir,
@@ -34,7 +71,7 @@ pub struct PgCluster {
 impl PgCluster {
     /// `initdb` and start a server tuned for tests: no fsync (its data dies with the test; crash
     /// safety under test is callferry's, not PostgreSQL's), many connections.
-    pub fn start() -> Result<PgCluster, String> {
+    pub fn start() -> Result<PgCluster, PgClusterError> {
         Self::start_with(&[
             "fsync=off",
             "synchronous_commit=off",
@@ -44,14 +81,14 @@ impl PgCluster {
 
     /// Like [`PgCluster::start`], with these `name=value` server settings instead of the test
     /// tuning (the bench measures with PostgreSQL's defaults: `start_with(&[])`).
-    pub fn start_with(settings: &[&str]) -> Result<PgCluster, String> {
+    pub fn start_with(settings: &[&str]) -> Result<PgCluster, PgClusterError> {
         let bin = server_binaries()?;
         let as_nobody = unsafe { libc::geteuid() } == 0;
         // Short: a Unix socket's path is limited to 107 bytes.
         let dir = tempfile::Builder::new()
             .prefix("cfpg")
             .tempdir_in("/tmp")
-            .map_err(|e| format!("cannot make a folder for the PostgreSQL test server: {e}"))?;
+            .map_err(setup("make a folder for the PostgreSQL test server"))?;
         let cluster = PgCluster {
             dir,
             bin,
@@ -60,19 +97,18 @@ impl PgCluster {
         if as_nobody {
             let rc = unsafe {
                 let p = std::ffi::CString::new(cluster.dir.path().as_os_str().as_encoded_bytes())
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| setup("name the server's folder")(e.into()))?;
                 libc::chown(p.as_ptr(), NOBODY, NOBODY)
             };
             if rc != 0 {
-                return Err(format!(
-                    "cannot hand {} to nobody for the PostgreSQL test server: {}",
-                    cluster.dir.path().display(),
-                    std::io::Error::last_os_error()
-                ));
+                return Err(setup(format!(
+                    "hand {} to nobody for the PostgreSQL test server",
+                    cluster.dir.path().display()
+                ))(std::io::Error::last_os_error()));
             }
         }
         std::fs::set_permissions(cluster.dir.path(), std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| e.to_string())?;
+            .map_err(setup("make the server's folder private"))?;
         let data = cluster.data_dir();
         cluster.run(
             "initdb",
@@ -115,7 +151,10 @@ impl PgCluster {
         );
         if let Err(e) = started {
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            return Err(format!("{e}\nserver log:\n{tail}"));
+            return Err(PgClusterError::NotStarted {
+                source: Box::new(e),
+                log: tail,
+            });
         }
         Ok(cluster)
     }
@@ -129,7 +168,7 @@ impl PgCluster {
     }
 
     /// A fresh, empty database, so several tests can share one server.
-    pub fn create_db(&self, name: &str) -> Result<String, String> {
+    pub fn create_db(&self, name: &str) -> Result<String, PgClusterError> {
         assert!(
             name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
             "database names here are identifiers"
@@ -154,8 +193,8 @@ impl PgCluster {
     /// One server for the whole test process, started on first use and stopped when the process
     /// exits (an `atexit` hook: a static is never dropped). Each test takes a database of its own
     /// ([`PgCluster::fresh_db`]), so they run in parallel on it.
-    pub fn shared() -> Result<&'static PgCluster, String> {
-        static SHARED: OnceLock<Result<PgCluster, String>> = OnceLock::new();
+    pub fn shared() -> Result<&'static PgCluster, PgClusterError> {
+        static SHARED: OnceLock<Result<PgCluster, PgClusterError>> = OnceLock::new();
         extern "C" fn stop_shared() {
             if let Some(Ok(c)) = SHARED.get() {
                 c.stop();
@@ -172,7 +211,7 @@ impl PgCluster {
     }
 
     /// A new database with a name no other caller in this process gets.
-    pub fn fresh_db(&self) -> Result<String, String> {
+    pub fn fresh_db(&self) -> Result<String, PgClusterError> {
         static N: AtomicU32 = AtomicU32::new(0);
         self.create_db(&format!(
             "t{}_{}",
@@ -201,7 +240,7 @@ impl PgCluster {
         self.dir.path().join("data")
     }
 
-    fn command(&self, tool: &str, args: &[&std::ffi::OsStr]) -> Result<Output, String> {
+    fn command(&self, tool: &str, args: &[&std::ffi::OsStr]) -> Result<Output, PgClusterError> {
         let mut cmd = Command::new(self.bin.join(tool));
         cmd.args(args)
             .current_dir(self.dir.path())
@@ -213,10 +252,10 @@ impl PgCluster {
             cmd.uid(NOBODY).gid(NOBODY);
         }
         cmd.output()
-            .map_err(|e| format!("cannot run {}: {e}", self.bin.join(tool).display()))
+            .map_err(setup(format!("run {}", self.bin.join(tool).display())))
     }
 
-    fn run(&self, tool: &str, args: &[&std::ffi::OsStr]) -> Result<(), String> {
+    fn run(&self, tool: &str, args: &[&std::ffi::OsStr]) -> Result<(), PgClusterError> {
         check(tool, &self.command(tool, args)?)
     }
 }
@@ -227,20 +266,23 @@ impl Drop for PgCluster {
     }
 }
 
-fn check(tool: &str, out: &Output) -> Result<(), String> {
+fn check(tool: &str, out: &Output) -> Result<(), PgClusterError> {
     if out.status.success() {
         return Ok(());
     }
-    Err(format!(
-        "{tool} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    ))
+    Err(PgClusterError::Tool {
+        tool: tool.into(),
+        status: out.status.to_string(),
+        output: format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        ),
+    })
 }
 
 /// The folder holding `initdb`, `pg_ctl` and `postgres`.
-fn server_binaries() -> Result<PathBuf, String> {
+fn server_binaries() -> Result<PathBuf, PgClusterError> {
     static INSTALL: Mutex<()> = Mutex::new(());
     if let Some(dir) = std::env::var_os("CALLFERRY_PG_BIN") {
         return Ok(PathBuf::from(dir));
@@ -253,7 +295,7 @@ fn server_binaries() -> Result<PathBuf, String> {
         return Ok(dir);
     }
     install()?;
-    find_binaries().ok_or_else(|| "postgresql was installed, but initdb is still not found".into())
+    find_binaries().ok_or(PgClusterError::StillMissing)
 }
 
 fn find_binaries() -> Option<PathBuf> {
@@ -280,19 +322,17 @@ fn find_binaries() -> Option<PathBuf> {
 /// Debian's `postgresql`, when we may install it; otherwise what the operator must do. Several
 /// test processes may get here at once: apt's own lock serialises them, and the loser finds the
 /// binaries on its second look.
-fn install() -> Result<(), String> {
-    let how = "install PostgreSQL's server (Debian: `apt-get install postgresql`), or point \
-               CALLFERRY_PG_BIN at the folder holding initdb and pg_ctl";
+fn install() -> Result<(), PgClusterError> {
     if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/apt-get").exists() {
-        return Err(format!("no PostgreSQL server binaries found: {how}"));
+        return Err(PgClusterError::NotInstalled);
     }
-    let apt = |args: &[&str]| -> Result<(), String> {
+    let apt = |args: &[&str]| -> Result<(), PgClusterError> {
         let out = Command::new("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| format!("cannot run apt-get: {e}"))?;
+            .map_err(setup("run apt-get"))?;
         check("apt-get", &out)
     };
     apt(&["-o", "DPkg::Lock::Timeout=300", "update", "-qq"])?;
@@ -305,5 +345,5 @@ fn install() -> Result<(), String> {
         "--no-install-recommends",
         "postgresql",
     ])
-    .map_err(|e| format!("{e}\n(then: {how})"))
+    .map_err(|e| PgClusterError::InstallFailed(Box::new(e)))
 }

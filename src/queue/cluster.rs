@@ -116,27 +116,6 @@ impl Cluster {
         Ok(None)
     }
 
-    pub async fn mark_declared(
-        &self,
-        id: i64,
-        interaction_id: &str,
-        now: i64,
-    ) -> Result<(), QueueError> {
-        self.mark_declared_from(id, interaction_id, None, None, now)
-            .await
-    }
-
-    pub async fn mark_declared_as(
-        &self,
-        id: i64,
-        interaction_id: &str,
-        external_id: Option<&str>,
-        now: i64,
-    ) -> Result<(), QueueError> {
-        self.mark_declared_from(id, interaction_id, external_id, None, now)
-            .await
-    }
-
     pub async fn mark_declared_from(
         &self,
         id: i64,

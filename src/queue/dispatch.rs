@@ -171,12 +171,38 @@ impl Queue {
         }
     }
 
+    /// Records the interaction id *before* the upload starts: from here on the job is never
+    /// declared again ([`Transition::Declared`](super::Transition::Declared)). Returns once the
+    /// record survives power loss. Idempotent for the same id and interaction id, so a caller may
+    /// repeat it after a failed sync (a full disk) or a lost answer without tripping over its own
+    /// earlier commit. The one implementation per backend is `mark_declared_from`.
+    pub async fn mark_declared(
+        &self,
+        id: i64,
+        interaction_id: &str,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        self.mark_declared_from(id, interaction_id, None, None, now)
+            .await
+    }
+
+    /// [`Queue::mark_declared`], recording the call's id the declare carried
+    /// (`externalIdentifier`) in the same statement.
+    pub async fn mark_declared_as(
+        &self,
+        id: i64,
+        interaction_id: &str,
+        external_id: Option<&str>,
+        now: i64,
+    ) -> Result<(), QueueError> {
+        self.mark_declared_from(id, interaction_id, external_id, None, now)
+            .await
+    }
+
     both! {
         enqueue(jobs: &[NewJob], now: i64) -> Vec<Enqueued>;
         claim(now: i64) -> Option<Job>;
         claim_except(now: i64, roots: &[String]) -> Option<Job>;
-        mark_declared(id: i64, interaction_id: &str, now: i64) -> ();
-        mark_declared_as(id: i64, interaction_id: &str, external_id: Option<&str>, now: i64) -> ();
         mark_declared_from(
             id: i64,
             interaction_id: &str,

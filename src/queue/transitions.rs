@@ -99,33 +99,6 @@ impl Lite {
         Ok(row.as_ref().map(claimed_from_row).transpose()?)
     }
 
-    /// Records the interaction id *before* the upload starts: from here on the job is never
-    /// declared again ([`Transition::Declared`]). Returns once the record survives power loss.
-    ///
-    /// Idempotent for the same id and interaction id, so a caller may repeat it after a failed
-    /// sync (a full disk) without tripping over its own earlier commit.
-    pub async fn mark_declared(
-        &self,
-        id: i64,
-        interaction_id: &str,
-        now: i64,
-    ) -> Result<(), QueueError> {
-        self.mark_declared_as(id, interaction_id, None, now).await
-    }
-
-    /// [`Transition::Declared`], recording the call's id the declare carried (`externalIdentifier`)
-    /// in the same statement.
-    pub async fn mark_declared_as(
-        &self,
-        id: i64,
-        interaction_id: &str,
-        external_id: Option<&str>,
-        now: i64,
-    ) -> Result<(), QueueError> {
-        self.mark_declared_from(id, interaction_id, external_id, None, now)
-            .await
-    }
-
     /// [`Transition::Declared`], recording the call's id the declare carried (`externalIdentifier`)
     /// and the source it was declared for in the same statement.
     pub async fn mark_declared_from(
