@@ -52,9 +52,13 @@ pub mod names {
     pub const BUILD_INFO: &str = "callferry_build_info";
     /// `callferry_orphan_declares_total`
     pub const ORPHAN_DECLARES: &str = "callferry_orphan_declares";
+    /// `callferry_role_held{role}` (PostgreSQL queue only)
+    pub const ROLE_HELD: &str = "callferry_role_held";
 }
 
 mod help {
+    pub const ROLE_HELD: &str = "1 while this daemon does the role's work for the cluster \
+                                 (rescan, results, prune), 0 while another daemon does";
     pub const FILES_DISCOVERED: &str =
         "Complete recordings (new file versions) found in the watched folders and queued";
     pub const JOBS: &str = "Jobs in the queue database by state (read at scrape time)";
@@ -133,6 +137,8 @@ pub struct Snapshot {
     pub paused: bool,
     /// Declares whose answer was lost or unusable, in the life of the database.
     pub orphan_declares: u64,
+    /// On the PostgreSQL queue: each role and whether this daemon holds it.
+    pub roles: Vec<(&'static str, bool)>,
 }
 
 /// When the pipeline last did something, on a monotonic clock. Two notions:
@@ -236,6 +242,8 @@ pub struct Metrics {
     /// The watcher's metrics (files refused, unhealthy roots, polled folders).
     pub watch: crate::watchmetrics::WatchMetrics,
     orphan_declares: Counter,
+    /// On the PostgreSQL queue only: which roles this daemon holds.
+    roles: Option<Family<Label, Gauge>>,
     /// Why results cannot be written right now (e.g. an unwritable `output_dir`); held until one
     /// is written, for `/healthz`.
     results_blocked: std::sync::Mutex<Option<String>>,
@@ -254,8 +262,23 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A daemon's metrics on its own queue (SQLite).
     pub fn new() -> Metrics {
-        let mut registry = Registry::default();
+        Metrics::build(Registry::default(), None)
+    }
+
+    /// A daemon's metrics as a member of a cluster on the PostgreSQL queue: every series carries
+    /// `daemon="<name>"`, so one Prometheus can tell the members' series apart however it
+    /// scrapes them, and `callferry_role_held{role}` says which daemon does what. The series
+    /// read from the database (`callferry_jobs`, the oldest waiting job, orphan declares) are the
+    /// whole cluster's: aggregate them with `max`, not `sum`.
+    pub fn for_member(name: &str) -> Metrics {
+        let registry =
+            Registry::with_labels(std::iter::once(("daemon".into(), name.to_string().into())));
+        Metrics::build(registry, Some(Family::<Label, Gauge>::default()))
+    }
+
+    fn build(mut registry: Registry, roles: Option<Family<Label, Gauge>>) -> Metrics {
         let files_discovered = Counter::default();
         let jobs = Family::<Label, Gauge>::default();
         let uploads = Family::<UploadLabel, Counter>::default();
@@ -329,6 +352,12 @@ impl Metrics {
             help::ORPHAN_DECLARES,
             orphan_declares.clone(),
         );
+        if let Some(roles) = &roles {
+            for r in crate::queue::Role::ALL {
+                let _ = roles.get_or_create(&[("role", r.name())]);
+            }
+            registry.register(names::ROLE_HELD, help::ROLE_HELD, roles.clone());
+        }
 
         let m = Metrics {
             registry,
@@ -346,6 +375,7 @@ impl Metrics {
             results_fetched,
             watch,
             orphan_declares,
+            roles,
             results_blocked: Default::default(),
         };
         m.add_sources(&[crate::config::DEFAULT_SOURCE]);
@@ -450,6 +480,13 @@ impl Metrics {
             .inc();
     }
 
+    /// Results files of `kind` fetched and written by this daemon (for tests).
+    pub fn results_fetched(&self, kind: &str) -> u64 {
+        self.results_fetched
+            .get_or_create(&[("kind", kind.to_string())])
+            .get()
+    }
+
     /// The value of `callferry_uploads_total{outcome,source}` (for tests).
     pub fn uploads_with_outcome(&self, o: &'static str, source: &str) -> u64 {
         self.uploads.get_or_create(&upload_label(o, source)).get()
@@ -481,6 +518,13 @@ impl Metrics {
         if snap.orphan_declares > seen {
             self.orphan_declares.inc_by(snap.orphan_declares - seen);
         }
+        if let Some(roles) = &self.roles {
+            for (role, held) in &snap.roles {
+                roles
+                    .get_or_create(&[("role", *role)])
+                    .set(i64::from(*held));
+            }
+        }
         let unix_now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -503,6 +547,43 @@ mod tests {
             .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn a_cluster_member_labels_every_series_with_its_name_and_shows_its_roles() {
+        let m = Metrics::for_member("rec-host-2");
+        m.files_discovered(1);
+        let snap = Snapshot {
+            roles: vec![("rescan", true), ("results", false), ("prune", false)],
+            ..Snapshot::default()
+        };
+        let t = m.render(&snap);
+        let samples: Vec<&str> = t.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(!samples.is_empty());
+        for l in &samples {
+            assert!(
+                l.contains("daemon=\"rec-host-2\""),
+                "a series without the daemon: {l}"
+            );
+        }
+        assert_eq!(
+            value(
+                &t,
+                "callferry_role_held{daemon=\"rec-host-2\",role=\"rescan\"}"
+            ),
+            Some(1.0),
+            "{t}"
+        );
+        assert_eq!(
+            value(
+                &t,
+                "callferry_role_held{daemon=\"rec-host-2\",role=\"results\"}"
+            ),
+            Some(0.0)
+        );
+        // One host's queue: no daemon label, no roles (the series stay as they always were).
+        let t = Metrics::new().render(&Snapshot::default());
+        assert!(!t.contains("daemon=") && !t.contains("callferry_role_held"));
     }
 
     #[test]
@@ -573,6 +654,7 @@ mod tests {
             oldest_pending_age_s: Some(12.5),
             paused: true,
             orphan_declares: 4,
+            roles: Vec::new(),
         };
         let t = m.render(&snap);
         assert_eq!(value(&t, "callferry_orphan_declares_total"), Some(4.0));

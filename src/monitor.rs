@@ -71,6 +71,13 @@ impl Monitor {
             oldest_pending_age_s: oldest,
             paused: self.gate.state().shown().is_some(),
             orphan_declares: self.queue.orphan_declares().await?,
+            roles: match self.queue.cluster() {
+                Some(_) => crate::queue::Role::ALL
+                    .into_iter()
+                    .map(|r| (r.name(), self.queue.holds(r)))
+                    .collect(),
+                None => Vec::new(),
+            },
         })
     }
 

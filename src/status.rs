@@ -249,8 +249,13 @@ pub fn render_text(r: &StatusReport, style: Style) -> String {
         } else {
             format!("{} job(s) held", m.held)
         };
+        let roles = if m.roles.is_empty() {
+            String::new()
+        } else {
+            format!(", does {}", m.roles.join(", "))
+        };
         out.push_str(&format!(
-            "member      {} on {} (pid {}): heartbeat {:.0}s ago, {state}\n",
+            "member      {} on {} (pid {}): heartbeat {:.0}s ago, {state}{roles}\n",
             m.name, m.host, m.pid, m.heartbeat_age_s
         ));
     }

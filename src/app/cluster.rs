@@ -1,5 +1,5 @@
 //! PostgreSQL only: this daemon's upkeep of the shared queue, the heartbeat that renews its claims
-//! and the reaper that takes over dead daemons' jobs.
+//! and roles, and the reaper that takes over dead daemons' jobs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::clock::now_ms;
-use crate::queue::{Queue, QueueError};
+use crate::config::Config;
+use crate::queue::{Queue, QueueError, Role};
 
 /// PostgreSQL only: keeps this daemon's claims alive and takes over dead daemons' jobs. The
 /// heartbeat renews every claim this daemon holds every third of the lease, so one late round
@@ -17,7 +18,15 @@ use crate::queue::{Queue, QueueError};
 /// `UPDATE`), puts back jobs whose lease ran out and wakes the workers for them. It also wakes
 /// them when a job is due: another daemon may have queued or put it back, and no wake file
 /// reaches across hosts.
-pub(super) async fn cluster_upkeep(queue: Queue, workers: Arc<Notify>, cancel: CancellationToken) {
+///
+/// The same beat takes or renews the roles this daemon wants ([`wanted_roles`]): the work one
+/// daemon of the cluster does at a time, taken over like a job when its daemon dies.
+pub(super) async fn cluster_upkeep(
+    queue: Queue,
+    wanted: Vec<Role>,
+    (workers, follower): (Arc<Notify>, Arc<Notify>),
+    cancel: CancellationToken,
+) {
     let Some(pg) = queue.cluster() else { return };
     let lease = queue_lease(pg);
     let mut beat = tokio::time::interval(lease / 3);
@@ -28,8 +37,8 @@ pub(super) async fn cluster_upkeep(queue: Queue, workers: Arc<Notify>, cancel: C
     loop {
         let r = tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = beat.tick() => pg.heartbeat().await.map(|_| ()),
-            _ = reap.tick() => reap_and_wake(&queue, pg, &workers).await,
+            _ = beat.tick() => beat_and_renew(&queue, pg, &wanted).await,
+            _ = reap.tick() => reap_and_wake(&queue, pg, (&workers, &follower)).await,
         };
         match r {
             Ok(()) if failing => {
@@ -46,6 +55,45 @@ pub(super) async fn cluster_upkeep(queue: Queue, workers: Arc<Notify>, cancel: C
     }
 }
 
+/// The roles this daemon's configuration gives it work for: a daemon that does not follow
+/// results must not hold the role that decides who does.
+pub(super) fn wanted_roles(cfg: &Config) -> Vec<Role> {
+    Role::ALL
+        .into_iter()
+        .filter(|r| match r {
+            Role::Rescan => {
+                !cfg.watch.rescan_interval.is_zero() || !cfg.watch.poll_interval.is_zero()
+            }
+            Role::Results => cfg.results.enabled,
+            Role::Prune => !cfg.queue.keep_history.is_zero(),
+        })
+        .collect()
+}
+
+async fn beat_and_renew(
+    queue: &Queue,
+    pg: &crate::queue::pg::PgQueue,
+    wanted: &[Role],
+) -> Result<(), QueueError> {
+    pg.heartbeat().await?;
+    for (role, held) in queue.renew_roles(wanted).await? {
+        if held {
+            info!(
+                role = role.name(),
+                "this daemon now does {} for the cluster",
+                role.work()
+            );
+        } else {
+            info!(
+                role = role.name(),
+                "another daemon now does {} for the cluster",
+                role.work()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn queue_lease(pg: &crate::queue::pg::PgQueue) -> Duration {
     pg.lease().max(crate::config::MIN_LEASE)
 }
@@ -53,7 +101,7 @@ pub(super) fn queue_lease(pg: &crate::queue::pg::PgQueue) -> Duration {
 pub(super) async fn reap_and_wake(
     queue: &Queue,
     pg: &crate::queue::pg::PgQueue,
-    workers: &Notify,
+    (workers, follower): (&Notify, &Notify),
 ) -> Result<(), QueueError> {
     let n = pg.reap_expired(now_ms()).await?;
     if n > 0 {
@@ -64,6 +112,10 @@ pub(super) async fn reap_and_wake(
     }
     if n > 0 || queue.next_due().await?.is_some_and(|d| d <= now_ms()) {
         workers.notify_waiters();
+    }
+    // Another daemon's upload is followed here: no wake-up reaches across hosts.
+    if queue.holds(Role::Results) && queue.next_followup().await?.is_some_and(|d| d <= now_ms()) {
+        follower.notify_waiters();
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::cluster::cluster_upkeep;
+use super::cluster::{cluster_upkeep, wanted_roles};
 use super::startup::tidy_up;
 use super::tasks::{auth_recheck, persist_pause};
 use super::{AppError, Handle};
@@ -57,7 +57,10 @@ impl Daemon {
         tenants: BTreeMap<String, ApiClient>,
     ) -> Result<Daemon, AppError> {
         let gate = Arc::new(Gate::new(crate::policy::upload_backoff(&cfg)));
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(match queue.cluster() {
+            Some(pg) => Metrics::for_member(pg.name()),
+            None => Metrics::new(),
+        });
         let names: Vec<&str> = cfg.sources.iter().map(|s| s.name.as_str()).collect();
         metrics.add_sources(&names);
         let background = CancellationToken::new();
@@ -89,7 +92,11 @@ impl Daemon {
         };
         tasks.spawn(cluster_upkeep(
             queue.clone(),
-            pipeline.wake.workers.clone(),
+            wanted_roles(&cfg),
+            (
+                pipeline.wake.workers.clone(),
+                pipeline.wake.follower.clone(),
+            ),
             background.clone(),
         ));
         tidy_up(&cfg, &queue, &pipeline).await?;
@@ -177,9 +184,7 @@ impl Daemon {
             while tasks.join_next().await.is_some() {}
         })
         .await;
-        if let Some(pg) = self.queue.cluster()
-            && let Err(e) = pg.stop().await
-        {
+        if let Err(e) = self.queue.leave().await {
             warn!(error = %e, "cannot hand this daemon's roles back in the shared queue; others take them over after queue.lease");
         }
         let _ = self.queue.set_daemon_state(PAUSE_KEY, None, now_ms()).await;

@@ -117,7 +117,7 @@ pub(super) fn validate(raw: Raw, sources: Vec<SourceConfig>) -> Result<Config, C
     let declare = validate_declare(raw.declare)?;
     let mut watch = validate_watch(raw.watch, !sources.is_empty())?;
     let sources = all_sources(&mut watch, &declare, sources)?;
-    let queue = validate_queue(raw.queue, results_enabled)?;
+    let queue = validate_queue(raw.queue)?;
     let upload = validate_upload(raw.upload)?;
     let after_upload = validate_after_upload(raw.after_upload, &watch, results_enabled)?;
     let results = validate_results(raw.results)?;

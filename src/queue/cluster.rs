@@ -9,16 +9,19 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use sqlx::{AssertSqlSafe, Row};
 
 use super::machine::{NOT_UPLOADED, Transition, sql_in};
 use super::pg::{Held, PgQueue};
+use super::roles::{Role, Roles};
 use super::{Counts, JOB_COLUMNS, Job, QueueError, State, display_path, job_from_row};
 
 pub(crate) struct Cluster {
     pg: PgQueue,
     claims: Mutex<HashMap<i64, Held>>,
+    roles: Roles,
 }
 
 impl std::ops::Deref for Cluster {
@@ -37,9 +40,48 @@ impl std::fmt::Debug for Cluster {
 impl Cluster {
     pub(crate) fn new(pg: PgQueue) -> Cluster {
         Cluster {
+            roles: Roles::new(pg.lease()),
             pg,
             claims: Mutex::default(),
         }
+    }
+
+    /// Whether this daemon does `role`'s work now (see [`Roles`]).
+    pub(crate) fn holds(&self, role: Role) -> bool {
+        self.roles.holds(role, Instant::now())
+    }
+
+    pub(crate) fn roles_changed(&self) -> &tokio::sync::Notify {
+        &self.roles.changed
+    }
+
+    /// Takes or renews each of `wanted` that no other daemon holds under a live lease; returns
+    /// the roles this daemon gained (`true`) or lost to another (`false`) by it. Call it well
+    /// within the lease, as the heartbeat.
+    pub(crate) async fn renew_roles(
+        &self,
+        wanted: &[Role],
+    ) -> Result<Vec<(Role, bool)>, QueueError> {
+        let mut changes = Vec::new();
+        for &role in wanted {
+            // Counted from before the statement: the lease in the database runs from a moment
+            // after this one, so this daemon never believes it holds a role longer than it does.
+            let sent = Instant::now();
+            let held = self.pg.take_role(role.name()).await?.is_some();
+            if self.roles.renewed(role, sent, held) {
+                changes.push((role, held));
+            }
+        }
+        if !changes.is_empty() {
+            self.roles.changed.notify_waiters();
+        }
+        Ok(changes)
+    }
+
+    /// A graceful stop: this daemon's roles go to the others at once (see [`PgQueue::stop`]).
+    pub(crate) async fn stop(&self) -> Result<(), QueueError> {
+        self.roles.release_all();
+        self.pg.stop().await
     }
 
     fn claims(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Held>> {

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use super::cluster::Cluster;
 use super::pg::PgQueue;
+use super::roles::Role;
 use super::{
     Counts, Enqueued, Fault, Forgot, Hooked, Job, Lite, NewJob, OpenMode, QueueError, State,
     Tombstone,
@@ -82,6 +83,41 @@ impl Queue {
         match &self.0 {
             Backend::Lite(_) => None,
             Backend::Pg(q) => Some(q),
+        }
+    }
+
+    /// Whether this daemon does `role`'s work now. Always on SQLite (one daemon per queue); on
+    /// PostgreSQL while this daemon holds the role's lease ([`Queue::renew_roles`]).
+    pub fn holds(&self, role: Role) -> bool {
+        match &self.0 {
+            Backend::Lite(_) => true,
+            Backend::Pg(q) => q.holds(role),
+        }
+    }
+
+    /// PostgreSQL: takes or renews the roles of `wanted` no other daemon holds; returns the ones
+    /// gained (`true`) or lost (`false`). Nothing to do on SQLite.
+    pub async fn renew_roles(&self, wanted: &[Role]) -> Result<Vec<(Role, bool)>, QueueError> {
+        match &self.0 {
+            Backend::Lite(_) => Ok(Vec::new()),
+            Backend::Pg(q) => q.renew_roles(wanted).await,
+        }
+    }
+
+    /// Waits until this daemon gains or lets go of a role (never, on SQLite).
+    pub async fn role_changed(&self) {
+        match &self.0 {
+            Backend::Lite(_) => std::future::pending().await,
+            Backend::Pg(q) => q.roles_changed().notified().await,
+        }
+    }
+
+    /// PostgreSQL: leaves the cluster gracefully, handing this daemon's roles to the others at
+    /// once (a dead daemon's go when their leases run out). Nothing to do on SQLite.
+    pub async fn leave(&self) -> Result<(), QueueError> {
+        match &self.0 {
+            Backend::Lite(_) => Ok(()),
+            Backend::Pg(q) => q.stop().await,
         }
     }
 
@@ -242,30 +278,30 @@ impl Queue {
         make_durable() -> ();
         sync_wal() -> ();
         prepare_wal(bytes: u64) -> ();
-    }
-
-    sqlite_only! {
-        "following results": due_followups(now: i64, limit: u32) -> Vec<Job>;
-        "following results": next_followup() -> Option<i64>;
-        "following results": follow_later(
+        due_followups(now: i64, limit: u32) -> Vec<Job>;
+        next_followup() -> Option<i64>;
+        follow_later(
             id: i64,
             next_at: i64,
             service_status: Option<&str>,
             error: Option<&str>,
             now: i64
         ) -> ();
-        "following results": result_written(job: &Job, kind: &str, now: i64) -> ();
-        "following results": mark_processed(id: i64, now: i64) -> ();
-        "following results": mark_processed_then(id: i64, delete_at: Option<i64>, now: i64) -> ();
-        "following results": fail_following(
+        result_written(job: &Job, kind: &str, now: i64) -> ();
+        mark_processed(id: i64, now: i64) -> ();
+        mark_processed_then(id: i64, delete_at: Option<i64>, now: i64) -> ();
+        fail_following(
             id: i64,
             error: &str,
             service_status: Option<&str>,
             lost_file: bool,
             now: i64
         ) -> ();
-        "following results": remote_delete_done(id: i64, outcome: Result<bool, &str>, now: i64) -> ();
-        "following results": earlier_call_at_path(job: &Job) -> bool;
+        remote_delete_done(id: i64, outcome: Result<bool, &str>, now: i64) -> ();
+        earlier_call_at_path(job: &Job) -> bool;
+    }
+
+    sqlite_only! {
         "following a moved recording": follow_move(
             id: i64,
             old_path: &str,

@@ -69,18 +69,18 @@ impl Lite {
     }
 }
 
+/// A stored path's bytes, as the watcher fingerprints them (see [`super::paths`]).
+pub(super) fn raw(stored: &str) -> Vec<u8> {
+    use std::os::unix::ffi::OsStringExt;
+    super::decode_path(stored).into_os_string().into_vec()
+}
+
 /// Fingerprints: 64 bits of SHA-256 over a domain tag and fields. They let a pruned job keep
 /// preventing a re-upload without keeping its path, name or ids in clear, and the watcher's
 /// in-memory index of known versions uses the same ones, so one set serves both. Stable across
 /// builds and processes (unlike std's hasher). A collision needs 2^32 fingerprints to become
 /// likely; at ten million it is about one in 10^5, and it would only make a file be taken for
 /// one already uploaded.
-/// A stored path's bytes, as the watcher fingerprints them (see [`super::paths`]).
-fn raw(stored: &str) -> Vec<u8> {
-    use std::os::unix::ffi::OsStringExt;
-    super::decode_path(stored).into_os_string().into_vec()
-}
-
 pub mod fingerprint {
     use sha2::{Digest, Sha256};
 

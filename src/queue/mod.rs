@@ -24,6 +24,7 @@ mod open;
 mod paths;
 pub mod pg;
 mod read;
+mod roles;
 mod sources;
 mod state;
 mod transitions;
@@ -44,6 +45,7 @@ pub use hook::Hooked;
 pub use machine::Transition;
 pub use open::{APPLICATION_ID, DaemonLock, OpenMode, PAUSE_KEY, create_folder, lock_path};
 pub use paths::{decode_path, display_path, encode_path};
+pub use roles::Role;
 pub use state::{State, UnknownState};
 
 /// Test hooks: faults the queue injects into its own writes and flushes (see

@@ -29,7 +29,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::api::ApiError;
 use crate::clock::{ms, now_ms};
 use crate::policy::{self, Failure, Hold, Limits, Verdict};
-use crate::queue::Job;
+use crate::queue::{Job, Role};
 use crate::ratelimit::RateLimiter;
 use crate::shared::Shared;
 
@@ -60,6 +60,16 @@ impl Follower {
         loop {
             if cancel.is_cancelled() {
                 break;
+            }
+            if !self.p.queue.holds(Role::Results) {
+                // On the shared queue another daemon follows for the cluster; this one waits to
+                // be given the role (its holder stopped or died).
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = self.p.queue.role_changed() => {}
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                }
+                continue;
             }
             // Held for this round's requests; while the API is down, a probe's round is one job.
             let Some(admission) = self.p.gate.admit(&cancel).await else {
@@ -112,6 +122,11 @@ impl Follower {
             return;
         };
         self.limiter.acquire(1).await;
+        if !self.p.queue.holds(Role::Results) {
+            // The role went to another daemon during this round (this one was paused past its
+            // lease): that daemon asks about the job now.
+            return;
+        }
         if !probe && !self.p.gate.is_open() {
             // Closed since this round began (a 5xx storm, an outage): the job stays due and is
             // asked about once the gate lets requests through again.

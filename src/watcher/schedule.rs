@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 use super::{FALLBACK_POLL, State};
 use crate::clock::now_ms;
 use crate::config::WatchConfig;
+use crate::queue::Role;
 
 /// While a root check has not been answered (a hung mount) or a root was passed over, the loop
 /// looks again this often (a degraded state, not idle).
@@ -143,18 +144,25 @@ impl State {
             s.last_search = now;
             self.rescan_all().await;
         }
+        // On a shared spool one daemon of the cluster reads every folder on schedule (the
+        // rescan role); the others keep their own events, searches and the first scan.
+        let rescans = self.queue.holds(Role::Rescan);
         if s.next_rescan.is_some_and(|t| t <= now) {
-            debug!("periodic rescan (watch.rescan_interval)");
-            // The roots too: what inotify cannot report (a mount over a root) is seen here.
-            self.check_roots(false).await;
-            self.rescan_all().await;
+            if rescans {
+                debug!("periodic rescan (watch.rescan_interval)");
+                // The roots too: what inotify cannot report (a mount over a root) is seen here.
+                self.check_roots(false).await;
+                self.rescan_all().await;
+            }
             s.next_rescan = s.rescan_every.map(|d| now + d);
         }
         if !self.polled.is_empty() && s.next_poll <= now {
-            // Polled roots have no inotify to say they went.
-            self.check_roots(false).await;
-            for root in self.polled.clone() {
-                self.rescan(&root, false).await;
+            if rescans {
+                // Polled roots have no inotify to say they went.
+                self.check_roots(false).await;
+                for root in self.polled.clone() {
+                    self.rescan(&root, false).await;
+                }
             }
             s.next_poll = now + s.poll_every;
         }

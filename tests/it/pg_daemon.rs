@@ -32,15 +32,18 @@ struct Spool {
 
 impl Spool {
     async fn new() -> Spool {
-        let dir = tempfile::tempdir().unwrap();
-        let rec = dir.path().join("rec");
-        std::fs::create_dir_all(&rec).unwrap();
-        let fake = FakeApi::start(FakeOptions {
+        Spool::with(FakeOptions {
             token: TOKEN.into(),
             ..Default::default()
         })
         .await
-        .unwrap();
+    }
+
+    async fn with(fake: FakeOptions) -> Spool {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("rec");
+        std::fs::create_dir_all(&rec).unwrap();
+        let fake = FakeApi::start(fake).await.unwrap();
         let url = server().fresh_db().unwrap();
         Spool {
             dir,
@@ -358,4 +361,136 @@ async fn a_daemon_killed_while_uploading_has_its_job_taken_over_after_the_lease(
         "the upload's success clears the takeover's note"
     );
     second.stop().await;
+}
+
+/// Which member holds `role` now, by name of its run (`daemons.id`), as `status` shows it.
+async fn holders(q: &Queue, role: &str) -> Vec<String> {
+    let members = q.cluster().unwrap().members(DEADLINE).await.unwrap();
+    members
+        .into_iter()
+        .filter(|m| m.roles.iter().any(|r| r == role))
+        .map(|m| m.id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_daemon_rescans_for_the_cluster_and_hands_the_role_over_when_it_stops() {
+    let spool = Spool::new().await;
+    let q = spool.queue().await;
+    let every = "[watch]\nrescan_interval = \"1s\"\n";
+    let mut a = spool.start(every).await;
+    let a_id = a.handle.queue.cluster().unwrap().instance().to_string();
+    eventually("the first daemon to take the rescan role", || async {
+        holders(&q, "rescan").await == [a_id.clone()]
+    })
+    .await;
+    let mut b = spool.start(every).await;
+    let b_id = b.handle.queue.cluster().unwrap().instance().to_string();
+    // Every daemon makes its own first scan (it reports ready before it); from then on only the
+    // holder reads the folders on schedule.
+    eventually("the second daemon's first scan", || async {
+        b.handle.metrics.watcher_rescans() >= 1
+    })
+    .await;
+    let b_before = b.handle.metrics.watcher_rescans();
+    let a_before = a.handle.metrics.watcher_rescans();
+    eventually("the holder to rescan three more times", || async {
+        a.handle.metrics.watcher_rescans() >= a_before + 3
+    })
+    .await;
+    assert_eq!(
+        b.handle.metrics.watcher_rescans(),
+        b_before,
+        "the daemon without the role did not rescan"
+    );
+    assert_eq!(holders(&q, "rescan").await, [a_id], "one holder");
+    assert!(a.handle.queue.holds(callferry::queue::Role::Rescan));
+    assert!(!b.handle.queue.holds(callferry::queue::Role::Rescan));
+
+    // A graceful stop hands the role over at B's next beat (a third of the 3 s lease), not
+    // after the lease.
+    a.stop().await;
+    eventually("the second daemon to take the rescan role", || async {
+        holders(&q, "rescan").await == [b_id.clone()]
+    })
+    .await;
+    let b_now = b.handle.metrics.watcher_rescans();
+    eventually("the new holder to rescan", || async {
+        b.handle.metrics.watcher_rescans() > b_now
+    })
+    .await;
+    // Its rescans still find what its own events would (a file dropped now is uploaded).
+    let x = wav(0.2);
+    let px = spool.drop_file("after-handover.wav", &x);
+    spool.wait_state(&q, &px, "uploaded").await;
+    spool.assert_stored_once("after-handover.wav", &x);
+    b.stop().await;
+    assert!(holders(&q, "rescan").await.is_empty(), "released on stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_daemon_follows_results_for_the_cluster_and_each_result_is_fetched_once() {
+    const N: usize = 6;
+    let spool = Spool::with(FakeOptions {
+        token: TOKEN.into(),
+        processing_time: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let out = spool.dir.path().join("results");
+    let results = format!(
+        "[results]\nenabled = true\noutput_dir = \"{}\"\npoll_interval = \"200ms\"\n",
+        out.display()
+    );
+    let q = spool.queue().await;
+    let a = spool.start(&results).await;
+    let b = spool.start(&results).await;
+    let files: Vec<(String, Vec<u8>)> = (0..N)
+        .map(|i| (format!("call-{i}.wav"), wav(0.2 + i as f64 * 0.01)))
+        .collect();
+    for (name, bytes) in &files {
+        spool.drop_file(name, bytes);
+    }
+    eventually("every recording processed", || async {
+        q.counts().await.unwrap().processed == N as u64
+    })
+    .await;
+    for (name, bytes) in &files {
+        spool.assert_stored_once(name, bytes);
+        let t = out.join(format!("{name}.transcript.json"));
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&t).unwrap()).unwrap();
+        assert!(v.get("allParticipants").is_some(), "{}", t.display());
+    }
+    // Each result file written was fetched once, by one daemon: the role's holder.
+    let written = std::fs::read_dir(&out)
+        .unwrap()
+        .filter(|e| {
+            let n = e.as_ref().unwrap().file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("call-") && n.ends_with(".json")
+        })
+        .count() as u64;
+    assert_eq!(spool.fake.counters().result_fetches, written);
+    let fetched = |n: &Node| n.handle.metrics.results_fetched("transcript");
+    let (fa, fb) = (fetched(&a), fetched(&b));
+    assert!(
+        (fa, fb) == (N as u64, 0) || (fa, fb) == (0, N as u64),
+        "one daemon followed every job: {fa} and {fb}"
+    );
+    let holder = holders(&q, "results").await;
+    assert_eq!(
+        holder.len(),
+        1,
+        "one holder of the results role: {holder:?}"
+    );
+
+    // The follower stops: the other daemon takes the role and follows what is uploaded next.
+    let (mut stays, mut goes) = if fa > 0 { (b, a) } else { (a, b) };
+    goes.stop().await;
+    let c = wav(0.3);
+    let pc = spool.drop_file("after.wav", &c);
+    spool.wait_state(&q, &pc, "processed").await;
+    assert!(out.join("after.wav.transcript.json").exists());
+    assert_eq!(fetched(&stays), 1 + if fa > 0 { 0 } else { N as u64 });
+    stays.stop().await;
 }

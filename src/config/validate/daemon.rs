@@ -13,10 +13,7 @@ use crate::secret::Secret;
 /// slow round trip to the database.
 pub const MIN_LEASE: Duration = Duration::from_secs(3);
 
-pub(super) fn validate_queue(
-    raw: RawQueue,
-    results_enabled: bool,
-) -> Result<QueueConfig, ConfigError> {
+pub(super) fn validate_queue(raw: RawQueue) -> Result<QueueConfig, ConfigError> {
     let lease = parse_duration("queue.lease", &raw.lease)?;
     if lease < MIN_LEASE {
         return Err(ConfigError::new(
@@ -39,13 +36,6 @@ pub(super) fn validate_queue(
                     "{} is not a valid PostgreSQL URL: {e}",
                     crate::secret::display_url_text(text)
                 ),
-            ));
-        }
-        if results_enabled {
-            return Err(ConfigError::new(
-                "results.enabled",
-                "following results is not available on the PostgreSQL queue yet (queue.database \
-                 is a postgres:// URL): set results.enabled = false, or use a SQLite queue",
             ));
         }
         return Ok(QueueConfig {

@@ -32,6 +32,7 @@ use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 use super::{Enqueued, Job, NewJob, QueueError, encode_path};
 
 mod claims;
+mod follow;
 mod read;
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
@@ -64,6 +65,8 @@ pub struct Member {
     pub stopped: bool,
     /// Jobs it holds now.
     pub held: u64,
+    /// The roles it holds under a live lease (`rescan`, `results`, `prune`).
+    pub roles: Vec<String>,
 }
 
 /// One daemon's handle on the shared queue.
@@ -122,6 +125,11 @@ impl PgQueue {
     /// This run's id, as `holder` columns name it.
     pub fn instance(&self) -> &str {
         &self.me
+    }
+
+    /// The name this daemon joined under (its host's, by default), without the run's id.
+    pub fn name(&self) -> &str {
+        self.me.split('/').next().unwrap_or(&self.me)
     }
 
     /// How long a claim stands unless renewed.

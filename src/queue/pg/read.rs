@@ -65,11 +65,14 @@ impl PgQueue {
     /// Every daemon that has a heartbeat within `recent` (or holds a job), newest first: the
     /// cluster as `status` shows it.
     pub async fn members(&self, recent: Duration) -> Result<Vec<Member>, QueueError> {
-        let rows: Vec<(String, String, String, i64, f64, bool, i64)> = sqlx::query_as(
+        type Row = (String, String, String, i64, f64, bool, i64, Vec<String>);
+        let rows: Vec<Row> = sqlx::query_as(
             "SELECT d.id, d.name, d.host, d.pid, \
                     EXTRACT(EPOCH FROM now() - d.heartbeat_at)::float8, d.stopped_at IS NOT NULL, \
                     (SELECT COUNT(*) FROM jobs j WHERE j.holder = d.id \
-                       AND j.state IN ('declaring', 'uploading')) \
+                       AND j.state IN ('declaring', 'uploading')), \
+                    ARRAY(SELECT r.name FROM roles r WHERE r.holder = d.id \
+                          AND r.lease_until > now() ORDER BY r.name) \
              FROM daemons d \
              WHERE d.heartbeat_at > now() - make_interval(secs => $1::double precision / 1000) \
                 OR EXISTS (SELECT 1 FROM jobs j WHERE j.holder = d.id) \
@@ -80,7 +83,7 @@ impl PgQueue {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, name, host, pid, age, stopped, held)| Member {
+            .map(|(id, name, host, pid, age, stopped, held, roles)| Member {
                 id,
                 name,
                 host,
@@ -88,6 +91,7 @@ impl PgQueue {
                 heartbeat_age_s: age.max(0.0),
                 stopped,
                 held: held.max(0) as u64,
+                roles,
             })
             .collect())
     }
