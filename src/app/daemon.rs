@@ -282,7 +282,7 @@ pub(super) fn spawn_background(
     });
     let shared_queue = p.queue.cluster().is_some();
     if shared_queue {
-        info!("on the PostgreSQL queue, the recorder's hook, `forget` and pruning are not run yet");
+        info!("on the PostgreSQL queue, the recorder's hook and `forget` are not run yet");
     } else {
         // The recorder's end-of-call requests (`callferry enqueue --now`), those left while
         // stopped first.
@@ -314,14 +314,14 @@ pub(super) fn spawn_background(
                 tenants: p.shared.tenants.clone(),
             },
         ));
-        // Old jobs go, fingerprints stay (queue.keep_history); a move/delete still to do keeps
-        // its job.
-        tasks.spawn(crate::queue::prune_task(
-            p.queue.clone(),
-            cfg.queue.keep_history,
-            cfg.after_upload.action == AfterUploadAction::Keep,
-            cancel.clone(),
-        ));
     }
+    // Old jobs go, fingerprints stay (queue.keep_history); a move/delete still to do keeps its
+    // job. On the shared queue, by the `prune` role's holder.
+    tasks.spawn(crate::queue::prune_task(
+        p.queue.clone(),
+        cfg.queue.keep_history,
+        cfg.after_upload.action == AfterUploadAction::Keep,
+        cancel.clone(),
+    ));
     ready_rx
 }

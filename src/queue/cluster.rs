@@ -417,13 +417,6 @@ impl Cluster {
         })
     }
 
-    /// The watcher's set of versions to skip after a `stat` is not kept for PostgreSQL yet: a
-    /// rescan asks the database about each file instead (`ON CONFLICT DO NOTHING` answers
-    /// "known"), as every rescan did before that set existed.
-    pub async fn known_fingerprints(&self) -> Result<Vec<i64>, QueueError> {
-        Ok(Vec::new())
-    }
-
     /// The recorder's hook is not taken on PostgreSQL (the daemon does not start its intake), so
     /// no job carries one.
     pub async fn hook_of(&self, _id: i64) -> Result<Option<String>, QueueError> {

@@ -299,6 +299,7 @@ impl Queue {
         ) -> ();
         remote_delete_done(id: i64, outcome: Result<bool, &str>, now: i64) -> ();
         earlier_call_at_path(job: &Job) -> bool;
+        prune(cutoff: i64, undisposed_too: bool) -> u64;
     }
 
     sqlite_only! {
@@ -309,7 +310,6 @@ impl Queue {
             new_root: &str,
             now: i64
         ) -> bool;
-        "pruning (queue.keep_history)": prune(cutoff: i64, undisposed_too: bool) -> u64;
         "a simulated full disk": simulate_disk_full(full: bool) -> ();
         "forget": jobs_by_ids(ids: &[i64]) -> Vec<Job>;
         "forget": jobs_by_external_ids(ids: &[String]) -> Vec<Job>;

@@ -244,8 +244,8 @@ impl Lite {
     }
 }
 
-/// The daemon's pruning: once after start, then every hour, jobs done more than `keep` ago go
-/// (see [`Queue::prune`]). `keep` zero: never.
+/// The daemon's pruning: once after start (or once given the role, on the shared queue), then
+/// every hour, jobs done more than `keep` ago go (see [`Queue::prune`]). `keep` zero: never.
 pub async fn prune_task(
     queue: Queue,
     keep: std::time::Duration,
@@ -256,6 +256,16 @@ pub async fn prune_task(
         return;
     }
     loop {
+        // On the shared queue one daemon prunes for the cluster (the `prune` role); the others
+        // wait to be given it.
+        if !queue.holds(super::Role::Prune) {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = queue.role_changed() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+            }
+            continue;
+        }
         let cutoff = crate::clock::now_ms() - keep.as_millis() as i64;
         match queue.prune(cutoff, undisposed_too).await {
             Ok(0) => {}

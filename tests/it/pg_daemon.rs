@@ -404,6 +404,7 @@ async fn one_daemon_rescans_for_the_cluster_and_hands_the_role_over_when_it_stop
         "the daemon without the role did not rescan"
     );
     assert_eq!(holders(&q, "rescan").await, [a_id], "one holder");
+    assert_eq!(holders(&q, "prune").await.len(), 1, "one daemon prunes");
     assert!(a.handle.queue.holds(callferry::queue::Role::Rescan));
     assert!(!b.handle.queue.holds(callferry::queue::Role::Rescan));
 

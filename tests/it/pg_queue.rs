@@ -494,3 +494,118 @@ async fn a_daemon_never_holds_two_claims_of_one_job_and_a_stale_worker_cannot_co
     );
     assert_eq!(q.claims_held(), 0);
 }
+
+/// Marks every job uploaded long ago, as the years before a prune would leave them.
+async fn age_all_uploaded(url: &str) {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    sqlx::query(
+        "UPDATE jobs SET state = 'uploaded', interaction_id = 'i-' || id, upload_status = 201, \
+         updated_at = 1, uploaded_at = 1",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pruned_version_is_never_queued_again_even_by_a_rescan_racing_the_prune() {
+    const N: usize = 200;
+    const ROUNDS: usize = 8;
+    let url = server().fresh_db().unwrap();
+    let ds = std::sync::Arc::new(daemons(&url, 3, Duration::from_secs(30)).await);
+    let mut pruned = 0;
+    for round in 0..ROUNDS {
+        let all: Vec<NewJob> = (round * N..(round + 1) * N).map(version).collect();
+        ds[0].enqueue(&all, 1).await.unwrap();
+        age_all_uploaded(&url).await;
+        // Two daemons' rescans queue every version again, over and over, while the third prunes:
+        // a version must be a job or a fingerprint at every instant, never neither.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let rescans: Vec<_> = (1..3)
+            .map(|d| {
+                let (ds, all, stop) = (ds.clone(), all.clone(), stop.clone());
+                let calls = calls.clone();
+                tokio::spawn(async move {
+                    let mut new = Vec::new();
+                    let mut passes = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) || passes == 0 {
+                        for j in &all {
+                            let r = ds[d].enqueue(std::slice::from_ref(j), 200).await.unwrap();
+                            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if let Enqueued::New { id, .. } = r[0] {
+                                new.push((j.path.clone(), id));
+                            }
+                        }
+                        passes += 1;
+                    }
+                    new
+                })
+            })
+            .collect();
+        // The prune starts once both rescans are under way.
+        while calls.load(std::sync::atomic::Ordering::Relaxed) < 20 {
+            tokio::task::yield_now().await;
+        }
+        pruned += ds[0].prune(100, true).await.unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for r in rescans {
+            let new = r.await.unwrap();
+            assert!(
+                new.is_empty(),
+                "round {round}: pruned versions queued again: {new:?}"
+            );
+        }
+        let counts = ds[2].counts().await.unwrap();
+        assert_eq!(counts.total(), 0, "round {round}: {counts:?}");
+    }
+    assert_eq!(pruned, (N * ROUNDS) as u64, "every old job pruned");
+    // The fingerprints keep them known: a rescan after the prune skips each file too.
+    let all: Vec<NewJob> = (0..N).map(version).collect();
+    let again = ds[2].enqueue(&all, 9_999).await.unwrap();
+    assert!(again.iter().all(|e| matches!(e, Enqueued::Known)));
+    assert!(ds[2].known_fingerprints().await.unwrap().len() >= 2 * N * ROUNDS);
+    // A new version of one of them (rewritten since) is a new job, and a later call at a
+    // pruned path is told apart for its results' names.
+    let mut newer = version(7);
+    newer.mtime_ns += 1;
+    let r = ds[1]
+        .enqueue(std::slice::from_ref(&newer), 10_000)
+        .await
+        .unwrap();
+    let Enqueued::New { id, .. } = r[0] else {
+        panic!("a new version is a new job: {r:?}")
+    };
+    let job = ds[1].get(id).await.unwrap().unwrap();
+    assert!(ds[1].earlier_call_at_path(&job).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_keeps_failed_followed_and_recent_jobs() {
+    let url = server().fresh_db().unwrap();
+    let ds = daemons(&url, 1, Duration::from_secs(30)).await;
+    ds[0]
+        .enqueue(&(0..4).map(version).collect::<Vec<_>>(), 1)
+        .await
+        .unwrap();
+    age_all_uploaded(&url).await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    for sql in [
+        "UPDATE jobs SET state = 'failed' WHERE id = 1",
+        "UPDATE jobs SET follow_at = 5 WHERE id = 2",
+        "UPDATE jobs SET updated_at = 500 WHERE id = 3",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+    assert_eq!(ds[0].prune(100, true).await.unwrap(), 1);
+    let left: Vec<i64> = ds[0]
+        .list(None, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(left, [3, 2, 1]);
+}

@@ -29,10 +29,11 @@ use std::time::Duration;
 use sqlx::Row;
 use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
 
-use super::{Enqueued, Job, NewJob, QueueError, encode_path};
+use super::{Enqueued, Job, NewJob, QueueError, encode_path, fingerprint};
 
 mod claims;
 mod follow;
+mod history;
 mod read;
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
@@ -145,12 +146,21 @@ impl PgQueue {
     /// shared folder) is [`Enqueued::Known`]: discovery is idempotent across daemons because the
     /// version's key is unique in the table, not because daemons agree among themselves.
     pub async fn enqueue(&self, jobs: &[NewJob], now: i64) -> Result<Vec<Enqueued>, QueueError> {
+        use std::os::unix::ffi::OsStrExt;
         let mut out = Vec::with_capacity(jobs.len());
         let mut tx = self.pool.begin().await?;
+        // Never beside a prune batch (see `history.rs`); enqueues share the lock among themselves.
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(history::HISTORY_LOCK)
+            .execute(&mut *tx)
+            .await?;
         for j in jobs {
+            // A pruned job's version is known by its fingerprint alone.
+            let print = fingerprint::version(j.path.as_os_str().as_bytes(), j.size, j.mtime_ns);
             let id: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO jobs (path, root, size, mtime_ns, dev, ino, state, next_attempt_at, \
-                 created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7, $7) \
+                 created_at, updated_at) SELECT $1, $2, $3, $4, $5, $6, 'pending', $7, $7, $7 \
+                 WHERE NOT EXISTS (SELECT 1 FROM known_versions WHERE h = $8) \
                  ON CONFLICT (path, size, mtime_ns) DO NOTHING RETURNING id",
             )
             .bind(encode_path(&j.path).as_ref())
@@ -160,6 +170,7 @@ impl PgQueue {
             .bind(j.dev as i64)
             .bind(j.ino as i64)
             .bind(now)
+            .bind(print)
             .fetch_optional(&mut *tx)
             .await?;
             out.push(match id {
