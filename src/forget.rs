@@ -265,7 +265,8 @@ pub async fn finish_pending(
     report.finished += queue.forget_finish(now_ms()).await?;
     fault_point(5);
     if queue.scrub_pending().await? {
-        let lock = match in_daemon {
+        let lock = match in_daemon || queue.cluster().is_some() {
+            // The shared queue has no lock file (and its scrub stops no daemon).
             true => None,
             false => crate::queue::DaemonLock::acquire(queue.path()).ok(),
         };

@@ -282,7 +282,7 @@ pub(super) fn spawn_background(
     });
     let shared_queue = p.queue.cluster().is_some();
     if shared_queue {
-        info!("on the PostgreSQL queue, the recorder's hook and `forget` are not run yet");
+        info!("on the PostgreSQL queue, the recorder's hook (enqueue --now) is not taken yet");
     } else {
         // The recorder's end-of-call requests (`callferry enqueue --now`), those left while
         // stopped first.
@@ -303,18 +303,16 @@ pub(super) fn spawn_background(
     if cfg.results.enabled {
         tasks.spawn(crate::results::Follower::new(p.shared.clone()).run(cancel.clone()));
     }
-    if !shared_queue {
-        // Forgets a `callferry forget` left pending (`forget.rs`): finished once, in the
-        // background.
-        tasks.spawn(crate::forget::resume_in_daemon(
-            cfg.clone(),
-            p.queue.clone(),
-            crate::forget::Apis {
-                default: Some(p.api.clone()),
-                tenants: p.shared.tenants.clone(),
-            },
-        ));
-    }
+    // Forgets a `callferry forget` left pending (`forget.rs`): finished once, in the
+    // background (on the shared queue by every daemon at its start: each step is idempotent).
+    tasks.spawn(crate::forget::resume_in_daemon(
+        cfg.clone(),
+        p.queue.clone(),
+        crate::forget::Apis {
+            default: Some(p.api.clone()),
+            tenants: p.shared.tenants.clone(),
+        },
+    ));
     // Old jobs go, fingerprints stay (queue.keep_history); a move/delete still to do keeps its
     // job. On the shared queue, by the `prune` role's holder.
     tasks.spawn(crate::queue::prune_task(

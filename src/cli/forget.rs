@@ -7,7 +7,7 @@ use super::{EXIT_FAILURE, EXIT_OK, ForgetArgs, out, tell};
 use crate::app::AppError;
 use crate::config::Config;
 use crate::forget::{Report, Selector};
-use crate::queue::{DaemonLock, OpenMode, Queue};
+use crate::queue::{DaemonLock, OpenMode};
 
 pub(super) async fn forget(cfg: &Config, args: &ForgetArgs) -> Result<i32, AppError> {
     let sel = if !args.ids.is_empty() {
@@ -19,11 +19,8 @@ pub(super) async fn forget(cfg: &Config, args: &ForgetArgs) -> Result<i32, AppEr
     } else {
         Selector::Pending
     };
-    if cfg.queue.postgres.is_some() {
-        return Err(crate::queue::QueueError::Unsupported("forget").into());
-    }
     let db: &Path = &cfg.queue.database;
-    let queue = Queue::open(db, OpenMode::Existing).await?;
+    let queue = crate::app::command_queue(cfg, OpenMode::Existing).await?;
     // Without a token the local traces still go; the remote deletes wait for a run that has one.
     let mut apis = crate::forget::Apis::default();
     match cfg.api.token.load() {
@@ -34,7 +31,15 @@ pub(super) async fn forget(cfg: &Config, args: &ForgetArgs) -> Result<i32, AppEr
         }
         Err(e) => tell(&format!("callferry: {e}")),
     }
-    let daemon_running = DaemonLock::is_held(db) == Some(true);
+    let daemon_running = match queue.cluster() {
+        // Any daemon of the cluster heard from within its lease may be declaring a job.
+        Some(pg) => pg
+            .members(cfg.queue.lease)
+            .await?
+            .iter()
+            .any(|m| !m.stopped && m.heartbeat_age_s < cfg.queue.lease.as_secs_f64()),
+        None => DaemonLock::is_held(db) == Some(true),
+    };
     let declare_wait = (cfg.api.connect_timeout + cfg.api.stall_timeout * 2)
         .max(std::time::Duration::from_secs(10));
     let report =

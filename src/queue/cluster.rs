@@ -377,12 +377,16 @@ impl Cluster {
         Ok((n.max(0) as u64, bytes.max(0) as u64))
     }
 
+    /// A daemon's own state for `status` (a pause, the accounts paused, folders not answering),
+    /// kept under the key and this run's id: each daemon of the cluster has its own, so one
+    /// daemon's stop or recovery never clears another's pause.
     pub async fn set_daemon_state(
         &self,
         key: &str,
         value: Option<&str>,
         now: i64,
     ) -> Result<(), QueueError> {
+        let key = format!("{key}@{}", self.pg.instance());
         match value {
             Some(v) => {
                 sqlx::query(
@@ -406,11 +410,20 @@ impl Cluster {
         Ok(())
     }
 
+    /// The newest value any live daemon of the cluster keeps under `key` (one that stopped, or
+    /// has not been heard from within its lease, says nothing about now).
     pub async fn daemon_state(&self, key: &str) -> Result<Option<(String, i64)>, QueueError> {
-        let row = sqlx::query("SELECT value, updated_at FROM daemon_state WHERE key = $1")
-            .bind(key)
-            .fetch_optional(&self.pg.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT s.value, s.updated_at FROM daemon_state s JOIN daemons d \
+             ON s.key = $1 || '@' || d.id \
+             WHERE d.stopped_at IS NULL \
+               AND d.heartbeat_at > now() - make_interval(secs => $2::double precision / 1000) \
+             ORDER BY s.updated_at DESC LIMIT 1",
+        )
+        .bind(key)
+        .bind(self.pg.lease().as_millis().min(i64::MAX as u128) as i64)
+        .fetch_optional(&self.pg.pool)
+        .await?;
         Ok(match row {
             Some(r) => Some((r.try_get("value")?, r.try_get("updated_at")?)),
             None => None,

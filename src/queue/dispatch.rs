@@ -203,7 +203,7 @@ impl Queue {
     ) -> Result<Forgot, QueueError> {
         match &self.0 {
             Backend::Lite(q) => q.forget_job(id, files, declaring_too, now).await,
-            Backend::Pg(_) => Err(QueueError::Unsupported("forget")),
+            Backend::Pg(q) => q.forget_job(id, files, declaring_too, now).await,
         }
     }
 
@@ -300,6 +300,17 @@ impl Queue {
         remote_delete_done(id: i64, outcome: Result<bool, &str>, now: i64) -> ();
         earlier_call_at_path(job: &Job) -> bool;
         prune(cutoff: i64, undisposed_too: bool) -> u64;
+        jobs_by_ids(ids: &[i64]) -> Vec<Job>;
+        jobs_by_external_ids(ids: &[String]) -> Vec<Job>;
+        undeclared_jobs() -> Vec<Job>;
+        jobs_recorded_before(cutoff_ns: i64, after: i64, limit: u32) -> Vec<Job>;
+        secure_delete() -> ();
+        pending_forgets() -> Vec<Tombstone>;
+        forget_local_done(ids: &[i64]) -> ();
+        forget_remote(id: i64, error: Option<&str>) -> ();
+        forget_finish(now: i64) -> u64;
+        scrub_pending() -> bool;
+        scrub(vacuum: bool, deadline: Duration) -> ();
     }
 
     sqlite_only! {
@@ -311,17 +322,6 @@ impl Queue {
             now: i64
         ) -> bool;
         "a simulated full disk": simulate_disk_full(full: bool) -> ();
-        "forget": jobs_by_ids(ids: &[i64]) -> Vec<Job>;
-        "forget": jobs_by_external_ids(ids: &[String]) -> Vec<Job>;
-        "forget": undeclared_jobs() -> Vec<Job>;
-        "forget": jobs_recorded_before(cutoff_ns: i64, after: i64, limit: u32) -> Vec<Job>;
-        "forget": secure_delete() -> ();
-        "forget": pending_forgets() -> Vec<Tombstone>;
-        "forget": forget_local_done(ids: &[i64]) -> ();
-        "forget": forget_remote(id: i64, error: Option<&str>) -> ();
-        "forget": forget_finish(now: i64) -> u64;
-        "forget": scrub_pending() -> bool;
-        "forget": scrub(vacuum: bool, deadline: Duration) -> ();
         "the recorder's hook (enqueue --now)": enqueue_hooked(job: &NewJob, hook: &str, now: i64) -> Hooked;
     }
 }

@@ -257,13 +257,6 @@ async fn the_daemon_and_the_commands_work_end_to_end_on_postgresql() {
     assert_eq!(code, 0, "{out}");
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(list.as_array().map(Vec::len), Some(4), "{list}");
-    // What the PostgreSQL queue does not do yet is said, not half-done.
-    let (code, _, err) = spool.command_err(&cfg, &["forget", "1"]).await;
-    assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("forget is not available on the PostgreSQL queue yet"),
-        "{err}"
-    );
 
     let me = node.handle.queue.cluster().unwrap().instance().to_string();
     node.stop().await;
@@ -494,4 +487,97 @@ async fn one_daemon_follows_results_for_the_cluster_and_each_result_is_fetched_o
     assert!(out.join("after.wav.transcript.json").exists());
     assert_eq!(fetched(&stays), 1 + if fa > 0 { 0 } else { N as u64 });
     stays.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_daemons_stop_does_not_clear_anothers_pause_in_status() {
+    let url = server().fresh_db().unwrap();
+    let lease = Duration::from_secs(30);
+    let a = Queue::connect_pg(&url, "host-a", "host-a", lease)
+        .await
+        .unwrap();
+    let b = Queue::connect_pg(&url, "host-b", "host-b", lease)
+        .await
+        .unwrap();
+    let status = Queue::attach_pg(&url, lease).await.unwrap();
+    a.set_daemon_state("pause", Some("the token was rejected (401)"), 10)
+        .await
+        .unwrap();
+    // B recovers, then stops: each clears its own record, as a daemon does at start and stop.
+    b.set_daemon_state("pause", None, 11).await.unwrap();
+    b.leave().await.unwrap();
+    assert_eq!(
+        status.daemon_state("pause").await.unwrap().map(|v| v.0),
+        Some("the token was rejected (401)".to_string()),
+        "A is still paused"
+    );
+    // A stops: a stopped daemon's pause says nothing about now.
+    a.leave().await.unwrap();
+    assert_eq!(status.daemon_state("pause").await.unwrap(), None);
+    // A's next run on the same host starts with a clean record.
+    let a2 = Queue::connect_pg(&url, "host-a", "host-a", lease)
+        .await
+        .unwrap();
+    assert_eq!(a2.daemon_state("pause").await.unwrap(), None);
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM daemon_state")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the earlier run's record was removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_works_on_the_shared_queue_and_the_recording_is_never_queued_again() {
+    let spool = Spool::new().await;
+    let cfg = spool.config_file("callferry.toml", "");
+    let q = spool.queue().await;
+    let mut node = spool.start("").await;
+    let a = wav(0.4);
+    let pa = spool.drop_file("forget-me.wav", &a);
+    let job = spool.wait_state(&q, &pa, "uploaded").await;
+    let iid = job.interaction_id.clone().unwrap();
+    let keep = wav(0.5);
+    let pk = spool.drop_file("keep-me.wav", &keep);
+    spool.wait_state(&q, &pk, "uploaded").await;
+
+    // Forgotten while the daemon runs: the job, its events and the interaction go.
+    let (code, out, err) = spool
+        .command_err(&cfg, &["forget", &job.id.to_string()])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("forgot 1 call"), "{out}");
+    assert_eq!(
+        spool.fake.deleted(),
+        [iid],
+        "deleted at the service"
+    );
+    assert!(q.get(job.id).await.unwrap().is_none(), "the job is gone");
+    assert!(q.events(job.id).await.unwrap().is_empty(), "its events too");
+    assert_eq!(q.counts().await.unwrap().total(), 1, "the other call stays");
+    let pool = sqlx::PgPool::connect(&spool.url).await.unwrap();
+    let tombstones: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM forgets")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(tombstones, 0, "the forget finished");
+
+    // The audio is still on disk: neither a rescan's queueing nor `enqueue` brings it back.
+    let (code, out, err) = spool
+        .command_err(&cfg, &["enqueue", pa.to_str().unwrap()])
+        .await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("queued   #"), "{out}");
+    node.stop().await;
+    let mut again = spool.start("").await;
+    let b = wav(0.3);
+    let pb = spool.drop_file("after.wav", &b);
+    spool.wait_state(&q, &pb, "uploaded").await;
+    assert_eq!(
+        q.counts().await.unwrap().total(),
+        2,
+        "forget-me.wav not queued again"
+    );
+    assert_eq!(spool.fake.counters().declares, 3, "nor declared again");
+    again.stop().await;
 }

@@ -33,6 +33,7 @@ use super::{Enqueued, Job, NewJob, QueueError, encode_path, fingerprint};
 
 mod claims;
 mod follow;
+mod forget;
 mod history;
 mod read;
 
@@ -107,6 +108,17 @@ impl PgQueue {
             .bind(i64::from(std::process::id()))
             .execute(&q.pool)
             .await?;
+        // What this host's earlier runs kept for `status` is stale now (theirs only: keys end
+        // in their run's id).
+        sqlx::query(
+            "DELETE FROM daemon_state WHERE split_part(key, '@', 2) IN \
+             (SELECT id FROM daemons WHERE name = $1 AND host = $2 AND id <> $3)",
+        )
+        .bind(name)
+        .bind(host)
+        .bind(&me)
+        .execute(&q.pool)
+        .await?;
         Ok(PgQueue { me, ..q })
     }
 
