@@ -280,20 +280,16 @@ pub(super) fn spawn_background(
             error!(error = %e, "the folder watcher stopped; files are no longer discovered until restart");
         }
     });
-    let shared_queue = p.queue.cluster().is_some();
-    if shared_queue {
-        info!("on the PostgreSQL queue, the recorder's hook (enqueue --now) is not taken yet");
-    } else {
-        // The recorder's end-of-call requests (`callferry enqueue --now`), those left while
-        // stopped first.
-        tasks.spawn(crate::hook::run(
-            cfg.clone(),
-            p.queue.clone(),
-            p.roots.clone(),
-            p.wake.workers.clone(),
-            cancel.clone(),
-        ));
-    }
+    // The recorder's end-of-call requests (`callferry enqueue --now`), those left while stopped
+    // first. On the shared queue each host's daemon takes its own recorders' (the drop folder is
+    // this host's).
+    tasks.spawn(crate::hook::run(
+        cfg.clone(),
+        p.queue.clone(),
+        p.roots.clone(),
+        p.wake.workers.clone(),
+        cancel.clone(),
+    ));
     tasks.spawn(crate::watch::health_task(
         p.roots.clone(),
         p.queue.clone(),

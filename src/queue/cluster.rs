@@ -430,12 +430,6 @@ impl Cluster {
         })
     }
 
-    /// The recorder's hook is not taken on PostgreSQL (the daemon does not start its intake), so
-    /// no job carries one.
-    pub async fn hook_of(&self, _id: i64) -> Result<Option<String>, QueueError> {
-        Ok(None)
-    }
-
     /// A PostgreSQL commit is durable when it returns (`synchronous_commit`, the server's
     /// default): nothing more to flush.
     pub async fn make_durable(&self) -> Result<(), QueueError> {

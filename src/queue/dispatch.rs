@@ -300,6 +300,7 @@ impl Queue {
         remote_delete_done(id: i64, outcome: Result<bool, &str>, now: i64) -> ();
         earlier_call_at_path(job: &Job) -> bool;
         prune(cutoff: i64, undisposed_too: bool) -> u64;
+        enqueue_hooked(job: &NewJob, hook: &str, now: i64) -> Hooked;
         jobs_by_ids(ids: &[i64]) -> Vec<Job>;
         jobs_by_external_ids(ids: &[String]) -> Vec<Job>;
         undeclared_jobs() -> Vec<Job>;
@@ -322,6 +323,5 @@ impl Queue {
             now: i64
         ) -> bool;
         "a simulated full disk": simulate_disk_full(full: bool) -> ();
-        "the recorder's hook (enqueue --now)": enqueue_hooked(job: &NewJob, hook: &str, now: i64) -> Hooked;
     }
 }

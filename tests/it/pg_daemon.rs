@@ -547,11 +547,7 @@ async fn forget_works_on_the_shared_queue_and_the_recording_is_never_queued_agai
         .await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("forgot 1 call"), "{out}");
-    assert_eq!(
-        spool.fake.deleted(),
-        [iid],
-        "deleted at the service"
-    );
+    assert_eq!(spool.fake.deleted(), [iid], "deleted at the service");
     assert!(q.get(job.id).await.unwrap().is_none(), "the job is gone");
     assert!(q.events(job.id).await.unwrap().is_empty(), "its events too");
     assert_eq!(q.counts().await.unwrap().total(), 1, "the other call stays");
@@ -580,4 +576,68 @@ async fn forget_works_on_the_shared_queue_and_the_recording_is_never_queued_agai
     );
     assert_eq!(spool.fake.counters().declares, 3, "nor declared again");
     again.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recorders_hook_reaches_the_shared_queue_from_any_hosts_daemon() {
+    let spool = Spool::new().await;
+    let q = spool.queue().await;
+    // Each host's daemon has its own drop folder; the watcher waits 10 minutes for a sidecar, so
+    // what goes out now came through the hook.
+    let drop_folder = |name: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        let d = spool.dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        // As the package makes it: the recorders' group may create requests, not list them.
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o3730)).unwrap();
+        d
+    };
+    let (hook_a, hook_b) = (drop_folder("hook-a"), drop_folder("hook-b"));
+    let extra = |dir: &Path| {
+        format!(
+            "[watch]\nhook_dir = \"{}\"\nsidecar_wait = \"10m\"\n",
+            dir.display()
+        )
+    };
+    let mut a = spool.start(&extra(&hook_a)).await;
+    let mut b = spool.start(&extra(&hook_b)).await;
+    let bytes = wav(0.3);
+    let p = spool.drop_file("hooked.wav", &bytes);
+    let queued = poll_for("a watcher queued it", || async {
+        q.list(None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|j| j.path == p.to_string_lossy())
+    })
+    .await;
+    // The recorder on host B says which call it was.
+    let out = callferry()
+        .args(["enqueue", "--now", "--hook-dir"])
+        .arg(&hook_b)
+        .args(["--external-id", "pbx-42", "--meta", "agent=7"])
+        .arg(&p)
+        .env_remove("CALLFERRY_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let job = spool.wait_state(&q, &p, "uploaded").await;
+    assert_eq!(job.id, queued.id, "the hook attached to the watcher's job");
+    assert_eq!(job.external_id.as_deref(), Some("pbx-42"));
+    let declares: Vec<serde_json::Value> = spool
+        .fake
+        .interactions()
+        .into_iter()
+        .map(|i| i.declare_body)
+        .collect();
+    assert_eq!(declares.len(), 1, "declared once: {declares:?}");
+    assert_eq!(declares[0]["externalIdentifier"], "pbx-42");
+    spool.assert_stored_once("hooked.wav", &bytes);
+    assert!(
+        std::fs::read_dir(&hook_b).unwrap().next().is_none(),
+        "the request was taken and removed"
+    );
+    a.stop().await;
+    b.stop().await;
 }

@@ -29,7 +29,7 @@ impl PgQueue {
              WHERE id = (SELECT id FROM jobs WHERE {due} AND next_attempt_at <= $1 \
                          AND NOT (root = ANY($4)) \
                          ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) \
-             RETURNING {JOB_COLUMNS}",
+             RETURNING {JOB_COLUMNS}, hook",
             to = Transition::Claim.sql_target(),
             due = Transition::Claim.sql_guard(),
         );
@@ -40,7 +40,11 @@ impl PgQueue {
             .bind(roots)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(held_from_row).transpose()
+        let Some(row) = row else { return Ok(None) };
+        // The hook's call comes with the claim: what was attached before it is in the declare.
+        let mut held = held_from_row(&row)?;
+        held.job.hook = sqlx::Row::try_get(&row, "hook")?;
+        Ok(Some(held))
     }
 
     /// Renews the lease on every job this daemon holds and records its heartbeat; returns how

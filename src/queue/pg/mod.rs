@@ -35,6 +35,7 @@ mod claims;
 mod follow;
 mod forget;
 mod history;
+mod hook;
 mod read;
 
 type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
@@ -158,47 +159,15 @@ impl PgQueue {
     /// shared folder) is [`Enqueued::Known`]: discovery is idempotent across daemons because the
     /// version's key is unique in the table, not because daemons agree among themselves.
     pub async fn enqueue(&self, jobs: &[NewJob], now: i64) -> Result<Vec<Enqueued>, QueueError> {
-        use std::os::unix::ffi::OsStrExt;
         let mut out = Vec::with_capacity(jobs.len());
         let mut tx = self.pool.begin().await?;
-        // Never beside a prune batch (see `history.rs`); enqueues share the lock among themselves.
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-            .bind(history::HISTORY_LOCK)
-            .execute(&mut *tx)
-            .await?;
+        share_history(&mut tx).await?;
         for j in jobs {
-            // A pruned job's version is known by its fingerprint alone.
-            let print = fingerprint::version(j.path.as_os_str().as_bytes(), j.size, j.mtime_ns);
-            let id: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO jobs (path, root, size, mtime_ns, dev, ino, state, next_attempt_at, \
-                 created_at, updated_at) SELECT $1, $2, $3, $4, $5, $6, 'pending', $7, $7, $7 \
-                 WHERE NOT EXISTS (SELECT 1 FROM known_versions WHERE h = $8) \
-                 ON CONFLICT (path, size, mtime_ns) DO NOTHING RETURNING id",
-            )
-            .bind(encode_path(&j.path).as_ref())
-            .bind(encode_path(&j.root).as_ref())
-            .bind(j.size as i64)
-            .bind(j.mtime_ns)
-            .bind(j.dev as i64)
-            .bind(j.ino as i64)
-            .bind(now)
-            .bind(print)
-            .fetch_optional(&mut *tx)
-            .await?;
-            out.push(match id {
-                Some(id) => {
-                    sqlx::query(
-                        "INSERT INTO job_events (job_id, at, event) VALUES ($1, $2, 'queued')",
-                    )
-                    .bind(id)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                    Enqueued::New {
-                        id,
-                        supersedes: None,
-                    }
-                }
+            out.push(match insert_version(&mut tx, j, now).await? {
+                Some(id) => Enqueued::New {
+                    id,
+                    supersedes: None,
+                },
                 None => Enqueued::Known,
             });
         }
@@ -245,6 +214,52 @@ impl PgQueue {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Queues one file version in `tx` (which holds the history lock shared): its new job's id, or
+/// None when the version is a job already or a pruned or forgotten one's fingerprint.
+async fn insert_version(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    j: &NewJob,
+    now: i64,
+) -> Result<Option<i64>, QueueError> {
+    use std::os::unix::ffi::OsStrExt;
+    // A pruned job's version is known by its fingerprint alone.
+    let print = fingerprint::version(j.path.as_os_str().as_bytes(), j.size, j.mtime_ns);
+    let id: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO jobs (path, root, size, mtime_ns, dev, ino, state, next_attempt_at, \
+         created_at, updated_at) SELECT $1, $2, $3, $4, $5, $6, 'pending', $7, $7, $7 \
+         WHERE NOT EXISTS (SELECT 1 FROM known_versions WHERE h = $8) \
+         ON CONFLICT (path, size, mtime_ns) DO NOTHING RETURNING id",
+    )
+    .bind(encode_path(&j.path).as_ref())
+    .bind(encode_path(&j.root).as_ref())
+    .bind(j.size as i64)
+    .bind(j.mtime_ns)
+    .bind(j.dev as i64)
+    .bind(j.ino as i64)
+    .bind(now)
+    .bind(print)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some(id) = id {
+        sqlx::query("INSERT INTO job_events (job_id, at, event) VALUES ($1, $2, 'queued')")
+            .bind(id)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(id)
+}
+
+/// Takes the history lock shared for `tx`: queueing never interleaves with a prune batch or a
+/// forget (see `history.rs`); enqueues share it among themselves.
+async fn share_history(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), QueueError> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(history::HISTORY_LOCK)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 fn held_from_row(r: &PgRow) -> Result<Held, QueueError> {
