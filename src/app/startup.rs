@@ -17,6 +17,9 @@ pub(super) async fn open_queue(cfg: &Config) -> Result<(Option<DaemonLock>, Queu
     if let Some(url) = &cfg.queue.postgres {
         let host = host_name();
         let queue = Queue::connect_pg(url.expose(), &host, &host, cfg.queue.lease).await?;
+        if let Some(pg) = queue.cluster() {
+            same_folders_as_the_cluster(pg, &cfg.watch.paths).await;
+        }
         return Ok((None, queue));
     }
     // The lock first: a second daemon (a newer build, say) must not migrate the schema under one
@@ -99,5 +102,26 @@ pub fn raise_open_file_limit() {
     } else {
         let e = std::io::Error::last_os_error();
         warn!(limit = from, hard = lim.rlim_max, error = %e, "cannot raise the open-file limit; set LimitNOFILE= in the unit");
+    }
+}
+
+/// Says so when a live member of the cluster watches other folders than this daemon: a recording
+/// is one job across daemons only when every host sees it at the same path.
+async fn same_folders_as_the_cluster(pg: &crate::queue::pg::PgQueue, mine: &[std::path::PathBuf]) {
+    match pg.announce_roots(mine).await {
+        Ok(others) => {
+            for (name, host, roots) in others {
+                tracing::warn!(
+                    member = %name,
+                    host = %host,
+                    its_folders = ?roots,
+                    our_folders = ?mine,
+                    "another daemon of the cluster watches other folders: a recording is one job across daemons only if every host sees it at the same path; mount the shared spool at the same path on every host (unless the daemons share the folders out between them on purpose)"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot compare this daemon's folders with the cluster's")
+        }
     }
 }

@@ -609,3 +609,29 @@ async fn prune_keeps_failed_followed_and_recent_jobs() {
         .collect();
     assert_eq!(left, [3, 2, 1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_learns_which_members_watch_other_folders() {
+    let url = server().fresh_db().unwrap();
+    let ds = daemons(&url, 3, Duration::from_secs(30)).await;
+    let spool = [PathBuf::from("/spool/b"), PathBuf::from("/spool/a")];
+    assert!(ds[0].announce_roots(&spool).await.unwrap().is_empty());
+    // The same folders in another order: the same spool.
+    let same = [PathBuf::from("/spool/a"), PathBuf::from("/spool/b")];
+    assert!(ds[1].announce_roots(&same).await.unwrap().is_empty());
+    // A host that mounted the spool elsewhere is told about both others.
+    let elsewhere = ds[2]
+        .announce_roots(&[PathBuf::from("/mnt/spool/a"), PathBuf::from("/mnt/spool/b")])
+        .await
+        .unwrap();
+    let names: Vec<&str> = elsewhere.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(names, ["d0", "d1"]);
+    assert_eq!(elsewhere[0].2, ["/spool/a", "/spool/b"]);
+    // A member that stopped is no longer compared.
+    ds[0].stop().await.unwrap();
+    let after = ds[2]
+        .announce_roots(&[PathBuf::from("/mnt/spool/a")])
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 1);
+}

@@ -123,6 +123,49 @@ impl PgQueue {
         Ok(PgQueue { me, ..q })
     }
 
+    /// Records the folders this daemon watches (as stored: the same encoding as jobs' paths) and
+    /// returns the live members that watch others, by name and host with their folders. A
+    /// recording is one job across daemons only when every host sees it at the same path, so a
+    /// difference is worth a warning: a spool mounted at another path on one host, or daemons
+    /// sharding the folders between them on purpose.
+    pub async fn announce_roots(
+        &self,
+        roots: &[std::path::PathBuf],
+    ) -> Result<Vec<(String, String, Vec<String>)>, QueueError> {
+        let mut mine: Vec<String> = roots.iter().map(|r| encode_path(r).into_owned()).collect();
+        mine.sort();
+        let text = serde_json::to_string(&mine).unwrap_or_else(|_| "[]".into());
+        sqlx::query("UPDATE daemons SET roots = $1 WHERE id = $2")
+            .bind(&text)
+            .bind(&self.me)
+            .execute(&self.pool)
+            .await?;
+        let others: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT name, host, roots FROM daemons WHERE id <> $1 AND stopped_at IS NULL \
+             AND heartbeat_at > now() - make_interval(secs => $2::double precision / 1000) \
+             AND roots <> '[]' AND roots <> $3 ORDER BY started_at",
+        )
+        .bind(&self.me)
+        .bind(self.lease_ms())
+        .bind(&text)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(others
+            .into_iter()
+            .map(|(name, host, roots)| {
+                let roots: Vec<String> = serde_json::from_str(&roots).unwrap_or_default();
+                (
+                    name,
+                    host,
+                    roots
+                        .iter()
+                        .map(|r| crate::queue::display_path(r))
+                        .collect(),
+                )
+            })
+            .collect())
+    }
+
     /// Connects and migrates without joining as a daemon: for the commands (`status`, `list`,
     /// `retry`, `enqueue`), which claim nothing and must not show up as a member.
     pub async fn attach(url: &str, lease: Duration) -> Result<PgQueue, QueueError> {
