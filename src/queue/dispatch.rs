@@ -184,13 +184,7 @@ impl Queue {
     ) -> Result<(), E> {
         match &self.0 {
             Backend::Lite(q) => q.list_each(state, limit, each).await,
-            // Not streamed yet: read whole, so `list` on a large cluster wants a `--limit`.
-            Backend::Pg(q) => {
-                for job in q.list(state, limit).await? {
-                    each(job)?;
-                }
-                Ok(())
-            }
+            Backend::Pg(q) => q.list_each(state, limit, each).await,
         }
     }
 

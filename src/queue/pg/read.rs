@@ -48,6 +48,28 @@ impl PgQueue {
             .collect()
     }
 
+    /// Jobs, newest first, each handed to `each` as it arrives: `list` on years of history
+    /// holds one row at a time, not the whole table.
+    pub async fn list_each<E: From<QueueError>>(
+        &self,
+        state: Option<State>,
+        limit: u32,
+        mut each: impl FnMut(Job) -> Result<(), E>,
+    ) -> Result<(), E> {
+        use futures_util::TryStreamExt;
+        let filter = match state {
+            Some(s) => format!("WHERE state IN {}", sql_in(&s.internal_states())),
+            None => String::new(),
+        };
+        let sql = format!("SELECT {JOB_COLUMNS} FROM jobs {filter} ORDER BY id DESC LIMIT $1");
+        let q = sqlx::query(AssertSqlSafe(sql));
+        let mut rows = q.bind(i64::from(limit)).fetch(&self.pool);
+        while let Some(row) = rows.try_next().await.map_err(QueueError::from)? {
+            each(held_from_row(&row)?.job)?;
+        }
+        Ok(())
+    }
+
     /// Jobs per user-facing state. Counted, not kept by triggers as in SQLite: a counter row that
     /// every transition updates would serialise the daemons on that row.
     pub async fn counts(&self) -> Result<Counts, QueueError> {
