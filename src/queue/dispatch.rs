@@ -180,7 +180,7 @@ impl Queue {
         &self,
         state: Option<State>,
         limit: u32,
-        mut each: impl FnMut(Job) -> Result<(), E>,
+        each: impl FnMut(Job) -> Result<(), E>,
     ) -> Result<(), E> {
         match &self.0 {
             Backend::Lite(q) => q.list_each(state, limit, each).await,
