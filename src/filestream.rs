@@ -3,7 +3,7 @@
 //!
 //! A recording that was just written is nearly always in the page cache, and copying it from there
 //! takes microseconds; handing every chunk to a blocking thread (as `tokio::fs` does) cost more in
-//! thread wake-ups than the copy itself (measured with callferry-bench, issue 8). So each chunk is
+//! thread wake-ups than the copy itself (measured with callferry-bench). So each chunk is
 //! first read on the runtime's thread with `preadv2(RWF_NOWAIT)`, which the kernel answers only
 //! from the page cache and refuses with `EAGAIN` instead of waiting for the disk; only then does the
 //! chunk go to the blocking pool. Filesystems without `RWF_NOWAIT` get the blocking pool for every
@@ -13,7 +13,7 @@
 //! taken back once the HTTP client has sent and dropped it. A fresh 256 KiB allocation per chunk
 //! was served by glibc from the top of the heap and trimmed back to the kernel on free, so every
 //! chunk page-faulted its 64 pages in again: 223,000 minor faults per GiB uploaded, and a third of
-//! the daemon's CPU on a large upload (callferry-bench scenario 8, issue 16). The buffers outlive
+//! the daemon's CPU on a large upload (callferry-bench scenario 8). The buffers outlive
 //! their upload in a small process-wide pool, so a 1 MiB recording does not fault in a fresh
 //! buffer either.
 

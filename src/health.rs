@@ -118,7 +118,7 @@ pub fn should_feed_watchdog(
 
 /// The systemd watchdog's ping period for a `WatchdogSec=` of `timeout`: half of it. The ticker
 /// sleeps until each ping is due (tokio's timers never fire early), so it needs no finer tick to
-/// catch the moment (issue 16: it ticked every `timeout / 4`, at most 5 s, to ping on time).
+/// catch the moment (it used to tick every `timeout / 4`, at most 5 s, to ping on time).
 pub fn watchdog_period(timeout: Duration) -> Duration {
     (timeout / 2).max(Duration::from_millis(500))
 }

@@ -193,7 +193,7 @@ impl Progress {
 
     /// An idle worker parks: while one is parked, the pool is alive by definition (it waits on a
     /// wake-up or a due job's timer, in no call that could hang), so it need not wake up to say
-    /// so. Before (issue 16) every idle worker woke every 30 s only to beat.
+    /// so. Before, every idle worker woke every 30 s only to beat.
     pub fn park(&self) -> Parked<'_> {
         self.parked.fetch_add(1, Ordering::Relaxed);
         Parked(self)

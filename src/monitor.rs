@@ -30,7 +30,7 @@ const HEALTH_KEY: &str = "healthz";
 const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Under systemd without a watchdog: how often the STATUS line is refreshed. With a watchdog it is
 /// refreshed at each ping (every `WatchdogSec / 2`); without systemd the ticker does not run at
-/// all. Every wake-up costs CPU on an idle host (issue 16).
+/// all. Every wake-up costs CPU on an idle host.
 const STATUS_EVERY: Duration = Duration::from_secs(60);
 
 /// What the endpoint and the ticker look at.

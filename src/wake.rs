@@ -7,7 +7,7 @@
 //! cannot be watched, one idle worker at a time looks at the database files' size and mtime every
 //! [`IDLE_POLL`] instead (a `stat`, not a query) and wakes the others when a commit changed them.
 //!
-//! An idle worker has no tick (issue 16): it registers for wake-ups before it reads when the next
+//! An idle worker has no tick: it registers for wake-ups before it reads when the next
 //! job falls due, so a wake-up sent meanwhile is not lost, and sleeps until that job or a wake-up.
 //! Only one of them re-reads the queue, every [`IDLE_RECHECK`], as a safety net.
 
@@ -53,7 +53,7 @@ impl Wake {
     /// Wakes idle tasks when another process changed the queue: `callferry retry` and `enqueue`
     /// touch the database's wake file after their commit (`Queue::wake_daemon`), and this watches
     /// that one file. The database folder itself is not watched: every page SQLite writes to the
-    /// WAL would be an event (measured: 5 % of the daemon's CPU while uploading, issue 8). None if
+    /// WAL would be an event (measured: 5 % of the daemon's CPU while uploading). None if
     /// the file cannot be created or watched (workers then poll the database files' metadata once
     /// a second). The watch lasts as long as the returned watcher is kept.
     pub fn watch_file(&self, queue: &Queue) -> Option<notify::RecommendedWatcher> {

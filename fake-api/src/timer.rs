@@ -1,7 +1,7 @@
 //! Owns the fake's injected latency: a sleep precise to microseconds.
 //!
 //! tokio's timer works in millisecond slots and its wake-ups come up to a millisecond or two late.
-//! Measured with callferry-bench (issue 8): a 20 ms latency made a request take 22.3 ms, and the
+//! Measured with callferry-bench: a 20 ms latency made a request take 22.3 ms, and the
 //! benchmark then counted the fake's lateness against the client under test ("nothing of ours adds
 //! to the wait"). A timerfd wakes the runtime's epoll at the requested instant.
 

@@ -29,11 +29,11 @@ const PATIENCE: Duration = Duration::from_secs(120);
 const STALE_TEMP: Duration = Duration::from_secs(3600);
 /// The drop folder is listed this often even without an event (a lost one). Long: inotify does
 /// not lose events on a local folder (a queue overflow is an event too), and each listing wakes
-/// an idle daemon (issue 16).
+/// an idle daemon.
 const RESCAN: Duration = Duration::from_secs(600);
 /// How often a missing (or unusable) drop folder is looked for when its nearest existing parent
 /// cannot be watched; with that watch (the usual case) its creation, or a `chmod`, is an event,
-/// and it is looked for every [`RESCAN`] besides (issue 16: a default config without the folder
+/// and it is looked for every [`RESCAN`] besides (a default config without the folder
 /// woke every 10 s).
 const MISSING_RECHECK: Duration = Duration::from_secs(10);
 
@@ -173,7 +173,7 @@ fn watch_dir(dir: &Path, events: &Arc<Notify>) -> Option<notify::RecommendedWatc
 
 /// An event that reading the folder raises itself: notify 8 watches `IN_OPEN` and
 /// `IN_CLOSE_NOWRITE` too, so each listing of the folder was an event that listed it again, a busy
-/// loop of a whole core while idle (issue 16). A request arrives by a rename (or a create and a
+/// loop of a whole core while idle. A request arrives by a rename (or a create and a
 /// close after writing), never by a read.
 fn is_own_read(kind: &notify::EventKind) -> bool {
     use notify::event::{AccessKind, AccessMode, EventKind};

@@ -13,7 +13,7 @@ impl Lite {
     /// A flush of the WAL, as for the interaction id, not a checkpoint: a FULL checkpoint waits for
     /// every reader (`callferry list` on a big queue holds one for seconds) on the daemon's only
     /// connection, so one reader stalled every worker for the 10 s busy timeout, and its "busy"
-    /// answer (nothing made durable) was ignored anyway (issue 17).
+    /// answer (nothing made durable) was ignored anyway.
     pub async fn make_durable(&self) -> Result<(), QueueError> {
         self.sync_wal().await
     }
@@ -87,7 +87,7 @@ impl Lite {
     /// with its WAL segments (`wal_init_zero`). SQLite appends to a new WAL until the first
     /// checkpoint, and then every `fdatasync` of [`Queue::sync_wal`] also had to commit the file's
     /// new size to the file system's journal; over a pre-zeroed file it flushes data alone
-    /// (issue 8: the first 200 uploads after a start ran at 600–700 files/s against 1,000 once
+    /// (the first 200 uploads after a start ran at 600–700 files/s against 1,000 once
     /// warm). Zeros past the last frame are nothing to SQLite: a frame is valid only with the
     /// header's salts and a running checksum. The write lock is held meanwhile, so no other
     /// process (`callferry retry`) appends a frame that the zeros could land on.

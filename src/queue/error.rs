@@ -42,7 +42,7 @@ pub enum QueueError {
         "job {job} was taken over by another daemon after this one's claim expired; not committing"
     )]
     LostClaim { job: i64 },
-    /// What the PostgreSQL queue does not do yet (issue 15 lands in stages): said plainly instead
+    /// What the PostgreSQL queue does not do yet: said plainly instead
     /// of half-done.
     #[error(
         "{0} is not available on the PostgreSQL queue yet (queue.database = \"postgres://…\"); \

@@ -17,12 +17,12 @@ impl Lite {
     /// Set-based: a batch is one statement to find the versions already queued under another path
     /// (hard links, moves), one insert, and one for the events, whatever its size. Statements, not
     /// rows, are what costs here (each is a round trip to SQLite's thread): row by row, 100,000
-    /// files found at start took 8 s to queue (issue 8).
+    /// files found at start took 8 s to queue.
     pub async fn enqueue(&self, jobs: &[NewJob], now: i64) -> Result<Vec<Enqueued>, QueueError> {
         // IMMEDIATE: the write lock first, waiting the busy timeout for it. A deferred transaction
         // reads first, and its upgrade to a writer fails at once ("database is locked", no
         // waiting) when another process wrote meanwhile: `callferry enqueue` beside a busy daemon
-        // queued 0 to 11 of 10,000 files (issue 17).
+        // queued 0 to 11 of 10,000 files.
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let out = Self::enqueue_in(&mut tx, jobs, now).await?;
         tx.commit().await?;

@@ -2,7 +2,7 @@
 //! on a blocking thread, once for every caller that is waiting at the time (group commit).
 //!
 //! Why not `synchronous = FULL`: FULL syncs on the one connection's thread, where the fsync held up
-//! every other worker's statement (issue 8: 738 files/s with FULL against 1,117 with the queue on
+//! every other worker's statement (738 files/s with FULL against 1,117 with the queue on
 //! tmpfs). Why grouped: each fsync is a cache flush of the disk, and workers committing at the same
 //! moment need only one between them.
 

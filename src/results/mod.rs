@@ -39,7 +39,7 @@ const BATCH: u32 = 64;
 const CONCURRENCY: usize = 8;
 /// An idle follower sleeps until the next followed job is due or a wake-up (a job uploaded here, a
 /// change by another process through the wake file, `wake.rs`); this is only a safety net. It
-/// was 2 s: an idle daemon with results on woke every 2 s for nothing (issue 16).
+/// was 2 s: an idle daemon with results on woke every 2 s for nothing.
 const IDLE_POLL: Duration = Duration::from_secs(600);
 
 pub struct Follower {

@@ -4,13 +4,13 @@
 //! Instead of notify's recursive watch, which walked and stat'ed the whole tree inside `watch()`
 //! (on the runtime's thread: ~2 s at 200,000 files, forever on a dead mount) and, when the kernel's
 //! watch budget ran out, reported one error for the whole tree (each one a full rescan: 43 rescans
-//! for 50 folders, issue 17.7):
+//! for 50 folders):
 //! - every watch is added on the folder's own lane, so a hung mount blocks only its lane;
 //! - one instance per watched folder: a lookup stuck on one never holds anything another needs;
 //! - we know exactly which folder has no watch (ENOSPC), and poll just that one;
 //! - a folder is watched by the descriptor a walk without links reached (`/proc/self/fd/N`), so a
 //!   folder swapped for a symbolic link between the walk and the watch is never watched through
-//!   the link (issue 12.8's last race): the watch is on the folder that was walked, or on nothing.
+//!   the link (the last race the file-system adversary found): the watch is on the folder that was walked, or on nothing.
 //!
 //! Reading events touches only the inotify descriptor, never the watched file system, so it runs
 //! on the runtime.
@@ -54,7 +54,7 @@ pub enum Raw {
     Overflow,
     /// The watched folder `path` itself went: deleted, moved away, its file system unmounted, or
     /// its watch removed by the kernel. For a watched root, this is how its disappearance is
-    /// noticed (issue 16: no polling of the roots).
+    /// noticed (no polling of the roots).
     SelfGone(PathBuf),
 }
 

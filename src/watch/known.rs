@@ -35,7 +35,7 @@ impl std::hash::Hasher for IdHasher {
 /// judged not a recording, by its version fingerprint (`fingerprint::version`). A rescan skips a
 /// known, unchanged file after its one `stat`: no open, no lease probe, no SQL. Before, every
 /// rescan opened and lease-checked every file ever uploaded and asked the queue about each
-/// (issue 12: 536 ms of CPU per rescan with 20,000 recordings kept). 8 bytes a version, plus the
+/// (536 ms of CPU per rescan with 20,000 recordings kept). 8 bytes a version, plus the
 /// set's slack; shared with the walk on the blocking pool, which takes the lock per lookup.
 #[derive(Default)]
 pub struct Known(std::sync::Mutex<HashSet<i64, BuildHasherDefault<IdHasher>>>);

@@ -3,7 +3,7 @@
 //!
 //! A folder on a mount that stops answering (a hard-mounted NFS share whose server is gone, a stuck
 //! FUSE mount) blocks the calling thread in `stat` or `open` for as long as it stays so. On the
-//! runtime's one thread that froze every other folder, `/healthz` and the watchdog (issue 17.1).
+//! runtime's one thread that froze every other folder, `/healthz` and the watchdog.
 //! `spawn_blocking` alone would move the freeze but pile up a blocking thread for every call
 //! made meanwhile. A lane keeps it to one stuck thread: calls queue behind it (a bounded queue), and
 //! once the call at its head has made no progress for [`DEADLINE`], every caller gets
@@ -45,7 +45,7 @@ type Job = Box<dyn FnOnce(&Beat) + Send>;
 
 /// Tells the folders' health task that a lane started a call, so it needs no tick of its own: it
 /// sleeps until a call has run long enough to be hung, or, with every lane idle, until a call
-/// starts (issue 16). Only a task that asked for it (`arm`) is woken, once, so a busy lane costs
+/// starts. Only a task that asked for it (`arm`) is woken, once, so a busy lane costs
 /// nothing here.
 #[derive(Debug, Default)]
 pub struct Pulse {

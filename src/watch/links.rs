@@ -1,7 +1,7 @@
 //! Owns which paths in the watched folders are names of one file (hard links). inotify reports a
 //! change only under the name it was made through, so a recording changed through one link (a
 //! truncation, an append, a rewrite) looks unchanged at its other links until a rescan, 10 min
-//! later by default (the hostile file-system adversary found it: issue 12). The watcher asks this
+//! later by default (the hostile file-system adversary found it). The watcher asks this
 //! index for the other names of a file it sees change, and looks at them too.
 //!
 //! Only files with more than one link are kept (plus the old name of a recording seen again as a

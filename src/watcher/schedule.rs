@@ -41,7 +41,7 @@ pub(super) struct Waits {
 
 /// When each of the loop's duties is next due. Nothing here ticks: each duty has its own
 /// deadline, and with nothing to do (every root watched, no candidate, no search) the loop sleeps
-/// until the periodic rescan, or for good with rescans off (issue 16).
+/// until the periodic rescan, or for good with rescans off.
 pub(super) struct Schedule {
     rescan_every: Option<Duration>,
     /// Roots without inotify (poll_interval > 0) are walked this often; folders out of watches

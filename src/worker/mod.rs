@@ -44,7 +44,7 @@ pub struct Pipeline {
     /// starts the wait again, and its startup scan is a search of its own.
     pub missing: std::sync::Mutex<std::collections::HashMap<i64, i64>>,
     /// Every watched folder's lanes: the pre-upload open runs on the job's root's lane, never on
-    /// the runtime's thread, so a folder on a hung mount holds up only its own jobs (issue 17.1).
+    /// the runtime's thread, so a folder on a hung mount holds up only its own jobs.
     pub roots: Arc<crate::watch::Roots>,
 }
 
@@ -230,7 +230,7 @@ impl Pipeline {
             Err(crate::watch::Hung)
         } else {
             // A job to declare has its sidecar read in the same trip to the lane: one thread
-            // hand-off per file fewer than reading it on the blocking pool afterwards (issue 16).
+            // hand-off per file fewer than reading it on the blocking pool afterwards.
             let j = job.clone();
             lane.files
                 .run(move |_| {

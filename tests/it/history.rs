@@ -1,4 +1,4 @@
-//! Recordings over time (issue 12 items 2, 10, 11): a path reused by a second call, a recording
+//! Recordings over time: a path reused by a second call, a recording
 //! moved while its job waits, and years of history in the tree.
 
 use std::os::unix::fs::MetadataExt;

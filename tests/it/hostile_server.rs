@@ -618,7 +618,7 @@ async fn credentials_in_base_url_are_never_printed() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// HTTPS trust (issue 12.12): a CA made here, at test time, with the openssl command line.
+// HTTPS trust: a CA made here, at test time, with the openssl command line.
 
 struct TestPki {
     ca_pem: std::path::PathBuf,

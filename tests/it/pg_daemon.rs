@@ -1,4 +1,4 @@
-//! The daemon and the commands on the PostgreSQL queue (issue 15), against the fake and a real
+//! The daemon and the commands on the PostgreSQL queue, against the fake and a real
 //! throwaway PostgreSQL server (`callferry::pgcluster`, never skipped): end to end on one daemon,
 //! two daemons sharing one folder and one database, and a `kill -9`ed daemon's job taken over
 //! after its lease. What was stored is checked in the fake's own records.

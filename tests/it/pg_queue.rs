@@ -1,4 +1,4 @@
-//! The PostgreSQL queue's claims, leases and fences (issue 15), against a real PostgreSQL started
+//! The PostgreSQL queue's claims, leases and fences, against a real PostgreSQL started
 //! by the test itself (`callferry::pgcluster`): several daemons' handles on one database, each
 //! racing the others the way daemons on several hosts would. These tests never skip: without a
 //! server they fail, saying how to get one.

@@ -1,5 +1,5 @@
 //! A watched folder that goes and comes back is noticed through inotify (its own watch, a watch on
-//! its nearest existing parent), not by polling the roots (issue 16). Rescans are off here and the
+//! its nearest existing parent), not by polling the roots. Rescans are off here and the
 //! fallback look for missing folders is 10 minutes away, so only the events can find them in time.
 
 use std::path::Path;

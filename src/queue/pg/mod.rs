@@ -1,4 +1,4 @@
-//! The queue in PostgreSQL, for several daemons on one shared spool (issue 15): the claims, leases
+//! The queue in PostgreSQL, for several daemons on one shared spool: the claims, leases
 //! and fencing tokens that let them share one table of jobs and take over each other's work.
 //! Schema: `migrations/postgres/`. The states and the transitions' guards are the SQLite queue's
 //! ([`Transition`]); what is added is who may make a transition:

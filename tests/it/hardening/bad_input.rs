@@ -1,4 +1,4 @@
-//! Bad input (issue 5.6) and the after-upload paths (issue 5.4): each case asserts the message the
+//! Bad input and the after-upload paths: each case asserts the message the
 //! operator sees and that nothing was lost.
 
 use std::path::{Path, PathBuf};

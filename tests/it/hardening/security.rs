@@ -1,4 +1,4 @@
-//! Security (issue 5.7): the token appears nowhere; recordings are only read; the database is
+//! Security: the token appears nowhere; recordings are only read; the database is
 //! private.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

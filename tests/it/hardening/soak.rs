@@ -1,4 +1,4 @@
-//! The crash soak (issue 5.2): recordings arrive while the real daemon (`callferry run`, a child
+//! The crash soak: recordings arrive while the real daemon (`callferry run`, a child
 //! process) is `kill -9`ed at random moments and restarted, against the project's fake with random
 //! faults on (5xx, 429, resets before and after the audio is stored). The verdict comes from the
 //! fake's own records, not from the daemon's opinion of itself:

@@ -1,4 +1,4 @@
-//! Graceful stop (issue 5.5): SIGTERM stops claiming, lets in-flight uploads finish within
+//! Graceful stop: SIGTERM stops claiming, lets in-flight uploads finish within
 //! `upload.shutdown_grace`, leaves the rest waiting, tells systemd STOPPING=1, and exits 0.
 
 use std::os::unix::net::UnixDatagram;
