@@ -13,8 +13,6 @@
 //! works and that every file arrives exactly once, and asserts nothing about speed.
 
 mod harness;
-mod history;
-mod https;
 mod peers;
 mod scenarios;
 
@@ -261,10 +259,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         (6, "bandwidth limit", |c, r| {
             Box::pin(scenarios::bandwidth(c, r))
         }),
-        (7, "history", |c, r| Box::pin(history::history(c, r))),
-        (8, "HTTPS", |c, r| Box::pin(https::https(c, r))),
+        (7, "history", |c, r| Box::pin(scenarios::history(c, r))),
+        (8, "HTTPS", |c, r| Box::pin(scenarios::https(c, r))),
         (9, "CPU per call", |c, r| {
-            Box::pin(https::cpu_per_call(c, r))
+            Box::pin(scenarios::cpu_per_call(c, r))
         }),
     ];
     for (n, name, f) in all {

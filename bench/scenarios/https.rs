@@ -1,4 +1,4 @@
-//! Scenarios 8 (HTTPS) and 9 (CPU per call), issue 16: what a recorder host pays for each
+//! Scenarios 8 (HTTPS) and 9 (CPU per call): what a recorder host pays for each
 //! upload. Both run the daemon over files that appear while it runs (hard links into its watched
 //! folder, so every figure includes noticing the file), and take its CPU from the kernel
 //! (`ProcCpu`: schedstat for the total, `/proc/<pid>/stat` for the user/kernel split, each
@@ -12,15 +12,14 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use callferry_fake::{Counters, InteractionRecord};
 
+use super::{MIB, big_file, fresh, logged_upload_seconds, mbps, pct};
 use crate::harness::{
     self, Daemon, DaemonSetup, Fake, Measured, ProcCpu, TOKEN, check_exactly_once, make_files,
     span_s,
 };
 use crate::peers::Peer;
-use crate::scenarios::{big_file, fresh, logged_upload_seconds, mbps, pct};
 use crate::{Ctx, Mode, Report};
 
-const MIB: usize = 1 << 20;
 const GIB: f64 = (1u64 << 30) as f64;
 /// A 5-minute call at 8 kHz, 16-bit mono: 4,800,000 bytes of samples and the 44-byte header.
 const CALL_WAV: usize = 4_800_044;

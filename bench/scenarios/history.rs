@@ -1,4 +1,4 @@
-//! Scenario 7 (issue 12 item 11): what years of history cost. A tree of recordings that are all
+//! Scenario 7: what years of history cost. A tree of recordings that are all
 //! uploaded already (the database says so), rescanned by the daemon every few seconds: its CPU per
 //! rescan next to a plain walk-and-stat of the same tree (Python's `os.walk` + `os.stat`, and
 //! walkdir + `lstat` in Rust), then the database's size before and after pruning, and a daemon on
