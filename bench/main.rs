@@ -199,6 +199,18 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     } else {
         Mode::Full
     };
+    // Without --workdir, the temporary folder lives until the table is printed.
+    let (ctx, _tmp) = context(&args, mode)?;
+    let started = std::time::Instant::now();
+    let load_before = harness::load_avg();
+    let mut rep = Report::default();
+    let failures = run_scenarios(&ctx, &mut rep, &args.only).await;
+    print_table(ctx.mode, &rep, &failures, started, &load_before);
+    Ok(failures.is_empty())
+}
+
+/// Where the binary, the work folder and the peers are; the temporary folder, when one was made.
+fn context(args: &Args, mode: Mode) -> anyhow::Result<(Ctx, Option<tempfile::TempDir>)> {
     let here = std::env::current_exe()?;
     let bindir = here.parent().map(PathBuf::from).unwrap_or_default();
     let exe = args
@@ -211,17 +223,19 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             exe.display()
         );
     }
-    let tmp;
+    let mut tmp = None;
     let work = match &args.workdir {
         Some(w) => {
             std::fs::create_dir_all(w)?;
             w.clone()
         }
         None => {
-            tmp = tempfile::Builder::new()
+            let t = tempfile::Builder::new()
                 .prefix("callferry-bench-")
                 .tempdir()?;
-            tmp.path().to_path_buf()
+            let path = t.path().to_path_buf();
+            tmp = Some(t);
+            path
         }
     };
     let peers = (mode != Mode::Smoke && !args.no_peers).then(|| {
@@ -237,10 +251,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         work,
         peers,
     };
-    let started = std::time::Instant::now();
-    let load_before = harness::load_avg();
-    let mut rep = Report::default();
-    let want = |n: u8| args.only.is_empty() || args.only.contains(&n);
+    Ok((ctx, tmp))
+}
+
+/// The scenarios asked for, in order; a failed one is reported and the others still run.
+async fn run_scenarios(ctx: &Ctx, rep: &mut Report, only: &[u8]) -> Vec<String> {
+    let want = |n: u8| only.is_empty() || only.contains(&n);
     let mut failures = Vec::new();
     type Scenario = for<'a> fn(
         &'a Ctx,
@@ -270,11 +286,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             continue;
         }
         eprintln!("bench: scenario {n}: {name} (load {})", harness::load_avg());
-        if let Err(e) = f(&ctx, &mut rep).await {
+        if let Err(e) = f(ctx, rep).await {
             eprintln!("bench: scenario {n} ({name}) FAILED: {e:#}");
             failures.push(format!("scenario {n} ({name}): {e:#}"));
         }
     }
+    failures
+}
+
+/// What the run prints on stdout: its mode, time and machine, the table, the notes, the failures
+/// and, but for the smoke run, how many targets were missed.
+fn print_table(
+    mode: Mode,
+    rep: &Report,
+    failures: &[String],
+    started: std::time::Instant,
+    load_before: &str,
+) {
     let mode_s = match mode {
         Mode::Full => "full",
         Mode::Quick => "quick",
@@ -290,12 +318,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     for n in &rep.notes {
         println!("- {n}");
     }
-    for f in &failures {
+    for f in failures {
         println!("FAILED: {f}");
     }
     if mode != Mode::Smoke {
         let missed = rep.rows.iter().filter(|r| r.met == Some(false)).count();
         println!("\ntargets missed: {missed}");
     }
-    Ok(failures.is_empty())
 }

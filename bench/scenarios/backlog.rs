@@ -72,8 +72,11 @@ pub async fn backlog(ctx: &Ctx, rep: &mut Report) -> Result<()> {
         None,
     );
     let _ = std::fs::remove_dir_all(&watch);
+    status_on_a_million(ctx, rep).await
+}
 
-    // status on a synthetic database of a million jobs.
+/// `status` on a synthetic database of a million jobs (the queue of years), and its size per job.
+async fn status_on_a_million(ctx: &Ctx, rep: &mut Report) -> Result<()> {
     let jobs = ctx.mode.pick(1_000_000, 1_000_000, 10_000);
     let sdir = fresh(&ctx.work.join("runs/million"))?;
     let sdb = sdir.join("db/queue.db");

@@ -270,10 +270,42 @@ async fn one(ctx: &Ctx, rep: &mut Report, n: usize) -> Result<()> {
         "bench: history: {n} uploaded recordings made and queued in {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let k = ctx.mode.pick(5, 3, 2);
+    let tree = Tree {
+        dir,
+        watch,
+        db,
+        n,
+        k: ctx.mode.pick(5, 3, 2),
+    };
+    let base = rescan_keeping_all(ctx, rep, &tree).await?;
+    prune(rep, &tree).await?;
+    rescan_after_pruning(ctx, rep, &tree, base).await?;
+    let _ = std::fs::remove_dir_all(&tree.watch);
+    Ok(())
+}
 
-    // 1. A daemon that keeps everything: every version is a job.
-    let (per, declares, ready) = daemon_rescan_cpu(ctx, &dir, &watch, &db, "0s", k).await?;
+/// One size of history: its folder, its tree of recordings, their queue, and how many rescans
+/// each CPU figure is the mean of.
+struct Tree {
+    dir: PathBuf,
+    watch: PathBuf,
+    db: PathBuf,
+    n: usize,
+    k: u64,
+}
+
+/// A daemon that keeps everything: every version is a job. Its CPU per rescan next to a plain
+/// walk-and-stat of the tree, and its start-up; returns the walk's time (Python's, else Rust's).
+async fn rescan_keeping_all(ctx: &Ctx, rep: &mut Report, tree: &Tree) -> Result<f64> {
+    let Tree {
+        dir,
+        watch,
+        db,
+        n,
+        k,
+        ..
+    } = tree;
+    let (per, declares, ready) = daemon_rescan_cpu(ctx, dir, watch, db, "0s", *k).await?;
     if declares != 0 {
         bail!("the daemon declared {declares} files that were all uploaded already");
     }
@@ -282,7 +314,7 @@ async fn one(ctx: &Ctx, rep: &mut Report, n: usize) -> Result<()> {
     let py = if ctx.mode == Mode::Smoke {
         None
     } else {
-        python_walk(&watch)
+        python_walk(watch)
     };
     let base = py.unwrap_or(rust);
     let ratio = per / base;
@@ -306,28 +338,32 @@ async fn one(ctx: &Ctx, rep: &mut Report, n: usize) -> Result<()> {
         "",
         None,
     );
+    Ok(base)
+}
 
-    // 2. Pruning: the jobs and their events go, fingerprints stay.
-    let (live0, file0) = db_size(&db).await?;
-    let q = callferry::queue::Queue::open(&db, callferry::queue::OpenMode::Create).await?;
+/// Pruning: the jobs and their events go, fingerprints stay. The database's size before and after.
+async fn prune(rep: &mut Report, tree: &Tree) -> Result<()> {
+    let Tree { db, n, .. } = tree;
+    let (live0, file0) = db_size(db).await?;
+    let q = callferry::queue::Queue::open(db, callferry::queue::OpenMode::Create).await?;
     let t = Instant::now();
     let cutoff = harness::now_ms() as i64 - 90 * DAY_MS;
     let pruned = q.prune(cutoff, true).await?;
     let took = t.elapsed();
     q.close().await;
-    if pruned != n as u64 {
+    if pruned != *n as u64 {
         bail!("pruned {pruned} jobs of {n}");
     }
-    let (live1, file1) = db_size(&db).await?;
+    let (live1, file1) = db_size(db).await?;
     rep.row(
         "7",
         format!("database with {n} uploaded jobs (3 events each), before → after pruning them"),
         format!(
             "{:.1} MiB ({} bytes/job) → {:.2} MiB in use ({} bytes/job) in {:.1} s; the file stays {:.1} MiB, its free pages reused by new jobs",
             live0 as f64 / (1 << 20) as f64,
-            live0 / n as u64,
+            live0 / *n as u64,
             live1 as f64 / (1 << 20) as f64,
-            live1 / n as u64,
+            live1 / *n as u64,
             took.as_secs_f64(),
             file1 as f64 / (1 << 20) as f64,
         ),
@@ -335,10 +371,21 @@ async fn one(ctx: &Ctx, rep: &mut Report, n: usize) -> Result<()> {
         None,
     );
     let _ = file0;
+    Ok(())
+}
 
-    // 3. A daemon on the pruned database: fingerprints alone keep the tree from being uploaded
-    // again, and a rescan costs the same.
-    let (per, declares, _) = daemon_rescan_cpu(ctx, &dir, &watch, &db, "90d", k).await?;
+/// A daemon on the pruned database: fingerprints alone keep the tree from being uploaded again,
+/// and a rescan costs the same.
+async fn rescan_after_pruning(ctx: &Ctx, rep: &mut Report, tree: &Tree, base: f64) -> Result<()> {
+    let Tree {
+        dir,
+        watch,
+        db,
+        n,
+        k,
+        ..
+    } = tree;
+    let (per, declares, _) = daemon_rescan_cpu(ctx, dir, watch, db, "90d", *k).await?;
     if declares != 0 {
         bail!("after pruning, the daemon declared {declares} files that were uploaded already");
     }
@@ -353,6 +400,5 @@ async fn one(ctx: &Ctx, rep: &mut Report, n: usize) -> Result<()> {
         "≤ 2× walk+stat; 0 re-uploads",
         Some(per / base <= 2.0),
     );
-    let _ = std::fs::remove_dir_all(&watch);
     Ok(())
 }

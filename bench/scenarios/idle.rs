@@ -2,6 +2,7 @@
 //! wake-ups next to a Python `sleep(1)` loop measured in the same window; it must make no API
 //! request and leave the queue as it was.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -17,36 +18,7 @@ pub async fn idle(ctx: &Ctx, rep: &mut Report) -> Result<()> {
     let files = make_files(&watch, n, 1024, "old-", Some(1000))?;
     let dir = fresh(&ctx.work.join("runs/idle"))?;
     let db = dir.join("db/queue.db");
-    // The files are already uploaded: their versions are in the queue as `uploaded`.
-    {
-        use std::os::unix::fs::MetadataExt;
-        let q = callferry::queue::Queue::open(&db, callferry::queue::OpenMode::Create).await?;
-        let mut jobs = Vec::new();
-        for f in &files {
-            let m = std::fs::metadata(f)?;
-            jobs.push(callferry::queue::NewJob {
-                path: f.clone(),
-                root: watch.clone(),
-                size: m.len(),
-                mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-                dev: m.dev(),
-                ino: m.ino(),
-            });
-        }
-        for chunk in jobs.chunks(2000) {
-            q.enqueue(chunk, harness::now_ms() as i64).await?;
-        }
-        q.close().await;
-        use sqlx::Connection;
-        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display())).await?;
-        sqlx::query(
-            "UPDATE jobs SET state = 'uploaded', upload_status = 201, \
-             interaction_id = printf('%08x-0000-4000-8000-%012x', id, id)",
-        )
-        .execute(&mut c)
-        .await?;
-        c.close().await?;
-    }
+    seed_uploaded(&db, &watch, &files).await?;
     let fake = Fake::start(&ctx.exe, &dir.join("fake.log")).await?;
     let setup = DaemonSetup::new(&watch, &db);
     let cfg = dir.join("callferry.toml");
@@ -119,5 +91,37 @@ pub async fn idle(ctx: &Ctx, rep: &mut Report) -> Result<()> {
         Some(wakeups <= 0.2 && cheap_enough),
     );
     let _ = std::fs::remove_dir_all(&watch);
+    Ok(())
+}
+
+/// The files are already uploaded: their versions are in the queue as `uploaded`.
+async fn seed_uploaded(db: &Path, watch: &Path, files: &[PathBuf]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let q = callferry::queue::Queue::open(db, callferry::queue::OpenMode::Create).await?;
+    let mut jobs = Vec::new();
+    for f in files {
+        let m = std::fs::metadata(f)?;
+        jobs.push(callferry::queue::NewJob {
+            path: f.clone(),
+            root: watch.to_path_buf(),
+            size: m.len(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            dev: m.dev(),
+            ino: m.ino(),
+        });
+    }
+    for chunk in jobs.chunks(2000) {
+        q.enqueue(chunk, harness::now_ms() as i64).await?;
+    }
+    q.close().await;
+    use sqlx::Connection;
+    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display())).await?;
+    sqlx::query(
+        "UPDATE jobs SET state = 'uploaded', upload_status = 201, \
+         interaction_id = printf('%08x-0000-4000-8000-%012x', id, id)",
+    )
+    .execute(&mut c)
+    .await?;
+    c.close().await?;
     Ok(())
 }

@@ -193,31 +193,7 @@ pub async fn many_small(ctx: &Ctx, rep: &mut Report) -> Result<()> {
     let size = ctx.mode.pick(MIB, MIB, 64 * 1024);
     let watch = ctx.work.join("s1/rec");
     let files = make_files(&watch, n, size, "call-", None)?;
-    let disk_db = ctx.work.join("db");
-    let shm = Path::new("/dev/shm");
-    let peers = ctx.peers.as_ref();
-    let have = |p: Peer| peers.is_some_and(|x| x.available(p));
-
-    // The ceiling: one stream of curl -F to the same fake.
-    let ceiling = if ctx.mode != Mode::Smoke && harness::have("curl") {
-        let big = big_file(ctx, ctx.mode.pick(1024, 256, 0))?;
-        let r = loopback_ceiling(ctx, &big).await?;
-        rep.row(
-            "1",
-            format!(
-                "loopback ceiling: `curl -F` of one {} MiB file to the fake",
-                ctx.mode.pick(1024, 256, 0)
-            ),
-            mbps(r),
-            "",
-            None,
-        );
-        Some(r)
-    } else {
-        None
-    };
-    let per_file_transfer = ceiling.map(|c| size as f64 / c);
-
+    let ceiling = ceiling_row(ctx, rep).await?;
     for latency in [0u64, ctx.mode.pick(20, 20, 5)] {
         let tag = if latency == 0 { "1(i)" } else { "1(ii)" };
         // A run without latency lasts a fraction of a second, and one scheduling hiccup moved it
@@ -233,110 +209,192 @@ pub async fn many_small(ctx: &Ctx, rep: &mut Report) -> Result<()> {
         } else {
             format!("{latency} ms latency")
         };
+        let round = Round {
+            tag,
+            setting,
+            latency,
+            repeats,
+            files: &files,
+            watch: &watch,
+            ceiling,
+            per_file_transfer: ceiling.map(|c| size as f64 / c),
+        };
         // Fake alone.
         let alone = fake_alone(ctx, &files, 8, latency).await?;
         rep.row(
             tag,
-            format!("the fake alone ({setting}): in-process client, files in memory, no DB, concurrency 8"),
-            format!("{:.0} files/s, {}", alone.files_per_s, mbps(alone.bytes_per_s)),
+            format!(
+                "the fake alone ({}): in-process client, files in memory, no DB, concurrency 8",
+                round.setting
+            ),
+            format!(
+                "{:.0} files/s, {}",
+                alone.files_per_s,
+                mbps(alone.bytes_per_s)
+            ),
             "",
             None,
         );
-        // callferry at 1, default and 8 workers.
-        let mut ours = Vec::new();
-        for w in [Some(1), None, Some(8)] {
-            let name = format!(
-                "cf-{latency}ms-{}",
-                w.map_or("default".into(), |w| w.to_string())
+        let ours = ours_rows(ctx, rep, &round).await?;
+        if latency == 0 && ctx.mode != Mode::Smoke && Path::new("/dev/shm").is_dir() {
+            tmpfs_row(ctx, rep, &round).await?;
+        }
+        peer_rows(ctx, rep, &round, &ours).await?;
+    }
+    Ok(())
+}
+
+/// One latency setting of scenario 1: what its rows share.
+struct Round<'a> {
+    tag: &'static str,
+    setting: String,
+    latency: u64,
+    repeats: usize,
+    files: &'a [PathBuf],
+    watch: &'a Path,
+    /// The loopback ceiling, in bytes per second (without curl, none).
+    ceiling: Option<f64>,
+    /// How long one file takes to cross loopback at the ceiling, in seconds.
+    per_file_transfer: Option<f64>,
+}
+
+/// The ceiling: one stream of curl -F to the same fake.
+async fn ceiling_row(ctx: &Ctx, rep: &mut Report) -> Result<Option<f64>> {
+    if ctx.mode == Mode::Smoke || !harness::have("curl") {
+        return Ok(None);
+    }
+    let big = big_file(ctx, ctx.mode.pick(1024, 256, 0))?;
+    let r = loopback_ceiling(ctx, &big).await?;
+    rep.row(
+        "1",
+        format!(
+            "loopback ceiling: `curl -F` of one {} MiB file to the fake",
+            ctx.mode.pick(1024, 256, 0)
+        ),
+        mbps(r),
+        "",
+        None,
+    );
+    Ok(Some(r))
+}
+
+/// callferry at 1, default and 8 workers, in that order.
+async fn ours_rows(ctx: &Ctx, rep: &mut Report, round: &Round<'_>) -> Result<Vec<Run>> {
+    let (tag, latency, setting) = (round.tag, round.latency, &round.setting);
+    let disk_db = ctx.work.join("db");
+    let mut ours = Vec::new();
+    for w in [Some(1), None, Some(8)] {
+        let name = format!(
+            "cf-{latency}ms-{}",
+            w.map_or("default".into(), |w| w.to_string())
+        );
+        let r = median_of(round.repeats, || {
+            callferry_run(ctx, &name, round.files, round.watch, w, latency, &disk_db)
+        })
+        .await?;
+        let label = match w {
+            None => format!("callferry, default workers ({})", r.workers),
+            Some(w) => format!("callferry, workers = {w}"),
+        };
+        let mut value = format!("{:.0} files/s, {}", r.files_per_s, mbps(r.bytes_per_s));
+        if latency > 0
+            && let Some(t) = round.per_file_transfer
+        {
+            let limit = r.workers as f64 / (2.0 * latency as f64 / 1000.0 + t);
+            value.push_str(&format!(
+                " = {} of the latency limit {:.0} files/s",
+                pct(r.files_per_s / limit),
+                limit
+            ));
+            rep.row(
+                tag,
+                format!("{label} ({setting})"),
+                value,
+                "≥ 90 % of limit",
+                Some(r.files_per_s >= 0.9 * limit),
             );
-            let r = median_of(repeats, || {
-                callferry_run(ctx, &name, &files, &watch, w, latency, &disk_db)
-            })
-            .await?;
-            let label = match w {
-                None => format!("callferry, default workers ({})", r.workers),
-                Some(w) => format!("callferry, workers = {w}"),
-            };
-            let mut value = format!("{:.0} files/s, {}", r.files_per_s, mbps(r.bytes_per_s));
-            if latency > 0
-                && let Some(t) = per_file_transfer
-            {
-                let limit = r.workers as f64 / (2.0 * latency as f64 / 1000.0 + t);
-                value.push_str(&format!(
-                    " = {} of the latency limit {:.0} files/s",
-                    pct(r.files_per_s / limit),
-                    limit
-                ));
-                rep.row(
-                    tag,
-                    format!("{label} ({setting})"),
-                    value,
-                    "≥ 90 % of limit",
-                    Some(r.files_per_s >= 0.9 * limit),
-                );
-            } else if let Some(c) = ceiling {
-                value.push_str(&format!(" = {} of ceiling", pct(r.bytes_per_s / c)));
-                let target = if w.is_none() {
-                    "≥ 80 % of ceiling"
-                } else {
-                    ""
-                };
-                rep.row(
-                    tag,
-                    format!("{label} ({setting})"),
-                    value,
-                    target,
-                    w.is_none().then_some(r.bytes_per_s >= 0.8 * c),
-                );
+        } else if let Some(c) = round.ceiling {
+            value.push_str(&format!(" = {} of ceiling", pct(r.bytes_per_s / c)));
+            let target = if w.is_none() {
+                "≥ 80 % of ceiling"
             } else {
-                rep.row(tag, format!("{label} ({setting})"), value, "", None);
-            }
-            ours.push((w, r));
-        }
-        if latency == 0 && ctx.mode != Mode::Smoke && shm.is_dir() {
-            // The price of fsync: the same run with the queue on tmpfs, where fsync is free.
-            let r = median_of(repeats, || {
-                callferry_run(ctx, "cf-0ms-default-tmpfs", &files, &watch, None, 0, shm)
-            })
-            .await?;
-            rep.row(
-                tag,
-                format!("callferry, default workers, queue on tmpfs (fsync free: what the one FULL commit per file, the interaction id, costs) ({setting})"),
-                format!("{:.0} files/s, {}", r.files_per_s, mbps(r.bytes_per_s)),
-                "",
-                None,
-            );
-        }
-        let default = &ours[1].1;
-        let eight = &ours[2].1;
-        let one = &ours[0].1;
-        for p in [Peer::SdkLoop, Peer::Aiohttp(8), Peer::CurlLoop] {
-            if !have(p) {
-                continue;
-            }
-            let r = median_of(repeats, || peer_run(ctx, p, &files, &watch, latency)).await?;
-            let (vs, vs_label) = match p {
-                Peer::Aiohttp(_) => (eight, "callferry at 8 workers"),
-                _ => (one, "callferry at 1 worker"),
+                ""
             };
-            let target_ratio = default.files_per_s / r.files_per_s;
-            let targeted = latency == 0 && !matches!(p, Peer::CurlLoop);
             rep.row(
                 tag,
-                format!("peer {} ({setting})", p.label()),
-                format!(
-                    "{:.0} files/s; callferry default is {:.1}×, {vs_label} is {:.1}×",
-                    r.files_per_s,
-                    target_ratio,
-                    vs.files_per_s / r.files_per_s
-                ),
-                if targeted { "callferry ≥ 2×" } else { "" },
-                targeted.then_some(target_ratio >= 2.0),
+                format!("{label} ({setting})"),
+                value,
+                target,
+                w.is_none().then_some(r.bytes_per_s >= 0.8 * c),
             );
+        } else {
+            rep.row(tag, format!("{label} ({setting})"), value, "", None);
         }
-        if let Some(x) = peers.and_then(|p| p.python_missing.as_ref()) {
-            rep.note(format!("Python peers not run: {x}"));
+        ours.push(r);
+    }
+    Ok(ours)
+}
+
+/// The price of fsync: the same run with the queue on tmpfs, where fsync is free.
+async fn tmpfs_row(ctx: &Ctx, rep: &mut Report, round: &Round<'_>) -> Result<()> {
+    let shm = Path::new("/dev/shm");
+    let r = median_of(round.repeats, || {
+        callferry_run(
+            ctx,
+            "cf-0ms-default-tmpfs",
+            round.files,
+            round.watch,
+            None,
+            0,
+            shm,
+        )
+    })
+    .await?;
+    rep.row(
+        round.tag,
+        format!("callferry, default workers, queue on tmpfs (fsync free: what the one FULL commit per file, the interaction id, costs) ({})", round.setting),
+        format!("{:.0} files/s, {}", r.files_per_s, mbps(r.bytes_per_s)),
+        "",
+        None,
+    );
+    Ok(())
+}
+
+/// The peers over the same folder, each next to callferry's default and its closest setting.
+async fn peer_rows(ctx: &Ctx, rep: &mut Report, round: &Round<'_>, ours: &[Run]) -> Result<()> {
+    let (one, default, eight) = (&ours[0], &ours[1], &ours[2]);
+    let peers = ctx.peers.as_ref();
+    let have = |p: Peer| peers.is_some_and(|x| x.available(p));
+    let (tag, latency, setting) = (round.tag, round.latency, &round.setting);
+    for p in [Peer::SdkLoop, Peer::Aiohttp(8), Peer::CurlLoop] {
+        if !have(p) {
+            continue;
         }
+        let r = median_of(round.repeats, || {
+            peer_run(ctx, p, round.files, round.watch, latency)
+        })
+        .await?;
+        let (vs, vs_label) = match p {
+            Peer::Aiohttp(_) => (eight, "callferry at 8 workers"),
+            _ => (one, "callferry at 1 worker"),
+        };
+        let target_ratio = default.files_per_s / r.files_per_s;
+        let targeted = latency == 0 && !matches!(p, Peer::CurlLoop);
+        rep.row(
+            tag,
+            format!("peer {} ({setting})", p.label()),
+            format!(
+                "{:.0} files/s; callferry default is {:.1}×, {vs_label} is {:.1}×",
+                r.files_per_s,
+                target_ratio,
+                vs.files_per_s / r.files_per_s
+            ),
+            if targeted { "callferry ≥ 2×" } else { "" },
+            targeted.then_some(target_ratio >= 2.0),
+        );
+    }
+    if let Some(x) = peers.and_then(|p| p.python_missing.as_ref()) {
+        rep.note(format!("Python peers not run: {x}"));
     }
     Ok(())
 }
