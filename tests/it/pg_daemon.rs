@@ -250,9 +250,17 @@ async fn the_daemon_and_the_commands_work_end_to_end_on_postgresql() {
     assert_eq!(members.len(), 1, "the commands do not join: {status}");
     assert_eq!(members[0]["stopped"], false);
     assert_eq!(members[0]["held"], 0);
+    // One daemon alone holds every role its configuration wants (rescans are on, results off).
+    let roles = members[0]["roles"]
+        .as_array()
+        .expect("roles listed")
+        .clone();
+    assert!(roles.contains(&"rescan".into()), "{status}");
+    assert!(!roles.contains(&"results".into()), "{status}");
     let (code, text) = spool.command(&cfg, &["status"]).await;
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("member "), "{text}");
+    assert!(text.contains("does prune, rescan"), "{text}");
     let (code, out) = spool.command(&cfg, &["list", "--json"]).await;
     assert_eq!(code, 0, "{out}");
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
