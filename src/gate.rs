@@ -410,10 +410,15 @@ impl Gate {
         self.tx.send_if_modified(|s| {
             // Kept without notifying anyone: only an open breaker makes waiters care.
             s.server_errors = 0;
-            if s.pause.is_none() && s.outage_failures == 0 {
+            // An answer from the API says nothing about the queue: a database that takes no
+            // writes keeps every worker paused until a write goes through (`storage_ok`).
+            let storage = matches!(s.pause, Some(Pause::Storage(_)));
+            if (s.pause.is_none() || storage) && s.outage_failures == 0 {
                 return false;
             }
-            cleared = s.pause.take();
+            if !storage {
+                cleared = s.pause.take();
+            }
             s.outage_failures = 0;
             s.hold_until = None;
             s.probing = None;
@@ -444,6 +449,20 @@ mod tests {
             initial: Duration::from_millis(100),
             max: Duration::from_secs(1),
         })
+    }
+
+    #[test]
+    fn an_api_success_does_not_lift_a_pause_for_the_queue_database() {
+        let g = gate();
+        assert!(g.pause_storage("disk full".into()));
+        // Another worker's request in flight gets its answer meanwhile.
+        assert!(g.success().is_none(), "nothing lifted");
+        assert!(
+            matches!(g.state().shown(), Some(p) if p.reason().contains("disk full")),
+            "still paused for the database"
+        );
+        assert!(g.storage_ok(), "a write that goes through lifts it");
+        assert!(g.state().shown().is_none());
     }
 
     #[tokio::test]
