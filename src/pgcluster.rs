@@ -66,6 +66,8 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
     as_nobody: bool,
+    /// The server's options (`pg_ctl -o`), for [`PgCluster::resume`].
+    opts: String,
 }
 
 impl PgCluster {
@@ -89,10 +91,11 @@ impl PgCluster {
             .prefix("cfpg")
             .tempdir_in("/tmp")
             .map_err(setup("make a folder for the PostgreSQL test server"))?;
-        let cluster = PgCluster {
+        let mut cluster = PgCluster {
             dir,
             bin,
             as_nobody,
+            opts: String::new(),
         };
         if as_nobody {
             let rc = unsafe {
@@ -133,8 +136,16 @@ impl PgCluster {
             opts.push_str(" -c ");
             opts.push_str(s);
         }
-        let log = cluster.dir.path().join("server.log");
-        let started = cluster.run(
+        cluster.opts = opts;
+        cluster.launch()?;
+        Ok(cluster)
+    }
+
+    /// `pg_ctl start` on the cluster's data, waiting until it takes connections.
+    fn launch(&self) -> Result<(), PgClusterError> {
+        let data = self.data_dir();
+        let log = self.dir.path().join("server.log");
+        let started = self.run(
             "pg_ctl",
             &[
                 "start".as_ref(),
@@ -146,17 +157,35 @@ impl PgCluster {
                 "-l".as_ref(),
                 log.as_os_str(),
                 "-o".as_ref(),
-                opts.as_ref(),
+                self.opts.as_ref(),
             ],
         );
-        if let Err(e) = started {
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            return Err(PgClusterError::NotStarted {
-                source: Box::new(e),
-                log: tail,
-            });
-        }
-        Ok(cluster)
+        started.map_err(|e| PgClusterError::NotStarted {
+            source: Box::new(e),
+            log: std::fs::read_to_string(&log).unwrap_or_default(),
+        })
+    }
+
+    /// Stops the server as a crash or a cut network would look to its clients (`-m immediate`:
+    /// every connection is dropped, nothing waits), keeping its data for [`PgCluster::resume`].
+    pub fn pause(&self) -> Result<(), PgClusterError> {
+        let data = self.data_dir();
+        self.run(
+            "pg_ctl",
+            &[
+                "stop".as_ref(),
+                "-w".as_ref(),
+                "-m".as_ref(),
+                "immediate".as_ref(),
+                "-D".as_ref(),
+                data.as_os_str(),
+            ],
+        )
+    }
+
+    /// Starts the server again after [`PgCluster::pause`], on the same data and socket.
+    pub fn resume(&self) -> Result<(), PgClusterError> {
+        self.launch()
     }
 
     /// A connection URL for database `db` (`postgres` always exists; see [`PgCluster::create_db`]).

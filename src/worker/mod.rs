@@ -174,7 +174,19 @@ impl Pipeline {
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if matches!(
+                        e,
+                        QueueError::LostClaim { .. } | QueueError::NotInState { .. }
+                    ) {
+                        // The database answered, so it takes writes again, whatever became of
+                        // this job (on PostgreSQL: taken over while the database was away). The
+                        // pause this wait set must end here: no other write may come to lift it
+                        // while every worker waits behind it.
+                        self.storage_recovered().await;
+                    }
+                    return Err(e);
+                }
             }
         }
     }

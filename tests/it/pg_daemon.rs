@@ -40,11 +40,15 @@ impl Spool {
     }
 
     async fn with(fake: FakeOptions) -> Spool {
+        Spool::on(server().fresh_db().unwrap(), fake).await
+    }
+
+    /// A spool whose queue is the database at `url` (a server of the test's own).
+    async fn on(url: String, fake: FakeOptions) -> Spool {
         let dir = tempfile::tempdir().unwrap();
         let rec = dir.path().join("rec");
         std::fs::create_dir_all(&rec).unwrap();
         let fake = FakeApi::start(fake).await.unwrap();
-        let url = server().fresh_db().unwrap();
         Spool {
             dir,
             rec,
@@ -648,4 +652,83 @@ async fn the_recorders_hook_reaches_the_shared_queue_from_any_hosts_daemon() {
     );
     a.stop().await;
     b.stop().await;
+}
+
+#[tokio::test]
+async fn a_database_outage_longer_than_the_lease_loses_nothing_and_uploads_nothing_twice() {
+    let logs = crate::helpers::Logs::default();
+    let _guard = logs.install();
+    // A server of its own: this test stops it, as a crash or a cut network would. With
+    // PostgreSQL's own durability settings (the shared test server turns them off), since a
+    // committed transaction must survive the crash, as it does in production.
+    let pg = PgCluster::start_with(&[]).unwrap_or_else(|e| panic!("PostgreSQL test server: {e}"));
+    let url = pg.create_db("outage").unwrap();
+    let spool = Spool::on(
+        url,
+        FakeOptions {
+            token: TOKEN.into(),
+            // Slow enough that uploads are in flight when the database goes.
+            latency: Duration::from_millis(150),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut node = spool.start("").await;
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..8 {
+        let (name, bytes) = (format!("before-{i}.wav"), wav(0.2 + i as f64 * 0.01));
+        spool.drop_file(&name, &bytes);
+        files.push((name, bytes));
+    }
+    eventually("some uploads under way", || async {
+        spool.fake.counters().declares >= 2
+    })
+    .await;
+    pg.pause().unwrap();
+    // Recordings keep arriving while the queue is gone, for longer than the 3 s lease.
+    for i in 0..4 {
+        let (name, bytes) = (format!("during-{i}.wav"), wav(0.3 + i as f64 * 0.01));
+        spool.drop_file(&name, &bytes);
+        files.push((name, bytes));
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !node.task.as_ref().unwrap().is_finished(),
+        "the daemon outlives its database's outage"
+    );
+    pg.resume().unwrap();
+    let q = spool.queue().await;
+    let deadline = Instant::now() + DEADLINE;
+    while q.counts().await.unwrap().uploaded < files.len() as u64 {
+        if Instant::now() > deadline {
+            let jobs: Vec<String> = q
+                .list(None, 100)
+                .await
+                .unwrap()
+                .iter()
+                .map(|j| format!("{} {:?} {:?}", j.path, j.state, j.last_error))
+                .collect();
+            let counts = q.counts().await;
+            panic!(
+                "not every recording uploaded after the outage: {counts:?} {jobs:#?}\n{}",
+                logs.lines().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (name, bytes) in &files {
+        spool.assert_stored_once(name, bytes);
+    }
+    let counts = q.counts().await.unwrap();
+    assert_eq!(counts.total(), files.len() as u64, "{counts:?}");
+    // A declare whose id could not be committed before the lease ran out may be declared again:
+    // each such extra interaction is counted as an orphan, none goes unaccounted.
+    let interactions = spool.fake.interactions().len() as u64;
+    let orphans = q.orphan_declares().await.unwrap();
+    assert!(
+        interactions <= files.len() as u64 + orphans,
+        "{interactions} interactions for {} recordings, {orphans} orphans counted",
+        files.len()
+    );
+    node.stop().await;
 }
