@@ -732,3 +732,51 @@ async fn a_database_outage_longer_than_the_lease_loses_nothing_and_uploads_nothi
     );
     node.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_frozen_past_its_lease_wakes_to_find_its_job_taken_over_and_commits_nothing() {
+    let spool = Spool::new().await;
+    let q = spool.queue().await;
+    let cfg = spool.config_file("frozen.toml", "[api]\nstall_timeout = \"60s\"\n");
+    let log = spool.dir.path().join("frozen.log");
+    let _show = ShowLogOnPanic(log.clone());
+    // The frozen daemon's upload is held at the fake, so it is mid-upload when it freezes.
+    spool
+        .fake
+        .push_fault(Endpoint::Upload, Fault::Stall(Duration::from_secs(8)));
+    let mut frozen = Daemon::spawn(&cfg, &log, &[]);
+    let x = wav(0.5);
+    let px = spool.drop_file("x.wav", &x);
+    eventually("the upload to reach the fake", || async {
+        spool.fake.counters().faults_injected == 1
+    })
+    .await;
+    let held = spool.wait_state(&q, &px, "uploading").await;
+    frozen.signal(libc::SIGSTOP);
+
+    // Another daemon takes the job over once the frozen one's lease runs out, and finishes it
+    // on the same interaction.
+    let mut other = spool.start("").await;
+    let job = spool.wait_state(&q, &px, "uploaded").await;
+    assert_eq!(job.interaction_id, held.interaction_id);
+
+    // The frozen daemon wakes up: its held upload gets its answer, and whatever it is, its
+    // outcome is refused by the fence and the job is dropped there.
+    frozen.signal(libc::SIGCONT);
+    frozen.wait_log("job dropped here").await;
+    assert!(frozen.exited().is_none(), "it keeps running");
+    spool.assert_stored_once("x.wav", &x);
+    assert_eq!(spool.fake.counters().declares, 1, "declared once");
+    let after = q.get(job.id).await.unwrap().unwrap();
+    assert_eq!(after.state, job.state, "the late daemon changed nothing");
+    assert_eq!(after.upload_status, job.upload_status);
+
+    // Both go on working: a recording dropped now is stored once.
+    let y = wav(0.3);
+    let py = spool.drop_file("y.wav", &y);
+    spool.wait_state(&q, &py, "uploaded").await;
+    spool.assert_stored_once("y.wav", &y);
+    frozen.signal(libc::SIGTERM);
+    frozen.wait(Duration::from_secs(30)).await;
+    other.stop().await;
+}
