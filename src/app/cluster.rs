@@ -12,12 +12,17 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::queue::{Queue, QueueError, Role};
 
+/// A dead daemon's claim runs out at most one lease after its last heartbeat; failover is promised
+/// within the lease plus 10 s, so the survivors must look well within 10 s whatever the lease (every
+/// half lease was 15 s at the default lease: 42.9 s from a kill to the takeover, measured).
+const REAP_AT_LEAST_EVERY: Duration = Duration::from_secs(5);
+
 /// PostgreSQL only: keeps this daemon's claims alive and takes over dead daemons' jobs. The
 /// heartbeat renews every claim this daemon holds every third of the lease, so one late round
-/// trip does not lose them; the reaper, run by every daemon every half lease (one indexed
-/// `UPDATE`), puts back jobs whose lease ran out and wakes the workers for them. It also wakes
-/// them when a job is due: another daemon may have queued or put it back, and no wake file
-/// reaches across hosts.
+/// trip does not lose them; the reaper, run by every daemon every half lease or 5 s if sooner
+/// (one indexed `UPDATE`), puts back jobs whose lease ran out and wakes the workers for them. It
+/// also wakes them when a job is due: another daemon may have queued or put it back, and no wake
+/// file reaches across hosts.
 ///
 /// The same beat takes or renews the roles this daemon wants ([`wanted_roles`]): the work one
 /// daemon of the cluster does at a time, taken over like a job when its daemon dies.
@@ -30,7 +35,7 @@ pub(super) async fn cluster_upkeep(
     let Some(pg) = queue.cluster() else { return };
     let lease = queue_lease(pg);
     let mut beat = tokio::time::interval(lease / 3);
-    let mut reap = tokio::time::interval(lease / 2);
+    let mut reap = tokio::time::interval((lease / 2).min(REAP_AT_LEAST_EVERY));
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;

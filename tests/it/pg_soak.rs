@@ -93,6 +93,97 @@ async fn cluster_soak_full_1000_files() {
     f.print("full");
 }
 
+/// Failover within the lease plus 10 s, whatever the lease: a dead daemon's claim runs out at most
+/// one lease after its last heartbeat, and the survivors must then put it back within 10 s. With
+/// the default lease (30 s) they looked only every half lease: a claim that ran out just after a
+/// survivor's look waited 15 s more (measured by pg_bench: 42.9 s from the kill, lease 30 s).
+/// Here the survivor makes its first look at its start, the dead daemon's claims are made to run
+/// out right after it (as if the lease had passed), and they must be back within 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lease_claim_that_ran_out_is_taken_over_within_10_s() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    let fake = FakeApi::start(FakeOptions {
+        token: TOKEN.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // So slow that the first daemon holds both uploads until it is killed.
+    fake.set_upload_rate(Some(1024));
+    let url = PgCluster::shared()
+        .unwrap_or_else(|e| panic!("PostgreSQL test server: {e}"))
+        .fresh_db()
+        .unwrap();
+    let cfg = dir.path().join("callferry.toml");
+    let extra =
+        format!("[queue]\ndatabase = \"{url}\"\nlease = \"30s\"\n[log]\nlevel = \"info\"\n");
+    std::fs::write(&cfg, config_text(&fake.base_url(), dir.path(), &extra)).unwrap();
+    let written: Vec<(String, String)> = (0..2)
+        .map(|i| {
+            let name = format!("call-{i}.wav");
+            let bytes = wav(2.0);
+            std::fs::write(rec.join(&name), &bytes).unwrap();
+            (name, sha256(&bytes))
+        })
+        .collect();
+    let logs = [dir.path().join("a.log"), dir.path().join("b.log")];
+    let _show: Vec<ShowLogOnPanic> = logs.iter().cloned().map(ShowLogOnPanic).collect();
+    let admin = sqlx::PgPool::connect(&url).await.unwrap();
+
+    let mut a = Daemon::spawn(&cfg, &logs[0], &[]);
+    a.wait_log("callferry running").await;
+    let pid = a.pid();
+    let me = crate::helpers::poll_for("the first daemon's registration", || async {
+        instance_of(&admin, pid).await
+    })
+    .await;
+    crate::helpers::poll_for("the first daemon to hold both uploads", || async {
+        (claims_of(&admin, &me).await == 2).then_some(())
+    })
+    .await;
+    let mut b = Daemon::spawn(&cfg, &logs[1], &[]);
+    b.wait_log("callferry running").await;
+    a.kill9().await;
+    fake.set_upload_rate(None);
+    sqlx::query("UPDATE jobs SET lease_until = now() WHERE holder = $1")
+        .bind(&me)
+        .execute(&admin)
+        .await
+        .unwrap();
+    let ran_out = Instant::now();
+    while claims_of(&admin, &me).await > 0 {
+        assert!(
+            ran_out.elapsed() <= Duration::from_secs(10),
+            "the dead daemon's claims ran out {:?} ago and are still not taken over",
+            ran_out.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let q = Queue::attach_pg(&url, Duration::from_secs(30))
+        .await
+        .unwrap();
+    crate::helpers::poll_for("both recordings uploaded by the survivor", || async {
+        (q.counts().await.unwrap().uploaded == 2).then_some(())
+    })
+    .await;
+    b.signal(libc::SIGTERM);
+    assert_eq!(b.wait(Duration::from_secs(30)).await.code(), Some(0));
+    let interactions = fake.interactions();
+    for (name, sha) in &written {
+        let stored: Vec<&str> = interactions
+            .iter()
+            .flat_map(|i| &i.uploads)
+            .filter(|u| u.stored && &u.field_name == name)
+            .map(|u| u.sha256.as_str())
+            .collect();
+        assert_eq!(stored, [sha.as_str()], "{name} stored once, intact");
+    }
+    q.close().await;
+    admin.close().await;
+}
+
 /// Writes `n` recordings into `rec` over `spread` (temporary name, then rename, as rsync does):
 /// (name, sha256).
 fn write_files(rec: &Path, n: usize, seed: u64, spread: Duration) -> Vec<(String, String)> {
@@ -113,7 +204,7 @@ fn write_files(rec: &Path, n: usize, seed: u64, spread: Duration) -> Vec<(String
 }
 
 /// The instance id (`daemons.id`) the daemon with this pid registered under, once it has.
-async fn instance_of(pool: &sqlx::PgPool, pid: i32) -> Option<String> {
+pub(crate) async fn instance_of(pool: &sqlx::PgPool, pid: i32) -> Option<String> {
     sqlx::query_scalar("SELECT id FROM daemons WHERE pid = $1 ORDER BY started_at DESC LIMIT 1")
         .bind(i64::from(pid))
         .fetch_optional(pool)
@@ -121,7 +212,7 @@ async fn instance_of(pool: &sqlx::PgPool, pid: i32) -> Option<String> {
         .unwrap()
 }
 
-async fn claims_of(pool: &sqlx::PgPool, instance: &str) -> i64 {
+pub(crate) async fn claims_of(pool: &sqlx::PgPool, instance: &str) -> i64 {
     sqlx::query_scalar(
         "SELECT COUNT(*) FROM jobs WHERE holder = $1 AND state IN ('declaring', 'uploading')",
     )
