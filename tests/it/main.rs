@@ -17,6 +17,7 @@ mod hook;
 mod hostile_server;
 mod hung;
 mod ops;
+mod pg_bench;
 mod pg_daemon;
 mod pg_queue;
 mod pg_soak;

@@ -1,4 +1,4 @@
-//! The cluster soak (issue 15): three daemons (separate processes) on one shared folder and one
+//! The cluster soak: three daemons (separate processes) on one shared folder and one
 //! PostgreSQL database, recordings written while a random daemon is `kill -9`ed every few
 //! seconds and restarted at once, against the fake with faults on. The verdict comes from the
 //! fake's own records: every recording stored once with intact bytes, no more interactions than
