@@ -35,6 +35,12 @@ pub struct StatusReport {
     /// Declares whose answer was lost or unusable (each may have left an interaction without audio
     /// at ElevateAI), in the life of the database.
     pub orphan_declares: u64,
+    /// Calls forgotten whose erasure is not finished yet (the interaction at ElevateAI or the
+    /// result files still to delete), and the last error of one whose remote delete failed. An
+    /// extension.
+    pub pending_forgets: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forget_error: Option<String>,
     /// Watched folders that do not answer now (a hung mount): their recordings wait. Empty when
     /// every folder answers or no daemon runs. An extension.
     pub folders_not_answering: Vec<String>,
@@ -165,6 +171,8 @@ async fn gather_all(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError
         .collect();
     let last_hour = queue.uploaded_since(now - 3_600_000).await?;
     let orphan_declares = queue.orphan_declares().await?;
+    let forgets = queue.pending_forgets().await?;
+    let forget_error = forgets.iter().rev().find_map(|t| t.last_error.clone());
     // Kept by the running daemon (`watch::health_task`); one that died says nothing about now.
     let folders_not_answering = match daemon_running {
         Some(false) => Vec::new(),
@@ -185,6 +193,8 @@ async fn gather_all(queue: &Queue, db: &Path) -> Result<StatusReport, QueueError
         recent_errors: recent,
         database,
         orphan_declares,
+        pending_forgets: forgets.len() as u64,
+        forget_error,
         folders_not_answering,
         sources: Vec::new(),
         cluster,
@@ -284,6 +294,22 @@ pub fn render_text(r: &StatusReport, style: Style) -> String {
             "orphans     {} declare(s) whose answer was lost; each may be an interaction \
              without audio at ElevateAI\n",
             r.orphan_declares
+        ));
+    }
+    if r.pending_forgets > 0 {
+        // Erasure promised and not done: the operator may have to act (a token, the network).
+        let why = match &r.forget_error {
+            Some(e) => format!(" (last failure: {e})"),
+            None => String::new(),
+        };
+        out.push_str(&format!(
+            "forgets     {} {} not finished{why}; `callferry forget --pending` tries again\n",
+            r.pending_forgets,
+            if r.pending_forgets == 1 {
+                "call"
+            } else {
+                "calls"
+            },
         ));
     }
     render_states(&mut out, &r.counts, style);
@@ -528,6 +554,8 @@ mod tests {
             }],
             database: "/var/lib/callferry/queue.db".into(),
             orphan_declares: 2,
+            pending_forgets: 1,
+            forget_error: Some("HTTP 503: injected 503".into()),
             folders_not_answering: Vec::new(),
             sources: Vec::new(),
             last_hour: (42, 325_000_000),
@@ -543,6 +571,10 @@ mod tests {
         assert!(t.contains("last hour   42 uploaded, 309.9 MiB"), "{t}");
         assert!(t.contains("oldest      waiting for 2m05s"), "{t}");
         assert!(t.contains("orphans     2 declare(s)"), "{t}");
+        assert!(
+            t.contains("forgets     1 call not finished (last failure: HTTP 503: injected 503)"),
+            "{t}"
+        );
         assert!(t.contains("uploaded        1203"), "{t}");
         assert!(t.contains("failed             1"), "{t}");
         assert!(
@@ -554,6 +586,7 @@ mod tests {
         let json = serde_json::to_value(report()).unwrap();
         assert!(json.get("last_hour").is_none(), "--json keeps its shape");
         assert_eq!(json["orphan_declares"], 2);
+        assert_eq!(json["pending_forgets"], 1);
     }
 
     #[test]

@@ -282,6 +282,18 @@ async fn a_forget_killed_at_any_step_or_refused_is_finished_by_the_next() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("HTTP 401"), "{stderr}");
     assert!(!stderr.contains(TOKEN), "the token is never shown");
+    // `status` says an erasure is owed, and why it is not done.
+    let (code, status, _) = run(callferry(&cfg).args(["status", "--json"]));
+    assert_eq!(code, Some(0));
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["pending_forgets"], 1, "{status}");
+    assert!(
+        status["forget_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("401")),
+        "{status}"
+    );
+    assert!(!status.to_string().contains(TOKEN));
     // The daemon finishes it at its next start.
     app.fake.set_token(TOKEN);
     app.stop().await;
