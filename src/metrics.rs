@@ -20,6 +20,9 @@ use prometheus_client::registry::Registry;
 
 use crate::queue::Counts;
 
+/// The outcomes of a recorder's end-of-call request, each a series from the start.
+pub const HOOK_OUTCOMES: &[&str] = &["attached", "too_late", "pruned", "refused"];
+
 /// The `Content-Type` of `/metrics` (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
@@ -52,11 +55,16 @@ pub mod names {
     pub const BUILD_INFO: &str = "callferry_build_info";
     /// `callferry_orphan_declares_total`
     pub const ORPHAN_DECLARES: &str = "callferry_orphan_declares";
+    /// `callferry_hook_requests_total{outcome}`
+    pub const HOOK_REQUESTS: &str = "callferry_hook_requests";
     /// `callferry_role_held{role}` (PostgreSQL queue only)
     pub const ROLE_HELD: &str = "callferry_role_held";
 }
 
 mod help {
+    pub const HOOK_REQUESTS: &str = "Recorder's end-of-call requests (callferry enqueue --now) taken, by \
+                                     outcome: attached to the job before its declare, too_late (after \
+                                     it), pruned (an old or forgotten recording), refused";
     pub const ROLE_HELD: &str = "1 while this daemon does the role's work for the cluster \
                                  (rescan, results, prune), 0 while another daemon does";
     pub const FILES_DISCOVERED: &str =
@@ -244,6 +252,7 @@ pub struct Metrics {
     orphan_declares: Counter,
     /// On the PostgreSQL queue only: which roles this daemon holds.
     roles: Option<Family<Label, Gauge>>,
+    hook_requests: Family<Label, Counter>,
     /// Why results cannot be written right now (e.g. an unwritable `output_dir`); held until one
     /// is written, for `/healthz`.
     results_blocked: std::sync::Mutex<Option<String>>,
@@ -352,6 +361,15 @@ impl Metrics {
             help::ORPHAN_DECLARES,
             orphan_declares.clone(),
         );
+        let hook_requests = Family::<Label, Counter>::default();
+        for o in HOOK_OUTCOMES {
+            let _ = hook_requests.get_or_create(&[("outcome", *o)]);
+        }
+        registry.register(
+            names::HOOK_REQUESTS,
+            help::HOOK_REQUESTS,
+            hook_requests.clone(),
+        );
         if let Some(roles) = &roles {
             for r in crate::queue::Role::ALL {
                 let _ = roles.get_or_create(&[("role", r.name())]);
@@ -376,6 +394,7 @@ impl Metrics {
             watch,
             orphan_declares,
             roles,
+            hook_requests,
             results_blocked: Default::default(),
         };
         m.add_sources(&[crate::config::DEFAULT_SOURCE]);
@@ -478,6 +497,20 @@ impl Metrics {
         self.results_fetched
             .get_or_create(&[("kind", kind.to_string())])
             .inc();
+    }
+
+    /// A recorder's end-of-call request was taken, with this outcome (one of [`HOOK_OUTCOMES`]).
+    pub fn hook_request(&self, outcome: &'static str) {
+        self.hook_requests
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+    }
+
+    /// Requests of this outcome taken so far (for tests).
+    pub fn hook_requests(&self, outcome: &'static str) -> u64 {
+        self.hook_requests
+            .get_or_create(&[("outcome", outcome)])
+            .get()
     }
 
     /// Results files of `kind` fetched and written by this daemon (for tests).

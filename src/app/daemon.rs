@@ -288,6 +288,7 @@ pub(super) fn spawn_background(
         p.queue.clone(),
         p.roots.clone(),
         p.wake.workers.clone(),
+        p.metrics.clone(),
         cancel.clone(),
     ));
     tasks.spawn(crate::watch::health_task(

@@ -79,6 +79,7 @@ pub async fn run(
     queue: Queue,
     roots: Arc<Roots>,
     wake_workers: Arc<Notify>,
+    metrics: Arc<crate::metrics::Metrics>,
     cancel: CancellationToken,
 ) {
     let Some(dir) = cfg.watch.hook_dir.clone() else {
@@ -89,6 +90,7 @@ pub async fn run(
         queue,
         roots,
         wake_workers,
+        metrics,
         dir,
         waiting: HashMap::new(),
         stuck: HashSet::new(),
@@ -208,6 +210,7 @@ struct Taker {
     queue: Queue,
     roots: Arc<Roots>,
     wake_workers: Arc<Notify>,
+    metrics: Arc<crate::metrics::Metrics>,
     dir: PathBuf,
     /// Requests whose recording is still being written: since when, and why.
     waiting: HashMap<OsString, Instant>,
@@ -287,6 +290,7 @@ impl Taker {
         match outcome {
             Hooked::Attached { id, new } => {
                 info!(job_id = id, path = %path.display(), external_id = %ext, from_uid = uid, new, "queued at the recorder's request (end of call): its declare carries the hook's id and metadata");
+                self.metrics.hook_request("attached");
                 self.wake_workers.notify_waiters();
             }
             Hooked::Busy { id } => {
@@ -300,9 +304,11 @@ impl Taker {
             } => {
                 warn!(job_id = id, path = %path.display(), state = %state, interaction_id = ?interaction_id, external_id = %ext, from_uid = uid,
                     "the recorder's request came after this recording's declare: its id and metadata are not sent (the interaction keeps what the name or sidecar gave)");
+                self.metrics.hook_request("too_late");
             }
             Hooked::Pruned => {
                 info!(path = %path.display(), from_uid = uid, "the recorder's request names a recording uploaded long ago (pruned) or forgotten; nothing to do");
+                self.metrics.hook_request("pruned");
             }
         }
         self.remove(&name).await;
@@ -328,6 +334,7 @@ impl Taker {
     async fn refuse(&mut self, name: &OsStr, uid: Option<u32>, path: Option<&Path>, why: &str) {
         warn!(request = %self.dir.join(name).display(), from_uid = ?uid, path = ?path.map(|p| p.display().to_string()), reason = %why,
             "refused the recorder's request (callferry enqueue --now); it is removed");
+        self.metrics.hook_request("refused");
         self.remove(name).await;
     }
 

@@ -255,6 +255,10 @@ async fn bad_requests_are_refused_with_the_reason_and_removed() {
     }
     assert!(app.fake.interactions().is_empty());
     assert!(app.jobs().await.is_empty());
+    let refused = logs.count("WARN", "refused the recorder's request");
+    assert!(refused >= 5, "{refused}");
+    assert_eq!(app.handle.metrics.hook_requests("refused"), refused as u64);
+    assert_eq!(app.handle.metrics.hook_requests("attached"), 0);
     app.stop().await;
 }
 
@@ -311,6 +315,12 @@ async fn hook_and_watcher_are_one_job_and_one_declare() {
     })
     .await;
     assert_eq!(logs.count("WARN", "came after this recording's declare"), 1);
+    let m = &app.handle.metrics;
+    assert_eq!(
+        (m.hook_requests("attached"), m.hook_requests("too_late")),
+        (1, 1),
+        "callferry_hook_requests_total counts each outcome"
+    );
     let bodies = declare_body_of(&app, "both.wav");
     assert_eq!(bodies.len(), 1, "{bodies:?}");
     assert_eq!(bodies[0]["externalIdentifier"], "pbx-1");
