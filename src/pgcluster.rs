@@ -68,6 +68,11 @@ pub struct PgCluster {
     as_nobody: bool,
     /// The server's options (`pg_ctl -o`), for [`PgCluster::resume`].
     opts: String,
+    /// Its socket's "port" ([`PORT`], or a TCP port when it also listens on 127.0.0.1).
+    port: u16,
+    /// The TLS server's certificate and key, and the CA that signed it ([`PgCluster::start_tls`]):
+    /// kept for the server's life, removed with it.
+    _certs: Option<tempfile::TempDir>,
 }
 
 impl PgCluster {
@@ -84,6 +89,54 @@ impl PgCluster {
     /// Like [`PgCluster::start`], with these `name=value` server settings instead of the test
     /// tuning (the bench measures with PostgreSQL's defaults: `start_with(&[])`).
     pub fn start_with(settings: &[&str]) -> Result<PgCluster, PgClusterError> {
+        Self::start_on(PORT, settings, None)
+    }
+
+    /// A server that also listens on 127.0.0.1 over TLS (a certificate for `localhost` signed
+    /// by a CA made for it), as a database on another host is reached; returns it and the CA's
+    /// certificate, for `sslrootcert`. Unix-socket connections (`url`) still work unencrypted.
+    pub fn start_tls() -> Result<(PgCluster, PathBuf), PgClusterError> {
+        let certs = tempfile::Builder::new()
+            .prefix("cfpgtls")
+            .tempdir_in("/tmp")
+            .map_err(setup("make a folder for the test server's certificates"))?;
+        let as_nobody = unsafe { libc::geteuid() } == 0;
+        make_certificates(certs.path(), as_nobody)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(setup("find a free port for the test server"))?
+            .port();
+        let d = certs.path().display();
+        let settings = [
+            "ssl=on".to_string(),
+            format!("ssl_cert_file='{d}/server.pem'"),
+            format!("ssl_key_file='{d}/server.key'"),
+            "listen_addresses='127.0.0.1'".to_string(),
+        ];
+        let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+        let ca = certs.path().join("ca.pem");
+        let cluster = Self::start_on(port, &settings, Some(certs))?;
+        Ok((cluster, ca))
+    }
+
+    /// A URL for database `db` over TCP to 127.0.0.1 with `sslmode` (and `sslrootcert`, if
+    /// given): a server of [`PgCluster::start_tls`].
+    pub fn tcp_url(&self, db: &str, sslmode: &str, root: Option<&Path>) -> String {
+        let mut url = format!(
+            "postgres://{SUPERUSER}@localhost:{}/{db}?sslmode={sslmode}",
+            self.port
+        );
+        if let Some(r) = root {
+            url.push_str(&format!("&sslrootcert={}", r.display()));
+        }
+        url
+    }
+
+    fn start_on(
+        port: u16,
+        settings: &[&str],
+        certs: Option<tempfile::TempDir>,
+    ) -> Result<PgCluster, PgClusterError> {
         let bin = server_binaries()?;
         let as_nobody = unsafe { libc::geteuid() } == 0;
         // Short: a Unix socket's path is limited to 107 bytes.
@@ -96,6 +149,8 @@ impl PgCluster {
             bin,
             as_nobody,
             opts: String::new(),
+            port,
+            _certs: certs,
         };
         if as_nobody {
             let rc = unsafe {
@@ -129,8 +184,9 @@ impl PgCluster {
             ],
         )?;
         let mut opts = format!(
-            "-c listen_addresses='' -k {} -p {PORT} -c max_connections=200",
-            cluster.dir.path().display()
+            "-c listen_addresses='' -k {} -p {} -c max_connections=200",
+            cluster.dir.path().display(),
+            cluster.port
         );
         for s in settings {
             opts.push_str(" -c ");
@@ -191,8 +247,9 @@ impl PgCluster {
     /// A connection URL for database `db` (`postgres` always exists; see [`PgCluster::create_db`]).
     pub fn url(&self, db: &str) -> String {
         format!(
-            "postgres://{SUPERUSER}@localhost/{db}?host={}&port={PORT}",
-            self.dir.path().display()
+            "postgres://{SUPERUSER}@localhost/{db}?host={}&port={}",
+            self.dir.path().display(),
+            self.port
         )
     }
 
@@ -209,7 +266,7 @@ impl PgCluster {
                 "-h".as_ref(),
                 sock.as_os_str(),
                 "-p".as_ref(),
-                PORT.to_string().as_ref(),
+                self.port.to_string().as_ref(),
                 "-U".as_ref(),
                 SUPERUSER.as_ref(),
                 name.as_ref(),
@@ -293,6 +350,82 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A CA and a certificate for `localhost` / 127.0.0.1 it signed, with `openssl`, in `dir`; the
+/// server's key readable by the server alone (`nobody` when we are root).
+fn make_certificates(dir: &Path, as_nobody: bool) -> Result<(), PgClusterError> {
+    let run = |args: &[&str]| -> Result<(), PgClusterError> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(setup("run openssl"))?;
+        check("openssl", &out)
+    };
+    let ext = "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+               keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n";
+    std::fs::write(dir.join("server.ext"), ext)
+        .map_err(setup("write the certificate's extensions"))?;
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=callferry test CA",
+    ])?;
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ])?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+    ])?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(setup("open the certificates' folder to the server"))?;
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .map_err(setup("make the server's key private"))?;
+    if as_nobody {
+        for f in ["server.key", "server.pem"] {
+            std::os::unix::fs::chown(dir.join(f), Some(NOBODY), Some(NOBODY))
+                .map_err(setup("hand the server's key to nobody"))?;
+        }
+    }
+    Ok(())
 }
 
 fn check(tool: &str, out: &Output) -> Result<(), PgClusterError> {

@@ -635,3 +635,33 @@ async fn a_daemon_learns_which_members_watch_other_folders() {
         .unwrap();
     assert_eq!(after.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_queue_is_reached_over_tls_and_the_server_is_verified() {
+    let (pg, ca) =
+        PgCluster::start_tls().unwrap_or_else(|e| panic!("PostgreSQL test server with TLS: {e}"));
+    pg.create_db("tls").unwrap();
+    let lease = Duration::from_secs(30);
+    let url = pg.tcp_url("tls", "verify-full", Some(&ca));
+    let q = PgQueue::connect(&url, "d0", "h0", lease)
+        .await
+        .expect("connects over TLS, the server's certificate checked against the CA");
+    q.enqueue(&[version(1)], 1).await.unwrap();
+    // The session is encrypted: the server says so.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(ssl, "TLS in use");
+    pool.close().await;
+    // A server whose certificate no trusted CA signed (a man in the middle, to this client) is
+    // refused: the test CA is not among the system's.
+    let err = PgQueue::attach(&pg.tcp_url("tls", "verify-full", None), lease)
+        .await
+        .expect_err("an unknown CA is refused");
+    assert!(
+        err.to_string().to_lowercase().contains("certificate"),
+        "says why: {err}"
+    );
+}
