@@ -33,6 +33,11 @@ pub(super) async fn cluster_upkeep(
     cancel: CancellationToken,
 ) {
     let Some(pg) = queue.cluster() else { return };
+    // Other daemons' new work wakes this one's workers at once (dropped with this task).
+    let _listening = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(work_wakeups(
+        queue.clone(),
+        workers.clone(),
+    )));
     let lease = queue_lease(pg);
     let mut beat = tokio::time::interval(lease / 3);
     let mut reap = tokio::time::interval((lease / 2).min(REAP_AT_LEAST_EVERY));
@@ -56,6 +61,39 @@ pub(super) async fn cluster_upkeep(
                 warn!(error = %e, "cannot renew this daemon's claims in the shared queue; other daemons take its jobs over if this lasts longer than queue.lease");
             }
             Err(_) => {}
+        }
+    }
+}
+
+/// Wakes the workers whenever any daemon of the cluster commits new work (`LISTEN` on the
+/// queue's work channel), so a burst queued by one daemon is shared by all at once rather than at
+/// their reaper's next look. A lost connection is made again by the listener; whatever was said
+/// meanwhile is caught by the reaper's look, and the workers are woken once anyway.
+async fn work_wakeups(queue: Queue, workers: Arc<Notify>) {
+    let Some(pg) = queue.cluster() else { return };
+    let mut listener = match pg.work_listener().await {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for the cluster's new work; this daemon learns of it every few seconds instead");
+            return;
+        }
+    };
+    let mut said = false;
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(_)) => {
+                said = false;
+                workers.notify_waiters();
+            }
+            // The connection dropped: notifications may have been missed.
+            Ok(None) => workers.notify_waiters(),
+            Err(e) => {
+                if !said {
+                    said = true;
+                    warn!(error = %e, "lost the cluster's new-work notifications; trying again");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 }

@@ -252,6 +252,9 @@ impl Cluster {
             .execute(&mut *tx)
             .await?;
         }
+        if !done.is_empty() {
+            super::pg::work_for_all(&mut tx).await?;
+        }
         tx.commit().await?;
         Ok(done.len() as u64)
     }

@@ -780,3 +780,35 @@ async fn a_daemon_frozen_past_its_lease_wakes_to_find_its_job_taken_over_and_com
     frozen.wait(Duration::from_secs(30)).await;
     other.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_queued_by_one_daemon_is_shared_by_the_others_at_once() {
+    const N: usize = 40;
+    let spool = Spool::with(FakeOptions {
+        token: TOKEN.into(),
+        latency: Duration::from_millis(60),
+        ..Default::default()
+    })
+    .await;
+    // The default lease (30 s): without a wake-up across daemons, the second would learn of
+    // the first's jobs only at its reaper's next look, seconds after this burst is done.
+    let lease = "[queue]\nlease = \"30s\"\n";
+    let q = spool.queue().await;
+    let a = spool.start(lease).await;
+    let b = spool.start(lease).await;
+    for i in 0..N {
+        spool.drop_file(&format!("burst-{i:02}.wav"), &wav(0.2 + i as f64 * 0.001));
+    }
+    eventually("the burst uploaded", || async {
+        q.counts().await.unwrap().uploaded == N as u64
+    })
+    .await;
+    let done = |n: &Node| n.handle.metrics.uploads_with_outcome("created", "default");
+    let (na, nb) = (done(&a), done(&b));
+    assert_eq!(na + nb, N as u64, "each stored once");
+    assert!(na > 0 && nb > 0, "both daemons took part: {na} and {nb}");
+    assert_eq!(spool.fake.counters().declares, N as u64);
+    let (mut a, mut b) = (a, b);
+    a.stop().await;
+    b.stop().await;
+}

@@ -665,3 +665,27 @@ async fn the_shared_queue_is_reached_over_tls_and_the_server_is_verified() {
         "says why: {err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_daemon_hears_of_new_work_as_it_is_committed() {
+    let url = server().fresh_db().unwrap();
+    let ds = daemons(&url, 2, Duration::from_secs(3)).await;
+    let mut heard = ds[1].work_listener().await.unwrap();
+    async fn next(l: &mut sqlx::postgres::PgListener) -> sqlx::postgres::PgNotification {
+        tokio::time::timeout(Duration::from_secs(30), l.recv())
+            .await
+            .expect("a notification within 30 s")
+            .unwrap()
+    }
+    // Queued by another daemon.
+    ds[0].enqueue(&[version(1)], 1).await.unwrap();
+    assert_eq!(
+        next(&mut heard).await.channel(),
+        callferry::queue::pg::WORK_CHANNEL
+    );
+    // Put back by a takeover (its holder stopped renewing).
+    let held = ds[0].claim(2).await.unwrap().unwrap();
+    expire(&url, held.job.id).await;
+    assert_eq!(ds[0].reap_expired(3).await.unwrap(), 1);
+    next(&mut heard).await;
+}

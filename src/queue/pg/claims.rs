@@ -118,6 +118,7 @@ impl PgQueue {
         .bind(WHY)
         .execute(&mut *tx)
         .await?;
+        super::work_for_all(&mut tx).await?;
         tx.commit().await?;
         Ok(reaped.len() as u64)
     }

@@ -214,8 +214,19 @@ impl PgQueue {
                 None => Enqueued::Known,
             });
         }
+        if out.iter().any(|e| matches!(e, Enqueued::New { .. })) {
+            work_for_all(&mut tx).await?;
+        }
         tx.commit().await?;
         Ok(out)
+    }
+
+    /// Listens for [`WORK_CHANNEL`]: every daemon's new work, as it is committed. Holds one of
+    /// the pool's connections for as long as it lives.
+    pub async fn work_listener(&self) -> Result<sqlx::postgres::PgListener, QueueError> {
+        let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        l.listen(WORK_CHANNEL).await?;
+        Ok(l)
     }
 
     /// Takes (or keeps) the role `name` for this daemon if no other daemon holds it under a live
@@ -293,6 +304,23 @@ async fn insert_version(
             .await?;
     }
     Ok(id)
+}
+
+/// The channel on which a transaction that makes work due (a job queued, put back or retried)
+/// tells every daemon of the cluster, at its commit: no wake file reaches across hosts, and
+/// without it the other daemons learned of a burst only at their reaper's next look.
+pub const WORK_CHANNEL: &str = "callferry_work";
+
+/// Tells every listening daemon, when `tx` commits, that work is due.
+pub(super) async fn work_for_all(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+) -> Result<(), QueueError> {
+    // One notification per transaction, whatever it queued: PostgreSQL folds identical ones.
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(WORK_CHANNEL)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Takes the history lock shared for `tx`: queueing never interleaves with a prune batch or a
