@@ -344,6 +344,7 @@ pub(crate) mod tests {
             external_id: None,
             source: None,
             hook: None,
+            held_by: None,
         }
     }
 

@@ -524,6 +524,9 @@ pub fn list_text_row(j: &Job, now: i64) -> String {
         {
             out.push_str(&format!("{:>98}{e}\n", ""));
         }
+        if let Some(d) = &j.held_by {
+            out.push_str(&format!("{:>98}held by {d}\n", ""));
+        }
     }
     out
 }

@@ -122,6 +122,10 @@ pub struct Job {
     /// claimed job carries it: a job read any other way has None here (`Queue::hook_of` reads it).
     #[serde(skip)]
     pub hook: Option<String>,
+    /// On the PostgreSQL queue, the daemon working on the job now (its name: its host's), while
+    /// it is being declared or uploaded. Listed only when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
 }
 
 impl Job {
@@ -194,6 +198,7 @@ where
         external_id: r.try_get("external_id")?,
         source: r.try_get("source")?,
         hook: None,
+        held_by: None,
     })
 }
 

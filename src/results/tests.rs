@@ -29,6 +29,7 @@ fn job(path: &str, root: &str) -> Job {
         external_id: None,
         source: None,
         hook: None,
+        held_by: None,
     }
 }
 

@@ -90,6 +90,7 @@ fn the_streamed_json_list_is_the_array_serde_would_write() {
         external_id: None,
         source: None,
         hook: None,
+        held_by: None,
     };
     for n in [0, 1, 3] {
         let jobs: Vec<Job> = (1..=n).map(job).collect();

@@ -340,12 +340,23 @@ async fn a_daemon_killed_while_uploading_has_its_job_taken_over_after_the_lease(
     let held = spool.wait_state(&q, &px, "uploading").await;
     let holder = q.cluster().unwrap().holder(held.id).await.unwrap();
     assert!(holder.is_some(), "the job is held");
+    // `list` says which daemon holds it (by its host's name).
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let host = host.trim();
+    assert_eq!(held.held_by.as_deref(), Some(host));
+    let (code, listed) = spool.command(&cfg, &["list"]).await;
+    assert_eq!(code, 0);
+    assert!(listed.contains(&format!("held by {host}")), "{listed}");
+    let (_, json) = spool.command(&cfg, &["list", "--json"]).await;
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json[0]["held_by"], host, "{json}");
     first.kill9().await;
     let killed = Instant::now();
 
     let mut second = spool.start("").await;
     let job = spool.wait_state(&q, &px, "uploaded").await;
     let took = killed.elapsed();
+    assert_eq!(job.held_by, None, "nobody holds a job once it is uploaded");
     eprintln!("kill -9 to the taken-over job uploaded: {took:?} (lease 3s)");
     assert_eq!(
         job.interaction_id, held.interaction_id,

@@ -45,7 +45,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 const JOB_COLUMNS: &str = "id, path, root, size, mtime_ns, dev, ino, state, attempts, \
     next_attempt_at, interaction_id, upload_status, last_error, created_at, updated_at, \
     uploaded_at, follow_at, follow_attempts, service_status, results_written, orphans, \
-    external_id, source, fence";
+    external_id, source, fence, holder";
 
 /// A job this daemon claimed, and the fence its claim got: the proof it must show to commit.
 #[derive(Debug, Clone)]
@@ -334,8 +334,13 @@ async fn share_history(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> Result
 }
 
 fn held_from_row(r: &PgRow) -> Result<Held, QueueError> {
+    let mut job = super::job_from_row(r)?;
+    // `holder` is the run's id (`<name>/<uuid>`): people know the daemon by its name.
+    job.held_by = r
+        .try_get::<Option<String>, _>("holder")?
+        .map(|h| h.split('/').next().unwrap_or(&h).to_string());
     Ok(Held {
-        job: super::job_from_row(r)?,
+        job,
         fence: r.try_get("fence")?,
     })
 }
