@@ -69,6 +69,18 @@ impl Lite {
     }
 }
 
+/// The fingerprints of pruned and forgotten versions (either backend: the same SQL).
+pub(super) const KNOWN_PRINTS: &str = "SELECT h FROM known_versions";
+/// Every job's version, for [`version_prints`] (either backend: the same SQL).
+pub(super) const JOB_VERSIONS: &str = "SELECT path, size, mtime_ns FROM jobs";
+
+/// The version fingerprints of [`JOB_VERSIONS`]'s rows: with [`KNOWN_PRINTS`], what a queue's
+/// `known_fingerprints` hands the watcher.
+pub(super) fn version_prints(rows: &[(String, i64, i64)]) -> impl Iterator<Item = i64> + '_ {
+    rows.iter()
+        .map(|(p, size, mtime)| fingerprint::version(&raw(p), *size as u64, *mtime))
+}
+
 /// A stored path's bytes, as the watcher fingerprints them (see [`super::paths`]).
 pub(super) fn raw(stored: &str) -> Vec<u8> {
     use std::os::unix::ffi::OsStringExt;
@@ -154,16 +166,12 @@ impl Lite {
     /// Fingerprints of every version the queue knows, jobs and pruned jobs alike: what the watcher
     /// loads (after READY) so that a rescan skips a known, unchanged file after one `stat`.
     pub async fn known_fingerprints(&self) -> Result<Vec<i64>, QueueError> {
-        let mut out: Vec<i64> = sqlx::query_scalar("SELECT h FROM known_versions")
+        let mut out: Vec<i64> = sqlx::query_scalar(KNOWN_PRINTS)
             .fetch_all(&self.pool)
             .await?;
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as("SELECT path, size, mtime_ns FROM jobs")
-            .fetch_all(&self.pool)
-            .await?;
-        out.extend(
-            rows.iter()
-                .map(|(p, size, mtime)| fingerprint::version(&raw(p), *size as u64, *mtime)),
-        );
+        let rows: Vec<(String, i64, i64)> =
+            sqlx::query_as(JOB_VERSIONS).fetch_all(&self.pool).await?;
+        out.extend(version_prints(&rows));
         Ok(out)
     }
 

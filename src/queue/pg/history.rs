@@ -12,7 +12,7 @@ use sqlx::AssertSqlSafe;
 
 use super::PgQueue;
 use crate::queue::QueueError;
-use crate::queue::history::{fingerprint, raw};
+use crate::queue::history::{JOB_VERSIONS, KNOWN_PRINTS, fingerprint, raw, version_prints};
 use crate::queue::machine::{DONE, sql_in};
 
 /// The advisory lock between queueing and pruning (an arbitrary constant: "cfhist").
@@ -24,16 +24,12 @@ const PRUNE_BATCH: i64 = 2000;
 impl PgQueue {
     /// Fingerprints of every version the queue knows, jobs and pruned jobs alike.
     pub async fn known_fingerprints(&self) -> Result<Vec<i64>, QueueError> {
-        let mut out: Vec<i64> = sqlx::query_scalar("SELECT h FROM known_versions")
+        let mut out: Vec<i64> = sqlx::query_scalar(KNOWN_PRINTS)
             .fetch_all(&self.pool)
             .await?;
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as("SELECT path, size, mtime_ns FROM jobs")
-            .fetch_all(&self.pool)
-            .await?;
-        out.extend(
-            rows.iter()
-                .map(|(p, size, mtime)| fingerprint::version(&raw(p), *size as u64, *mtime)),
-        );
+        let rows: Vec<(String, i64, i64)> =
+            sqlx::query_as(JOB_VERSIONS).fetch_all(&self.pool).await?;
+        out.extend(version_prints(&rows));
         Ok(out)
     }
 
